@@ -1,0 +1,342 @@
+//! The two ways a client's stream reaches a session: a TCP socket (plain
+//! with STARTTLS, or direct TLS) carrying one XML stream, and a WebSocket
+//! carrying one element per frame (RFC 7395). The session code above is
+//! the same for both.
+//!
+//! Invariant: only this file (and src/net) touches sockets.
+
+use crate::error::StreamError;
+use natter_sasl::ChannelBinding;
+use natter_xml::{parse_frame, Element, Limits, StreamEvent, StreamParser, NS_FRAMING};
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+#[derive(Debug)]
+pub enum ReadError {
+    /// The peer closed the connection (or the socket failed).
+    Closed,
+    /// The bytes were not an acceptable XML stream.
+    Xml(natter_xml::XmlError),
+}
+
+pub trait Transport: Send {
+    /// Next events from the client. Cancel-safe: no data is lost if the
+    /// future is dropped before it completes.
+    fn read(&mut self) -> impl Future<Output = Result<Vec<StreamEvent>, ReadError>> + Send;
+    /// Send our stream header (TCP `<stream:stream>`, WebSocket `<open/>`).
+    fn open(&mut self, id: &str, from: &str) -> impl Future<Output = io::Result<()>> + Send;
+    fn send(&mut self, stanzas: &[Element]) -> impl Future<Output = io::Result<()>> + Send;
+    /// Close the stream, with an error if given (sending a header first if
+    /// none was sent yet, RFC 6120 §4.9.1.1).
+    fn close(
+        &mut self,
+        err: Option<&StreamError>,
+        from: &str,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+    /// Upgrade a plain TCP stream to TLS (after `<proceed/>`).
+    fn starttls(
+        &mut self,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+    fn can_starttls(&self) -> bool;
+    fn is_tls(&self) -> bool;
+    fn channel_binding(&self) -> Option<ChannelBinding>;
+    /// A new stream starts (after STARTTLS or SASL success).
+    fn reset(&mut self);
+    fn set_limits(&mut self, limits: Limits);
+    fn peer(&self) -> SocketAddr;
+    /// "tcp", "tls" or "ws", for logs and metrics.
+    fn kind(&self) -> &'static str;
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Only during the STARTTLS handshake.
+    Upgrading,
+}
+
+pub struct TcpTransport {
+    io: Io,
+    parser: StreamParser,
+    buf: Box<[u8]>,
+    peer: SocketAddr,
+    header_sent: bool,
+}
+
+const READ_CHUNK: usize = 4096;
+
+impl TcpTransport {
+    pub fn plain(stream: TcpStream, peer: SocketAddr, limits: Limits) -> Self {
+        TcpTransport {
+            io: Io::Plain(stream),
+            parser: StreamParser::new(limits),
+            buf: vec![0; READ_CHUNK].into_boxed_slice(),
+            peer,
+            header_sent: false,
+        }
+    }
+
+    pub fn tls(stream: TlsStream<TcpStream>, peer: SocketAddr, limits: Limits) -> Self {
+        TcpTransport {
+            io: Io::Tls(Box::new(stream)),
+            ..Self::plain_placeholder(peer, limits)
+        }
+    }
+
+    fn plain_placeholder(peer: SocketAddr, limits: Limits) -> Self {
+        TcpTransport {
+            io: Io::Upgrading,
+            parser: StreamParser::new(limits),
+            buf: vec![0; READ_CHUNK].into_boxed_slice(),
+            peer,
+            header_sent: false,
+        }
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match &mut self.io {
+            Io::Plain(s) => s.write_all(data).await,
+            Io::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+            Io::Upgrading => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+fn stream_header(id: &str, from: &str) -> String {
+    format!(
+        "<?xml version='1.0'?><stream:stream xmlns='jabber:client' \
+         xmlns:stream='http://etherx.jabber.org/streams' id='{id}' from='{from}' \
+         version='1.0' xml:lang='en'>"
+    )
+}
+
+impl Transport for TcpTransport {
+    async fn read(&mut self) -> Result<Vec<StreamEvent>, ReadError> {
+        let n = match &mut self.io {
+            Io::Plain(s) => s.read(&mut self.buf).await,
+            Io::Tls(s) => s.read(&mut self.buf).await,
+            Io::Upgrading => return Err(ReadError::Closed),
+        };
+        match n {
+            Ok(0) | Err(_) => Err(ReadError::Closed),
+            Ok(n) => self.parser.feed(&self.buf[..n]).map_err(ReadError::Xml),
+        }
+    }
+
+    async fn open(&mut self, id: &str, from: &str) -> io::Result<()> {
+        self.header_sent = true;
+        self.write_all(stream_header(id, from).as_bytes()).await
+    }
+
+    async fn send(&mut self, stanzas: &[Element]) -> io::Result<()> {
+        let mut out = String::new();
+        for s in stanzas {
+            s.write_to(&mut out, natter_xml::NS_CLIENT, true);
+        }
+        self.write_all(out.as_bytes()).await
+    }
+
+    async fn close(&mut self, err: Option<&StreamError>, from: &str) -> io::Result<()> {
+        let mut out = String::new();
+        if !self.header_sent {
+            out.push_str(&stream_header(&crate::modules::new_id(), from));
+        }
+        if let Some(e) = err {
+            e.to_element()
+                .write_to(&mut out, natter_xml::NS_CLIENT, true);
+        }
+        out.push_str("</stream:stream>");
+        let r = self.write_all(out.as_bytes()).await;
+        match &mut self.io {
+            Io::Plain(s) => {
+                let _ = s.shutdown().await;
+            }
+            Io::Tls(s) => {
+                let _ = s.shutdown().await;
+            }
+            Io::Upgrading => {}
+        }
+        r
+    }
+
+    async fn starttls(&mut self, tls: Arc<rustls::ServerConfig>) -> io::Result<()> {
+        let Io::Plain(tcp) = std::mem::replace(&mut self.io, Io::Upgrading) else {
+            return Err(io::Error::other(
+                "STARTTLS on a stream that is not plain TCP",
+            ));
+        };
+        // Bytes the client pipelined after <starttls/> were parsed by the
+        // pre-TLS parser and are discarded with it (CVE-2011-1431 class).
+        self.parser.reset();
+        self.header_sent = false;
+        let stream = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await?;
+        self.io = Io::Tls(Box::new(stream));
+        Ok(())
+    }
+
+    fn can_starttls(&self) -> bool {
+        matches!(self.io, Io::Plain(_))
+    }
+
+    fn is_tls(&self) -> bool {
+        matches!(self.io, Io::Tls(_))
+    }
+
+    fn channel_binding(&self) -> Option<ChannelBinding> {
+        let Io::Tls(s) = &self.io else { return None };
+        let conn = s.get_ref().1;
+        // RFC 9266: tls-exporter is defined for TLS 1.3 only.
+        if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+            return None;
+        }
+        let mut data = vec![0u8; 32];
+        conn.export_keying_material(&mut data, b"EXPORTER-Channel-Binding", Some(&[]))
+            .ok()?;
+        Some(ChannelBinding {
+            kind: "tls-exporter",
+            data,
+        })
+    }
+
+    fn reset(&mut self) {
+        self.parser.reset();
+        self.header_sent = false;
+    }
+
+    fn set_limits(&mut self, limits: Limits) {
+        self.parser.set_limits(limits);
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.io {
+            Io::Tls(_) => "tls",
+            _ => "tcp",
+        }
+    }
+}
+
+/// RFC 7395 over axum's WebSocket.
+pub struct WsTransport {
+    ws: axum::extract::ws::WebSocket,
+    limits: Limits,
+    peer: SocketAddr,
+}
+
+impl WsTransport {
+    pub fn new(ws: axum::extract::ws::WebSocket, peer: SocketAddr, limits: Limits) -> Self {
+        WsTransport { ws, limits, peer }
+    }
+
+    async fn send_text(&mut self, text: String) -> io::Result<()> {
+        use axum::extract::ws::Message;
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(io::Error::other)
+    }
+}
+
+fn framing_open(id: &str, from: &str) -> String {
+    format!("<open xmlns='{NS_FRAMING}' id='{id}' from='{from}' version='1.0' xml:lang='en'/>")
+}
+
+impl Transport for WsTransport {
+    async fn read(&mut self) -> Result<Vec<StreamEvent>, ReadError> {
+        use axum::extract::ws::Message;
+        loop {
+            let msg = match self.ws.recv().await {
+                Some(Ok(m)) => m,
+                _ => return Err(ReadError::Closed),
+            };
+            let text = match msg {
+                Message::Text(t) => t,
+                Message::Binary(_) => {
+                    return Err(ReadError::Xml(natter_xml::XmlError::BadFormat(
+                        "binary WebSocket frames are not XMPP (RFC 7395 §3.2)".into(),
+                    )))
+                }
+                Message::Close(_) => return Err(ReadError::Closed),
+                // Pings are answered by the WebSocket layer.
+                _ => continue,
+            };
+            let el = parse_frame(text.as_bytes(), &self.limits).map_err(ReadError::Xml)?;
+            let ev = if el.ns == NS_FRAMING && el.name == "open" {
+                StreamEvent::Open { attrs: el.attrs }
+            } else if el.ns == NS_FRAMING && el.name == "close" {
+                StreamEvent::Close
+            } else {
+                StreamEvent::Stanza(el)
+            };
+            return Ok(vec![ev]);
+        }
+    }
+
+    async fn open(&mut self, id: &str, from: &str) -> io::Result<()> {
+        self.send_text(framing_open(id, from)).await
+    }
+
+    async fn send(&mut self, stanzas: &[Element]) -> io::Result<()> {
+        for s in stanzas {
+            let mut out = String::new();
+            // Each frame stands alone: namespaces are declared in it.
+            s.write_to(&mut out, "", false);
+            self.send_text(out).await?;
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self, err: Option<&StreamError>, _from: &str) -> io::Result<()> {
+        if let Some(e) = err {
+            let mut out = String::new();
+            e.to_element().write_to(&mut out, "", false);
+            self.send_text(out).await?;
+        }
+        self.send_text(format!("<close xmlns='{NS_FRAMING}'/>"))
+            .await?;
+        let _ = self.ws.send(axum::extract::ws::Message::Close(None)).await;
+        Ok(())
+    }
+
+    async fn starttls(&mut self, _tls: Arc<rustls::ServerConfig>) -> io::Result<()> {
+        Err(io::Error::other("STARTTLS is not available over WebSocket"))
+    }
+
+    fn can_starttls(&self) -> bool {
+        false
+    }
+
+    fn is_tls(&self) -> bool {
+        false
+    }
+
+    fn channel_binding(&self) -> Option<ChannelBinding> {
+        None
+    }
+
+    fn reset(&mut self) {}
+
+    fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    fn kind(&self) -> &'static str {
+        "ws"
+    }
+}

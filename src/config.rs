@@ -1,0 +1,371 @@
+//! Configuration: a TOML file with documented defaults, overridden by
+//! environment variables `NATTER_<SECTION>_<KEY>` (e.g. `NATTER_LISTEN_C2S`,
+//! `NATTER_DATA_DIR`, `NATTER_DOMAINS=a.example,b.example`).
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Virtual hosts served.
+    pub domains: Vec<String>,
+    /// Where the database, generated certificate and blobs live.
+    pub data_dir: PathBuf,
+    pub listen: Listen,
+    pub tls: Tls,
+    pub c2s: C2s,
+    pub registration: Registration,
+    pub limits: Limits,
+    pub store: StoreConfig,
+    pub log: Log,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// Client-to-server with STARTTLS (RFC 6120). Empty disables.
+    pub c2s: String,
+    /// Client-to-server with direct TLS (XEP-0368). Empty disables.
+    pub c2s_tls: String,
+    /// HTTP: WebSocket (RFC 7395) at /xmpp-websocket, health. Empty disables.
+    pub http: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// PEM certificate chain; empty = self-signed, generated in data_dir/tls.
+    pub cert: String,
+    /// PEM private key; empty = generated with the self-signed certificate.
+    pub key: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct C2s {
+    /// Allow SASL (SCRAM only) without TLS on loopback connections.
+    pub allow_plaintext_loopback: bool,
+    /// Seconds of silence before the server pings a client (XEP-0199).
+    pub ping_interval_secs: u64,
+    /// Seconds a client has to answer a ping (or send anything) before it is dropped.
+    pub ping_timeout_secs: u64,
+    /// Seconds a connection may stay unauthenticated.
+    pub preauth_timeout_secs: u64,
+    /// Unauthenticated connections allowed per IP address at once.
+    pub max_preauth_per_ip: usize,
+    /// Stanzas queued for one session before it is treated as stuck and closed.
+    pub max_queue: usize,
+    /// Seconds a write to a client may block before the session is closed.
+    pub write_timeout_secs: u64,
+    /// Resources (devices) per account at once.
+    pub max_resources: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Registration {
+    /// In-band registration (XEP-0077). Unset: on only when the server
+    /// serves nothing but `localhost`.
+    pub enabled: Option<bool>,
+    /// Seconds a deleted username stays reserved (prevents account takeover).
+    pub reserve_deleted_secs: u64,
+    /// Minimum password length for new accounts and password changes.
+    pub min_password_len: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest stanza after authentication, in bytes.
+    pub max_stanza_bytes: usize,
+    /// Largest stanza before authentication, in bytes.
+    pub max_stanza_bytes_preauth: usize,
+    /// Deepest element nesting inside a stanza.
+    pub max_depth: usize,
+    /// Most attributes on one element.
+    pub max_attrs: usize,
+    /// Sustained bytes per second a session may send (token bucket).
+    pub rate_bytes_per_sec: u64,
+    /// Burst allowance for the rate limit, in bytes.
+    pub rate_burst_bytes: u64,
+    /// Failed logins per account within `auth_window_secs` before it is locked for that long.
+    pub auth_failures_per_account: u32,
+    /// Failed logins per IP within `auth_window_secs` before the IP is banned for that long.
+    pub auth_failures_per_ip: u32,
+    pub auth_window_secs: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// "sqlite" (embedded). PostgreSQL arrives with cluster mode.
+    pub backend: String,
+    /// SQLite file; empty = data_dir/natter.db.
+    pub path: String,
+    /// "normal": durable across process crashes (kill -9);
+    /// "full": also across power loss (fsync per commit).
+    pub sync: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// tracing filter, e.g. "info" or "natter=debug".
+    pub level: String,
+    /// "text" or "json".
+    pub format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            domains: vec!["localhost".into()],
+            data_dir: PathBuf::from("./data"),
+            listen: Listen::default(),
+            tls: Tls::default(),
+            c2s: C2s::default(),
+            registration: Registration::default(),
+            limits: Limits::default(),
+            store: StoreConfig::default(),
+            log: Log::default(),
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            c2s: "0.0.0.0:5222".into(),
+            c2s_tls: "0.0.0.0:5223".into(),
+            http: "0.0.0.0:5280".into(),
+        }
+    }
+}
+
+impl Default for C2s {
+    fn default() -> Self {
+        C2s {
+            allow_plaintext_loopback: false,
+            ping_interval_secs: 60,
+            ping_timeout_secs: 30,
+            preauth_timeout_secs: 10,
+            max_preauth_per_ip: 20,
+            max_queue: 1000,
+            write_timeout_secs: 30,
+            max_resources: 10,
+        }
+    }
+}
+
+impl Default for Registration {
+    fn default() -> Self {
+        Registration {
+            enabled: None,
+            reserve_deleted_secs: 7 * 24 * 3600,
+            min_password_len: 6,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_stanza_bytes: 256 * 1024,
+            max_stanza_bytes_preauth: 10 * 1024,
+            max_depth: 32,
+            max_attrs: 64,
+            rate_bytes_per_sec: 1024 * 1024,
+            rate_burst_bytes: 4 * 1024 * 1024,
+            auth_failures_per_account: 5,
+            auth_failures_per_ip: 10,
+            auth_window_secs: 300,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: "sqlite".into(),
+            path: String::new(),
+            sync: "normal".into(),
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+const SECTIONS: &[&str] = &[
+    "listen",
+    "tls",
+    "c2s",
+    "registration",
+    "limits",
+    "store",
+    "log",
+];
+
+impl Config {
+    /// Load from an optional file, then apply `NATTER_*` environment overrides.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", p.display()))?,
+            None => String::new(),
+        };
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::from_parts(&text, &env).map_err(|e| match path {
+            Some(p) => anyhow::anyhow!("config file {}: {e}", p.display()),
+            None => e,
+        })
+    }
+
+    /// Parse TOML text and overlay `NATTER_*` variables from `env`.
+    pub fn from_parts(text: &str, env: &[(String, String)]) -> anyhow::Result<Config> {
+        let mut root: toml::Table = toml::from_str(text)?;
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("NATTER_") else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            // Variables that are not configuration (the test harness's binary path, …).
+            if matches!(rest.as_str(), "bin" | "config") {
+                continue;
+            }
+            let (section, key) = match SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_")))
+            {
+                Some(s) => (Some(*s), rest[s.len() + 1..].to_string()),
+                None => (None, rest),
+            };
+            let v = env_value(&key, value);
+            let table = match section {
+                Some(s) => root
+                    .entry(s)
+                    .or_insert_with(|| toml::Value::Table(Default::default()))
+                    .as_table_mut()
+                    .ok_or_else(|| anyhow::anyhow!("[{s}] must be a table"))?,
+                None => &mut root,
+            };
+            table.insert(key, v);
+        }
+        let cfg: Config = toml::Value::Table(root)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}", e.message()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.domains.is_empty() {
+            anyhow::bail!("`domains` must name at least one domain");
+        }
+        for d in &self.domains {
+            jid::BareJid::new(d).map_err(|e| anyhow::anyhow!("domain {d:?} is not valid: {e}"))?;
+        }
+        if self.store.backend != "sqlite" {
+            anyhow::bail!(
+                "store.backend {:?} is not supported (supported: \"sqlite\")",
+                self.store.backend
+            );
+        }
+        if !matches!(self.store.sync.as_str(), "normal" | "full") {
+            anyhow::bail!(
+                "store.sync must be \"normal\" or \"full\", not {:?}",
+                self.store.sync
+            );
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            anyhow::bail!(
+                "log.format must be \"text\" or \"json\", not {:?}",
+                self.log.format
+            );
+        }
+        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
+            anyhow::bail!("tls.cert and tls.key must be given together");
+        }
+        if self.limits.max_stanza_bytes_preauth > self.limits.max_stanza_bytes {
+            anyhow::bail!(
+                "limits.max_stanza_bytes_preauth must not exceed limits.max_stanza_bytes"
+            );
+        }
+        Ok(())
+    }
+
+    pub fn registration_enabled(&self) -> bool {
+        self.registration
+            .enabled
+            .unwrap_or(self.domains.len() == 1 && self.domains[0] == "localhost")
+    }
+
+    pub fn serves(&self, domain: &str) -> bool {
+        self.domains.iter().any(|d| d == domain)
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        if self.store.path.is_empty() {
+            self.data_dir.join("natter.db")
+        } else {
+            PathBuf::from(&self.store.path)
+        }
+    }
+}
+
+fn env_value(key: &str, value: &str) -> toml::Value {
+    if key == "domains" {
+        return toml::Value::Array(
+            value
+                .split(',')
+                .map(|d| toml::Value::String(d.trim().to_string()))
+                .collect(),
+        );
+    }
+    if let Ok(i) = value.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    match value {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(value.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_serve_localhost_with_registration() {
+        let c = Config::from_parts("", &[]).unwrap();
+        assert_eq!(c.domains, vec!["localhost"]);
+        assert!(c.registration_enabled());
+        assert_eq!(c.listen.c2s, "0.0.0.0:5222");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let env = vec![
+            ("NATTER_LISTEN_C2S_TLS".into(), "127.0.0.1:1".into()),
+            ("NATTER_DOMAINS".into(), "a.example,b.example".into()),
+            ("NATTER_LIMITS_MAX_DEPTH".into(), "7".into()),
+        ];
+        let c = Config::from_parts("[listen]\nc2s_tls = \"x:2\"\n", &env).unwrap();
+        assert_eq!(c.listen.c2s_tls, "127.0.0.1:1");
+        assert_eq!(c.domains, vec!["a.example", "b.example"]);
+        assert_eq!(c.limits.max_depth, 7);
+        assert!(!c.registration_enabled());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::from_parts("[listen]\nc2z = \"x\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("c2z"), "{e}");
+    }
+}

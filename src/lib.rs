@@ -1,0 +1,125 @@
+//! natter: a WhatsApp-class XMPP messaging server. See ARCHITECTURE.md.
+#![forbid(unsafe_code)]
+
+pub mod accounts;
+pub mod c2s;
+pub mod config;
+pub mod error;
+pub mod modules;
+pub mod net;
+pub mod router;
+pub mod state;
+
+use anyhow::Context;
+use config::Config;
+use natter_store::Store;
+use state::ServerState;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub fn c2s_limits(config: &Config, authed: bool) -> natter_xml::Limits {
+    natter_xml::Limits {
+        max_stanza_bytes: if authed {
+            config.limits.max_stanza_bytes
+        } else {
+            config.limits.max_stanza_bytes_preauth
+        },
+        max_depth: config.limits.max_depth,
+        max_attrs: config.limits.max_attrs,
+    }
+}
+
+/// Open the configured store, creating the data directory; fails with the cause.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let path = config.store_path();
+    let store = natter_store::sqlite::SqliteStore::open(&path, config.store.sync == "full")
+        .await
+        .with_context(|| format!("cannot open the store at {}", path.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// Addresses the listeners actually bound (useful with port 0).
+#[derive(Clone, Debug, Default)]
+pub struct Bound {
+    pub c2s: Option<SocketAddr>,
+    pub c2s_tls: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+}
+
+/// A started server. Drop does not stop it: call `shutdown`.
+pub struct Running {
+    pub bound: Bound,
+    pub state: ServerState,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// Close every session with `</stream>`, stop listeners, flush the store.
+    pub async fn shutdown(mut self) {
+        self.state.shutdown.cancel();
+        let wait = async {
+            while self.tasks.join_next().await.is_some() {}
+            // Sessions end on the token too; give them a moment to write.
+            for _ in 0..50 {
+                if self.state.router.count() == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+        self.state.store.close().await;
+    }
+}
+
+/// Start everything the config describes. Fails fast, naming the cause:
+/// bad certificate, port in use, unreachable store.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let store = open_store(&config).await?;
+    let tls = net::tls::load(&config)?;
+    let c2s = net::bind(&config.listen.c2s, "c2s").await?;
+    let c2s_tls = net::bind(&config.listen.c2s_tls, "c2s direct TLS").await?;
+    let http = net::bind(&config.listen.http, "HTTP").await?;
+    let l = &config.limits;
+    let state = ServerState {
+        throttle: Arc::new(c2s::throttle::AuthThrottle::new(
+            l.auth_failures_per_account,
+            l.auth_failures_per_ip,
+            Duration::from_secs(l.auth_window_secs),
+        )),
+        preauth: Arc::new(c2s::throttle::PreauthLimiter::new(
+            config.c2s.max_preauth_per_ip,
+        )),
+        config: Arc::new(config),
+        store,
+        router: Arc::new(router::Router::new()),
+        modules: Arc::new(modules::Modules::standard()),
+        tls,
+        shutdown: CancellationToken::new(),
+    };
+    let mut bound = Bound::default();
+    let mut tasks = JoinSet::new();
+    if let Some(l) = c2s {
+        bound.c2s = l.local_addr().ok();
+        tasks.spawn(net::accept_c2s(l, state.clone(), false));
+    }
+    if let Some(l) = c2s_tls {
+        bound.c2s_tls = l.local_addr().ok();
+        tasks.spawn(net::accept_c2s(l, state.clone(), true));
+    }
+    if let Some(l) = http {
+        bound.http = l.local_addr().ok();
+        tasks.spawn(net::http::serve(l, state.clone()));
+    }
+    tracing::info!(?bound, domains = ?state.config.domains, "natter started");
+    Ok(Running {
+        bound,
+        state,
+        tasks,
+    })
+}

@@ -1,0 +1,228 @@
+//! The session table: which resources of which account are connected here,
+//! and a bounded queue into each. In embedded mode this is all the routing
+//! there is; cluster mode adds a registry on NATS behind the same calls.
+//!
+//! Invariant: a session's queue is bounded (`c2s.max_queue`). A session that
+//! cannot keep up is flagged and closed by its own task; the router never
+//! blocks on a slow reader.
+
+use crate::error::StreamError;
+use jid::{BareJid, FullJid};
+use natter_xml::Element;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::{mpsc, Notify};
+
+/// What the router hands to a session task.
+#[derive(Debug)]
+pub enum Deliver {
+    Stanza(Element),
+    /// Close the stream with this error (e.g. `conflict` when replaced).
+    Close(StreamError),
+}
+
+/// Presence-related state of one bound resource, changed by its own session
+/// and read by others when they route to it.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    /// Sent initial presence and not yet unavailable (RFC 6121 §4.2).
+    pub available: bool,
+    pub priority: i8,
+    /// The last available presence broadcast, re-sent to new subscribers.
+    pub presence: Option<Element>,
+    /// Requested the roster (RFC 6121 §2.1.3: gets roster pushes and probes).
+    pub interested: bool,
+    /// Message carbons enabled (XEP-0280).
+    pub carbons: bool,
+    /// Entities that got directed presence and must get unavailable at logout.
+    pub directed: HashSet<String>,
+    /// Close the stream once the reply to the current IQ is queued
+    /// (account removal: XEP-0077 §3.2 sends the result first).
+    pub close_after_reply: Option<StreamError>,
+}
+
+pub struct SessionHandle {
+    pub id: u64,
+    pub jid: FullJid,
+    pub bare: BareJid,
+    tx: mpsc::Sender<Deliver>,
+    overflowed: AtomicBool,
+    /// Woken when the queue overflowed, so the session closes itself.
+    pub overflow: Notify,
+    pub state: Mutex<SessionState>,
+}
+
+impl SessionHandle {
+    /// Queue a stanza. Returns false when the session is gone or stuck; a
+    /// stuck session is flagged and will close itself.
+    pub fn send(&self, stanza: Element) -> bool {
+        match self.tx.try_send(Deliver::Stanza(stanza)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.overflowed.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(jid = %self.jid, "session queue full, closing it");
+                }
+                self.overflow.notify_one();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Ask the session to close its stream with `err`.
+    pub fn close(&self, err: StreamError) {
+        if self.tx.try_send(Deliver::Close(err)).is_err() {
+            self.overflowed.store(true, Ordering::SeqCst);
+            self.overflow.notify_one();
+        }
+    }
+
+    pub fn is_available(&self) -> bool {
+        self.state.lock().unwrap().available
+    }
+
+    pub fn priority(&self) -> i8 {
+        self.state.lock().unwrap().priority
+    }
+
+    pub fn carbons(&self) -> bool {
+        self.state.lock().unwrap().carbons
+    }
+}
+
+#[derive(Default)]
+pub struct Router {
+    sessions: RwLock<HashMap<BareJid, Vec<Arc<SessionHandle>>>>,
+    next_id: AtomicU64,
+}
+
+/// A new session: its handle, its queue's receiving end, and the session
+/// it replaced (same full JID), if any.
+pub type Bound = (
+    Arc<SessionHandle>,
+    mpsc::Receiver<Deliver>,
+    Option<Arc<SessionHandle>>,
+);
+
+/// Why a bind failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BindError {
+    TooManyResources,
+}
+
+impl Router {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Register a bound resource. A session already using the same full JID
+    /// is returned so the caller can close it with `conflict` (RFC 6120
+    /// §7.7.2.2: the newer session wins).
+    pub fn bind(
+        &self,
+        jid: FullJid,
+        queue: usize,
+        max_resources: usize,
+    ) -> Result<Bound, BindError> {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let bare = jid.to_bare();
+        let handle = Arc::new(SessionHandle {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            jid,
+            bare: bare.clone(),
+            tx,
+            overflowed: AtomicBool::new(false),
+            overflow: Notify::new(),
+            state: Mutex::new(SessionState::default()),
+        });
+        let mut map = self.sessions.write().unwrap();
+        let list = map.entry(bare).or_default();
+        let replaced = list
+            .iter()
+            .position(|h| h.jid == handle.jid)
+            .map(|i| list.remove(i));
+        if replaced.is_none() && list.len() >= max_resources {
+            return Err(BindError::TooManyResources);
+        }
+        list.push(handle.clone());
+        Ok((handle, rx, replaced))
+    }
+
+    /// Remove a session (only this exact one: a replacement under the same
+    /// JID stays).
+    pub fn unbind(&self, handle: &SessionHandle) {
+        let mut map = self.sessions.write().unwrap();
+        if let Some(list) = map.get_mut(&handle.bare) {
+            list.retain(|h| h.id != handle.id);
+            if list.is_empty() {
+                map.remove(&handle.bare);
+            }
+        }
+    }
+
+    pub fn resources(&self, bare: &BareJid) -> Vec<Arc<SessionHandle>> {
+        self.sessions
+            .read()
+            .unwrap()
+            .get(bare)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn session(&self, full: &FullJid) -> Option<Arc<SessionHandle>> {
+        self.sessions
+            .read()
+            .unwrap()
+            .get(&full.to_bare())?
+            .iter()
+            .find(|h| &h.jid == full)
+            .cloned()
+    }
+
+    /// Every bound session (admin listing, shutdown).
+    pub fn all(&self) -> Vec<Arc<SessionHandle>> {
+        self.sessions
+            .read()
+            .unwrap()
+            .values()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.sessions.read().unwrap().values().map(Vec::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rebind_same_resource_replaces_and_unbind_keeps_replacement() {
+        let r = Router::new();
+        let j = FullJid::new("a@x/phone").unwrap();
+        let (h1, _rx1, rep) = r.bind(j.clone(), 4, 10).unwrap();
+        assert!(rep.is_none());
+        let (h2, _rx2, rep) = r.bind(j.clone(), 4, 10).unwrap();
+        assert_eq!(rep.unwrap().id, h1.id);
+        r.unbind(&h1);
+        assert_eq!(r.session(&j).unwrap().id, h2.id);
+        r.unbind(&h2);
+        assert_eq!(r.count(), 0);
+    }
+
+    #[test]
+    fn resource_cap_and_full_queue() {
+        let r = Router::new();
+        let (h, _rx, _) = r.bind(FullJid::new("a@x/1").unwrap(), 1, 1).unwrap();
+        assert_eq!(
+            r.bind(FullJid::new("a@x/2").unwrap(), 1, 1).err(),
+            Some(BindError::TooManyResources)
+        );
+        assert!(h.send(Element::new("message", "jabber:client")));
+        assert!(!h.send(Element::new("message", "jabber:client")));
+    }
+}

@@ -1,0 +1,30 @@
+//! The cheap-to-clone handle every task gets: configuration, store, router,
+//! modules, TLS, limits. Passed explicitly; there are no globals.
+
+use crate::c2s::throttle::{AuthThrottle, PreauthLimiter};
+use crate::config::Config;
+use crate::modules::Modules;
+use crate::router::Router;
+use natter_store::Store;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+pub struct ServerState {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub router: Arc<Router>,
+    pub modules: Arc<Modules>,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub throttle: Arc<AuthThrottle>,
+    pub preauth: Arc<PreauthLimiter>,
+    /// Cancelled on SIGTERM/SIGINT: sessions close their streams and exit.
+    pub shutdown: CancellationToken,
+}
+
+impl ServerState {
+    /// The server's own domain for a JID's domain part, if we serve it.
+    pub fn serves(&self, domain: &str) -> bool {
+        self.config.serves(domain)
+    }
+}
