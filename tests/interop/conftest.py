@@ -1,0 +1,261 @@
+"""Start the real `natter` binary for each test.
+
+The `server` fixture picks free loopback ports, writes a config TOML into the
+test's tmp dir, runs `natter serve --config FILE` (binary from $NATTER_BIN or
+target/debug/natter), waits until every listener accepts, and at teardown
+sends SIGTERM and requires exit status 0 within 10 s (graceful shutdown).
+Server stderr/stdout go to a log file that is attached to any failing test's
+report.
+
+Extra config for one test: @pytest.mark.natter_config({"registration": {"enabled": False}})
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+REPO = Path(__file__).resolve().parents[2]
+SHUTDOWN_GRACE_SECS = 10
+STARTUP_SECS = 30
+LOG_TAIL_BYTES = 200_000
+
+_server_log_key = pytest.StashKey[Path]()
+
+# slixmpp logs every stanza at DEBUG (captured, shown for failing tests);
+# cut the 64 KiB ones so a failure report stays readable.
+LOG_RECORD_LIMIT = 3000
+_record_factory = logging.getLogRecordFactory()
+
+
+def _short_records(*args, **kwargs):
+    record = _record_factory(*args, **kwargs)
+    try:
+        msg = record.getMessage()
+    except Exception:  # noqa: BLE001 - leave odd records alone
+        return record
+    if len(msg) > LOG_RECORD_LIMIT:
+        record.msg = f"{msg[:LOG_RECORD_LIMIT]} ... [{len(msg)} chars]"
+        record.args = ()
+    return record
+
+
+logging.setLogRecordFactory(_short_records)
+
+
+def natter_bin() -> Path:
+    env = os.environ.get("NATTER_BIN")
+    return Path(env) if env else REPO / "target" / "debug" / "natter"
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg: dict) -> str:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class NatterServer:
+    host = "127.0.0.1"
+    domain = "localhost"
+
+    def __init__(self, workdir: Path, extra_config: dict | None = None):
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.config_path = workdir / "natter.toml"
+        self.log_path = workdir / "natter.log"
+        self.c2s_port, self.c2s_tls_port, self.http_port = free_ports(3)
+        self.config = merge({
+            "domains": [self.domain],
+            "data_dir": str(self.data_dir),
+            "listen": {
+                "c2s": f"{self.host}:{self.c2s_port}",
+                "c2s_tls": f"{self.host}:{self.c2s_tls_port}",
+                "http": f"{self.host}:{self.http_port}",
+            },
+            "registration": {"enabled": True},
+        }, extra_config or {})
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None
+        self._log = None
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {"c2s": self.c2s_port, "c2s_tls": self.c2s_tls_port, "http": self.http_port}
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.http_port}/xmpp-websocket"
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", os.environ.get("NATTER_TEST_LOG", "info,natter=debug"))
+        env.setdefault("RUST_BACKTRACE", "1")
+        return env
+
+    def start(self) -> None:
+        binary = natter_bin()
+        if not binary.exists():
+            pytest.fail(f"natter binary not found at {binary}: run `cargo build -p natter` "
+                        f"(or set NATTER_BIN)", pytrace=False)
+        self.config_path.write_text(to_toml(self.config))
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [str(binary), "serve", "--config", str(self.config_path)],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=self.workdir, env=self.env())
+        deadline = time.monotonic() + STARTUP_SECS
+        pending = dict(self.ports)
+        while pending:
+            if self.proc.poll() is not None:
+                pytest.fail(f"natter serve exited with {self.proc.returncode} during start-up\n"
+                            f"{self.log_tail()}", pytrace=False)
+            for name, port in list(pending.items()):
+                try:
+                    socket.create_connection((self.host, port), timeout=0.5).close()
+                    del pending[name]
+                except OSError:
+                    pass
+            if pending and time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"natter did not accept on {pending} within {STARTUP_SECS}s\n"
+                            f"{self.log_tail()}", pytrace=False)
+            if pending:
+                time.sleep(0.05)
+
+    def stop(self, grace: float = SHUTDOWN_GRACE_SECS) -> int | None:
+        """SIGTERM, then wait up to `grace` s. Returns the exit status, or None
+        if the server had to be killed."""
+        if self.proc is None:
+            return self.returncode
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                self.returncode = None
+                self._close_log()
+                self.proc = None
+                return None
+        self.returncode = self.proc.returncode
+        self.proc = None
+        self._close_log()
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self) -> str:
+        return read_tail(self.log_path)
+
+    def cli(self, *args: str, input: str | None = None, check: bool = True,
+            timeout: float = 30) -> subprocess.CompletedProcess:
+        """Run `natter ARGS... --config FILE`."""
+        cmd = [str(natter_bin()), *args, "--config", str(self.config_path)]
+        res = subprocess.run(cmd, input=input, capture_output=True, text=True,
+                             timeout=timeout, cwd=self.workdir, env=self.env())
+        if check and res.returncode != 0:
+            pytest.fail(f"`{' '.join(cmd)}` exited {res.returncode}\nstdout:\n{res.stdout}\n"
+                        f"stderr:\n{res.stderr}", pytrace=False)
+        return res
+
+    def add_user(self, jid: str, password: str) -> None:
+        self.cli("user", "add", jid, password)
+
+
+def read_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"(no server log: {exc})"
+    if len(data) > limit:
+        data = b"[... cut ...]\n" + data[-limit:]
+    return data.decode("utf-8", "replace")
+
+
+@pytest.fixture
+def server(request, tmp_path):
+    marker = request.node.get_closest_marker("natter_config")
+    srv = NatterServer(tmp_path, marker.args[0] if marker else None)
+    request.node.stash[_server_log_key] = srv.log_path
+    srv.start()
+    try:
+        yield srv
+    finally:
+        if srv.proc is None:
+            pass  # the test stopped the server itself and checked the status
+        elif srv.proc.poll() is not None:
+            rc = srv.stop()
+            pytest.fail(f"natter exited by itself (status {rc}) during the test", pytrace=False)
+        else:
+            rc = srv.stop()
+            if rc != 0:
+                what = (f"was killed: still running {SHUTDOWN_GRACE_SECS}s after SIGTERM"
+                        if rc is None else f"exited with status {rc} after SIGTERM")
+                pytest.fail(f"natter did not shut down gracefully: it {what}", pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        path = item.stash.get(_server_log_key, None)
+        if path is not None:
+            rep.sections.append((f"natter server log ({path})", read_tail(path)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "natter_config(dict): extra natter config for this test")
