@@ -25,6 +25,9 @@ fn doap_lists_every_announced_feature() {
             .iter()
             .find(|(ns, _)| *ns == f)
             .unwrap_or_else(|| panic!("feature {f} has no entry in FEATURE_XEP / doap.xml"));
-        assert!(doap.contains(needle), "doap.xml does not list {needle} (for {f})");
+        assert!(
+            doap.contains(needle),
+            "doap.xml does not list {needle} (for {f})"
+        );
     }
 }

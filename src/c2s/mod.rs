@@ -70,6 +70,11 @@ struct Session {
     preauth: Option<PreauthGuard>,
     last_heard: Instant,
     ping_id: Option<String>,
+    /// The queue overflowed: its contents are dropped, not flushed, at close.
+    drop_queue: bool,
+    /// A write timed out part-way: the stream is cut mid-stanza, so nothing
+    /// more may be written to it (not even the stream error).
+    write_broken: bool,
 }
 
 /// Serve one connection until it ends.
@@ -87,6 +92,8 @@ pub async fn serve<T: Transport>(mut t: T, state: ServerState, guard: PreauthGua
         preauth: Some(guard),
         last_heard: Instant::now(),
         ping_id: None,
+        drop_queue: false,
+        write_broken: false,
         state,
     };
     tracing::debug!(%peer, transport = t.kind(), "connection opened");
@@ -94,13 +101,21 @@ pub async fn serve<T: Transport>(mut t: T, state: ServerState, guard: PreauthGua
     if let Err(e) = &end {
         tracing::debug!(%peer, error = %e, "closing stream with error");
     }
-    // Flush what was queued for this session before the stream closes.
-    s.flush_queue(&mut t).await;
-    let _ = tokio::time::timeout(
-        Duration::from_secs(5),
-        t.close(end.as_ref().err(), &s.domain),
-    )
-    .await;
+    // Release the unauthenticated slot before the peer can see the close,
+    // so a client that reconnects right after it is not refused.
+    s.preauth = None;
+    // Flush what was queued for this session before the stream closes
+    // (not for a session that is not reading: that is what filled it).
+    if !s.drop_queue {
+        s.flush_queue(&mut t).await;
+    }
+    if !s.write_broken {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            t.close(end.as_ref().err(), &s.domain),
+        )
+        .await;
+    }
     s.teardown().await;
     tracing::debug!(%peer, "connection closed");
 }
@@ -152,6 +167,7 @@ impl Session {
                     return Err(StreamError::new(StreamCondition::SystemShutdown));
                 }
                 _ = async { match &bound { Some(h) => h.overflow.notified().await, None => std::future::pending().await } } => {
+                    self.drop_queue = true;
                     return Err(StreamError::with_text(
                         StreamCondition::PolicyViolation,
                         "too many stanzas queued for this session: it is not reading",
@@ -165,7 +181,9 @@ impl Session {
                         match next {
                             Some(Deliver::Stanza(el)) => batch.push(el),
                             Some(Deliver::Close(err)) => {
-                                let _ = tokio::time::timeout(write_timeout, t.send(&batch)).await;
+                                if tokio::time::timeout(write_timeout, t.send(&batch)).await.is_err() {
+                                    self.write_broken = true;
+                                }
                                 return Err(err);
                             }
                             None => break,
@@ -179,10 +197,13 @@ impl Session {
                     match tokio::time::timeout(write_timeout, t.send(&batch)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return Ok(()),
-                        Err(_) => return Err(StreamError::with_text(
-                            StreamCondition::ConnectionTimeout,
-                            "client stopped reading",
-                        )),
+                        Err(_) => {
+                            self.write_broken = true;
+                            return Err(StreamError::with_text(
+                                StreamCondition::ConnectionTimeout,
+                                "client stopped reading",
+                            ));
+                        }
                     }
                 }
                 r = t.read() => {
@@ -229,6 +250,7 @@ impl Session {
                     self.ping_id = Some(id);
                     // A ping that cannot be written means the peer is gone.
                     if tokio::time::timeout(write_timeout, t.send(&[ping])).await.ok().and_then(Result::ok).is_none() {
+                        self.write_broken = true;
                         return Ok(());
                     }
                 }
@@ -732,8 +754,12 @@ impl Session {
         while let Ok(Deliver::Stanza(el)) = rx.try_recv() {
             batch.push(el);
         }
-        if !batch.is_empty() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), t.send(&batch)).await;
+        if !batch.is_empty()
+            && tokio::time::timeout(Duration::from_secs(2), t.send(&batch))
+                .await
+                .is_err()
+        {
+            self.write_broken = true;
         }
     }
 

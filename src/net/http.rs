@@ -41,7 +41,10 @@ async fn websocket(
         )
             .into_response();
     };
-    let max = state.config.limits.max_stanza_bytes;
+    // The stanza limit is enforced on each frame by the c2s parser, which
+    // answers with a policy-violation stream error. The WebSocket layer's
+    // own cap (which can only drop the connection) sits above it.
+    let max = state.config.limits.max_stanza_bytes.saturating_mul(2);
     ws.protocols(["xmpp"])
         .max_message_size(max)
         .max_frame_size(max)
