@@ -8,6 +8,7 @@
 pub mod carbons;
 pub mod disco;
 pub mod message;
+pub mod offline;
 pub mod ping;
 pub mod presence;
 pub mod register;
