@@ -113,6 +113,124 @@ impl RosterItem {
     }
 }
 
+/// A message to append to an archive (XEP-0313).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewArchiveEntry {
+    /// Bare JID of the account whose archive this goes to.
+    pub owner: String,
+    /// Bare JID of the other party.
+    pub with: String,
+    /// The serialized stanza.
+    pub stanza: String,
+    /// Sent by `owner` (rather than received).
+    pub outgoing: bool,
+}
+
+/// A message in an archive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchivedMessage {
+    /// The server-assigned stanza-id (XEP-0359): random, unique within the owner's archive.
+    pub id: String,
+    pub owner: String,
+    pub with: String,
+    /// When it was archived, unix microseconds. Never decreases in archive order.
+    pub ts_micros: i64,
+    pub outgoing: bool,
+    pub stanza: String,
+}
+
+/// An archive query (XEP-0313 filters + XEP-0059 RSM paging). All filters combine (AND).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ArchiveQuery {
+    /// Only messages with this bare JID (exact match).
+    pub with: Option<String>,
+    /// Only messages archived at or after this time (unix microseconds, inclusive).
+    pub start_micros: Option<i64>,
+    /// Only messages archived at or before this time (unix microseconds, inclusive).
+    pub end_micros: Option<i64>,
+    /// RSM `<after/>`: the page right after (newer than) this id.
+    pub after_id: Option<String>,
+    /// RSM `<before>id</before>`: the page right before (older than) this id.
+    pub before_id: Option<String>,
+    /// RSM `<before/>` with no id: the last page.
+    pub last_page: bool,
+    /// Only these ids (XEP-0313 `ids` field). Unknown ids are simply not returned.
+    pub ids: Option<Vec<String>>,
+    /// Page size. 0 returns no items (only `count`/`complete`).
+    pub max: usize,
+}
+
+/// One page of archive results.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchivePage {
+    /// Always oldest → newest, whichever way the query pages.
+    pub items: Vec<ArchivedMessage>,
+    /// No more matching items in the paging direction (newer for forward paging, older for
+    /// backward paging).
+    pub complete: bool,
+    /// Number of messages matching the filters, ignoring paging (RSM `<count/>`), if the
+    /// backend provides it.
+    pub count: Option<u64>,
+}
+
+/// MAM preferences (XEP-0313 `<prefs/>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MamPrefs {
+    /// `"always"`, `"never"` or `"roster"`.
+    pub default: String,
+    /// JIDs to always archive, sorted, no duplicates.
+    pub always: Vec<String>,
+    /// JIDs never to archive, sorted, no duplicates.
+    pub never: Vec<String>,
+}
+
+impl Default for MamPrefs {
+    fn default() -> Self {
+        MamPrefs {
+            default: "always".into(),
+            always: Vec::new(),
+            never: Vec::new(),
+        }
+    }
+}
+
+/// The values [`MamPrefs::default`] may take.
+pub const MAM_DEFAULT_MODES: [&str; 3] = ["always", "never", "roster"];
+
+/// A queued offline message (XEP-0160).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OfflineMessage {
+    /// Queue position: grows with every push and is never reused.
+    pub seq: u64,
+    pub stanza: String,
+    /// Stanza-id of the archived copy, if it was archived.
+    pub archive_id: Option<String>,
+    /// When it was queued, unix microseconds.
+    pub ts_micros: i64,
+}
+
+/// Configuration of a PEP node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PepNodeConfig {
+    /// e.g. `"presence"`, `"open"`, `"whitelist"`, `"roster"` (not interpreted by the store).
+    pub access_model: String,
+    /// Items kept; publishing beyond it drops the oldest. 0 keeps none (transient node);
+    /// use `u32::MAX` for "max".
+    pub max_items: u32,
+    /// e.g. `"publishers"`, `"open"` (not interpreted by the store).
+    pub publish_model: String,
+}
+
+/// A published PEP item.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PepItem {
+    pub id: String,
+    /// The serialized item payload.
+    pub payload: String,
+    /// When it was (last) published, unix microseconds.
+    pub published_micros: i64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The thing to create already exists (e.g. duplicate account).
@@ -128,6 +246,12 @@ pub enum StoreError {
     /// Applying schema migrations failed (including a database newer than this binary).
     #[error("storage schema migration failed: {0}")]
     Migration(String),
+    /// A per-user limit would be exceeded (e.g. the offline queue is full).
+    #[error("quota exceeded")]
+    QuotaExceeded,
+    /// The store refuses a value (e.g. an unknown MAM default mode).
+    #[error("invalid value: {0}")]
+    Invalid(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -158,9 +282,9 @@ pub trait Store: Send + Sync + 'static {
         user: &str,
         creds: &AccountCredentials,
     ) -> Result<(), StoreError>;
-    /// Deletes the account and everything it owns (roster, vcard, last activity; later
-    /// archive etc.) in one transaction, and records a tombstone (user, deleted_at unix
-    /// seconds). [`StoreError::NotFound`] if there is no such account.
+    /// Deletes the account and everything it owns (roster, vcard, last activity, archive,
+    /// MAM prefs, offline queue, PEP nodes, blocklist) in one transaction, and records a
+    /// tombstone (user, deleted_at unix seconds). [`StoreError::NotFound`] if there is no such account.
     async fn delete_account(&self, user: &str) -> Result<(), StoreError>;
     /// Bare JIDs of all accounts, or of those in `domain`, sorted.
     async fn list_accounts(&self, domain: Option<&str>) -> Result<Vec<String>, StoreError>;
@@ -202,6 +326,115 @@ pub trait Store: Send + Sync + 'static {
     async fn set_last_activity(&self, user: &str, at: i64, status: &str) -> Result<(), StoreError>;
     async fn last_activity(&self, user: &str) -> Result<Option<(i64, String)>, StoreError>;
 
+    // ---- message archive (XEP-0313)
+    //
+    // Ordered by an internal sequence that only grows (the paging key); clients only see the
+    // random stanza-ids.
+
+    /// Appends `entries` in one durable transaction and returns their stanza-ids in order.
+    /// Each entry gets a fresh random (128-bit) stanza-id and a timestamp no older than any
+    /// already archived. All or nothing: [`StoreError::NotFound`] if any owner has no
+    /// account. Concurrent calls may be committed together (group commit); each call
+    /// returns only once its entries are committed.
+    async fn archive_append(&self, entries: &[NewArchiveEntry]) -> Result<Vec<String>, StoreError>;
+    /// One page of `owner`'s archive. Without `after_id`/`before_id`/`last_page` it is the
+    /// first (oldest) page; `after_id` pages forward; `before_id`/`last_page` page backward
+    /// (the newest `max` matches older than `before_id`, or overall). `after_id` together
+    /// with `before_id` (or `last_page`) bounds both sides and pages backward. Items are
+    /// always returned oldest → newest. [`StoreError::NotFound`] if `after_id`/`before_id`
+    /// is not in the owner's archive (XEP-0313 item-not-found).
+    async fn archive_query(&self, owner: &str, q: &ArchiveQuery)
+        -> Result<ArchivePage, StoreError>;
+    async fn archive_get(
+        &self,
+        owner: &str,
+        id: &str,
+    ) -> Result<Option<ArchivedMessage>, StoreError>;
+    /// Deletes messages archived before `older_than_micros` (of `owner`, or of everyone)
+    /// and returns how many. May commit in several chunks.
+    async fn archive_prune(
+        &self,
+        owner: Option<&str>,
+        older_than_micros: i64,
+    ) -> Result<u64, StoreError>;
+    /// The user's preferences; [`MamPrefs::default`] if never set (or no such user).
+    async fn mam_prefs(&self, user: &str) -> Result<MamPrefs, StoreError>;
+    /// Replaces the preferences. Duplicate JIDs within a list are dropped.
+    /// [`StoreError::Invalid`] for a default outside [`MAM_DEFAULT_MODES`],
+    /// [`StoreError::NotFound`] if the account doesn't exist.
+    async fn set_mam_prefs(&self, user: &str, prefs: &MamPrefs) -> Result<(), StoreError>;
+
+    // ---- offline messages (XEP-0160): FIFO per user, stored until delivered
+
+    /// Queues a stanza durably (group-committed like [`Store::archive_append`]) and returns
+    /// its seq. [`StoreError::QuotaExceeded`] if the user already has `limit` queued,
+    /// [`StoreError::NotFound`] if the account doesn't exist.
+    async fn offline_push(
+        &self,
+        user: &str,
+        stanza: &str,
+        archive_id: Option<&str>,
+        limit: usize,
+    ) -> Result<u64, StoreError>;
+    /// Up to `max` queued messages, oldest first. Doesn't remove them.
+    async fn offline_fetch(
+        &self,
+        user: &str,
+        max: usize,
+    ) -> Result<Vec<OfflineMessage>, StoreError>;
+    /// Removes the user's messages with seq ≤ `up_to_seq` (after delivery); returns how many.
+    async fn offline_delete(&self, user: &str, up_to_seq: u64) -> Result<u64, StoreError>;
+    async fn offline_count(&self, user: &str) -> Result<u64, StoreError>;
+
+    // ---- PEP (XEP-0163/0223): pubsub nodes owned by an account
+
+    async fn pep_node(&self, owner: &str, node: &str) -> Result<Option<PepNodeConfig>, StoreError>;
+    /// Creates the node or replaces its configuration; lowering `max_items` drops the
+    /// oldest items beyond it. [`StoreError::NotFound`] if the account doesn't exist.
+    async fn pep_create_or_configure(
+        &self,
+        owner: &str,
+        node: &str,
+        cfg: &PepNodeConfig,
+    ) -> Result<(), StoreError>;
+    /// Inserts the item, or replaces the item with the same id (which becomes the newest);
+    /// then drops the oldest items beyond the node's `max_items`.
+    /// [`StoreError::NotFound`] if the node doesn't exist (create it first).
+    async fn pep_publish(
+        &self,
+        owner: &str,
+        node: &str,
+        item_id: &str,
+        payload: &str,
+    ) -> Result<(), StoreError>;
+    /// Items newest first: only those in `ids` if given, at most `max` if given. Empty for
+    /// an unknown node.
+    async fn pep_items(
+        &self,
+        owner: &str,
+        node: &str,
+        max: Option<usize>,
+        ids: Option<&[String]>,
+    ) -> Result<Vec<PepItem>, StoreError>;
+    /// Whether the item existed.
+    async fn pep_retract(&self, owner: &str, node: &str, item_id: &str)
+        -> Result<bool, StoreError>;
+    /// Deletes the node with its items; whether it existed.
+    async fn pep_delete_node(&self, owner: &str, node: &str) -> Result<bool, StoreError>;
+    /// The owner's node names, sorted.
+    async fn pep_nodes(&self, owner: &str) -> Result<Vec<String>, StoreError>;
+
+    // ---- blocking (XEP-0191): JIDs as given by the client (bare, full or domain)
+
+    /// The blocked JIDs, sorted.
+    async fn blocklist(&self, user: &str) -> Result<Vec<String>, StoreError>;
+    /// Adds the JIDs (already blocked ones are fine). [`StoreError::NotFound`] if the
+    /// account doesn't exist.
+    async fn block(&self, user: &str, jids: &[String]) -> Result<(), StoreError>;
+    /// Removes the JIDs (unknown ones are fine), or all with `None`.
+    /// [`StoreError::NotFound`] if the account doesn't exist.
+    async fn unblock(&self, user: &str, jids: Option<&[String]>) -> Result<(), StoreError>;
+
     // ---- lifecycle
 
     /// Reachability check for /ready and start-up.
@@ -220,6 +453,13 @@ pub(crate) fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Current time in unix microseconds.
+pub(crate) fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// Groups with duplicates removed, first occurrence wins (a roster group is a set).

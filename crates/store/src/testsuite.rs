@@ -1,7 +1,15 @@
 //! Backend-independent conformance suite: every [`Store`] implementation must pass
 //! [`conformance`]. Enable the `testsuite` feature to use it from other crates.
 
-use crate::{AccountCredentials, RosterItem, Store, StoreError, StoredCredentials, Subscription};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use crate::{
+    AccountCredentials, ArchivePage, ArchiveQuery, ArchivedMessage, MamPrefs, NewArchiveEntry,
+    PepNodeConfig, RosterItem, Store, StoreError, StoredCredentials, Subscription,
+};
 
 /// Distinct, recognizable credentials for `tag`.
 pub fn credentials(tag: u8) -> AccountCredentials {
@@ -38,6 +46,13 @@ pub async fn conformance(store: &dyn Store) {
     roster(store).await;
     concurrent_roster_writes(store).await;
     vcard_and_last_activity(store).await;
+    archive(store).await;
+    archive_concurrency(store).await;
+    mam_prefs(store).await;
+    offline(store).await;
+    pep(store).await;
+    blocking(store).await;
+    populate_alice(store).await;
     delete_cascades(store).await;
 }
 
@@ -50,6 +65,24 @@ async fn empty_store(store: &dyn Store) {
     assert_eq!(store.roster_item(NOBODY, BOB).await.unwrap(), None);
     assert_eq!(store.vcard(NOBODY).await.unwrap(), None);
     assert_eq!(store.last_activity(NOBODY).await.unwrap(), None);
+    let page = store.archive_query(NOBODY, &query(10)).await.unwrap();
+    assert!(page.items.is_empty() && page.complete, "{page:?}");
+    assert_count(&page, 0);
+    assert_eq!(store.archive_get(NOBODY, "x").await.unwrap(), None);
+    assert_eq!(store.mam_prefs(NOBODY).await.unwrap(), MamPrefs::default());
+    assert_eq!(store.offline_count(NOBODY).await.unwrap(), 0);
+    assert!(store.offline_fetch(NOBODY, 10).await.unwrap().is_empty());
+    assert_eq!(store.offline_delete(NOBODY, u64::MAX).await.unwrap(), 0);
+    assert_eq!(store.pep_node(NOBODY, "n").await.unwrap(), None);
+    assert!(store.pep_nodes(NOBODY).await.unwrap().is_empty());
+    assert!(store
+        .pep_items(NOBODY, "n", None, None)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(!store.pep_retract(NOBODY, "n", "i").await.unwrap());
+    assert!(!store.pep_delete_node(NOBODY, "n").await.unwrap());
+    assert!(store.blocklist(NOBODY).await.unwrap().is_empty());
 }
 
 async fn accounts(store: &dyn Store) {
@@ -298,6 +331,1084 @@ async fn vcard_and_last_activity(store: &dyn Store) {
     assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
 }
 
+// ---- helpers for the archive tests
+
+fn query(max: usize) -> ArchiveQuery {
+    ArchiveQuery {
+        max,
+        ..ArchiveQuery::default()
+    }
+}
+
+fn entry(owner: &str, with: &str, stanza: &str, outgoing: bool) -> NewArchiveEntry {
+    NewArchiveEntry {
+        owner: owner.into(),
+        with: with.into(),
+        stanza: stanza.into(),
+        outgoing,
+    }
+}
+
+fn assert_count(page: &ArchivePage, n: usize) {
+    if let Some(c) = page.count {
+        assert_eq!(c, n as u64, "RSM count");
+    }
+}
+
+fn ids_of(items: &[ArchivedMessage]) -> Vec<String> {
+    items.iter().map(|m| m.id.clone()).collect()
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+}
+
+/// Polls all futures concurrently on the current task (no `'static` needed, no extra
+/// dependency) and returns their outputs in order.
+async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => *o = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+/// Pages through `q` in the given direction and returns all items oldest → newest,
+/// checking the per-page invariants on the way.
+async fn page_all(
+    store: &dyn Store,
+    owner: &str,
+    q: &ArchiveQuery,
+    backward: bool,
+    expected: &[ArchivedMessage],
+) {
+    let max = q.max;
+    assert!(max > 0);
+    let mut q = q.clone();
+    let mut pages: Vec<Vec<ArchivedMessage>> = Vec::new();
+    loop {
+        let page = store.archive_query(owner, &q).await.unwrap();
+        assert_count(&page, expected.len());
+        assert!(page.items.len() <= max);
+        let seen: usize = pages.iter().map(Vec::len).sum::<usize>() + page.items.len();
+        assert_eq!(
+            page.complete,
+            seen == expected.len(),
+            "complete flag after {seen} of {} (backward: {backward})",
+            expected.len()
+        );
+        if !page.complete {
+            assert_eq!(page.items.len(), max, "only the last page may be short");
+        }
+        let done = page.complete;
+        if backward {
+            q.before_id = page.items.first().map(|m| m.id.clone());
+            q.last_page = false;
+        } else {
+            q.after_id = page.items.last().map(|m| m.id.clone());
+        }
+        pages.push(page.items);
+        if done {
+            break;
+        }
+        assert!(pages.len() <= expected.len() + 1, "paging does not end");
+    }
+    if backward {
+        pages.reverse();
+    }
+    let all: Vec<ArchivedMessage> = pages.into_iter().flatten().collect();
+    assert_eq!(ids_of(&all), ids_of(expected));
+    assert_eq!(all, expected);
+}
+
+/// Which archived messages a filter keeps (the test's model of the query).
+type Keep = Box<dyn Fn(&ArchivedMessage) -> bool>;
+
+const DAVE: &str = "dave@remote.net";
+
+async fn archive(store: &dyn Store) {
+    assert!(store.archive_append(&[]).await.unwrap().is_empty());
+    let empty = store.archive_query(BOB, &query(10)).await.unwrap();
+    assert!(empty.items.is_empty() && empty.complete);
+    assert_count(&empty, 0);
+    let mut last = query(10);
+    last.last_page = true;
+    let empty = store.archive_query(BOB, &last).await.unwrap();
+    assert!(empty.items.is_empty() && empty.complete);
+
+    // 30 messages for Bob in three epochs a few ms apart (for time filters); some calls
+    // also archive the other side's copy in Alice's archive.
+    let before = now_micros();
+    let partners = [ALICE, CAROL, DAVE];
+    let mut bob_ids = Vec::new();
+    let mut alice_ids = Vec::new();
+    for epoch in 0..3 {
+        if epoch > 0 {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        for i in 0..10 {
+            let n = epoch * 10 + i;
+            let with = partners[n % 3];
+            let stanza = format!(
+                "<message xmlns='jabber:client' type='chat'>\
+                 <body>m{n} \u{e9}&amp;&lt;\u{1F600}</body></message>"
+            );
+            if with == ALICE {
+                let ids = store
+                    .archive_append(&[
+                        entry(BOB, ALICE, &stanza, n % 2 == 0),
+                        entry(ALICE, BOB, &stanza, n % 2 != 0),
+                    ])
+                    .await
+                    .unwrap();
+                assert_eq!(ids.len(), 2);
+                bob_ids.push(ids[0].clone());
+                alice_ids.push(ids[1].clone());
+            } else {
+                let ids = store
+                    .archive_append(&[entry(BOB, with, &stanza, n % 2 == 0)])
+                    .await
+                    .unwrap();
+                assert_eq!(ids.len(), 1);
+                bob_ids.push(ids[0].clone());
+            }
+        }
+    }
+    let after = now_micros();
+
+    // Ids: distinct, opaque, long enough to carry 128 random bits.
+    let mut distinct: Vec<&String> = bob_ids.iter().chain(&alice_ids).collect();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 40);
+    for id in &distinct {
+        assert!(id.len() >= 22 && id.is_ascii(), "stanza-id {id:?}");
+    }
+
+    // The whole archive in one page, in append order, with monotonic timestamps.
+    let page = store.archive_query(BOB, &query(100)).await.unwrap();
+    assert!(page.complete);
+    assert_count(&page, 30);
+    let all = page.items;
+    assert_eq!(ids_of(&all), bob_ids);
+    for (n, m) in all.iter().enumerate() {
+        assert_eq!(m.owner, BOB);
+        assert_eq!(m.with, partners[n % 3]);
+        assert_eq!(m.outgoing, n % 2 == 0);
+        assert!(m
+            .stanza
+            .contains(&format!("<body>m{n} \u{e9}&amp;&lt;\u{1F600}</body>")));
+        assert!((before..=after).contains(&m.ts_micros), "timestamp {m:?}");
+        assert_eq!(
+            store.archive_get(BOB, &m.id).await.unwrap().as_ref(),
+            Some(m)
+        );
+        // Ids are per archive.
+        assert_eq!(store.archive_get(ALICE, &m.id).await.unwrap(), None);
+    }
+    for w in all.windows(2) {
+        assert!(w[0].ts_micros <= w[1].ts_micros, "timestamps go back");
+    }
+    // The epochs are apart in time.
+    assert!(all[9].ts_micros < all[10].ts_micros && all[19].ts_micros < all[20].ts_micros);
+    let alice_page = store.archive_query(ALICE, &query(100)).await.unwrap();
+    assert_eq!(ids_of(&alice_page.items), alice_ids);
+    assert!(alice_page.items.iter().all(|m| m.with == BOB));
+
+    // Paging both ways, with a short last page (7) and an exact fit (10, 30, 1).
+    for max in [7, 10, 30, 1, 1000] {
+        page_all(store, BOB, &query(max), false, &all).await;
+        let mut q = query(max);
+        q.last_page = true;
+        page_all(store, BOB, &q, true, &all).await;
+    }
+
+    // First and last pages explicitly.
+    let first = store.archive_query(BOB, &query(5)).await.unwrap();
+    assert_eq!(first.items, all[..5]);
+    assert!(!first.complete);
+    let mut q = query(5);
+    q.last_page = true;
+    let lastp = store.archive_query(BOB, &q).await.unwrap();
+    assert_eq!(lastp.items, all[25..]);
+    assert!(!lastp.complete);
+
+    // after/before a given id.
+    let mut q = query(4);
+    q.after_id = Some(all[10].id.clone());
+    let p = store.archive_query(BOB, &q).await.unwrap();
+    assert_eq!(p.items, all[11..15]);
+    assert!(!p.complete);
+    q.after_id = Some(all[26].id.clone());
+    let p = store.archive_query(BOB, &q).await.unwrap();
+    assert_eq!(p.items, all[27..]);
+    assert!(p.complete);
+    q.after_id = Some(all[29].id.clone());
+    let p = store.archive_query(BOB, &q).await.unwrap();
+    assert!(p.items.is_empty() && p.complete);
+    let mut q = query(4);
+    q.before_id = Some(all[10].id.clone());
+    let p = store.archive_query(BOB, &q).await.unwrap();
+    assert_eq!(p.items, all[6..10]);
+    assert!(!p.complete);
+    q.before_id = Some(all[3].id.clone());
+    let p = store.archive_query(BOB, &q).await.unwrap();
+    assert_eq!(p.items, all[..3]);
+    assert!(p.complete);
+    q.before_id = Some(all[0].id.clone());
+    let p = store.archive_query(BOB, &q).await.unwrap();
+    assert!(p.items.is_empty() && p.complete);
+    // before_id wins over last_page (it is a more precise <before/>).
+    q.before_id = Some(all[4].id.clone());
+    q.last_page = true;
+    let p = store.archive_query(BOB, &q).await.unwrap();
+    assert_eq!(p.items, all[..4]);
+    assert!(p.complete);
+    // Both bounds: the newest items between them.
+    let mut q = query(3);
+    q.after_id = Some(all[10].id.clone());
+    q.before_id = Some(all[20].id.clone());
+    let p = store.archive_query(BOB, &q).await.unwrap();
+    assert_eq!(p.items, all[17..20]);
+    assert!(!p.complete);
+    q.max = 100;
+    let p = store.archive_query(BOB, &q).await.unwrap();
+    assert_eq!(p.items, all[11..20]);
+    assert!(p.complete);
+
+    // max = 0: nothing but the count and whether there is anything.
+    let p = store.archive_query(BOB, &query(0)).await.unwrap();
+    assert!(p.items.is_empty() && !p.complete);
+    assert_count(&p, 30);
+    let mut q = query(0);
+    q.with = Some("nobody@nowhere".into());
+    let p = store.archive_query(BOB, &q).await.unwrap();
+    assert!(p.items.is_empty() && p.complete);
+    assert_count(&p, 0);
+
+    // Unknown cursors, and cursors from another archive, are item-not-found.
+    for cursor in ["no-such-id".to_string(), alice_ids[0].clone()] {
+        let mut q = query(5);
+        q.after_id = Some(cursor.clone());
+        let r = store.archive_query(BOB, &q).await;
+        assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+        let mut q = query(5);
+        q.before_id = Some(cursor);
+        let r = store.archive_query(BOB, &q).await;
+        assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    }
+
+    // Filters, alone and combined, each paged both ways.
+    let t10 = all[10].ts_micros;
+    let t19 = all[19].ts_micros;
+    let some_ids: Vec<String> = [3, 4, 8, 12, 13, 20, 27, 29]
+        .iter()
+        .map(|&i| all[i].id.clone())
+        .collect();
+    let filters: Vec<(ArchiveQuery, Keep)> = vec![
+        (
+            ArchiveQuery {
+                with: Some(CAROL.into()),
+                ..query(3)
+            },
+            Box::new(|m| m.with == CAROL),
+        ),
+        (
+            ArchiveQuery {
+                start_micros: Some(t10),
+                ..query(4)
+            },
+            Box::new(move |m| m.ts_micros >= t10),
+        ),
+        (
+            ArchiveQuery {
+                end_micros: Some(t19),
+                ..query(6)
+            },
+            Box::new(move |m| m.ts_micros <= t19),
+        ),
+        (
+            ArchiveQuery {
+                start_micros: Some(t10),
+                end_micros: Some(t19),
+                ..query(3)
+            },
+            Box::new(move |m| (t10..=t19).contains(&m.ts_micros)),
+        ),
+        (
+            ArchiveQuery {
+                with: Some(DAVE.into()),
+                start_micros: Some(t10),
+                end_micros: Some(t19),
+                ..query(2)
+            },
+            Box::new(move |m| m.with == DAVE && (t10..=t19).contains(&m.ts_micros)),
+        ),
+        (
+            ArchiveQuery {
+                ids: Some(some_ids.clone()),
+                ..query(3)
+            },
+            Box::new({
+                let some_ids = some_ids.clone();
+                move |m| some_ids.contains(&m.id)
+            }),
+        ),
+        (
+            ArchiveQuery {
+                ids: Some(
+                    some_ids
+                        .iter()
+                        .cloned()
+                        .chain(["unknown".to_string(), alice_ids[1].clone()])
+                        .collect(),
+                ),
+                with: Some(ALICE.into()),
+                start_micros: Some(t10),
+                ..query(1)
+            },
+            Box::new({
+                let some_ids = some_ids.clone();
+                move |m| some_ids.contains(&m.id) && m.with == ALICE && m.ts_micros >= t10
+            }),
+        ),
+    ];
+    for (q, keep) in &filters {
+        let expected: Vec<ArchivedMessage> = all.iter().filter(|m| keep(m)).cloned().collect();
+        assert!(!expected.is_empty() && expected.len() < all.len(), "{q:?}");
+        page_all(store, BOB, q, false, &expected).await;
+        let mut back = q.clone();
+        back.last_page = true;
+        page_all(store, BOB, &back, true, &expected).await;
+        // A cursor that doesn't itself match the filter still positions the page.
+        let pivot = &all[15];
+        let mut fwd = q.clone();
+        fwd.after_id = Some(pivot.id.clone());
+        fwd.max = 1000;
+        let p = store.archive_query(BOB, &fwd).await.unwrap();
+        let newer: Vec<_> = all[16..].iter().filter(|m| keep(m)).cloned().collect();
+        assert_eq!(p.items, newer, "{fwd:?}");
+        assert!(p.complete);
+        assert_count(&p, expected.len());
+        let mut bwd = q.clone();
+        bwd.before_id = Some(pivot.id.clone());
+        bwd.max = 1000;
+        let p = store.archive_query(BOB, &bwd).await.unwrap();
+        let older: Vec<_> = all[..15].iter().filter(|m| keep(m)).cloned().collect();
+        assert_eq!(p.items, older, "{bwd:?}");
+        assert!(p.complete);
+    }
+    // Empty results: an empty id list, a time range with nothing in it, an unknown peer.
+    for q in [
+        ArchiveQuery {
+            ids: Some(vec![]),
+            ..query(10)
+        },
+        ArchiveQuery {
+            start_micros: Some(after + 1_000_000),
+            ..query(10)
+        },
+        ArchiveQuery {
+            end_micros: Some(before - 1),
+            ..query(10)
+        },
+        ArchiveQuery {
+            start_micros: Some(t19),
+            end_micros: Some(t10),
+            ..query(10)
+        },
+        ArchiveQuery {
+            with: Some("alice@example.co".into()),
+            ..query(10)
+        },
+    ] {
+        let p = store.archive_query(BOB, &q).await.unwrap();
+        assert!(p.items.is_empty() && p.complete, "{q:?}");
+        assert_count(&p, 0);
+        let mut back = q.clone();
+        back.last_page = true;
+        let p = store.archive_query(BOB, &back).await.unwrap();
+        assert!(p.items.is_empty() && p.complete, "{back:?}");
+    }
+
+    // Appends for unknown accounts fail as a whole, without storing the valid part.
+    let r = store
+        .archive_append(&[entry(NOBODY, BOB, "<message/>", true)])
+        .await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    let r = store
+        .archive_append(&[
+            entry(BOB, NOBODY, "<message/>", false),
+            entry(NOBODY, BOB, "<message/>", true),
+        ])
+        .await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    let p = store.archive_query(BOB, &query(0)).await.unwrap();
+    assert_count(&p, 30);
+
+    // Big appends (more than one INSERT's worth in SQLite) are all-or-nothing too.
+    const BULK: &str = "bulk@remote.net";
+    let mut bulk: Vec<NewArchiveEntry> = (0..1200)
+        .map(|i| entry(CAROL, BULK, &format!("<b{i}/>"), i % 3 == 0))
+        .collect();
+    bulk.push(entry(NOBODY, BULK, "<b/>", true));
+    let r = store.archive_append(&bulk).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    let bulk_q = ArchiveQuery {
+        with: Some(BULK.into()),
+        ..query(2000)
+    };
+    assert_count(&store.archive_query(CAROL, &bulk_q).await.unwrap(), 0);
+    bulk.pop();
+    let ids = store.archive_append(&bulk).await.unwrap();
+    let p = store.archive_query(CAROL, &bulk_q).await.unwrap();
+    assert_eq!(ids_of(&p.items), ids);
+    assert!(p
+        .items
+        .iter()
+        .enumerate()
+        .all(|(i, m)| m.stanza == format!("<b{i}/>") && m.outgoing == (i % 3 == 0)));
+
+    // A failing call next to good ones (likely in the same group commit) fails alone.
+    let good = |n: usize| async move {
+        let e = entry(
+            BOB,
+            DAVE,
+            &format!("<message><body>g{n}</body></message>"),
+            true,
+        );
+        store.archive_append(&[e]).await
+    };
+    let bad = async {
+        let e = entry(NOBODY, DAVE, "<message/>", true);
+        store.archive_append(&[e]).await
+    };
+    let (g1, b, g2) = tokio::join!(good(1), bad, good(2));
+    assert!(matches!(b, Err(StoreError::NotFound)), "{b:?}");
+    let (g1, g2) = (g1.unwrap().remove(0), g2.unwrap().remove(0));
+    assert_eq!(
+        store.archive_get(BOB, &g1).await.unwrap().unwrap().stanza,
+        "<message><body>g1</body></message>"
+    );
+    assert_eq!(
+        store.archive_get(BOB, &g2).await.unwrap().unwrap().stanza,
+        "<message><body>g2</body></message>"
+    );
+    let mut q = query(100);
+    q.after_id = Some(all[29].id.clone());
+    let p = store.archive_query(BOB, &q).await.unwrap();
+    let mut got = ids_of(&p.items);
+    got.sort();
+    let mut want = vec![g1, g2];
+    want.sort();
+    assert_eq!(got, want);
+    let extra = p.items;
+
+    // Pruning by age: per owner, then globally.
+    let before_prune = store.archive_query(ALICE, &query(100)).await.unwrap().items;
+    let n = store.archive_prune(Some(BOB), t10).await.unwrap();
+    assert_eq!(n, 10);
+    let p = store.archive_query(BOB, &query(100)).await.unwrap();
+    let mut expected: Vec<ArchivedMessage> = all[10..].to_vec();
+    expected.extend(extra.iter().cloned());
+    assert_eq!(p.items, expected);
+    assert_eq!(store.archive_get(BOB, &all[9].id).await.unwrap(), None);
+    // Pruned cursors are item-not-found.
+    let mut q = query(5);
+    q.after_id = Some(all[0].id.clone());
+    assert!(matches!(
+        store.archive_query(BOB, &q).await,
+        Err(StoreError::NotFound)
+    ));
+    // Alice's archive is untouched by Bob's prune.
+    assert_eq!(
+        store.archive_query(ALICE, &query(100)).await.unwrap().items,
+        before_prune
+    );
+    assert_eq!(store.archive_prune(Some(BOB), t10).await.unwrap(), 0);
+    assert_eq!(
+        store.archive_prune(Some(NOBODY), i64::MAX).await.unwrap(),
+        0
+    );
+    let alice_old = before_prune.iter().filter(|m| m.ts_micros < t19).count();
+    let bob_old = all[10..].iter().filter(|m| m.ts_micros < t19).count();
+    let n = store.archive_prune(None, t19).await.unwrap();
+    assert_eq!(n as usize, alice_old + bob_old);
+    let p = store.archive_query(BOB, &query(100)).await.unwrap();
+    assert!(p.items.iter().all(|m| m.ts_micros >= t19));
+    assert_eq!(p.items.len(), 30 + 2 - 10 - bob_old);
+    let p = store.archive_query(ALICE, &query(100)).await.unwrap();
+    assert_eq!(p.items.len(), before_prune.len() - alice_old);
+    assert_eq!(store.archive_prune(None, t19).await.unwrap(), 0);
+    // Paging still works over what's left.
+    let left = store.archive_query(BOB, &query(100)).await.unwrap().items;
+    page_all(store, BOB, &query(3), false, &left).await;
+    let mut q = query(3);
+    q.last_page = true;
+    page_all(store, BOB, &q, true, &left).await;
+}
+
+/// 1,000 concurrent appends (each archiving both sides of a message) all complete with
+/// distinct ids, in a consistent order; a few failing calls among them fail alone.
+async fn archive_concurrency(store: &dyn Store) {
+    const CALLS: usize = 1000;
+    const PEER: &str = "conc@remote.net";
+    let start = Instant::now();
+    let calls: Vec<_> = (0..CALLS)
+        .map(|i| {
+            let owner = if i % 100 == 99 { NOBODY } else { BOB };
+            let entries = vec![
+                entry(
+                    CAROL,
+                    PEER,
+                    &format!("<message><body>c{i}</body></message>"),
+                    true,
+                ),
+                entry(
+                    owner,
+                    PEER,
+                    &format!("<message><body>c{i}</body></message>"),
+                    false,
+                ),
+            ];
+            async move { store.archive_append(&entries).await }
+        })
+        .collect();
+    let results = join_all(calls).await;
+    let elapsed = start.elapsed();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    println!(
+        "archive_append: {CALLS} concurrent calls ({ok} ok, 2 entries each) in {elapsed:?}: \
+         {:.0} calls/s, {:.0} messages/s",
+        CALLS as f64 / elapsed.as_secs_f64(),
+        (2 * ok) as f64 / elapsed.as_secs_f64(),
+    );
+
+    let mut by_id = std::collections::HashMap::new();
+    for (i, r) in results.into_iter().enumerate() {
+        if i % 100 == 99 {
+            assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+            continue;
+        }
+        let ids = r.unwrap();
+        assert_eq!(ids.len(), 2);
+        for id in ids {
+            assert!(by_id.insert(id, i).is_none(), "duplicate stanza-id");
+        }
+    }
+    assert_eq!(by_id.len(), 2 * (CALLS - CALLS / 100));
+
+    // Each archive holds exactly the successful calls, and both archives list the calls
+    // in the same order (each call committed atomically, calls serialized).
+    let filter = |max| ArchiveQuery {
+        with: Some(PEER.into()),
+        ..query(max)
+    };
+    let carol = store.archive_query(CAROL, &filter(10_000)).await.unwrap();
+    let bob = store.archive_query(BOB, &filter(10_000)).await.unwrap();
+    assert_eq!(carol.items.len(), CALLS - CALLS / 100);
+    assert_eq!(bob.items.len(), CALLS - CALLS / 100);
+    let order = |items: &[ArchivedMessage]| -> Vec<usize> {
+        items
+            .iter()
+            .map(|m| {
+                let i = by_id[&m.id];
+                assert_eq!(m.stanza, format!("<message><body>c{i}</body></message>"));
+                i
+            })
+            .collect()
+    };
+    assert_eq!(order(&carol.items), order(&bob.items));
+    for w in carol.items.windows(2) {
+        assert!(w[0].ts_micros <= w[1].ts_micros);
+    }
+    page_all(store, CAROL, &filter(97), false, &carol.items).await;
+    let mut q = filter(97);
+    q.last_page = true;
+    page_all(store, CAROL, &q, true, &carol.items).await;
+
+    // Sequential appends land in call order.
+    let mut seq_ids = Vec::new();
+    for i in 0..20 {
+        let ids = store
+            .archive_append(&[entry(CAROL, PEER, &format!("<s{i}/>"), true)])
+            .await
+            .unwrap();
+        seq_ids.extend(ids);
+    }
+    let mut q = filter(100);
+    q.after_id = Some(carol.items.last().unwrap().id.clone());
+    let p = store.archive_query(CAROL, &q).await.unwrap();
+    assert_eq!(ids_of(&p.items), seq_ids);
+    assert!(p.complete);
+    assert_count(&p, CALLS - CALLS / 100 + 20);
+}
+
+async fn mam_prefs(store: &dyn Store) {
+    assert_eq!(store.mam_prefs(BOB).await.unwrap(), MamPrefs::default());
+    assert_eq!(MamPrefs::default().default, "always");
+    let prefs = MamPrefs {
+        default: "roster".into(),
+        always: vec![DAVE.into(), CAROL.into(), DAVE.into()],
+        never: vec!["spam@remote.net".into()],
+    };
+    store.set_mam_prefs(BOB, &prefs).await.unwrap();
+    assert_eq!(
+        store.mam_prefs(BOB).await.unwrap(),
+        MamPrefs {
+            default: "roster".into(),
+            always: vec![CAROL.into(), DAVE.into()],
+            never: vec!["spam@remote.net".into()],
+        }
+    );
+    // Replaced as a whole.
+    let prefs = MamPrefs {
+        default: "never".into(),
+        always: vec![],
+        never: vec![CAROL.into()],
+    };
+    store.set_mam_prefs(BOB, &prefs).await.unwrap();
+    assert_eq!(store.mam_prefs(BOB).await.unwrap(), prefs);
+    store
+        .set_mam_prefs(BOB, &MamPrefs::default())
+        .await
+        .unwrap();
+    assert_eq!(store.mam_prefs(BOB).await.unwrap(), MamPrefs::default());
+    // Per user.
+    assert_eq!(store.mam_prefs(CAROL).await.unwrap(), MamPrefs::default());
+
+    let bad = MamPrefs {
+        default: "sometimes".into(),
+        ..MamPrefs::default()
+    };
+    let r = store.set_mam_prefs(BOB, &bad).await;
+    assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+    assert_eq!(store.mam_prefs(BOB).await.unwrap(), MamPrefs::default());
+    let r = store.set_mam_prefs(NOBODY, &prefs).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    assert_eq!(store.mam_prefs(NOBODY).await.unwrap(), MamPrefs::default());
+}
+
+async fn offline(store: &dyn Store) {
+    assert_eq!(store.offline_count(BOB).await.unwrap(), 0);
+    let before = now_micros();
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        let archive_id = (i % 2 == 0).then(|| format!("arch{i}"));
+        let seq = store
+            .offline_push(
+                BOB,
+                &format!("<message><body>o{i}</body></message>"),
+                archive_id.as_deref(),
+                5,
+            )
+            .await
+            .unwrap();
+        seqs.push(seq);
+    }
+    let after = now_micros();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let full = store.offline_push(BOB, "<message/>", None, 5).await;
+    assert!(matches!(full, Err(StoreError::QuotaExceeded)), "{full:?}");
+    // A larger limit admits more; limit 0 admits nothing.
+    let zero = store.offline_push(CAROL, "<message/>", None, 0).await;
+    assert!(matches!(zero, Err(StoreError::QuotaExceeded)), "{zero:?}");
+    assert_eq!(store.offline_count(BOB).await.unwrap(), 5);
+    assert_eq!(store.offline_count(CAROL).await.unwrap(), 0);
+
+    let all = store.offline_fetch(BOB, 100).await.unwrap();
+    assert_eq!(all.len(), 5);
+    for (i, m) in all.iter().enumerate() {
+        assert_eq!(m.seq, seqs[i]);
+        assert_eq!(m.stanza, format!("<message><body>o{i}</body></message>"));
+        assert_eq!(m.archive_id, (i % 2 == 0).then(|| format!("arch{i}")));
+        assert!((before..=after).contains(&m.ts_micros), "{m:?}");
+    }
+    assert!(all.windows(2).all(|w| w[0].ts_micros <= w[1].ts_micros));
+    assert_eq!(store.offline_fetch(BOB, 2).await.unwrap(), all[..2]);
+    assert!(store.offline_fetch(BOB, 0).await.unwrap().is_empty());
+    // Fetching doesn't remove.
+    assert_eq!(store.offline_count(BOB).await.unwrap(), 5);
+
+    // Delivered up to the second: those two go.
+    assert_eq!(store.offline_delete(BOB, seqs[1]).await.unwrap(), 2);
+    assert_eq!(store.offline_delete(BOB, seqs[1]).await.unwrap(), 0);
+    assert_eq!(store.offline_fetch(BOB, 100).await.unwrap(), all[2..]);
+    // Per user: deleting Carol's queue leaves Bob's.
+    assert_eq!(store.offline_delete(CAROL, u64::MAX).await.unwrap(), 0);
+    assert_eq!(store.offline_count(BOB).await.unwrap(), 3);
+
+    // Room again; new messages queue behind the old ones with fresh seqs.
+    let s = store.offline_push(BOB, "<late/>", None, 5).await.unwrap();
+    assert!(s > seqs[4]);
+    assert_eq!(store.offline_delete(BOB, u64::MAX).await.unwrap(), 4);
+    // Seqs are never reused, even after the queue was emptied.
+    let s2 = store.offline_push(BOB, "<later/>", None, 5).await.unwrap();
+    assert!(s2 > s);
+    assert_eq!(store.offline_delete(BOB, s).await.unwrap(), 0);
+    assert_eq!(store.offline_count(BOB).await.unwrap(), 1);
+    assert_eq!(store.offline_delete(BOB, s2).await.unwrap(), 1);
+
+    // Concurrent pushes (likely one group commit) respect the quota exactly, and failures
+    // don't affect the others.
+    let pushes: Vec<_> = (0..10)
+        .map(|i| {
+            let user = if i == 4 { NOBODY } else { CAROL };
+            async move { store.offline_push(user, &format!("<c{i}/>"), None, 3).await }
+        })
+        .collect();
+    let results = join_all(pushes).await;
+    assert!(
+        matches!(results[4], Err(StoreError::NotFound)),
+        "{:?}",
+        results[4]
+    );
+    let ok: Vec<u64> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
+    assert_eq!(ok.len(), 3, "{results:?}");
+    assert_eq!(
+        results
+            .iter()
+            .filter(|r| matches!(r, Err(StoreError::QuotaExceeded)))
+            .count(),
+        6,
+        "{results:?}"
+    );
+    let queued = store.offline_fetch(CAROL, 10).await.unwrap();
+    assert_eq!(queued.iter().map(|m| m.seq).collect::<Vec<_>>(), ok);
+    assert_eq!(store.offline_delete(CAROL, u64::MAX).await.unwrap(), 3);
+
+    let r = store.offline_push(NOBODY, "<message/>", None, 10).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    assert_eq!(store.offline_count(NOBODY).await.unwrap(), 0);
+}
+
+fn node_cfg(max_items: u32) -> PepNodeConfig {
+    PepNodeConfig {
+        access_model: "presence".into(),
+        max_items,
+        publish_model: "publishers".into(),
+    }
+}
+
+async fn pep_ids(store: &dyn Store, owner: &str, node: &str) -> Vec<String> {
+    store
+        .pep_items(owner, node, None, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect()
+}
+
+async fn pep(store: &dyn Store) {
+    const AVATAR: &str = "urn:xmpp:avatar:metadata";
+    const BOOKMARKS: &str = "urn:xmpp:bookmarks:1";
+    assert_eq!(store.pep_node(BOB, AVATAR).await.unwrap(), None);
+    let r = store.pep_publish(BOB, AVATAR, "a", "<x/>").await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    let r = store
+        .pep_create_or_configure(NOBODY, AVATAR, &node_cfg(1))
+        .await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    assert!(store.pep_nodes(NOBODY).await.unwrap().is_empty());
+
+    // max_items 1: the newest item replaces the previous one.
+    store
+        .pep_create_or_configure(BOB, AVATAR, &node_cfg(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.pep_node(BOB, AVATAR).await.unwrap(),
+        Some(node_cfg(1))
+    );
+    assert!(pep_ids(store, BOB, AVATAR).await.is_empty());
+    store
+        .pep_publish(BOB, AVATAR, "a", "<info id='a'/>")
+        .await
+        .unwrap();
+    store
+        .pep_publish(BOB, AVATAR, "b", "<info id='b'/>")
+        .await
+        .unwrap();
+    assert_eq!(pep_ids(store, BOB, AVATAR).await, vec!["b"]);
+
+    // max_items 3, including a re-publish moving an item to the front.
+    let before = now_micros();
+    store
+        .pep_create_or_configure(BOB, BOOKMARKS, &node_cfg(3))
+        .await
+        .unwrap();
+    for id in ["1", "2", "3", "4"] {
+        store
+            .pep_publish(BOB, BOOKMARKS, id, &format!("<conference name='{id}'/>"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(pep_ids(store, BOB, BOOKMARKS).await, vec!["4", "3", "2"]);
+    store
+        .pep_publish(BOB, BOOKMARKS, "2", "<conference name='two \u{1F600}'/>")
+        .await
+        .unwrap();
+    assert_eq!(pep_ids(store, BOB, BOOKMARKS).await, vec!["2", "4", "3"]);
+    store
+        .pep_publish(BOB, BOOKMARKS, "5", "<conference name='5'/>")
+        .await
+        .unwrap();
+    let items = store.pep_items(BOB, BOOKMARKS, None, None).await.unwrap();
+    assert_eq!(
+        items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+        vec!["5", "2", "4"]
+    );
+    assert_eq!(items[1].payload, "<conference name='two \u{1F600}'/>");
+    let after = now_micros();
+    for w in items.windows(2) {
+        assert!(w[0].published_micros >= w[1].published_micros);
+    }
+    assert!(items
+        .iter()
+        .all(|i| (before..=after).contains(&i.published_micros)));
+
+    // Selecting by count and by id.
+    let two = store
+        .pep_items(BOB, BOOKMARKS, Some(2), None)
+        .await
+        .unwrap();
+    assert_eq!(two, items[..2]);
+    assert!(store
+        .pep_items(BOB, BOOKMARKS, Some(0), None)
+        .await
+        .unwrap()
+        .is_empty());
+    let wanted = vec!["4".to_string(), "3".to_string(), "5".to_string()];
+    let by_id = store
+        .pep_items(BOB, BOOKMARKS, None, Some(&wanted))
+        .await
+        .unwrap();
+    assert_eq!(by_id, vec![items[0].clone(), items[2].clone()]);
+    let by_id = store
+        .pep_items(BOB, BOOKMARKS, Some(1), Some(&wanted))
+        .await
+        .unwrap();
+    assert_eq!(by_id, vec![items[0].clone()]);
+    assert!(store
+        .pep_items(BOB, BOOKMARKS, None, Some(&[]))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Reconfiguring down trims; the config is replaced.
+    let cfg = PepNodeConfig {
+        access_model: "whitelist".into(),
+        max_items: 2,
+        publish_model: "open".into(),
+    };
+    store
+        .pep_create_or_configure(BOB, BOOKMARKS, &cfg)
+        .await
+        .unwrap();
+    assert_eq!(store.pep_node(BOB, BOOKMARKS).await.unwrap(), Some(cfg));
+    assert_eq!(pep_ids(store, BOB, BOOKMARKS).await, vec!["5", "2"]);
+    let big = node_cfg(u32::MAX);
+    store
+        .pep_create_or_configure(BOB, BOOKMARKS, &big)
+        .await
+        .unwrap();
+    assert_eq!(store.pep_node(BOB, BOOKMARKS).await.unwrap(), Some(big));
+    assert_eq!(pep_ids(store, BOB, BOOKMARKS).await, vec!["5", "2"]);
+
+    // Retraction.
+    assert!(store.pep_retract(BOB, BOOKMARKS, "5").await.unwrap());
+    assert!(!store.pep_retract(BOB, BOOKMARKS, "5").await.unwrap());
+    assert!(!store.pep_retract(BOB, "no-such-node", "2").await.unwrap());
+    assert_eq!(pep_ids(store, BOB, BOOKMARKS).await, vec!["2"]);
+
+    // A transient node (max_items 0) keeps nothing.
+    store
+        .pep_create_or_configure(BOB, "transient", &node_cfg(0))
+        .await
+        .unwrap();
+    store
+        .pep_publish(BOB, "transient", "t", "<t/>")
+        .await
+        .unwrap();
+    assert!(pep_ids(store, BOB, "transient").await.is_empty());
+
+    // Nodes are per owner.
+    store
+        .pep_create_or_configure(CAROL, AVATAR, &node_cfg(5))
+        .await
+        .unwrap();
+    store
+        .pep_publish(CAROL, AVATAR, "a", "<carol/>")
+        .await
+        .unwrap();
+    assert_eq!(pep_ids(store, BOB, AVATAR).await, vec!["b"]);
+    assert_eq!(
+        store.pep_items(CAROL, AVATAR, None, None).await.unwrap()[0].payload,
+        "<carol/>"
+    );
+    assert_eq!(
+        store.pep_nodes(BOB).await.unwrap(),
+        vec!["transient", AVATAR, BOOKMARKS]
+    );
+
+    // Deleting a node takes its items; re-creating it starts empty.
+    assert!(store.pep_delete_node(BOB, BOOKMARKS).await.unwrap());
+    assert!(!store.pep_delete_node(BOB, BOOKMARKS).await.unwrap());
+    assert_eq!(store.pep_node(BOB, BOOKMARKS).await.unwrap(), None);
+    assert!(pep_ids(store, BOB, BOOKMARKS).await.is_empty());
+    let r = store.pep_publish(BOB, BOOKMARKS, "x", "<x/>").await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    store
+        .pep_create_or_configure(BOB, BOOKMARKS, &node_cfg(10))
+        .await
+        .unwrap();
+    assert!(pep_ids(store, BOB, BOOKMARKS).await.is_empty());
+    assert_eq!(
+        store.pep_nodes(BOB).await.unwrap(),
+        vec!["transient", AVATAR, BOOKMARKS]
+    );
+    assert_eq!(store.pep_nodes(CAROL).await.unwrap(), vec![AVATAR]);
+}
+
+async fn blocking(store: &dyn Store) {
+    assert!(store.blocklist(BOB).await.unwrap().is_empty());
+    let jids = |list: &[&str]| list.iter().map(|j| j.to_string()).collect::<Vec<_>>();
+    store
+        .block(
+            BOB,
+            &jids(&[
+                "spam@remote.net",
+                "evil.example",
+                "spam@remote.net",
+                "x@y.z/res",
+            ]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.blocklist(BOB).await.unwrap(),
+        vec!["evil.example", "spam@remote.net", "x@y.z/res"]
+    );
+    store
+        .block(BOB, &jids(&["evil.example", DAVE]))
+        .await
+        .unwrap();
+    store.block(BOB, &[]).await.unwrap();
+    assert_eq!(
+        store.blocklist(BOB).await.unwrap(),
+        vec![DAVE, "evil.example", "spam@remote.net", "x@y.z/res"]
+    );
+    store
+        .unblock(BOB, Some(&jids(&["evil.example", "never@blocked.net"])))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.blocklist(BOB).await.unwrap(),
+        vec![DAVE, "spam@remote.net", "x@y.z/res"]
+    );
+    store.unblock(BOB, Some(&[])).await.unwrap();
+    assert_eq!(store.blocklist(BOB).await.unwrap().len(), 3);
+    // Per user.
+    store.block(CAROL, &jids(&[DAVE])).await.unwrap();
+    store.unblock(BOB, None).await.unwrap();
+    assert!(store.blocklist(BOB).await.unwrap().is_empty());
+    assert_eq!(store.blocklist(CAROL).await.unwrap(), vec![DAVE]);
+    store.unblock(CAROL, None).await.unwrap();
+
+    let r = store.block(NOBODY, &jids(&[DAVE])).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    let r = store.unblock(NOBODY, None).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    assert!(store.blocklist(NOBODY).await.unwrap().is_empty());
+}
+
+/// Gives Alice something in every new table, for the deletion checks.
+async fn populate_alice(store: &dyn Store) {
+    store
+        .archive_append(&[
+            entry(
+                ALICE,
+                BOB,
+                "<message><body>for the cascade</body></message>",
+                true,
+            ),
+            entry(
+                BOB,
+                ALICE,
+                "<message><body>for the cascade</body></message>",
+                false,
+            ),
+        ])
+        .await
+        .unwrap();
+    assert!(!store
+        .archive_query(ALICE, &query(1))
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    store
+        .set_mam_prefs(
+            ALICE,
+            &MamPrefs {
+                default: "roster".into(),
+                always: vec![BOB.into()],
+                never: vec![DAVE.into()],
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .offline_push(ALICE, "<message/>", Some("x"), 10)
+        .await
+        .unwrap();
+    store
+        .pep_create_or_configure(ALICE, "n", &node_cfg(5))
+        .await
+        .unwrap();
+    store.pep_publish(ALICE, "n", "i", "<i/>").await.unwrap();
+    store.block(ALICE, &[DAVE.to_string()]).await.unwrap();
+}
+
+/// Everything of `user` in the new tables is gone.
+async fn assert_no_feature_data(store: &dyn Store, user: &str) {
+    let p = store.archive_query(user, &query(10)).await.unwrap();
+    assert!(p.items.is_empty() && p.complete, "{p:?}");
+    assert_count(&p, 0);
+    assert_eq!(store.mam_prefs(user).await.unwrap(), MamPrefs::default());
+    assert_eq!(store.offline_count(user).await.unwrap(), 0);
+    assert!(store.pep_nodes(user).await.unwrap().is_empty());
+    assert_eq!(store.pep_node(user, "n").await.unwrap(), None);
+    assert!(store
+        .pep_items(user, "n", None, None)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store.blocklist(user).await.unwrap().is_empty());
+}
+
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -317,6 +1428,7 @@ async fn delete_cascades(store: &dyn Store) {
     assert_eq!(store.roster_item(ALICE, BOB).await.unwrap(), None);
     assert_eq!(store.vcard(ALICE).await.unwrap(), None);
     assert_eq!(store.last_activity(ALICE).await.unwrap(), None);
+    assert_no_feature_data(store, ALICE).await;
     assert_eq!(store.list_accounts(None).await.unwrap(), vec![BOB, CAROL]);
     assert_eq!(
         store.list_accounts(Some("example.com")).await.unwrap(),
@@ -337,6 +1449,18 @@ async fn delete_cascades(store: &dyn Store) {
         bobs.iter().map(|i| i.jid.as_str()).collect::<Vec<_>>(),
         vec![ALICE]
     );
+    // Bob's copy of their conversation stays.
+    let q = ArchiveQuery {
+        with: Some(ALICE.into()),
+        last_page: true,
+        ..query(1)
+    };
+    let p = store.archive_query(BOB, &q).await.unwrap();
+    assert_eq!(
+        p.items[0].stanza,
+        "<message><body>for the cascade</body></message>"
+    );
+    assert_eq!(store.pep_nodes(CAROL).await.unwrap().len(), 1);
 
     let again = store.delete_account(ALICE).await;
     assert!(matches!(again, Err(StoreError::NotFound)), "{again:?}");
@@ -356,6 +1480,7 @@ async fn delete_cascades(store: &dyn Store) {
     assert!(items.is_empty());
     assert!(v > last_version, "{v} must exceed {last_version}");
     assert_eq!(store.vcard(ALICE).await.unwrap(), None);
+    assert_no_feature_data(store, ALICE).await;
     let v2 = store
         .put_roster_item(ALICE, &item(BOB, Subscription::None, &[]))
         .await

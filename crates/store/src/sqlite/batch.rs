@@ -1,0 +1,361 @@
+//! Group commit for the high-rate durable writes (archive appends, offline pushes).
+//!
+//! Callers send requests to one writer task over a channel. The task takes the first
+//! request, then everything else already queued (up to [`MAX_BATCH`]), and applies them in
+//! a single `BEGIN IMMEDIATE … COMMIT` on the writer pool, so one commit (one WAL sync)
+//! covers the whole batch. There is no timer: while a batch commits, new requests pile up
+//! in the channel and form the next batch, so batches grow with load and an idle server
+//! still commits a lone request immediately.
+//!
+//! A request that fails (unknown account, full offline queue, …) is undone on its own —
+//! by statement-level atomicity, or a SAVEPOINT when it takes several statements — and
+//! reported to its caller, and the rest of the batch still commits. Every caller is answered through its oneshot only after the
+//! commit has returned, so a successful reply means the data is durable (to the extent the
+//! `synchronous` pragma promises). If the transaction itself fails, every caller gets the
+//! error.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sqlx::error::ErrorKind;
+use sqlx::sqlite::SqlitePool;
+use sqlx::{QueryBuilder, Sqlite};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{map_fk, Tx};
+use crate::{now_micros, StoreError};
+
+/// Most requests committed in one transaction.
+const MAX_BATCH: usize = 256;
+/// Requests that may wait in the channel before senders wait too (back-pressure).
+const QUEUE: usize = 4096;
+
+/// One archive row, with its stanza-id already assigned.
+pub(super) struct ArchiveRow {
+    pub id: String,
+    pub owner: String,
+    pub with: String,
+    pub stanza: String,
+    pub outgoing: bool,
+}
+
+enum Request {
+    Archive {
+        rows: Vec<ArchiveRow>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Offline {
+        user: String,
+        stanza: String,
+        archive_id: Option<String>,
+        limit: i64,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    /// Finish what was queued before, then stop.
+    Shutdown(oneshot::Sender<()>),
+}
+
+enum Done {
+    Archived,
+    Queued(u64),
+}
+
+/// Counters for observing how well group commit batches.
+#[derive(Default)]
+pub(super) struct Stats {
+    pub batches: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+/// Handle to the writer task; dropping it (with the store) stops the task.
+pub(super) struct BatchWriter {
+    tx: mpsc::Sender<Request>,
+    pub stats: Arc<Stats>,
+}
+
+fn closed() -> StoreError {
+    StoreError::Backend("store is closed".into())
+}
+
+impl BatchWriter {
+    /// Starts the writer task on the current Tokio runtime. `last_ts`: the newest archive
+    /// timestamp already stored, so timestamps never go backwards in archive order.
+    pub fn spawn(pool: SqlitePool, last_ts: i64) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let stats = Arc::new(Stats::default());
+        tokio::spawn(run(pool, rx, last_ts, stats.clone()));
+        BatchWriter { tx, stats }
+    }
+
+    pub async fn archive(&self, rows: Vec<ArchiveRow>) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Request::Archive { rows, reply })
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    pub async fn offline(
+        &self,
+        user: &str,
+        stanza: &str,
+        archive_id: Option<&str>,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let req = Request::Offline {
+            user: user.to_owned(),
+            stanza: stanza.to_owned(),
+            archive_id: archive_id.map(str::to_owned),
+            limit: i64::try_from(limit).unwrap_or(i64::MAX),
+            reply,
+        };
+        self.tx.send(req).await.map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Commits everything queued so far, then stops the task. Later requests fail.
+    pub async fn shutdown(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.tx.send(Request::Shutdown(reply)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+}
+
+async fn run(
+    pool: SqlitePool,
+    mut rx: mpsc::Receiver<Request>,
+    mut last_ts: i64,
+    stats: Arc<Stats>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        let mut shutdown = None;
+        match first {
+            Request::Shutdown(reply) => shutdown = Some(reply),
+            req => {
+                batch.push(req);
+                // Let tasks that are just about to send get into this batch.
+                tokio::task::yield_now().await;
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(Request::Shutdown(reply)) => {
+                            shutdown = Some(reply);
+                            break;
+                        }
+                        Ok(req) => batch.push(req),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats
+                .requests
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            commit(&pool, &mut batch, &mut last_ts).await;
+        }
+        if let Some(reply) = shutdown {
+            // Refuse new requests; whatever was queued after the shutdown fails.
+            rx.close();
+            while let Ok(req) = rx.try_recv() {
+                fail(req, closed());
+            }
+            let _ = reply.send(());
+            return;
+        }
+    }
+}
+
+fn fail(req: Request, e: StoreError) {
+    match req {
+        Request::Archive { reply, .. } => drop(reply.send(Err(e))),
+        Request::Offline { reply, .. } => drop(reply.send(Err(e))),
+        Request::Shutdown(reply) => drop(reply.send(())),
+    }
+}
+
+/// Why applying one request failed.
+enum Fail {
+    /// The offline queue is full (nothing was written).
+    Quota,
+    Sql(sqlx::Error),
+}
+
+impl From<sqlx::Error> for Fail {
+    fn from(e: sqlx::Error) -> Self {
+        Fail::Sql(e)
+    }
+}
+
+impl Fail {
+    /// The error reported to the request's caller.
+    fn into_store_error(self) -> StoreError {
+        match self {
+            Fail::Quota => StoreError::QuotaExceeded,
+            Fail::Sql(e) => map_fk(e),
+        }
+    }
+
+    /// Whether SQLite undid just the failing statement and left the transaction usable:
+    /// true for constraint violations (the default ABORT resolution), not for I/O errors,
+    /// SQLITE_FULL and the like, which may roll back the whole transaction.
+    fn is_statement_scoped(&self) -> bool {
+        match self {
+            Fail::Quota => true,
+            Fail::Sql(e) => e.as_database_error().is_some_and(|d| {
+                matches!(
+                    d.kind(),
+                    ErrorKind::ForeignKeyViolation
+                        | ErrorKind::UniqueViolation
+                        | ErrorKind::NotNullViolation
+                        | ErrorKind::CheckViolation
+                )
+            }),
+        }
+    }
+}
+
+/// Archive rows per INSERT statement (6 parameters each, well under SQLite's limit).
+const ROWS_PER_INSERT: usize = 500;
+
+impl Request {
+    /// Statements [`apply`] runs for this request.
+    fn statements(&self) -> usize {
+        match self {
+            Request::Archive { rows, .. } => rows.len().div_ceil(ROWS_PER_INSERT),
+            _ => 1,
+        }
+    }
+}
+
+/// Applies and commits `batch` (emptying it) and answers every request.
+///
+/// A request of one statement needs no savepoint: a constraint violation (unknown account)
+/// only undoes that statement. Requests of several statements get a SAVEPOINT so they stay
+/// all-or-nothing. Any other failure leaves the transaction in doubt and fails the batch.
+async fn commit(pool: &SqlitePool, batch: &mut Vec<Request>, last_ts: &mut i64) {
+    let mut outcomes: Vec<Result<Done, StoreError>> = Vec::with_capacity(batch.len());
+    let committed: Result<(), sqlx::Error> = async {
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        for req in batch.iter() {
+            let guarded = req.statements() > 1;
+            if guarded {
+                sqlx::query("SAVEPOINT natter_batch_item")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            // Archive timestamps never decrease, even if the clock steps back.
+            let ts = now_micros().max(*last_ts);
+            let outcome = match apply(&mut tx, req, ts).await {
+                Ok(done) => Ok(done),
+                Err(fail) if guarded => {
+                    sqlx::query("ROLLBACK TO natter_batch_item")
+                        .execute(&mut *tx)
+                        .await?;
+                    Err(fail.into_store_error())
+                }
+                Err(fail) if fail.is_statement_scoped() => Err(fail.into_store_error()),
+                Err(Fail::Sql(e)) => return Err(e),
+                Err(Fail::Quota) => unreachable!("quota is statement-scoped"),
+            };
+            if guarded {
+                sqlx::query("RELEASE natter_batch_item")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Ok(Done::Archived) = outcome {
+                *last_ts = ts;
+            }
+            outcomes.push(outcome);
+        }
+        tx.commit().await
+    }
+    .await;
+
+    let failure = committed.err().map(|e| {
+        tracing::error!(error = %e, requests = batch.len(), "group commit failed");
+        e.to_string()
+    });
+    let mut outcomes = outcomes.into_iter();
+    for req in batch.drain(..) {
+        let outcome = match (&failure, outcomes.next()) {
+            // Requests that failed on their own keep their specific error.
+            (_, Some(Err(e))) => Err(e),
+            (None, Some(Ok(done))) => Ok(done),
+            (Some(msg), _) => Err(StoreError::Backend(msg.clone())),
+            (None, None) => Err(StoreError::Backend("request not applied".into())),
+        };
+        match (req, outcome) {
+            (Request::Archive { reply, .. }, r) => {
+                let _ = reply.send(r.map(|_| ()));
+            }
+            (Request::Offline { reply, .. }, r) => {
+                let _ = reply.send(r.and_then(|done| match done {
+                    Done::Queued(seq) => Ok(seq),
+                    Done::Archived => Err(StoreError::Backend("mismatched reply".into())),
+                }));
+            }
+            (Request::Shutdown(reply), _) => {
+                let _ = reply.send(());
+            }
+        }
+    }
+}
+
+async fn apply(tx: &mut Tx, req: &Request, ts: i64) -> Result<Done, Fail> {
+    match req {
+        Request::Archive { rows, .. } => {
+            for chunk in rows.chunks(ROWS_PER_INSERT) {
+                let mut qb = QueryBuilder::<Sqlite>::new(
+                    "INSERT INTO archive (owner, id, with_jid, ts, outgoing, stanza) ",
+                );
+                qb.push_values(chunk, |mut values, row| {
+                    values
+                        .push_bind(&row.owner)
+                        .push_bind(&row.id)
+                        .push_bind(&row.with)
+                        .push_bind(ts)
+                        .push_bind(row.outgoing)
+                        .push_bind(&row.stanza);
+                });
+                qb.build().execute(&mut **tx).await?;
+            }
+            Ok(Done::Archived)
+        }
+        Request::Offline {
+            user,
+            stanza,
+            archive_id,
+            limit,
+            ..
+        } => {
+            // The quota check is part of the insert, so it sees the requests earlier in
+            // the same batch. The inner LIMIT bounds the count's cost.
+            let seq: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO offline_messages (username, stanza, archive_id, ts) \
+                 SELECT $1, $2, $3, $4 \
+                 WHERE (SELECT COUNT(*) FROM (SELECT 1 FROM offline_messages \
+                        WHERE username = $1 LIMIT $5)) < $5 \
+                 RETURNING seq",
+            )
+            .bind(user)
+            .bind(stanza)
+            .bind(archive_id)
+            .bind(now_micros())
+            .bind(*limit)
+            .fetch_optional(&mut **tx)
+            .await?;
+            let seq = seq.ok_or(Fail::Quota)?;
+            u64::try_from(seq)
+                .map(Done::Queued)
+                .map_err(|_| Fail::Sql(sqlx::Error::Protocol(format!("corrupt offline seq {seq}"))))
+        }
+        Request::Shutdown(_) => Err(Fail::Sql(sqlx::Error::Protocol(
+            "shutdown is not a write".into(),
+        ))),
+    }
+}
