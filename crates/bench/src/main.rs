@@ -1,0 +1,274 @@
+//! natter-bench: an XMPP load generator that speaks plain RFC 6120/6121, so
+//! the same runs can drive natter, ejabberd and Prosody. Loopback targets only;
+//! every run is bounded in count and time and stops by itself.
+
+mod chat;
+mod idle;
+mod login;
+mod net;
+mod xmpp;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use tokio::sync::Semaphore;
+
+use crate::net::{loopback_target, tls_config, Sources};
+use crate::xmpp::{Mech, Registered, Target, TlsMode};
+
+#[derive(Parser)]
+#[command(
+    name = "natter-bench",
+    version,
+    about = "XMPP load generator (idle sessions, chat throughput/latency, login rate) \
+             for any server on a loopback address"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Server host; must resolve to a loopback address.
+    #[arg(long, global = true, default_value = "127.0.0.1")]
+    host: String,
+    /// Server port [default: 5223 with --tls direct, else 5222].
+    #[arg(long, global = true)]
+    port: Option<u16>,
+    /// XMPP domain of the accounts (stream `to`, TLS server name).
+    #[arg(long, global = true, default_value = "localhost")]
+    domain: String,
+    /// starttls, direct (XEP-0368) or none (server must allow SASL on plaintext loopback).
+    #[arg(long, global = true, value_enum, default_value = "starttls")]
+    tls: TlsMode,
+    /// Allow TLS session resumption (off: every connection does a full handshake).
+    #[arg(long, global = true)]
+    tls_resume: bool,
+    /// SASL mechanism.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    mech: Mech,
+    /// Account name pattern; %d is replaced by the account number.
+    #[arg(long, global = true, default_value = "user%d")]
+    users: String,
+    /// Password of every account.
+    #[arg(long, global = true, default_value = "password")]
+    password: String,
+    /// Number of the first account (to split one population over several processes).
+    #[arg(long, global = true, default_value_t = 0)]
+    offset: u64,
+    /// Create the accounts first with XEP-0077 in-band registration (existing ones are fine).
+    #[arg(long, global = true)]
+    register: bool,
+    /// Spread connections over source addresses 127.0.0.1 ..= 127.0.0.N.
+    #[arg(long, global = true, default_value_t = 1)]
+    sources: usize,
+    /// Connections being set up (or registrations running) at once.
+    #[arg(long, global = true, default_value_t = 16)]
+    concurrency: usize,
+    /// Runtime worker threads (1 = current-thread runtime).
+    #[arg(long, global = true, default_value_t = 1)]
+    threads: usize,
+    /// Seconds allowed for any single wait on the server during setup.
+    #[arg(long, global = true, default_value_t = 30)]
+    step_timeout: u64,
+    /// Resource to bind (login adds a counter).
+    #[arg(long, global = true, default_value = "bench")]
+    resource: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Hold N authenticated, bound, available sessions open.
+    Idle(idle::IdleArgs),
+    /// Message pairs: throughput, loss, order and latency.
+    Chat(chat::ChatArgs),
+    /// N logins (connect, TLS, SCRAM, bind, close) with --concurrency at once.
+    Login(login::LoginArgs),
+    /// Only create accounts offset .. offset+N (XEP-0077; existing ones are fine).
+    Register {
+        /// Accounts to create.
+        n: u64,
+    },
+}
+
+/// Process-wide monotonic clock origin; message timestamps are ns since it.
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+pub fn now_ns() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+pub fn instant_at(ns: u64) -> tokio::time::Instant {
+    tokio::time::Instant::from_std(*EPOCH.get_or_init(Instant::now) + Duration::from_nanos(ns))
+}
+
+pub struct Ctx {
+    pub target: Arc<Target>,
+    pub users: String,
+    pub password: String,
+    pub offset: u64,
+    pub concurrency: usize,
+    pub resource: String,
+}
+
+impl Ctx {
+    /// Local part of account number `i` (already offset).
+    pub fn user(&self, i: u64) -> String {
+        if self.users.contains("%d") {
+            self.users.replace("%d", &i.to_string())
+        } else {
+            format!("{}{i}", self.users)
+        }
+    }
+}
+
+/// Keeps the first few error messages of a run for the report.
+#[derive(Default)]
+pub struct Errors {
+    count: AtomicUsize,
+    first: Mutex<Vec<String>>,
+}
+
+impl Errors {
+    pub fn add(&self, e: &anyhow::Error) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut f = self.first.lock().unwrap();
+        if f.len() < 5 {
+            f.push(format!("{e:#}"));
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn report(&self, what: &str) {
+        let n = self.count();
+        if n > 0 {
+            eprintln!("{n} {what} failed; first errors:");
+            for e in self.first.lock().unwrap().iter() {
+                eprintln!("  {e}");
+            }
+        }
+    }
+}
+
+/// Register accounts `numbers` (XEP-0077), `concurrency` at a time.
+pub async fn register_all(ctx: &Arc<Ctx>, numbers: Vec<u64>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let sem = Arc::new(Semaphore::new(ctx.concurrency.max(1)));
+    let errors = Arc::new(Errors::default());
+    let created = Arc::new(AtomicUsize::new(0));
+    let existed = Arc::new(AtomicUsize::new(0));
+    let total = numbers.len();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in numbers {
+        let (ctx, sem, errors) = (ctx.clone(), sem.clone(), errors.clone());
+        let (created, existed) = (created.clone(), existed.clone());
+        tasks.spawn(async move {
+            let _permit = sem.acquire().await;
+            let user = ctx.user(i);
+            // Bounded: a few tries, for servers that shed load at connect.
+            for attempt in 0..3 {
+                match xmpp::register(&ctx.target, &user, &ctx.password).await {
+                    Ok(Registered::Created) => {
+                        created.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Ok(Registered::Exists) => {
+                        existed.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Err(e) if attempt == 2 => errors.add(&e),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    errors.report("registrations");
+    println!(
+        "registered: {} created, {} existed, {} failed of {total} in {:.1} s",
+        created.load(Ordering::Relaxed),
+        existed.load(Ordering::Relaxed),
+        errors.count(),
+        started.elapsed().as_secs_f64()
+    );
+    if errors.count() > 0 {
+        bail!("registration failed for {} accounts", errors.count());
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let c = &cli.common;
+    if c.sources == 0 || c.sources > 65_000 {
+        bail!("--sources must be between 1 and 65000");
+    }
+    let port = c.port.unwrap_or(match c.tls {
+        TlsMode::Direct => 5223,
+        _ => 5222,
+    });
+    let addr = loopback_target(&c.host, port).await?;
+    let target = Arc::new(Target {
+        addr,
+        domain: c.domain.clone(),
+        tls: c.tls,
+        tls_cfg: tls_config(c.tls_resume)?,
+        sources: Sources::new(c.sources),
+        mech: c.mech,
+        step_timeout: Duration::from_secs(c.step_timeout.max(1)),
+    });
+    let ctx = Arc::new(Ctx {
+        target,
+        users: c.users.clone(),
+        password: c.password.clone(),
+        offset: c.offset,
+        concurrency: c.concurrency.max(1),
+        resource: c.resource.clone(),
+    });
+    let register = c.register;
+    match cli.cmd {
+        Cmd::Idle(a) => idle::run(ctx, register, a).await,
+        Cmd::Chat(a) => chat::run(ctx, register, a).await,
+        Cmd::Login(a) => login::run(ctx, register, a).await,
+        Cmd::Register { n } => register_all(&ctx, (0..n).map(|i| ctx.offset + i).collect()).await,
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("natter-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    now_ns();
+    let threads = cli.common.threads.max(1);
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .context("starting the tokio runtime")?;
+    let r = rt.block_on(run(cli));
+    // Do not wait for tasks still blocked on a dead server.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    r
+}
