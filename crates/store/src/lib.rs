@@ -168,8 +168,9 @@ pub struct ArchivePage {
     /// No more matching items in the paging direction (newer for forward paging, older for
     /// backward paging).
     pub complete: bool,
-    /// Number of messages matching the filters, ignoring paging (RSM `<count/>`), if the
-    /// backend provides it.
+    /// Number of messages matching the filters, ignoring paging (RSM `<count/>`).
+    /// Only computed for `max == 0` (the XEP-0059 way to ask for a count): it walks
+    /// every matching row, which a page query must not do on a large archive.
     pub count: Option<u64>,
 }
 
@@ -350,6 +351,11 @@ pub trait Store: Send + Sync + 'static {
         owner: &str,
         id: &str,
     ) -> Result<Option<ArchivedMessage>, StoreError>;
+    /// Restoring a backup: inserts messages exactly as given (id, `with`, timestamp,
+    /// direction, stanza) after the owners' existing ones, in one transaction. Give each
+    /// owner's messages oldest first. All or nothing: [`StoreError::NotFound`] if an owner
+    /// has no account, [`StoreError::Conflict`] if an id is already in its owner's archive.
+    async fn archive_import(&self, msgs: &[ArchivedMessage]) -> Result<(), StoreError>;
     /// Deletes messages archived before `older_than_micros` (of `owner`, or of everyone)
     /// and returns how many. May commit in several chunks.
     async fn archive_prune(

@@ -349,6 +349,7 @@ fn entry(owner: &str, with: &str, stanza: &str, outgoing: bool) -> NewArchiveEnt
     }
 }
 
+/// Backends may count only for max=0; when they do give a count it must be right.
 fn assert_count(page: &ArchivePage, n: usize) {
     if let Some(c) = page.count {
         assert_eq!(c, n as u64, "RSM count");
@@ -597,12 +598,12 @@ async fn archive(store: &dyn Store) {
     // max = 0: nothing but the count and whether there is anything.
     let p = store.archive_query(BOB, &query(0)).await.unwrap();
     assert!(p.items.is_empty() && !p.complete);
-    assert_count(&p, 30);
+    assert_eq!(p.count, Some(30), "max=0 must give the count");
     let mut q = query(0);
     q.with = Some("nobody@nowhere".into());
     let p = store.archive_query(BOB, &q).await.unwrap();
     assert!(p.items.is_empty() && p.complete);
-    assert_count(&p, 0);
+    assert_eq!(p.count, Some(0), "max=0 must give the count");
 
     // Unknown cursors, and cursors from another archive, are item-not-found.
     for cursor in ["no-such-id".to_string(), alice_ids[0].clone()] {
