@@ -13,6 +13,7 @@ pub struct Config {
     /// Where the database, generated certificate and blobs live.
     pub data_dir: PathBuf,
     pub listen: Listen,
+    pub http: Http,
     pub tls: Tls,
     pub c2s: C2s,
     pub registration: Registration,
@@ -30,6 +31,15 @@ pub struct Listen {
     pub c2s_tls: String,
     /// HTTP: WebSocket (RFC 7395) at /xmpp-websocket, health. Empty disables.
     pub http: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http {
+    /// Directory of the web chat page's npm project (`web/` in the source tree): the
+    /// Converse.js assets are served from `<web_root>/node_modules/converse.js/dist`.
+    /// Relative paths are relative to the working directory.
+    pub web_root: PathBuf,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -60,6 +70,12 @@ pub struct C2s {
     pub write_timeout_secs: u64,
     /// Resources (devices) per account at once.
     pub max_resources: usize,
+    /// Seconds a session with XEP-0198 resumption stays detached (routable,
+    /// queueing) after its connection died, waiting to be resumed.
+    pub resume_timeout_secs: u64,
+    /// Stanzas sent to a stream-managed session but not yet acknowledged
+    /// before the session is closed (they go to offline storage).
+    pub max_unacked: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -106,6 +122,11 @@ pub struct StoreConfig {
     /// "normal": durable across process crashes (kill -9);
     /// "full": also across power loss (fsync per commit).
     pub sync: String,
+    /// Days a message stays in the archive (XEP-0313); 0 keeps messages forever.
+    pub archive_retention_days: u32,
+    /// Messages queued per user while no device is online (XEP-0160);
+    /// beyond it senders get an error.
+    pub offline_limit: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -123,6 +144,7 @@ impl Default for Config {
             domains: vec!["localhost".into()],
             data_dir: PathBuf::from("./data"),
             listen: Listen::default(),
+            http: Http::default(),
             tls: Tls::default(),
             c2s: C2s::default(),
             registration: Registration::default(),
@@ -143,6 +165,14 @@ impl Default for Listen {
     }
 }
 
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            web_root: PathBuf::from("web"),
+        }
+    }
+}
+
 impl Default for C2s {
     fn default() -> Self {
         C2s {
@@ -154,6 +184,8 @@ impl Default for C2s {
             max_queue: 1000,
             write_timeout_secs: 30,
             max_resources: 10,
+            resume_timeout_secs: 300,
+            max_unacked: 1000,
         }
     }
 }
@@ -190,6 +222,8 @@ impl Default for StoreConfig {
             backend: "sqlite".into(),
             path: String::new(),
             sync: "normal".into(),
+            archive_retention_days: 0,
+            offline_limit: 10_000,
         }
     }
 }
@@ -205,6 +239,7 @@ impl Default for Log {
 
 const SECTIONS: &[&str] = &[
     "listen",
+    "http",
     "tls",
     "c2s",
     "registration",

@@ -81,7 +81,13 @@ pub struct StanzaError {
     pub kind: ErrorType,
     pub condition: Condition,
     pub text: Option<String>,
+    /// An application-specific condition (RFC 6120 §8.3.4): (name, namespace, attributes),
+    /// e.g. XEP-0191 `<blocked xmlns='urn:xmpp:blocking:errors'/>`.
+    pub app: Option<AppCondition>,
 }
+
+/// (element name, namespace, attributes) of an application-specific condition.
+pub type AppCondition = (&'static str, &'static str, Vec<(&'static str, String)>);
 
 impl StanzaError {
     pub fn new(condition: Condition) -> Self {
@@ -89,6 +95,7 @@ impl StanzaError {
             kind: condition.default_type(),
             condition,
             text: None,
+            app: None,
         }
     }
 
@@ -97,6 +104,20 @@ impl StanzaError {
             text: Some(text.into()),
             ..Self::new(condition)
         }
+    }
+
+    /// Add an application-specific condition element `<name xmlns=ns/>`.
+    pub fn with_app(mut self, name: &'static str, ns: &'static str) -> Self {
+        self.app = Some((name, ns, Vec::new()));
+        self
+    }
+
+    /// Add an attribute to the application-specific condition.
+    pub fn with_app_attr(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        if let Some((_, _, attrs)) = &mut self.app {
+            attrs.push((name, value.into()));
+        }
+        self
     }
 
     pub fn with_type(mut self, kind: ErrorType) -> Self {
@@ -122,6 +143,13 @@ impl StanzaError {
                     .with_attr("xml:lang", "en")
                     .with_text(t.clone()),
             );
+        }
+        if let Some((name, ns, attrs)) = &self.app {
+            let mut a = Element::new(*name, *ns);
+            for (k, v) in attrs {
+                a.set_attr(*k, v.clone());
+            }
+            e.append_child(a);
         }
         e
     }
@@ -223,6 +251,9 @@ impl StreamCondition {
 pub struct StreamError {
     pub condition: StreamCondition,
     pub text: Option<String>,
+    /// An application-specific condition (RFC 6120 §4.9.4), e.g. XEP-0198
+    /// `<handled-count-too-high xmlns='urn:xmpp:sm:3' h='…' send-count='…'/>`.
+    pub app: Option<Element>,
 }
 
 impl StreamError {
@@ -230,6 +261,7 @@ impl StreamError {
         StreamError {
             condition,
             text: None,
+            app: None,
         }
     }
 
@@ -237,7 +269,14 @@ impl StreamError {
         StreamError {
             condition,
             text: Some(text.into()),
+            app: None,
         }
+    }
+
+    /// Add an application-specific condition element.
+    pub fn with_app(mut self, app: Element) -> Self {
+        self.app = Some(app);
+        self
     }
 
     pub fn to_element(&self) -> Element {
@@ -249,6 +288,9 @@ impl StreamError {
                     .with_attr("xml:lang", "en")
                     .with_text(t.clone()),
             );
+        }
+        if let Some(a) = &self.app {
+            e.append_child(a.clone());
         }
         e
     }

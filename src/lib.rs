@@ -2,9 +2,12 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod admin;
+pub mod backup;
 pub mod c2s;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod modules;
 pub mod net;
 pub mod router;
@@ -80,11 +83,16 @@ impl Running {
 /// Start everything the config describes. Fails fast, naming the cause:
 /// bad certificate, port in use, unreachable store.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    let store = open_store(&config).await?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let store: Arc<dyn Store> = Arc::new(metrics::MeteredStore::new(
+        open_store(&config).await?,
+        metrics.clone(),
+    ));
     let tls = net::tls::load(&config)?;
     let c2s = net::bind(&config.listen.c2s, "c2s").await?;
     let c2s_tls = net::bind(&config.listen.c2s_tls, "c2s direct TLS").await?;
     let http = net::bind(&config.listen.http, "HTTP").await?;
+    let admin_token = admin::create_token(&config.data_dir)?;
     let l = &config.limits;
     let state = ServerState {
         throttle: Arc::new(c2s::throttle::AuthThrottle::new(
@@ -101,9 +109,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         modules: Arc::new(modules::Modules::standard()),
         tls,
         shutdown: CancellationToken::new(),
+        metrics,
+        admin_token: Arc::new(admin_token),
     };
     let mut bound = Bound::default();
     let mut tasks = JoinSet::new();
+    // XEP-0313 retention: prune old archived messages (if configured).
+    tasks.spawn(modules::mam::retention_task(state.clone()));
     if let Some(l) = c2s {
         bound.c2s = l.local_addr().ok();
         tasks.spawn(net::accept_c2s(l, state.clone(), false));

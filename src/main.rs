@@ -1,4 +1,5 @@
-//! The `natter` command: run the server, manage accounts.
+//! The `natter` command: run the server, manage accounts, operate a running
+//! server (admin), back up and restore the store.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -33,6 +34,26 @@ enum Command {
     /// Manage accounts.
     #[command(subcommand)]
     User(UserCommand),
+    /// Operate the running server over its admin endpoint (loopback only;
+    /// needs read access to data_dir/admin.token).
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Write the whole store to FILE as a XEP-0227 export (works while the
+    /// server runs). The file holds SCRAM keys and messages: it is created 0600.
+    Backup { file: PathBuf },
+    /// Load a XEP-0227 export into the store. Every account in it must be
+    /// new: restore into a fresh data directory, then start the server.
+    Restore { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// List connected sessions.
+    Sessions,
+    /// Disconnect a bare JID (all its devices) or a full JID (one device).
+    Kick { jid: String },
+    /// Server statistics: uptime, accounts, sessions, stanza counts.
+    Stats,
 }
 
 #[derive(Subcommand)]
@@ -69,9 +90,21 @@ fn password_arg(given: Option<String>) -> anyhow::Result<String> {
     Ok(p)
 }
 
+/// Crates whose trace output includes raw payloads.
+const PAYLOAD_LOGGING_TARGETS: &[&str] =
+    &["tungstenite", "tokio_tungstenite", "rustls", "hyper", "h2"];
+
 fn init_logs(config: &Config) {
     // NATTER_LOG_LEVEL overrides log.level like any other setting.
-    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
+    let mut filter = tracing_subscriber::EnvFilter::new(&config.log.level);
+    // Dependencies that log whole frames at trace level (message bodies,
+    // SASL payloads) never go below debug: logs carry no message content or
+    // credentials, whatever the filter says (tests/logs.rs checks this).
+    for quiet in PAYLOAD_LOGGING_TARGETS {
+        if let Ok(d) = format!("{quiet}=debug").parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -92,6 +125,59 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     running.shutdown().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
+    use natter::admin;
+    match cmd {
+        AdminCommand::Sessions => {
+            let v = admin::call(&config, "GET", "/admin/sessions", "").await?;
+            admin::print_sessions(&v);
+        }
+        AdminCommand::Kick { jid } => {
+            let v = admin::call(&config, "POST", "/admin/kick", &jid).await?;
+            let kicked = v["kicked"].as_array().cloned().unwrap_or_default();
+            if kicked.is_empty() {
+                anyhow::bail!("no session of {jid} is connected");
+            }
+            for k in kicked {
+                println!("kicked {}", k.as_str().unwrap_or_default());
+            }
+        }
+        AdminCommand::Stats => {
+            let v = admin::call(&config, "GET", "/admin/stats", "").await?;
+            let obj = v.as_object().cloned().unwrap_or_default();
+            for (k, v) in obj {
+                let shown = match &v {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Object(m) => m
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    other => other.to_string(),
+                };
+                println!("{k:<22} {shown}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn backup(config: Config, file: PathBuf) -> anyhow::Result<()> {
+    let store = natter::open_store(&config).await?;
+    let r = natter::backup::backup_to_file(store.as_ref(), &file).await;
+    store.close().await;
+    println!("backed up {} to {}", r?, file.display());
+    Ok(())
+}
+
+async fn restore(config: Config, file: PathBuf) -> anyhow::Result<()> {
+    let store = natter::open_store(&config).await?;
+    let r = natter::backup::restore_from_file(store.as_ref(), &file, &config.domains).await;
+    store.close().await;
+    println!("restored {} from {}", r?, file.display());
     Ok(())
 }
 
@@ -149,6 +235,9 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve => serve(config).await,
             Command::User(cmd) => user(config, cmd).await,
+            Command::Admin(cmd) => admin(config, cmd).await,
+            Command::Backup { file } => backup(config, file).await,
+            Command::Restore { file } => restore(config, file).await,
         }
     });
     match r {

@@ -3,6 +3,7 @@
 
 use crate::c2s::throttle::{AuthThrottle, PreauthLimiter};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::modules::Modules;
 use crate::router::Router;
 use natter_store::Store;
@@ -20,6 +21,10 @@ pub struct ServerState {
     pub preauth: Arc<PreauthLimiter>,
     /// Cancelled on SIGTERM/SIGINT: sessions close their streams and exit.
     pub shutdown: CancellationToken,
+    /// Prometheus metrics (`/metrics`), also read by the admin endpoint.
+    pub metrics: Arc<Metrics>,
+    /// Bearer token of the admin endpoint (`data_dir/admin.token`).
+    pub admin_token: Arc<String>,
 }
 
 impl ServerState {

@@ -11,6 +11,98 @@ const FEATURE_XEP: &[(&str, &str)] = &[
     ("jabber:iq:version", "xep-0092.html"),
     ("urn:xmpp:ping", "xep-0199.html"),
     ("urn:xmpp:carbons:2", "xep-0280.html"),
+    ("urn:xmpp:mam:2", "xep-0313.html"),
+    ("urn:xmpp:mam:2#extended", "xep-0313.html"),
+    ("urn:xmpp:sid:0", "xep-0359.html"),
+    ("msgoffline", "xep-0160.html"),
+    ("jabber:iq:last", "xep-0012.html"),
+    ("urn:xmpp:blocking", "xep-0191.html"),
+    ("http://jabber.org/protocol/pubsub", "xep-0163.html"),
+    (
+        "http://jabber.org/protocol/pubsub#access-open",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#access-presence",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#access-whitelist",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#auto-create",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#auto-subscribe",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#config-node",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#create-and-configure",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#create-nodes",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#delete-items",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#delete-nodes",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#filtered-notifications",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#item-ids",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#last-published",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#multi-items",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#persistent-items",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#presence-notifications",
+        "xep-0060.html",
+    ),
+    ("http://jabber.org/protocol/pubsub#publish", "xep-0060.html"),
+    (
+        "http://jabber.org/protocol/pubsub#purge-nodes",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#retract-items",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#retrieve-default",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#retrieve-items",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#publish-options",
+        "xep-0223.html",
+    ),
     ("jabber:iq:roster", "rfc6121"),
 ];
 

@@ -1,15 +1,24 @@
 //! One client session, whatever the transport: stream negotiation
 //! (STARTTLS, SASL, resource binding, RFC 6120), then the bound loop that
 //! stamps `from` on every stanza, hands it to the modules, writes queued
-//! stanzas out, and pings idle clients (XEP-0199 heartbeat).
+//! stanzas out, and pings idle clients (XEP-0199 heartbeat). Stream
+//! management (XEP-0198, `sm.rs`): acks, and resumption — a resumable
+//! session whose connection dies without `</stream>` detaches: its task
+//! stays, routable and queueing, until a new connection resumes it or
+//! `c2s.resume_timeout_secs` pass. Client State Indication (XEP-0352):
+//! presence and chat states wait while the client is inactive.
 //!
 //! Invariants:
 //! - a stanza from a client always leaves here with `from` = its full JID;
 //! - server-stamped elements (XEP-0359 stanza-id, XEP-0203 delay) that a
 //!   client forged are stripped before anyone sees them;
 //! - one bad stanza gets a stanza error; only stream-level faults end the
-//!   session, and they end only this session.
+//!   session, and they end only this session;
+//! - SM `h` counts client stanzas whose dispatch returned; a stanza queued
+//!   for a session is written, resent on resumption, or handed to
+//!   `modules::offline::requeue` when the session ends — never dropped.
 
+pub mod sm;
 pub mod throttle;
 pub mod transport;
 
@@ -24,7 +33,7 @@ use natter_xml::{Element, Limits, StreamEvent, NS_CLIENT};
 use std::sync::Arc;
 use std::time::Duration;
 use throttle::{PreauthGuard, TokenBucket};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use transport::{ReadError, Transport};
 
@@ -38,6 +47,13 @@ const NS_DELAY: &str = "urn:xmpp:delay";
 /// SASL failures tolerated on one connection before it is closed.
 const MAX_SASL_FAILURES: u32 = 3;
 
+/// Written stanzas wait this long for more before the server asks for an
+/// ack (XEP-0198), unless `sm::REQUEST_EVERY` of them already did.
+const ACK_IDLE: Duration = Duration::from_secs(2);
+
+/// Takeover requests a resumable session's task can have pending.
+const TAKEOVER_QUEUE: usize = 4;
+
 enum Phase {
     /// Before authentication (TLS and SASL negotiation).
     Connected,
@@ -50,7 +66,28 @@ enum Step {
     Continue,
     /// A new stream starts: drop the rest of this read batch.
     Restart,
-    Close(Option<StreamError>),
+    /// The client closed the stream.
+    Close,
+}
+
+/// How a connection's loop ended.
+enum End {
+    /// The client closed the stream.
+    Clean,
+    /// Close the stream with this error; the session ends.
+    Error(StreamError),
+    /// The connection died without `</stream>` (EOF, read or write failure,
+    /// no answer to a ping or an ack request); the error is sent if the
+    /// stream can still be written. A resumable session detaches.
+    Lost(Option<StreamError>),
+    /// A new connection resumes this session (XEP-0198).
+    Takeover(sm::Takeover),
+}
+
+impl From<StreamError> for End {
+    fn from(e: StreamError) -> Self {
+        End::Error(e)
+    }
 }
 
 struct Scram {
@@ -70,11 +107,25 @@ struct Session {
     preauth: Option<PreauthGuard>,
     last_heard: Instant,
     ping_id: Option<String>,
-    /// The queue overflowed: its contents are dropped, not flushed, at close.
+    /// The queue overflowed: its contents are not flushed at close.
     drop_queue: bool,
-    /// A write timed out part-way: the stream is cut mid-stanza, so nothing
-    /// more may be written to it (not even the stream error).
+    /// A write failed or timed out part-way: the stream may be cut
+    /// mid-stanza, so nothing more may be written to it (not even the
+    /// stream error).
     write_broken: bool,
+    /// XEP-0198 state once the client enabled it.
+    sm: Option<sm::Sm>,
+    /// XEP-0352 state and held-back stanzas.
+    held: sm::Held,
+    /// A resumable session's takeover requests (its sender is registered
+    /// in `router.resumable`).
+    takeover: Option<(mpsc::Sender<sm::Takeover>, mpsc::Receiver<sm::Takeover>)>,
+    /// An `<r/>` is unanswered: the client must ack by then.
+    ack_deadline: Option<Instant>,
+    /// Stanzas written without an ack request: ask at this time.
+    ack_due: Option<Instant>,
+    /// Taken from the queue but not written (unacked limit reached).
+    unsent: Vec<Element>,
 }
 
 /// Serve one connection until it ends.
@@ -94,29 +145,61 @@ pub async fn serve<T: Transport>(mut t: T, state: ServerState, guard: PreauthGua
         ping_id: None,
         drop_queue: false,
         write_broken: false,
+        sm: None,
+        held: sm::Held::default(),
+        takeover: None,
+        ack_deadline: None,
+        ack_due: None,
+        unsent: Vec::new(),
         state,
     };
     tracing::debug!(%peer, transport = t.kind(), "connection opened");
-    let end = s.run(&mut t).await;
-    if let Err(e) = &end {
+    let conn = s.state.metrics.connection(t.kind());
+    let end = loop {
+        match s.run(&mut t).await {
+            End::Takeover(reply) => {
+                if s.hand_over(reply) {
+                    break End::Error(StreamError::with_text(
+                        StreamCondition::Conflict,
+                        "the session was resumed on another connection",
+                    ));
+                }
+                // The resuming connection gave up: carry on.
+            }
+            end => break end,
+        }
+    };
+    let err = match &end {
+        End::Error(e) | End::Lost(Some(e)) => Some(e.clone()),
+        _ => None,
+    };
+    if let Some(e) = &err {
+        s.state.metrics.stream_error(e);
         tracing::debug!(%peer, error = %e, "closing stream with error");
     }
     // Release the unauthenticated slot before the peer can see the close,
     // so a client that reconnects right after it is not refused.
     s.preauth = None;
-    // Flush what was queued for this session before the stream closes
-    // (not for a session that is not reading: that is what filled it).
-    if !s.drop_queue {
+    let lost = matches!(end, End::Lost(_));
+    // A client still reading gets what was queued for it before the stream
+    // closes (not one that is not reading: that is what filled the queue).
+    // Stream-managed sessions instead keep it for resumption or requeueing.
+    if !lost && s.sm.is_none() && !s.drop_queue {
         s.flush_queue(&mut t).await;
     }
     if !s.write_broken {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            t.close(end.as_ref().err(), &s.domain),
-        )
-        .await;
+        let wait = if lost { 2 } else { 5 };
+        let _ =
+            tokio::time::timeout(Duration::from_secs(wait), t.close(err.as_ref(), &s.domain)).await;
     }
-    s.teardown().await;
+    if lost && s.resumable() {
+        // The connection is gone for good; only the session waits.
+        drop(t);
+        drop(conn);
+        s.park().await;
+    } else {
+        s.teardown().await;
+    }
     tracing::debug!(%peer, "connection closed");
 }
 
@@ -138,53 +221,76 @@ impl Session {
         }
     }
 
-    /// The loop; Ok = the client closed cleanly, Err = close with that error.
-    async fn run<T: Transport>(&mut self, t: &mut T) -> Result<(), StreamError> {
-        t.set_limits(self.limits(false));
+    fn bound(&self) -> Option<Arc<SessionHandle>> {
+        match &self.phase {
+            Phase::Bound(h) => Some(h.clone()),
+            _ => None,
+        }
+    }
+
+    fn resumable(&self) -> bool {
+        self.bound().is_some() && self.sm.as_ref().is_some_and(|s| s.id.is_some())
+    }
+
+    /// The loop, until the connection or the session ends.
+    async fn run<T: Transport>(&mut self, t: &mut T) -> End {
+        t.set_limits(self.limits(!matches!(self.phase, Phase::Connected)));
         let preauth_deadline =
             Instant::now() + Duration::from_secs(self.cfg().c2s.preauth_timeout_secs);
         let ping_interval = Duration::from_secs(self.cfg().c2s.ping_interval_secs);
         let ping_timeout = Duration::from_secs(self.cfg().c2s.ping_timeout_secs);
-        let write_timeout = Duration::from_secs(self.cfg().c2s.write_timeout_secs);
         let mut bucket = TokenBucket::new(
             self.cfg().limits.rate_bytes_per_sec,
             self.cfg().limits.rate_burst_bytes,
         );
         let shutdown = self.state.shutdown.clone();
         loop {
-            let bound = match &self.phase {
-                Phase::Bound(h) => Some(h.clone()),
-                _ => None,
-            };
-            let timer = match (&bound, &self.ping_id) {
-                (None, _) => preauth_deadline,
-                (Some(_), None) => self.last_heard + ping_interval,
-                (Some(_), Some(_)) => self.last_heard + ping_interval + ping_timeout,
+            let bound = self.bound();
+            let timer = match &bound {
+                None => preauth_deadline,
+                Some(_) => {
+                    let heartbeat = match (self.ack_deadline, &self.ping_id) {
+                        (Some(d), _) => d,
+                        (None, Some(_)) => self.last_heard + ping_interval + ping_timeout,
+                        (None, None) => self.last_heard + ping_interval,
+                    };
+                    self.ack_due.map_or(heartbeat, |d| d.min(heartbeat))
+                }
             };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    return Err(StreamError::new(StreamCondition::SystemShutdown));
+                    return End::Error(StreamError::new(StreamCondition::SystemShutdown));
                 }
                 _ = async { match &bound { Some(h) => h.overflow.notified().await, None => std::future::pending().await } } => {
                     self.drop_queue = true;
-                    return Err(StreamError::with_text(
+                    return End::Error(StreamError::with_text(
                         StreamCondition::PolicyViolation,
                         "too many stanzas queued for this session: it is not reading",
                     ));
                 }
+                req = async { match self.takeover.as_mut() { Some((_, rx)) => rx.recv().await, None => std::future::pending().await } } => {
+                    if let Some(reply) = req {
+                        return End::Takeover(reply);
+                    }
+                }
                 d = async { match self.rx.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
                     let mut batch = Vec::new();
                     let mut next = d;
+                    let mut close = None;
                     // Write everything already queued in one go.
                     loop {
                         match next {
-                            Some(Deliver::Stanza(el)) => batch.push(el),
-                            Some(Deliver::Close(err)) => {
-                                if tokio::time::timeout(write_timeout, t.send(&batch)).await.is_err() {
-                                    self.write_broken = true;
+                            Some(Deliver::Stanza(el)) => {
+                                let hold = self.held.inactive;
+                                self.held.filter(el, hold, &mut batch);
+                                if self.held.len() > self.cfg().c2s.max_unacked {
+                                    batch.extend(self.held.take_all());
                                 }
-                                return Err(err);
+                            }
+                            Some(Deliver::Close(err)) => {
+                                close = Some(err);
+                                break;
                             }
                             None => break,
                         }
@@ -194,23 +300,19 @@ impl Session {
                         next = self.rx.as_mut().and_then(|rx| rx.try_recv().ok());
                     }
                     tracing::trace!(n = batch.len(), "writing stanzas");
-                    match tokio::time::timeout(write_timeout, t.send(&batch)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return Ok(()),
-                        Err(_) => {
-                            self.write_broken = true;
-                            return Err(StreamError::with_text(
-                                StreamCondition::ConnectionTimeout,
-                                "client stopped reading",
-                            ));
-                        }
+                    let written = self.write(t, batch).await;
+                    if let Some(err) = close {
+                        return End::Error(err);
+                    }
+                    if let Err(end) = written {
+                        return end;
                     }
                 }
                 r = t.read() => {
                     let events = match r {
                         Ok(ev) => ev,
-                        Err(ReadError::Closed) => return Ok(()),
-                        Err(ReadError::Xml(e)) => return Err(e.into()),
+                        Err(ReadError::Closed) => return End::Lost(None),
+                        Err(ReadError::Xml(e)) => return End::Error(e.into()),
                     };
                     tracing::trace!(n = events.len(), "events read");
                     self.last_heard = Instant::now();
@@ -220,11 +322,11 @@ impl Session {
                         if let StreamEvent::Stanza(el) = &ev {
                             bytes += approx_size(el);
                         }
-                        match self.on_event(t, ev).await? {
-                            Step::Continue => {}
-                            Step::Restart => break,
-                            Step::Close(None) => return Ok(()),
-                            Step::Close(Some(e)) => return Err(e),
+                        match self.on_event(t, ev).await {
+                            Ok(Step::Continue) => {}
+                            Ok(Step::Restart) => break,
+                            Ok(Step::Close) => return End::Clean,
+                            Err(end) => return end,
                         }
                     }
                     if let Some(pause) = bucket.take(bytes) {
@@ -233,49 +335,156 @@ impl Session {
                 }
                 _ = tokio::time::sleep_until(timer) => {
                     let Some(h) = bound else {
-                        return Err(StreamError::with_text(
+                        return End::Error(StreamError::with_text(
                             StreamCondition::ConnectionTimeout,
                             "authentication took too long",
                         ));
                     };
+                    let now = Instant::now();
+                    if self.ack_deadline.is_some_and(|d| d <= now) {
+                        return End::Lost(Some(StreamError::with_text(
+                            StreamCondition::ConnectionTimeout,
+                            "no answer to an ack request",
+                        )));
+                    }
+                    if self.ack_due.is_some_and(|d| d <= now) {
+                        self.ack_due = None;
+                        if let Err(end) = self.request_ack(t).await {
+                            return end;
+                        }
+                        continue;
+                    }
                     if self.ping_id.is_some() {
-                        return Err(StreamError::with_text(
+                        return End::Lost(Some(StreamError::with_text(
                             StreamCondition::ConnectionTimeout,
                             "no answer to ping",
-                        ));
+                        )));
                     }
-                    let id = format!("ping-{}", modules::new_id());
-                    let ping = modules::iq("get", &id, &self.domain, &h.jid.to_string())
-                        .with_child(Element::new("ping", modules::ping::NS));
-                    self.ping_id = Some(id);
-                    // A ping that cannot be written means the peer is gone.
-                    if tokio::time::timeout(write_timeout, t.send(&[ping])).await.ok().and_then(Result::ok).is_none() {
-                        self.write_broken = true;
-                        return Ok(());
+                    if now < self.last_heard + ping_interval {
+                        continue;
+                    }
+                    // XEP-0012: the heartbeat keeps "last seen" fresh.
+                    modules::last::heartbeat(&self.state, &h).await;
+                    // Idle: a stream-managed client answers an ack request
+                    // (not counted as a stanza); others get a ping.
+                    let probe = if self.sm.is_some() {
+                        self.request_ack(t).await
+                    } else {
+                        let id = format!("ping-{}", modules::new_id());
+                        let ping = modules::iq("get", &id, &self.domain, &h.jid.to_string())
+                            .with_child(Element::new("ping", modules::ping::NS));
+                        self.ping_id = Some(id);
+                        self.write(t, vec![ping]).await
+                    };
+                    if let Err(end) = probe {
+                        return end;
                     }
                 }
             }
         }
     }
 
-    async fn on_event<T: Transport>(
-        &mut self,
-        t: &mut T,
-        ev: StreamEvent,
-    ) -> Result<Step, StreamError> {
+    /// Write stanzas to the client (after the CSI filter). With stream
+    /// management each is counted and kept until acknowledged, and an ack
+    /// is requested every `sm::REQUEST_EVERY` stanzas; more than
+    /// `c2s.max_unacked` unacknowledged ends the session.
+    async fn write<T: Transport>(&mut self, t: &mut T, mut batch: Vec<Element>) -> Result<(), End> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let max_unacked = self.cfg().c2s.max_unacked;
+        let mut over = false;
+        if let Some(sm) = self.sm.as_mut() {
+            let room = max_unacked.saturating_sub(sm.unacked.len());
+            if batch.len() > room {
+                self.unsent.extend(batch.split_off(room));
+                over = true;
+            }
+            for el in &batch {
+                sm.record(el.clone(), true);
+            }
+        }
+        self.state.metrics.stanzas_out(&batch);
+        if self
+            .sm
+            .as_ref()
+            .is_some_and(|s| s.unrequested >= sm::REQUEST_EVERY)
+        {
+            batch.push(sm::r());
+            self.requested();
+        }
+        self.send_raw(t, &batch).await?;
+        if over {
+            return Err(End::Error(StreamError::with_text(
+                StreamCondition::PolicyViolation,
+                format!("more than {max_unacked} stanzas not acknowledged"),
+            )));
+        }
+        self.schedule_ack();
+        Ok(())
+    }
+
+    /// Write elements as they are (nonzas, or stanzas already counted).
+    async fn send_raw<T: Transport>(&mut self, t: &mut T, els: &[Element]) -> Result<(), End> {
+        let timeout = Duration::from_secs(self.cfg().c2s.write_timeout_secs);
+        match tokio::time::timeout(timeout, t.send(els)).await {
+            Ok(Ok(())) => Ok(()),
+            // The peer is gone, or stopped reading: nothing more can be
+            // written to this stream.
+            Ok(Err(_)) | Err(_) => {
+                self.write_broken = true;
+                Err(End::Lost(None))
+            }
+        }
+    }
+
+    /// An `<r/>` goes out now: the client must answer within the ping timeout.
+    fn requested(&mut self) {
+        if let Some(sm) = self.sm.as_mut() {
+            sm.unrequested = 0;
+            sm.requests += 1;
+        }
+        self.ack_due = None;
+        if self.ack_deadline.is_none() {
+            self.ack_deadline =
+                Some(Instant::now() + Duration::from_secs(self.cfg().c2s.ping_timeout_secs));
+        }
+    }
+
+    async fn request_ack<T: Transport>(&mut self, t: &mut T) -> Result<(), End> {
+        self.requested();
+        self.send_raw(t, &[sm::r()]).await
+    }
+
+    /// Stanzas written without an ack request: ask once the stream is idle.
+    fn schedule_ack(&mut self) {
+        if let Some(sm) = &self.sm {
+            if sm.unrequested > 0 && sm.requests == 0 && self.ack_due.is_none() {
+                self.ack_due = Some(Instant::now() + ACK_IDLE);
+            }
+        }
+    }
+
+    async fn on_event<T: Transport>(&mut self, t: &mut T, ev: StreamEvent) -> Result<Step, End> {
         match ev {
-            StreamEvent::Open { attrs } => self.on_open(t, attrs).await,
-            StreamEvent::Close => Ok(Step::Close(None)),
-            StreamEvent::Stanza(_) if self.awaiting_open => Err(StreamError::with_text(
-                StreamCondition::NotAuthorized,
-                "stanza before stream header",
-            )),
+            StreamEvent::Open { attrs } => Ok(self.on_open(t, attrs).await?),
+            StreamEvent::Close => Ok(Step::Close),
+            StreamEvent::Stanza(_) if self.awaiting_open => {
+                Err(End::Error(StreamError::with_text(
+                    StreamCondition::NotAuthorized,
+                    "stanza before stream header",
+                )))
+            }
             StreamEvent::Stanza(el) => match &self.phase {
                 Phase::Bound(h) => {
                     let h = h.clone();
-                    self.on_stanza(t, &h, el).await
+                    self.on_bound(t, &h, el).await
                 }
-                _ => self.on_negotiation(t, el).await,
+                Phase::Authenticated(user) if el.ns == sm::NS || el.ns == sm::NS_CSI => {
+                    let user = user.clone();
+                    self.on_authenticated_nonza(t, user, el).await
+                }
+                _ => Ok(self.on_negotiation(t, el).await?),
             },
         }
     }
@@ -360,6 +569,8 @@ impl Session {
                     Element::new("session", NS_SESSION)
                         .with_child(Element::new("optional", NS_SESSION)),
                 );
+                f.append_child(Element::new("sm", sm::NS));
+                f.append_child(Element::new("csi", sm::NS_CSI));
                 for e in self.state.modules.stream_features() {
                     f.append_child(e);
                 }
@@ -397,7 +608,7 @@ impl Session {
                 match tokio::time::timeout(Duration::from_secs(10), t.starttls(tls)).await {
                     Ok(Ok(())) => {}
                     // The TLS layer is broken: nothing more can be said on it.
-                    _ => return Ok(Step::Close(None)),
+                    _ => return Ok(Step::Close),
                 }
                 self.awaiting_open = true;
                 Ok(Step::Restart)
@@ -440,6 +651,7 @@ impl Session {
         user: Option<&BareJid>,
     ) -> Result<Step, StreamError> {
         self.scram = None;
+        self.state.metrics.auth_failure(err.condition());
         if matches!(err, SaslError::NotAuthorized) {
             self.state
                 .throttle
@@ -633,6 +845,7 @@ impl Session {
         tracing::info!(user = %user, transport = t.kind(), "authenticated");
         self.phase = Phase::Authenticated(user);
         t.reset();
+        t.authenticated();
         t.set_limits(self.limits(true));
         self.awaiting_open = true;
         Ok(Step::Restart)
@@ -686,25 +899,256 @@ impl Session {
                     .with_child(Element::new("jid", NS_BIND).with_text(handle.jid.to_string())),
             );
         tracing::info!(jid = %handle.jid, transport = t.kind(), "resource bound");
+        self.state.metrics.session_bound(handle.id, t.kind());
         self.phase = Phase::Bound(handle);
         self.rx = Some(rx);
         self.preauth = None;
         self.send_or_close(t, reply).await
     }
 
+    /// A top-level element on a bound stream: XEP-0198/XEP-0352 nonzas, or
+    /// a stanza.
+    async fn on_bound<T: Transport>(
+        &mut self,
+        t: &mut T,
+        h: &Arc<SessionHandle>,
+        el: Element,
+    ) -> Result<Step, End> {
+        if el.ns == sm::NS_CSI {
+            match el.name.as_str() {
+                "inactive" => self.held.inactive = true,
+                "active" => {
+                    self.held.inactive = false;
+                    let held = self.held.take_all();
+                    self.write(t, held).await?;
+                }
+                _ => {}
+            }
+            return Ok(Step::Continue);
+        }
+        if el.ns != sm::NS {
+            return self.on_stanza(t, h, el).await;
+        }
+        match (el.name.as_str(), self.sm.is_some()) {
+            ("enable", false) => {
+                let enabled = self.enable(h, &el);
+                self.send_raw(t, &[enabled]).await?;
+            }
+            ("r", true) => {
+                let handled = self.sm.as_ref().map_or(0, |s| s.handled);
+                self.send_raw(t, &[sm::a(handled)]).await?;
+            }
+            ("a", true) => {
+                let Some(n) = sm::parse_h(&el) else {
+                    return Err(End::Error(StreamError::with_text(
+                        StreamCondition::BadFormat,
+                        "<a/> needs a numeric 'h'",
+                    )));
+                };
+                let sm = self.sm.as_mut().expect("checked");
+                if let Err((n, sent)) = sm.ack(n) {
+                    return Err(End::Error(
+                        StreamError::with_text(
+                            StreamCondition::UndefinedCondition,
+                            format!("you acknowledged {n} stanzas but were sent {sent}"),
+                        )
+                        .with_app(sm::too_high(n, sent)),
+                    ));
+                }
+                sm.requests = sm.requests.saturating_sub(1);
+                let pending = sm.requests > 0;
+                self.ack_deadline = pending.then(|| {
+                    Instant::now() + Duration::from_secs(self.cfg().c2s.ping_timeout_secs)
+                });
+                self.schedule_ack();
+            }
+            ("enable" | "resume", _) => {
+                // Enabled already, or resuming on a bound stream (XEP-0198 §3, §5).
+                self.send_raw(t, &[sm::failed("unexpected-request", None)])
+                    .await?;
+            }
+            _ => {
+                return Err(End::Error(StreamError::with_text(
+                    StreamCondition::UnsupportedStanzaType,
+                    format!("unexpected {{{}}}{}", el.ns, el.name),
+                )));
+            }
+        }
+        Ok(Step::Continue)
+    }
+
+    /// XEP-0198 §3: `<enable/>` after binding.
+    fn enable(&mut self, h: &Arc<SessionHandle>, el: &Element) -> Element {
+        let limit = self.cfg().c2s.resume_timeout_secs;
+        let max = match el.attr("max").and_then(|m| m.parse::<u64>().ok()) {
+            Some(m) if m > 0 => m.min(limit),
+            _ => limit,
+        };
+        let resume = sm::truthy(el.attr("resume")) && max > 0;
+        let mut enabled = Element::new("enabled", sm::NS);
+        let id = resume.then(sm::new_id);
+        if let Some(id) = &id {
+            let (tx, rx) = mpsc::channel(TAKEOVER_QUEUE);
+            self.state
+                .router
+                .resumable
+                .insert(id, h.bare.clone(), tx.clone());
+            self.takeover = Some((tx, rx));
+            enabled.set_attr("id", id.clone());
+            enabled.set_attr("resume", "true");
+            enabled.set_attr("max", max.to_string());
+        }
+        tracing::debug!(jid = %h.jid, resume, "stream management enabled");
+        self.sm = Some(sm::Sm::new(id, max));
+        enabled
+    }
+
+    /// SM and CSI nonzas after SASL, before binding.
+    async fn on_authenticated_nonza<T: Transport>(
+        &mut self,
+        t: &mut T,
+        user: BareJid,
+        el: Element,
+    ) -> Result<Step, End> {
+        match (el.ns.as_str(), el.name.as_str()) {
+            (sm::NS, "resume") => self.resume(t, user, el).await,
+            (sm::NS_CSI, "inactive") => {
+                self.held.inactive = true;
+                Ok(Step::Continue)
+            }
+            (sm::NS_CSI, _) => {
+                self.held.inactive = false;
+                Ok(Step::Continue)
+            }
+            // XEP-0198 §3: enabling needs a bound resource.
+            (sm::NS, "enable") => {
+                self.send_raw(t, &[sm::failed("unexpected-request", None)])
+                    .await?;
+                Ok(Step::Continue)
+            }
+            _ => Err(End::Error(StreamError::with_text(
+                StreamCondition::NotAuthorized,
+                "bind a resource first",
+            ))),
+        }
+    }
+
+    /// XEP-0198 §5: `<resume previd='…' h='…'/>` instead of binding.
+    async fn resume<T: Transport>(
+        &mut self,
+        t: &mut T,
+        user: BareJid,
+        el: Element,
+    ) -> Result<Step, End> {
+        let (Some(previd), Some(h)) = (el.attr("previd"), sm::parse_h(&el)) else {
+            self.send_raw(t, &[sm::failed("bad-request", None)]).await?;
+            return Ok(Step::Continue);
+        };
+        let registry = &self.state.router.resumable;
+        let owner = match registry.lookup(previd, &user) {
+            sm::Lookup::Live(tx) => tx,
+            sm::Lookup::Gone(last) => {
+                tracing::debug!(user = %user, "resumption of an unknown session");
+                self.send_raw(t, &[sm::failed("item-not-found", last)])
+                    .await?;
+                return Ok(Step::Continue);
+            }
+        };
+        // The task holding the session (detached, or still on a connection
+        // the client gave up on) hands it over.
+        let (reply, parked) = oneshot::channel();
+        let wait = Duration::from_secs(self.cfg().c2s.write_timeout_secs + 2);
+        let parked = match owner.try_send(reply) {
+            Ok(()) => tokio::time::timeout(wait, parked)
+                .await
+                .ok()
+                .and_then(Result::ok),
+            Err(_) => None,
+        };
+        let Some(p) = parked else {
+            self.send_raw(t, &[sm::failed("item-not-found", None)])
+                .await?;
+            return Ok(Step::Continue);
+        };
+        // From here this connection owns the session.
+        let previd = previd.to_string();
+        let (tx, rx) = mpsc::channel(TAKEOVER_QUEUE);
+        self.state
+            .router
+            .resumable
+            .insert(&previd, p.handle.bare.clone(), tx.clone());
+        self.takeover = Some((tx, rx));
+        let jid = p.handle.jid.clone();
+        self.phase = Phase::Bound(p.handle);
+        self.rx = Some(p.rx);
+        self.held = p.held;
+        self.preauth = None;
+        let sm = self.sm.insert(p.sm);
+        if let Err((n, sent)) = sm.ack(h) {
+            tracing::info!(%jid, "resumption with a wrong h; session closed");
+            return Err(End::Error(
+                StreamError::with_text(
+                    StreamCondition::UndefinedCondition,
+                    format!("you acknowledged {n} stanzas but were sent {sent}"),
+                )
+                .with_app(sm::too_high(n, sent)),
+            ));
+        }
+        // Everything not acknowledged, in order, exactly once more.
+        sm.unwritten = 0;
+        sm.requests = 0;
+        let mut out = Vec::with_capacity(sm.unacked.len() + 2);
+        out.push(
+            Element::new("resumed", sm::NS)
+                .with_attr("previd", previd)
+                .with_attr("h", sm.handled.to_string()),
+        );
+        out.extend(sm.unacked.iter().cloned());
+        let resent = out.len() - 1;
+        self.ack_deadline = None;
+        self.ack_due = None;
+        if resent > 0 {
+            out.push(sm::r());
+            self.requested();
+        }
+        tracing::info!(%jid, resent, transport = t.kind(), "session resumed");
+        self.state.metrics.stanzas_out(&out[1..=resent]);
+        self.send_raw(t, &out).await?;
+        // A new stream starts active (XEP-0352 §4): release what was held.
+        self.held.inactive = false;
+        let held = self.held.take_all();
+        self.write(t, held).await?;
+        Ok(Step::Continue)
+    }
+
     async fn on_stanza<T: Transport>(
         &mut self,
         t: &mut T,
         h: &Arc<SessionHandle>,
+        el: Element,
+    ) -> Result<Step, End> {
+        let step = self.handle_stanza(t, h, el).await?;
+        // Handled (XEP-0198 §4): dispatch returned.
+        if let Some(sm) = self.sm.as_mut() {
+            sm.handled = sm.handled.wrapping_add(1);
+        }
+        Ok(step)
+    }
+
+    async fn handle_stanza<T: Transport>(
+        &mut self,
+        t: &mut T,
+        h: &Arc<SessionHandle>,
         mut el: Element,
-    ) -> Result<Step, StreamError> {
+    ) -> Result<Step, End> {
         if el.ns != NS_CLIENT || !matches!(el.name.as_str(), "message" | "presence" | "iq") {
-            return Err(StreamError::with_text(
+            return Err(End::Error(StreamError::with_text(
                 StreamCondition::UnsupportedStanzaType,
                 format!("unsupported element {{{}}}{}", el.ns, el.name),
-            ));
+            )));
         }
         el.set_attr("from", h.jid.to_string());
+        self.state.metrics.stanza_in(&el.name);
         self.strip_server_elements(&mut el);
         if el.name == "iq" {
             // Our own ping answered.
@@ -725,13 +1169,15 @@ impl Session {
                     &self.domain,
                     &h.jid.to_string(),
                 );
-                return self.send_or_close(t, r).await;
+                self.write(t, vec![r]).await?;
+                return Ok(Step::Continue);
             }
         }
         let cx = Cx {
             state: &self.state,
             session: h,
         };
+        let _timer = self.state.metrics.routing_timer(&el.name);
         modules::dispatch(&cx, el).await;
         Ok(Step::Continue)
     }
@@ -748,9 +1194,11 @@ impl Session {
         });
     }
 
+    /// Write what is held and queued before the stream closes (sessions
+    /// without stream management, whose client is still there).
     async fn flush_queue<T: Transport>(&mut self, t: &mut T) {
         let Some(rx) = self.rx.as_mut() else { return };
-        let mut batch = Vec::new();
+        let mut batch = self.held.take_all();
         while let Ok(Deliver::Stanza(el)) = rx.try_recv() {
             batch.push(el);
         }
@@ -763,15 +1211,120 @@ impl Session {
         }
     }
 
-    async fn teardown(&mut self) {
-        if let Phase::Bound(h) = &self.phase {
-            let cx = Cx {
-                state: &self.state,
-                session: h,
-            };
-            self.state.modules.session_closed(&cx).await;
-            self.state.router.unbind(h);
+    /// Give the session to the connection resuming it. False (and nothing
+    /// changed) when that connection gave up waiting.
+    fn hand_over(&mut self, reply: sm::Takeover) -> bool {
+        let (Phase::Bound(handle), Some(rx), Some(sm)) = (
+            std::mem::replace(&mut self.phase, Phase::Connected),
+            self.rx.take(),
+            self.sm.take(),
+        ) else {
+            unreachable!("only a bound, resumable session is registered for takeover");
+        };
+        let parked = sm::Parked {
+            handle,
+            rx,
+            sm,
+            held: std::mem::take(&mut self.held),
+        };
+        match reply.send(parked) {
+            Ok(()) => {
+                self.takeover = None;
+                self.ack_deadline = None;
+                self.ack_due = None;
+                true
+            }
+            Err(p) => {
+                self.phase = Phase::Bound(p.handle);
+                self.rx = Some(p.rx);
+                self.sm = Some(p.sm);
+                self.held = p.held;
+                false
+            }
         }
+    }
+
+    /// XEP-0198 §5: the connection is gone; the session stays routable and
+    /// keeps queueing (presence and chat states collapsed per sender) until
+    /// it is resumed, the queue passes `c2s.max_unacked`, or the resumption
+    /// timeout passes. Presence stays as it was meanwhile.
+    async fn park(&mut self) {
+        let Some(h) = self.bound() else { return };
+        let secs = self.sm.as_ref().map_or(0, |s| s.max);
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let max_unacked = self.cfg().c2s.max_unacked;
+        let shutdown = self.state.shutdown.clone();
+        tracing::info!(jid = %h.jid, secs, "connection lost; session waits for resumption");
+        self.ack_deadline = None;
+        self.ack_due = None;
+        while let (Some((_, takeover)), Some(rx)) = (self.takeover.as_mut(), self.rx.as_mut()) {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                req = takeover.recv() => {
+                    let Some(reply) = req else { break };
+                    if self.hand_over(reply) {
+                        return;
+                    }
+                }
+                d = rx.recv() => {
+                    let Some(Deliver::Stanza(el)) = d else { break };
+                    let mut now = Vec::new();
+                    self.held.filter(el, true, &mut now);
+                    let sm = self.sm.as_mut().expect("resumable");
+                    for el in now {
+                        sm.record(el, false);
+                    }
+                    if sm.unacked.len() > max_unacked || self.held.len() > max_unacked {
+                        tracing::warn!(jid = %h.jid, "too many stanzas for a detached session; closing it");
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::info!(jid = %h.jid, "session not resumed in time");
+                    break;
+                }
+            }
+        }
+        self.teardown().await;
+    }
+
+    /// The session ends: it leaves routing, what it was given and did not
+    /// deliver goes to `modules::offline::requeue` (oldest first), then
+    /// the modules see it close (unavailable presence) and it is unbound.
+    async fn teardown(&mut self) {
+        let Some(h) = self.bound() else { return };
+        h.mark_closing();
+        let mut undelivered = Vec::new();
+        if let Some(sm) = self.sm.as_mut() {
+            if let (Some(id), Some((tx, _))) = (&sm.id, &self.takeover) {
+                self.state.router.resumable.remove(id, tx, sm.handled);
+            }
+            undelivered.extend(sm.unacked.drain(..));
+        }
+        self.takeover = None;
+        undelivered.append(&mut self.unsent);
+        undelivered.extend(self.held.take_all());
+        if let Some(rx) = self.rx.as_mut() {
+            rx.close();
+            while let Ok(d) = rx.try_recv() {
+                if let Deliver::Stanza(el) = d {
+                    undelivered.push(el);
+                }
+            }
+        }
+        if !undelivered.is_empty() {
+            tracing::debug!(jid = %h.jid, n = undelivered.len(), "requeueing undelivered stanzas");
+            self.state.router.count_requeued(undelivered.len());
+            modules::offline::requeue(&self.state, undelivered).await;
+        }
+        let cx = Cx {
+            state: &self.state,
+            session: &h,
+        };
+        self.state.modules.session_closed(&cx).await;
+        self.state.metrics.session_closed(h.id);
+        self.state.router.unbind(&h);
     }
 }
 

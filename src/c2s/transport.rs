@@ -46,8 +46,13 @@ pub trait Transport: Send {
     fn can_starttls(&self) -> bool;
     fn is_tls(&self) -> bool;
     fn channel_binding(&self) -> Option<ChannelBinding>;
-    /// A new stream starts (after STARTTLS or SASL success).
+    /// A new stream starts (after STARTTLS or SASL success). Bytes the
+    /// client pipelined after the element that ended the old stream are
+    /// kept for the new one (after STARTTLS they are discarded instead).
     fn reset(&mut self);
+    /// SASL succeeded: no stream restart follows, so the transport may stop
+    /// splitting its reads at element boundaries.
+    fn authenticated(&mut self) {}
     fn set_limits(&mut self, limits: Limits);
     fn peer(&self) -> SocketAddr;
     /// "tcp", "tls" or "ws", for logs and metrics.
@@ -67,6 +72,12 @@ pub struct TcpTransport {
     buf: Box<[u8]>,
     peer: SocketAddr,
     header_sent: bool,
+    /// Before authentication a stream can be restarted by the element just
+    /// read (`<success/>` follows `<auth/>`), so reads stop at each element
+    /// end and keep the rest here for the next read: a client may pipeline
+    /// its new stream header (and `<resume/>`) behind its SASL response.
+    split: bool,
+    leftover: Vec<u8>,
 }
 
 const READ_CHUNK: usize = 4096;
@@ -79,6 +90,8 @@ impl TcpTransport {
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
             peer,
             header_sent: false,
+            split: true,
+            leftover: Vec::new(),
         }
     }
 
@@ -96,7 +109,31 @@ impl TcpTransport {
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
             peer,
             header_sent: false,
+            split: true,
+            leftover: Vec::new(),
         }
+    }
+
+    /// Feed `data` up to the first '>' that completes an event; the bytes
+    /// after it go to `leftover`.
+    fn feed_split(&mut self, data: &[u8]) -> Result<Vec<StreamEvent>, ReadError> {
+        let mut start = 0;
+        while start < data.len() {
+            let end = data[start..]
+                .iter()
+                .position(|&b| b == b'>')
+                .map_or(data.len(), |i| start + i + 1);
+            let events = self
+                .parser
+                .feed(&data[start..end])
+                .map_err(ReadError::Xml)?;
+            start = end;
+            if !events.is_empty() {
+                self.leftover.extend_from_slice(&data[start..]);
+                return Ok(events);
+            }
+        }
+        Ok(Vec::new())
     }
 
     async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
@@ -121,6 +158,16 @@ fn stream_header(id: &str, from: &str) -> String {
 
 impl Transport for TcpTransport {
     async fn read(&mut self) -> Result<Vec<StreamEvent>, ReadError> {
+        // Pipelined bytes from an earlier read come first (no await before
+        // this, so the future stays cancel-safe).
+        if !self.leftover.is_empty() {
+            let data = std::mem::take(&mut self.leftover);
+            return if self.split {
+                self.feed_split(&data)
+            } else {
+                self.parser.feed(&data).map_err(ReadError::Xml)
+            };
+        }
         let n = match &mut self.io {
             Io::Plain(s) => s.read(&mut self.buf).await,
             Io::Tls(s) => s.read(&mut self.buf).await,
@@ -128,6 +175,10 @@ impl Transport for TcpTransport {
         };
         match n {
             Ok(0) | Err(_) => Err(ReadError::Closed),
+            Ok(n) if self.split => {
+                let data = self.buf[..n].to_vec();
+                self.feed_split(&data)
+            }
             Ok(n) => self.parser.feed(&self.buf[..n]).map_err(ReadError::Xml),
         }
     }
@@ -177,6 +228,7 @@ impl Transport for TcpTransport {
         // Bytes the client pipelined after <starttls/> were parsed by the
         // pre-TLS parser and are discarded with it (CVE-2011-1431 class).
         self.parser.reset();
+        self.leftover = Vec::new();
         self.header_sent = false;
         let stream = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await?;
         self.io = Io::Tls(Box::new(stream));
@@ -210,6 +262,10 @@ impl Transport for TcpTransport {
     fn reset(&mut self) {
         self.parser.reset();
         self.header_sent = false;
+    }
+
+    fn authenticated(&mut self) {
+        self.split = false;
     }
 
     fn set_limits(&mut self, limits: Limits) {

@@ -30,10 +30,19 @@ impl Module for Carbons {
     }
 }
 
-/// XEP-0280 §6: chat messages, and normal ones with a body, are copied;
-/// `<private/>` (with `<no-copy/>`) opts out.
+/// XEP-0280 §6: chat messages, normal ones with a body, and messages with
+/// IM payloads (chat states, receipts, markers — so read state syncs across
+/// devices) are copied; `<private/>` (with `<no-copy/>`) opts out.
 fn eligible(msg: &Element, kind: &str) -> bool {
-    let typed = kind == "chat" || (kind == "normal" && msg.get_child("body", NS_CLIENT).is_some());
+    const IM_PAYLOADS: [&str; 3] = [
+        "http://jabber.org/protocol/chatstates",
+        "urn:xmpp:receipts",
+        "urn:xmpp:chat-markers:0",
+    ];
+    let typed = kind == "chat"
+        || (kind == "normal"
+            && (msg.get_child("body", NS_CLIENT).is_some()
+                || msg.children().any(|c| IM_PAYLOADS.contains(&c.ns.as_str()))));
     typed && msg.get_child("private", NS).is_none() && msg.get_child("no-copy", NS_HINTS).is_none()
 }
 

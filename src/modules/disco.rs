@@ -16,30 +16,40 @@ pub const CAPS_NODE: &str = "https://github.com/natter-im/natter";
 
 pub struct Disco;
 
-const SERVER_IDENTITY: (&str, &str, &str) = ("server", "im", "natter");
-const ACCOUNT_IDENTITY: (&str, &str, &str) = ("account", "registered", "");
+type Identity = (&'static str, &'static str, &'static str);
 
-fn info(identity: (&str, &str, &str), features: &[&str], node: Option<&str>) -> Element {
+/// XEP-0223 §4 / XEP-0163 §6: the server and every account are PEP services too.
+const SERVER_IDENTITIES: &[Identity] = &[("server", "im", "natter"), super::pep::IDENTITY];
+const ACCOUNT_IDENTITIES: &[Identity] = &[("account", "registered", ""), super::pep::IDENTITY];
+
+fn info(identities: &[(&str, &str, &str)], features: &[&str], node: Option<&str>) -> Element {
     let mut q = Element::new("query", NS_INFO);
     if let Some(n) = node {
         q.set_attr("node", n);
     }
-    let mut id = Element::new("identity", NS_INFO)
-        .with_attr("category", identity.0)
-        .with_attr("type", identity.1);
-    if !identity.2.is_empty() {
-        id.set_attr("name", identity.2);
+    for identity in identities {
+        let mut id = Element::new("identity", NS_INFO)
+            .with_attr("category", identity.0)
+            .with_attr("type", identity.1);
+        if !identity.2.is_empty() {
+            id.set_attr("name", identity.2);
+        }
+        q.append_child(id);
     }
-    q.append_child(id);
     for f in features {
         q.append_child(Element::new("feature", NS_INFO).with_attr("var", *f));
     }
     q
 }
 
-/// XEP-0115 §5.1 verification string hash for an identity and features.
-pub fn caps_ver(identity: (&str, &str, &str), features: &[&str]) -> String {
-    let mut s = format!("{}/{}//{}<", identity.0, identity.1, identity.2);
+/// XEP-0115 §5.1 verification string hash for identities and features.
+pub fn caps_ver(identities: &[(&str, &str, &str)], features: &[&str]) -> String {
+    let mut ids: Vec<String> = identities
+        .iter()
+        .map(|i| format!("{}/{}//{}<", i.0, i.1, i.2))
+        .collect();
+    ids.sort_unstable();
+    let mut s = ids.concat();
     let mut f = features.to_vec();
     f.sort_unstable();
     for x in f {
@@ -59,7 +69,7 @@ pub fn caps_element(features: &[&'static str]) -> Element {
     Element::new("c", NS_CAPS)
         .with_attr("hash", "sha-1")
         .with_attr("node", CAPS_NODE)
-        .with_attr("ver", caps_ver(SERVER_IDENTITY, features))
+        .with_attr("ver", caps_ver(SERVER_IDENTITIES, features))
 }
 
 #[async_trait]
@@ -80,6 +90,10 @@ impl Module for Disco {
         let q = iq.payload();
         let node = q.attr("node");
         if q.ns == NS_ITEMS {
+            // XEP-0060 §5.2: an account's PEP nodes.
+            if let (Target::Account(bare), None) = (&iq.target, node) {
+                return super::pep::disco_items(cx.state, bare, &cx.session.bare).await;
+            }
             if node.is_some() {
                 return Err(StanzaError::new(Condition::ItemNotFound));
             }
@@ -90,22 +104,24 @@ impl Module for Disco {
                 let features = server_features(cx);
                 if let Some(n) = node {
                     // Only our own caps node is known.
-                    let expected = format!("{CAPS_NODE}#{}", caps_ver(SERVER_IDENTITY, &features));
+                    let expected =
+                        format!("{CAPS_NODE}#{}", caps_ver(SERVER_IDENTITIES, &features));
                     if n != expected {
                         return Err(StanzaError::new(Condition::ItemNotFound));
                     }
                 }
-                Ok(Some(info(SERVER_IDENTITY, &features, node)))
+                Ok(Some(info(SERVER_IDENTITIES, &features, node)))
             }
             Target::Account(bare) => {
-                if node.is_some() {
-                    return Err(StanzaError::new(Condition::ItemNotFound));
+                if let Some(n) = node {
+                    // XEP-0060 §5.3: one of the account's PEP nodes.
+                    return super::pep::disco_node_info(cx.state, bare, n, &cx.session.bare).await;
                 }
                 if cx.state.store.credentials(bare.as_str()).await?.is_none() {
                     return Err(StanzaError::new(Condition::ServiceUnavailable));
                 }
                 Ok(Some(info(
-                    ACCOUNT_IDENTITY,
+                    ACCOUNT_IDENTITIES,
                     &cx.state.modules.account_features(),
                     None,
                 )))
@@ -122,7 +138,7 @@ mod tests {
     fn caps_ver_matches_xep0115_example() {
         // XEP-0115 §5.2 simple example.
         let ver = caps_ver(
-            ("client", "pc", "Exodus 0.9.1"),
+            &[("client", "pc", "Exodus 0.9.1")],
             &[
                 "http://jabber.org/protocol/caps",
                 "http://jabber.org/protocol/disco#info",

@@ -5,10 +5,14 @@
 //! Invariant: every stanza reaching a module has a `from` stamped by the
 //! c2s session (the sender's full JID) and a syntactically valid `to`.
 
+pub mod blocking;
 pub mod carbons;
 pub mod disco;
+pub mod last;
+pub mod mam;
 pub mod message;
 pub mod offline;
+pub mod pep;
 pub mod ping;
 pub mod presence;
 pub mod register;
@@ -107,6 +111,13 @@ pub struct Modules {
     list: Vec<Arc<dyn Module>>,
     /// (namespace, element) → module; a handful of entries, scanned linearly.
     iq: Vec<(PayloadKey, Arc<dyn Module>)>,
+    /// Modules whose in-memory state other modules consult (also in `list`
+    /// when registered by `standard`).
+    pub blocking: Arc<blocking::Blocking>,
+    pub pep: Arc<pep::Pep>,
+    pub last: Arc<last::Last>,
+    /// Offline-queue coordination (XEP-0160): catch-ups and pushes per user.
+    pub offline: offline::Offline,
 }
 
 impl Modules {
@@ -121,22 +132,41 @@ impl Modules {
                 iq.push((*key, m.clone()));
             }
         }
-        Modules { list, iq }
+        Modules {
+            list,
+            iq,
+            blocking: Arc::default(),
+            pep: Arc::default(),
+            last: Arc::default(),
+            offline: offline::Offline::default(),
+        }
     }
 
     /// The modules natter runs.
     pub fn standard() -> Self {
-        Self::new(vec![
+        let blocking = Arc::new(blocking::Blocking::default());
+        let pep = Arc::new(pep::Pep::default());
+        let last = Arc::new(last::Last::default());
+        let mut m = Self::new(vec![
             Arc::new(disco::Disco),
             Arc::new(ping::Ping),
             Arc::new(roster::Roster),
             Arc::new(presence::Presence),
             Arc::new(message::Messages),
+            Arc::new(mam::Mam),
+            Arc::new(offline::OfflineMessages),
             Arc::new(carbons::Carbons),
             Arc::new(vcard::VCard),
             Arc::new(register::Register),
             Arc::new(version::Version),
-        ])
+            blocking.clone(),
+            pep.clone(),
+            last.clone(),
+        ]);
+        m.blocking = blocking;
+        m.pep = pep;
+        m.last = last;
+        m
     }
 
     pub fn features(&self) -> Vec<&'static str> {
@@ -190,6 +220,7 @@ pub async fn dispatch(cx: &Cx<'_>, stanza: Element) {
         _ => Ok(()),
     };
     if let Err(e) = result {
+        cx.state.metrics.stanza_error(&e);
         // Never answer an error with an error (RFC 6120 §8.3.1).
         if stanza.attr("type") != Some("error") {
             cx.session.send(e.reply_to(&stanza));
@@ -212,8 +243,13 @@ async fn handle_iq(cx: &Cx<'_>, stanza: &Element) -> Result<(), StanzaError> {
         // Replies to the server's own IQs (pings) are consumed by the session;
         // replies addressed to another entity are routed like any IQ.
         Some("result") | Some("error") => {
+            if pep::caps_reply(cx.state, cx.session, stanza).await {
+                return Ok(());
+            }
             if let Some(Ok(to)) = parse_to(stanza)?.map(Jid::try_into_full) {
-                if cx.state.serves(to.domain().as_str()) {
+                if cx.state.serves(to.domain().as_str())
+                    && !blocking::gate(cx, stanza, &Jid::from(to.clone())).await?
+                {
                     route_to_full(cx, &to, stanza.clone());
                 }
             }
@@ -238,6 +274,8 @@ async fn handle_iq(cx: &Cx<'_>, stanza: &Element) -> Result<(), StanzaError> {
         Some(to) if !cx.state.serves(to.domain().as_str()) => {
             return Err(StanzaError::new(Condition::RemoteServerNotFound))
         }
+        // XEP-0191: nothing between a blocker and a blocked JID.
+        Some(to) if blocking::gate(cx, stanza, &to).await? => return Ok(()),
         Some(to) => match to.try_into_full() {
             Ok(full) => {
                 // Only the addressed resource can answer; the server relays.

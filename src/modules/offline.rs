@@ -1,12 +1,390 @@
-//! XEP-0160 offline storage (being written). `requeue` is the entry point
-//! for stanzas a session accepted but never delivered (stream management
-//! resumption failed or timed out): they must not be lost.
+//! XEP-0160 offline messages: a chat/normal message with content for an
+//! account with no available resource (non-negative priority) is queued
+//! durably — with its XEP-0359 stanza-id and a XEP-0203 `<delay/>` — and
+//! delivered, in order and once, when a resource of the account next sends
+//! available presence with a non-negative priority; then it is deleted.
+//!
+//! Ordering: a session that comes online is marked as *catching up* before
+//! it becomes available; while it is, new messages for it join the end of
+//! the queue instead of overtaking it. Each push and the end of a catch-up
+//! are decided under one lock per server ([`Offline`]), so no message can
+//! slip into the queue after the catch-up ended and sit there.
+//!
+//! Hand-over: queued messages are handed to the session's outgoing queue in
+//! batches (never more than half of `c2s.max_queue` waiting), and a batch
+//! is deleted from the store once it is in the session's queue. From then
+//! on the session is responsible for it: stream management re-sends what
+//! the client did not acknowledge, and a session that ends with unacked
+//! stanzas gives them back through [`requeue`]. A crash between hand-over
+//! and delete delivers a batch twice (same stanza-ids, which clients use to
+//! drop duplicates); nothing is lost.
+//!
+//! Archive-aware clients (Conversations and others catch up with a MAM
+//! query right after login): a session that queried its archive *before*
+//! its initial presence gets no offline message that was archived for it
+//! before that query — those rows are deleted unsent, as Prosody's mod_mam
+//! does (it skips the offline broadcast for sessions that queried the
+//! archive). Messages queued after the query, or not archived (MAM
+//! preferences), are still delivered.
 
+use super::{mam, presence, Cx, Module};
+use crate::error::{Condition, StanzaError};
+use crate::router::SessionHandle;
 use crate::state::ServerState;
+use async_trait::async_trait;
+use jid::{BareJid, FullJid, Jid};
+use natter_store::StoreError;
 use natter_xml::Element;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// XEP-0160 §5 disco feature.
+pub const FEATURE: &str = "msgoffline";
+/// Messages taken off the queue at a time.
+const BATCH: usize = 100;
+
+/// The XEP-0160 module: its disco feature and per-session clean-up.
+pub struct OfflineMessages;
+
+#[async_trait]
+impl Module for OfflineMessages {
+    fn features(&self) -> &'static [&'static str] {
+        &[FEATURE]
+    }
+    async fn session_closed(&self, cx: &Cx<'_>) {
+        cx.state
+            .modules
+            .offline
+            .archive_queried
+            .lock()
+            .unwrap()
+            .remove(&cx.session.id);
+    }
+}
+
+/// Offline-queue coordination shared by message routing and catch-ups.
+#[derive(Default)]
+pub struct Offline {
+    users: Mutex<HashMap<BareJid, Gate>>,
+    /// Sessions that queried their archive before their initial presence,
+    /// and when (unix µs).
+    archive_queried: Mutex<HashMap<u64, i64>>,
+}
+
+#[derive(Default)]
+struct Gate {
+    /// Sessions of this user catching up on the queue.
+    catching_up: Vec<u64>,
+    /// Pushes to this user's queue in flight.
+    pushing: usize,
+    /// Pushes completed (a catch-up only ends when none completed since its
+    /// last fetch).
+    pushed: u64,
+    /// Held by the catch-up taking messages off the queue: one at a time.
+    drain: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Offline {
+    fn release(&self, users: &mut HashMap<BareJid, Gate>, user: &BareJid) {
+        if let Some(g) = users.get(user) {
+            if g.catching_up.is_empty() && g.pushing == 0 && Arc::strong_count(&g.drain) == 1 {
+                users.remove(user);
+            }
+        }
+    }
+}
+
+/// Chat/normal messages with content are kept for offline users (XEP-0160
+/// §4), unless hinted `<no-store/>` (XEP-0334); chat states alone are not.
+pub fn storable(msg: &Element, kind: &str) -> bool {
+    matches!(kind, "chat" | "normal")
+        && msg.get_child("no-store", mam::NS_HINTS).is_none()
+        && !mam::is_wrapper(msg)
+        && mam::has_content(msg)
+}
+
+/// Available resources with non-negative priority (RFC 6121 §8.5.2.1).
+fn available(state: &ServerState, bare: &BareJid) -> Vec<Arc<SessionHandle>> {
+    state
+        .router
+        .resources(bare)
+        .into_iter()
+        .filter(|h| h.is_available() && h.priority() >= 0)
+        .collect()
+}
+
+/// Whether `bare` has a resource that would get a message to the bare JID now.
+pub fn online(state: &ServerState, bare: &BareJid) -> bool {
+    !available(state, bare).is_empty()
+}
+
+/// The error a sender gets when the recipient's queue is full.
+pub fn queue_full() -> StanzaError {
+    StanzaError::with_text(Condition::ServiceUnavailable, "offline queue full")
+}
+
+/// Deliver `stanza` for `bare` — to the session `full` if given, else to
+/// every available resource — or queue it when there is none (or the
+/// session catches up on its queue). Returns the sessions it went to
+/// directly (empty: queued). `limit` caps the queue; `archive_id` is the
+/// recipient's stanza-id of it, if archived.
+pub async fn deliver(
+    state: &ServerState,
+    bare: &BareJid,
+    full: Option<&FullJid>,
+    stanza: &Element,
+    archive_id: Option<&str>,
+    limit: usize,
+) -> Result<Vec<Arc<SessionHandle>>, StanzaError> {
+    let off = &state.modules.offline;
+    let (live, mut queue) = {
+        let mut users = off.users.lock().unwrap();
+        let targets = match full {
+            Some(f) => state.router.session(f).into_iter().collect(),
+            None => available(state, bare),
+        };
+        let catching: &[u64] = users.get(bare).map_or(&[], |g| &g.catching_up);
+        let live: Vec<_> = targets
+            .iter()
+            .filter(|h| !catching.contains(&h.id))
+            .cloned()
+            .collect();
+        let queue = live.len() != targets.len() || targets.is_empty();
+        if queue {
+            users.entry(bare.clone()).or_default().pushing += 1;
+        }
+        (live, queue)
+    };
+    let sent: Vec<_> = live
+        .into_iter()
+        .filter(|h| h.send(stanza.clone()))
+        .collect();
+    if sent.is_empty() && !queue {
+        // Every session went away meanwhile.
+        off.users
+            .lock()
+            .unwrap()
+            .entry(bare.clone())
+            .or_default()
+            .pushing += 1;
+        queue = true;
+    }
+    if !queue {
+        return Ok(sent);
+    }
+    let mut queued = stanza.clone();
+    let domain = bare.domain().as_str();
+    if !queued
+        .children()
+        .any(|c| c.is("delay", mam::NS_DELAY) && c.attr("from") == Some(domain))
+    {
+        queued.append_child(mam::delay(mam::now_micros(), Some(domain)));
+    }
+    let r = state
+        .store
+        .offline_push(bare.as_str(), &queued.to_string(), archive_id, limit)
+        .await;
+    {
+        let mut users = off.users.lock().unwrap();
+        if let Some(g) = users.get_mut(bare) {
+            g.pushing -= 1;
+            g.pushed += 1;
+        }
+        off.release(&mut users, bare);
+    }
+    match r {
+        Ok(_) => Ok(sent),
+        // A device got it: the queue was for another one.
+        Err(_) if !sent.is_empty() => Ok(sent),
+        Err(StoreError::QuotaExceeded) => Err(queue_full()),
+        Err(StoreError::NotFound) => Err(StanzaError::new(Condition::ServiceUnavailable)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Remember that this session queried its archive before coming online
+/// (called by the MAM module).
+pub fn note_archive_query(cx: &Cx<'_>) {
+    if cx.session.is_available() {
+        return;
+    }
+    cx.state
+        .modules
+        .offline
+        .archive_queried
+        .lock()
+        .unwrap()
+        .entry(cx.session.id)
+        .or_insert_with(mam::now_micros);
+}
+
+/// Start a catch-up if `presence` (available, from this session) brings
+/// it online with a non-negative priority. Call it *before* the session is
+/// marked available; the queue is delivered when the returned guard is
+/// dropped (after the presence broadcast).
+pub fn catch_up(cx: &Cx<'_>, presence: &Element) -> Option<CatchUp> {
+    let coming_online = {
+        let st = cx.session.state.lock().unwrap();
+        !st.available || st.priority < 0
+    };
+    if !coming_online || presence::priority(presence) < 0 {
+        return None;
+    }
+    let mut users = cx.state.modules.offline.users.lock().unwrap();
+    let g = users.entry(cx.session.bare.clone()).or_default();
+    if !g.catching_up.contains(&cx.session.id) {
+        g.catching_up.push(cx.session.id);
+    }
+    Some(CatchUp {
+        state: cx.state.clone(),
+        session: cx.session.clone(),
+    })
+}
+
+/// Delivers the offline queue to its session when dropped.
+pub struct CatchUp {
+    state: ServerState,
+    session: Arc<SessionHandle>,
+}
+
+impl Drop for CatchUp {
+    fn drop(&mut self) {
+        tokio::spawn(drain(self.state.clone(), self.session.clone()));
+    }
+}
+
+/// Hand `h` its queued messages, batch by batch, then end its catch-up.
+async fn drain(state: ServerState, h: Arc<SessionHandle>) {
+    let off = &state.modules.offline;
+    let user = h.bare.clone();
+    let lock = {
+        let mut users = off.users.lock().unwrap();
+        users.entry(user.clone()).or_default().drain.clone()
+    };
+    let guard = lock.lock().await;
+    let queried = off.archive_queried.lock().unwrap().remove(&h.id);
+    let budget = (state.config.c2s.max_queue / 2).max(1);
+    let (mut delivered, mut skipped) = (0usize, 0usize);
+    loop {
+        let seen = off.users.lock().unwrap().get(&user).map_or(0, |g| g.pushed);
+        let batch = match state.store.offline_fetch(user.as_str(), BATCH).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(%user, error = %e, "offline queue unreadable; left for later");
+                break;
+            }
+        };
+        if batch.is_empty() {
+            let done = {
+                let mut users = off.users.lock().unwrap();
+                let g = users.entry(user.clone()).or_default();
+                let done = g.pushing == 0 && g.pushed == seen;
+                if done {
+                    g.catching_up.retain(|id| *id != h.id);
+                }
+                done
+            };
+            if done {
+                break;
+            }
+            // A push is committing: fetch again once it is in.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        let mut handed = None;
+        let mut gone = false;
+        for m in &batch {
+            // Archived before this session caught up from the archive.
+            if m.archive_id.is_some() && queried.is_some_and(|t| m.ts_micros <= t) {
+                handed = Some(m.seq);
+                skipped += 1;
+                continue;
+            }
+            let limits = natter_xml::Limits {
+                max_stanza_bytes: usize::MAX,
+                max_depth: usize::MAX,
+                max_attrs: usize::MAX,
+            };
+            let el = match natter_xml::parse_frame(m.stanza.as_bytes(), &limits) {
+                Ok(el) => el,
+                Err(e) => {
+                    tracing::error!(%user, seq = m.seq, error = %e, "queued stanza does not parse; dropped");
+                    handed = Some(m.seq);
+                    continue;
+                }
+            };
+            if !room(&state, &h, budget).await || !h.send(el) {
+                gone = true;
+                break;
+            }
+            handed = Some(m.seq);
+            delivered += 1;
+        }
+        if let Some(seq) = handed {
+            if let Err(e) = state.store.offline_delete(user.as_str(), seq).await {
+                tracing::error!(%user, error = %e, "delivered offline messages not deleted");
+                gone = true;
+            }
+        }
+        if gone {
+            break;
+        }
+    }
+    drop(guard);
+    drop(lock);
+    let mut users = off.users.lock().unwrap();
+    if let Some(g) = users.get_mut(&user) {
+        g.catching_up.retain(|id| *id != h.id);
+    }
+    off.release(&mut users, &user);
+    if delivered + skipped > 0 {
+        tracing::debug!(jid = %h.jid, delivered, skipped, "offline queue delivered");
+    }
+}
+
+/// Wait until `h`'s outgoing queue has room for more; false once the
+/// session is gone.
+async fn room(state: &ServerState, h: &Arc<SessionHandle>, budget: usize) -> bool {
+    loop {
+        let here = state.router.session(&h.jid).is_some_and(|s| s.id == h.id);
+        if !here {
+            return false;
+        }
+        if h.queued() < budget {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
 
 /// Stanzas that were routed to a session which went away before the client
-/// acknowledged them. Placeholder: routed again like fresh stanzas.
+/// acknowledged them (stream management). Messages worth keeping are
+/// routed again — to the user's other sessions, or to the offline queue
+/// (beyond its limit if need be: they were accepted already) — and never
+/// archived a second time. Carbon copies and archive results are dropped
+/// (the archive holds the originals); so is everything else (presence,
+/// IQs, chat states, headlines). Call it after the session left the router.
 pub async fn requeue(state: &ServerState, stanzas: Vec<Element>) {
-    let _ = (state, stanzas);
+    for el in stanzas {
+        if el.name != "message" {
+            continue;
+        }
+        let kind = el.attr("type").unwrap_or("normal");
+        if !storable(&el, kind) {
+            continue;
+        }
+        let Some(bare) = el
+            .attr("to")
+            .and_then(|t| Jid::new(t).ok())
+            .map(|j| j.to_bare())
+            .filter(|b| b.node().is_some() && state.serves(b.domain().as_str()))
+        else {
+            continue;
+        };
+        let archive_id = mam::stanza_id_of(&el, &bare).map(str::to_owned);
+        if let Err(e) = deliver(state, &bare, None, &el, archive_id.as_deref(), usize::MAX).await {
+            tracing::warn!(user = %bare, condition = e.condition.name(), "unacknowledged message not requeued");
+        }
+    }
 }

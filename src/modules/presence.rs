@@ -99,6 +99,12 @@ impl Sub {
 pub async fn handle(cx: &Cx<'_>, stanza: Element) -> Result<(), StanzaError> {
     let to = parse_to(&stanza)?;
     let own = &cx.session.bare;
+    // XEP-0191: presence between a blocker and a blocked JID is dropped.
+    if let Some(t) = &to {
+        if super::blocking::gate(cx, &stanza, t).await? {
+            return Ok(());
+        }
+    }
     match stanza.attr("type") {
         None | Some("unavailable") => {
             let available = stanza.attr("type").is_none();
@@ -232,9 +238,16 @@ impl Targets {
         }
     }
 
-    /// Send `p` to every target, addressed to its full JID.
-    fn send(&self, p: &Element) {
+    /// Send `p` to every target, addressed to its full JID (XEP-0191:
+    /// except where blocking stands between sender and target).
+    async fn send(&self, state: &ServerState, p: &Element) {
+        let from = p.attr("from").and_then(|f| Jid::new(f).ok());
         for h in &self.list {
+            if let Some(f) = &from {
+                if !super::blocking::presence_allowed(state, f, h).await {
+                    continue;
+                }
+            }
             let mut p = p.clone();
             p.set_attr("to", h.jid.to_string());
             h.send(p);
@@ -250,6 +263,8 @@ async fn broadcast(cx: &Cx<'_>, mut p: Element, available: bool) -> Result<(), S
     if !available {
         return go_unavailable(state, me, p, true, true).await;
     }
+    // XEP-0160: coming online → the offline queue, delivered when this ends.
+    let _offline = super::offline::catch_up(cx, &p);
     let initial = {
         let mut st = me.state.lock().unwrap();
         let initial = !st.available;
@@ -263,7 +278,9 @@ async fn broadcast(cx: &Cx<'_>, mut p: Element, available: bool) -> Result<(), S
     targets.add_subscribers(state, &items);
     // §4.2.2: one is implicitly subscribed to oneself, this resource included.
     targets.add_available(state, &me.bare);
-    targets.send(&p);
+    targets.send(state, &p).await;
+    // XEP-0163: learn the resource's caps, send it the last PEP items.
+    super::pep::on_available(state, me, &p).await;
     if !initial {
         return Ok(());
     }
@@ -278,7 +295,9 @@ async fn broadcast(cx: &Cx<'_>, mut p: Element, available: bool) -> Result<(), S
     for item in items.iter().filter(|i| has_to(i.subscription)) {
         if let Ok(contact) = BareJid::new(&item.jid) {
             for h in state.router.resources(&contact) {
-                deliver(&h);
+                if super::blocking::presence_allowed(state, &Jid::from(h.jid.clone()), me).await {
+                    deliver(&h);
+                }
             }
         }
     }
@@ -328,6 +347,10 @@ async fn go_unavailable(
             targets.add(me.clone());
         }
     }
+    if was_available {
+        // XEP-0012: last seen = now, with this presence's status.
+        super::last::went_unavailable(state, me, &p).await;
+    }
     for d in directed {
         match Jid::new(&d).map(Jid::try_into_full) {
             Ok(Ok(full)) => {
@@ -339,7 +362,7 @@ async fn go_unavailable(
             Err(_) => {}
         }
     }
-    targets.send(&p);
+    targets.send(state, &p).await;
     Ok(())
 }
 
@@ -442,6 +465,8 @@ async fn probe(cx: &Cx<'_>, to: Jid) -> Result<(), StanzaError> {
 /// Current presence of each available resource of `from` to each
 /// available resource of `to` (a new subscriber, §3.1.5).
 pub(crate) fn send_presences(state: &ServerState, from: &BareJid, to: &BareJid) {
+    // XEP-0163 §4.3.1: the new subscriber also gets `from`'s last PEP items.
+    super::pep::new_subscriber(state, from, to);
     let recipients = available(state, to);
     for h in state.router.resources(from) {
         if let Some(p) = current_presence(&h) {

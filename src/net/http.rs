@@ -1,21 +1,88 @@
-//! HTTP: the WebSocket endpoint (RFC 7395) and health probes.
+//! HTTP: the WebSocket endpoint (RFC 7395), the web chat page (Converse.js
+//! at `/`, its assets under `/dist`), health probes, Prometheus metrics and
+//! the admin endpoint (`crate::admin`).
 
 use crate::c2s::transport::WsTransport;
 use crate::state::ServerState;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 pub fn router(state: ServerState) -> Router {
+    let dist = converse_dist(&state.config.http.web_root);
     Router::new()
+        .route("/", get(index))
         .route("/xmpp-websocket", get(websocket))
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .nest_service("/dist", tower_http::services::ServeDir::new(dist))
+        .merge(crate::admin::router(state.clone()))
         .with_state(state)
+}
+
+/// Where the installed Converse.js build lives under `http.web_root`.
+pub fn converse_dist(web_root: &Path) -> PathBuf {
+    web_root.join("node_modules/converse.js/dist")
+}
+
+/// The chat page; the server fills in its domain and registration setting.
+const PAGE: &str = include_str!("../../web/index.html");
+
+async fn index(State(state): State<ServerState>) -> Response {
+    let root = &state.config.http.web_root;
+    if !converse_dist(root).join("converse.min.js").is_file() {
+        return Html(missing_assets_page(root)).into_response();
+    }
+    let cfg = serde_json::json!({
+        "domain": state.config.domains[0],
+        "registration": state.config.registration_enabled(),
+    });
+    // Inside <script>: keep `</script>` and friends from ending it.
+    let cfg = cfg.to_string().replace('<', "\\u003c");
+    (
+        [(header::CACHE_CONTROL, "no-cache")],
+        Html(PAGE.replace("__NATTER_CONFIG__", &cfg)),
+    )
+        .into_response()
+}
+
+fn missing_assets_page(web_root: &Path) -> String {
+    let abs = std::path::absolute(web_root).unwrap_or_else(|_| web_root.to_path_buf());
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>natter</title>\
+         <style>body{{font-family:sans-serif;max-width:40em;margin:4em auto;line-height:1.5}}\
+         code,pre{{background:#f2f2f2;padding:.2em .4em}}</style></head><body>\
+         <h1>natter</h1><p>The server is running, but the web chat page's files are not \
+         installed.</p><p>Install them once (needs Node.js and npm), from the natter source \
+         directory:</p><pre>cd web &amp;&amp; npm ci</pre><p>then reload this page. natter \
+         looks for them in <code>{}</code> (the <code>http.web_root</code> setting, \
+         now <code>{}</code>; relative to the directory natter was started in).</p>\
+         <p>Desktop and mobile XMPP apps can connect meanwhile.</p></body></html>\n",
+        esc(&converse_dist(&abs).display().to_string()),
+        esc(&web_root.display().to_string()),
+    )
+}
+
+async fn metrics(State(state): State<ServerState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(&state.router),
+    )
+        .into_response()
 }
 
 async fn ready(State(state): State<ServerState>) -> Response {

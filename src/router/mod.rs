@@ -5,6 +5,11 @@
 //! Invariant: a session's queue is bounded (`c2s.max_queue`). A session that
 //! cannot keep up is flagged and closed by its own task; the router never
 //! blocks on a slow reader.
+//!
+//! A session whose connection dropped but may be resumed (XEP-0198) stays
+//! here, routable, while detached; `resumable` finds it by SM-ID. A session
+//! that is ending is marked `closing` first: lookups skip it, so what is
+//! re-routed from its queue cannot come back to it.
 
 use crate::error::StreamError;
 use jid::{BareJid, FullJid};
@@ -48,6 +53,8 @@ pub struct SessionHandle {
     pub bare: BareJid,
     tx: mpsc::Sender<Deliver>,
     overflowed: AtomicBool,
+    /// The session is ending: routing no longer finds it.
+    closing: AtomicBool,
     /// Woken when the queue overflowed, so the session closes itself.
     pub overflow: Notify,
     pub state: Mutex<SessionState>,
@@ -78,6 +85,20 @@ impl SessionHandle {
         }
     }
 
+    /// Stanzas waiting in this session's queue (the queue-depth metrics).
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Stop routing to this session (it is ending).
+    pub fn mark_closing(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
     pub fn is_available(&self) -> bool {
         self.state.lock().unwrap().available
     }
@@ -95,6 +116,10 @@ impl SessionHandle {
 pub struct Router {
     sessions: RwLock<HashMap<BareJid, Vec<Arc<SessionHandle>>>>,
     next_id: AtomicU64,
+    /// XEP-0198 resumable sessions by SM-ID.
+    pub resumable: crate::c2s::sm::Registry,
+    /// Stanzas handed to `modules::offline::requeue` by ending sessions.
+    requeued: AtomicU64,
 }
 
 /// A new session: its handle, its queue's receiving end, and the session
@@ -133,6 +158,7 @@ impl Router {
             bare: bare.clone(),
             tx,
             overflowed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             overflow: Notify::new(),
             state: Mutex::new(SessionState::default()),
         });
@@ -166,7 +192,7 @@ impl Router {
             .read()
             .unwrap()
             .get(bare)
-            .cloned()
+            .map(|l| l.iter().filter(|h| !h.is_closing()).cloned().collect())
             .unwrap_or_default()
     }
 
@@ -176,8 +202,18 @@ impl Router {
             .unwrap()
             .get(&full.to_bare())?
             .iter()
-            .find(|h| &h.jid == full)
+            .find(|h| &h.jid == full && !h.is_closing())
             .cloned()
+    }
+
+    /// Count stanzas an ending session handed to offline requeueing.
+    pub fn count_requeued(&self, n: usize) {
+        self.requeued.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Stanzas requeued by ending sessions since start.
+    pub fn requeued(&self) -> u64 {
+        self.requeued.load(Ordering::Relaxed)
     }
 
     /// Every bound session (admin listing, shutdown).

@@ -1,0 +1,402 @@
+//! XEP-0198 Stream Management (urn:xmpp:sm:3): stanza acknowledgements and
+//! stream resumption; and the XEP-0352 Client State Indication hold-back
+//! queue. The session loop in `mod.rs` drives these; this file holds the
+//! state and the registry of resumable sessions.
+//!
+//! Invariants:
+//! - `Sm::handled` counts client stanzas whose `modules::dispatch` returned
+//!   (dispatch awaits durable writes, so an ack means durable);
+//! - every stanza written to a stream-managed client stays in `unacked`
+//!   until acknowledged; on the session's end what is left is resent on
+//!   resumption or handed to `modules::offline::requeue`, never dropped;
+//! - the unacked queue and the CSI hold-back queue are bounded
+//!   (`c2s.max_unacked`): a session that exceeds it is closed.
+
+use crate::router::{Deliver, SessionHandle};
+use jid::BareJid;
+use natter_xml::{Element, NS_CLIENT};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+pub const NS: &str = "urn:xmpp:sm:3";
+pub const NS_CSI: &str = "urn:xmpp:csi:0";
+const NS_STANZAS: &str = crate::error::NS_STANZAS;
+const NS_CHATSTATES: &str = "http://jabber.org/protocol/chatstates";
+const NS_CARBONS: &str = "urn:xmpp:carbons:2";
+const NS_FORWARD: &str = "urn:xmpp:forward:0";
+
+/// Unacknowledged stanzas after which the server asks for an ack.
+pub const REQUEST_EVERY: usize = 5;
+
+/// Ended sessions whose final `h` is remembered for `<failed h='…'/>`.
+const GONE_REMEMBERED: usize = 4096;
+
+/// Stream management state of one session.
+#[derive(Debug)]
+pub struct Sm {
+    /// SM-ID when resumption is enabled.
+    pub id: Option<String>,
+    /// Resumption timeout announced in `<enabled max='…'/>`, seconds.
+    pub max: u64,
+    /// Client stanzas handled (the `h` the server reports), mod 2^32.
+    pub handled: u32,
+    /// Stanzas counted as sent to the client, mod 2^32.
+    pub sent: u32,
+    /// Stanzas sent (or, while detached, queued) and not yet acknowledged,
+    /// oldest first; the last `unwritten` of them never reached the socket.
+    pub unacked: VecDeque<Element>,
+    pub unwritten: usize,
+    /// Stanzas written since the last `<r/>`.
+    pub unrequested: usize,
+    /// `<r/>` sent and not yet answered.
+    pub requests: u32,
+}
+
+impl Sm {
+    pub fn new(id: Option<String>, max: u64) -> Self {
+        Sm {
+            id,
+            max,
+            handled: 0,
+            sent: 0,
+            unacked: VecDeque::new(),
+            unwritten: 0,
+            unrequested: 0,
+            requests: 0,
+        }
+    }
+
+    /// The `h` last acknowledged by the client.
+    pub fn acked(&self) -> u32 {
+        self.sent.wrapping_sub(self.unacked.len() as u32)
+    }
+
+    /// Count a stanza as sent (it is written right after, or queued while
+    /// detached when `written` is false).
+    pub fn record(&mut self, el: Element, written: bool) {
+        self.sent = self.sent.wrapping_add(1);
+        self.unacked.push_back(el);
+        if written {
+            self.unrequested += 1;
+        } else {
+            self.unwritten += 1;
+        }
+    }
+
+    /// Apply the client's `h`. Err((h, written count)) when it acknowledges
+    /// more than was written (XEP-0198 §4: handled-count-too-high).
+    pub fn ack(&mut self, h: u32) -> Result<(), (u32, u32)> {
+        let n = h.wrapping_sub(self.acked()) as usize;
+        let written = self.unacked.len() - self.unwritten;
+        if n > written {
+            return Err((h, self.sent.wrapping_sub(self.unwritten as u32)));
+        }
+        self.unacked.drain(..n);
+        Ok(())
+    }
+}
+
+pub fn parse_h(el: &Element) -> Option<u32> {
+    el.attr("h")?.parse().ok()
+}
+
+pub fn a(h: u32) -> Element {
+    Element::new("a", NS).with_attr("h", h.to_string())
+}
+
+pub fn r() -> Element {
+    Element::new("r", NS)
+}
+
+pub fn failed(condition: &str, h: Option<u32>) -> Element {
+    let mut f = Element::new("failed", NS).with_child(Element::new(condition, NS_STANZAS));
+    if let Some(h) = h {
+        f.set_attr("h", h.to_string());
+    }
+    f
+}
+
+/// `<handled-count-too-high/>` for the undefined-condition stream error.
+pub fn too_high(h: u32, sent: u32) -> Element {
+    Element::new("handled-count-too-high", NS)
+        .with_attr("h", h.to_string())
+        .with_attr("send-count", sent.to_string())
+}
+
+/// An unguessable SM-ID: 128 bits from the thread-local CSPRNG (ChaCha,
+/// seeded from the OS).
+pub fn new_id() -> String {
+    use rand::Rng;
+    let bytes: [u8; 16] = rand::thread_rng().gen();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// XEP-0198 boolean attribute.
+pub fn truthy(v: Option<&str>) -> bool {
+    matches!(v, Some("true") | Some("1"))
+}
+
+/// Everything a session owns besides its connection: handed from the task
+/// that held it to the connection that resumes it.
+pub struct Parked {
+    pub handle: Arc<SessionHandle>,
+    pub rx: mpsc::Receiver<Deliver>,
+    pub sm: Sm,
+    pub held: Held,
+}
+
+/// A request to hand a session over to the connection resuming it.
+pub type Takeover = oneshot::Sender<Parked>;
+
+struct Slot {
+    owner: BareJid,
+    tx: mpsc::Sender<Takeover>,
+}
+
+/// Resumable sessions by SM-ID, and the final `h` of recently ended ones.
+#[derive(Default)]
+pub struct Registry {
+    live: Mutex<HashMap<String, Slot>>,
+    gone: Mutex<VecDeque<(String, BareJid, u32)>>,
+}
+
+/// What a `<resume previd='…'/>` finds.
+pub enum Lookup {
+    Live(mpsc::Sender<Takeover>),
+    /// Unknown, expired or someone else's; the final `h` when it was this
+    /// user's and is still remembered.
+    Gone(Option<u32>),
+}
+
+impl Registry {
+    /// Register (or, after a resumption, re-register) the task owning `id`.
+    pub fn insert(&self, id: &str, owner: BareJid, tx: mpsc::Sender<Takeover>) {
+        self.live
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), Slot { owner, tx });
+    }
+
+    pub fn lookup(&self, id: &str, user: &BareJid) -> Lookup {
+        if let Some(slot) = self.live.lock().unwrap().get(id) {
+            if &slot.owner == user {
+                return Lookup::Live(slot.tx.clone());
+            }
+            return Lookup::Gone(None);
+        }
+        let gone = self.gone.lock().unwrap();
+        Lookup::Gone(
+            gone.iter()
+                .find(|(i, owner, _)| i == id && owner == user)
+                .map(|(_, _, h)| *h),
+        )
+    }
+
+    /// The session `id` ended with `handled` client stanzas handled. Only
+    /// the task registered for it (`tx`) can remove it.
+    pub fn remove(&self, id: &str, tx: &mpsc::Sender<Takeover>, handled: u32) {
+        let mut live = self.live.lock().unwrap();
+        let Some(slot) = live.get(id) else { return };
+        if !slot.tx.same_channel(tx) {
+            return;
+        }
+        let owner = live.remove(id).expect("checked").owner;
+        drop(live);
+        let mut gone = self.gone.lock().unwrap();
+        if gone.len() >= GONE_REMEMBERED {
+            gone.pop_front();
+        }
+        gone.push_back((id.to_string(), owner, handled));
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// XEP-0352: presence updates and standalone chat states held back while
+/// the client is inactive, only the latest per sender and kind.
+#[derive(Debug, Default)]
+pub struct Held {
+    pub inactive: bool,
+    items: Vec<(String, Element)>,
+}
+
+impl Held {
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Everything held, oldest first.
+    pub fn take_all(&mut self) -> Vec<Element> {
+        self.items.drain(..).map(|(_, e)| e).collect()
+    }
+
+    /// The stanzas to send now, in order, for `el` on its way to the
+    /// client: nothing if it is held back (`hold`: inactive client or a
+    /// detached session, and a stanza that can wait; it replaces an older
+    /// one of its kind from the same sender); otherwise what is held from
+    /// its sender, then `el`, so each sender's stanzas stay in order.
+    pub fn filter(&mut self, el: Element, hold: bool, out: &mut Vec<Element>) {
+        if hold {
+            if let Some(kind) = holdable(&el) {
+                let key = format!("{kind} {}", el.attr("from").unwrap_or_default());
+                self.items.retain(|(k, _)| *k != key);
+                self.items.push((key, el));
+                return;
+            }
+        }
+        if !self.items.is_empty() {
+            let from = el.attr("from").unwrap_or_default();
+            let bare = from.split('/').next().unwrap_or_default();
+            let mut i = 0;
+            while i < self.items.len() {
+                let f = self.items[i].1.attr("from").unwrap_or_default();
+                if f.split('/').next() == Some(bare) {
+                    out.push(self.items.remove(i).1);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        out.push(el);
+    }
+}
+
+/// "presence" for presence broadcasts, "chatstate" for messages carrying
+/// nothing but a XEP-0085 chat state (also inside a XEP-0280 carbon); None
+/// for everything that must be delivered at once.
+fn holdable(el: &Element) -> Option<&'static str> {
+    if el.ns != NS_CLIENT {
+        return None;
+    }
+    match el.name.as_str() {
+        "presence" => matches!(el.attr("type"), None | Some("unavailable")).then_some("presence"),
+        "message" => {
+            let inner = el
+                .children()
+                .find(|c| c.ns == NS_CARBONS && (c.name == "sent" || c.name == "received"))
+                .and_then(|c| c.get_child("forwarded", NS_FORWARD))
+                .and_then(|f| f.get_child("message", NS_CLIENT));
+            only_chat_state(inner.unwrap_or(el)).then_some("chatstate")
+        }
+        _ => None,
+    }
+}
+
+fn only_chat_state(m: &Element) -> bool {
+    if m.attr("type") == Some("error") {
+        return false;
+    }
+    let mut state = false;
+    for c in m.children() {
+        match (c.ns.as_str(), c.name.as_str()) {
+            (NS_CHATSTATES, _) => state = true,
+            // Carried along with a chat state, never content.
+            (NS_CLIENT, "thread") | ("urn:xmpp:hints", _) | ("urn:xmpp:sid:0", _) => {}
+            (NS_CARBONS, "sent" | "received") => {}
+            _ => return false,
+        }
+    }
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(i: u32) -> Element {
+        Element::new("message", NS_CLIENT).with_attr("id", i.to_string())
+    }
+
+    #[test]
+    fn ack_trims_and_rejects_too_high() {
+        let mut sm = Sm::new(None, 300);
+        for i in 0..3 {
+            sm.record(msg(i), true);
+        }
+        sm.record(msg(3), false);
+        assert_eq!(sm.ack(2), Ok(()));
+        assert_eq!(sm.unacked.len(), 2);
+        assert_eq!(sm.ack(2), Ok(()));
+        // Only 3 were written; the 4th is queued.
+        assert_eq!(sm.ack(4), Err((4, 3)));
+        assert_eq!(sm.ack(3), Ok(()));
+        assert_eq!(sm.unacked.len(), 1);
+    }
+
+    #[test]
+    fn ack_wraps_at_2_pow_32() {
+        let mut sm = Sm::new(None, 300);
+        sm.sent = u32::MAX - 1;
+        sm.record(msg(0), true);
+        sm.record(msg(1), true);
+        sm.record(msg(2), true);
+        assert_eq!(sm.sent, 1);
+        assert_eq!(sm.ack(u32::MAX), Ok(()));
+        assert_eq!(sm.unacked.len(), 2);
+        assert_eq!(sm.ack(1), Ok(()));
+        assert!(sm.unacked.is_empty());
+    }
+
+    #[test]
+    fn registry_owner_and_gone_h() {
+        let reg = Registry::default();
+        let alice = BareJid::new("alice@x").unwrap();
+        let bob = BareJid::new("bob@x").unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        reg.insert("id1", alice.clone(), tx.clone());
+        assert!(matches!(reg.lookup("id1", &alice), Lookup::Live(_)));
+        assert!(matches!(reg.lookup("id1", &bob), Lookup::Gone(None)));
+        let (other, _rx2) = mpsc::channel(1);
+        reg.remove("id1", &other, 7);
+        assert_eq!(reg.len(), 1);
+        reg.remove("id1", &tx, 7);
+        assert!(matches!(reg.lookup("id1", &alice), Lookup::Gone(Some(7))));
+        assert!(matches!(reg.lookup("id1", &bob), Lookup::Gone(None)));
+    }
+
+    #[test]
+    fn csi_keeps_latest_per_sender_and_releases_before_a_body() {
+        let mut held = Held::default();
+        let p = |from: &str, show: &str| {
+            Element::new("presence", NS_CLIENT)
+                .with_attr("from", from)
+                .with_child(Element::new("show", NS_CLIENT).with_text(show))
+        };
+        let mut out = Vec::new();
+        held.filter(p("a@x/1", "away"), true, &mut out);
+        held.filter(p("b@x/1", "away"), true, &mut out);
+        held.filter(p("a@x/1", "dnd"), true, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(held.len(), 2);
+        let typing = Element::new("message", NS_CLIENT)
+            .with_attr("from", "a@x/1")
+            .with_child(Element::new("composing", NS_CHATSTATES));
+        held.filter(typing, true, &mut out);
+        assert!(out.is_empty());
+        let body = Element::new("message", NS_CLIENT)
+            .with_attr("from", "a@x/1")
+            .with_child(Element::new("body", NS_CLIENT).with_text("hi"))
+            .with_child(Element::new("active", NS_CHATSTATES));
+        held.filter(body, true, &mut out);
+        // a's presence and chat state first, then the message; b's stays.
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].child_text("show", NS_CLIENT).as_deref(), Some("dnd"));
+        assert!(out[1].get_child("composing", NS_CHATSTATES).is_some());
+        assert!(out[2].get_child("body", NS_CLIENT).is_some());
+        assert_eq!(held.take_all().len(), 1);
+        // Not holding: written at once.
+        held.filter(p("b@x/1", "away"), false, &mut out);
+        assert_eq!(out.len(), 4);
+    }
+}

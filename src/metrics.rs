@@ -1,0 +1,630 @@
+//! Prometheus metrics, served as text at `/metrics` (README "Metrics" lists
+//! each one). Built on prometheus-client with an explicit registry held in
+//! `ServerState` — no global recorder, so several servers in one process
+//! (the tests) keep separate numbers.
+//!
+//! Hooks elsewhere are single calls: `connection`, `session_bound` /
+//! `session_closed`, `stanza_in`, `stanzas_out`, `routing_timer`,
+//! `auth_failure`, `stanza_error`, `stream_error`. Store latency comes from
+//! [`MeteredStore`], a `Store` wrapper; gauges that can be read off the
+//! router (sessions, queue depths) are computed when scraped.
+
+use crate::router::Router;
+use natter_store::{
+    AccountCredentials, ArchivePage, ArchiveQuery, ArchivedMessage, MamPrefs, NewArchiveEntry,
+    OfflineMessage, PepItem, PepNodeConfig, RosterItem, Store, StoreError,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+type L1 = [(&'static str, &'static str); 1];
+type L2 = [(&'static str, &'static str); 2];
+type Hist = Family<L1, Histogram, fn() -> Histogram>;
+
+/// Transports a session can use (`Transport::kind`).
+pub const TRANSPORTS: [&str; 3] = ["tcp", "tls", "ws"];
+
+fn latency_histogram() -> Histogram {
+    // 50 µs … ~3.3 s
+    Histogram::new(exponential_buckets(0.000_05, 3.0, 11))
+}
+
+/// What the admin listing shows about a bound session.
+#[derive(Clone, Debug)]
+pub struct SessionMeta {
+    pub transport: &'static str,
+    pub since: SystemTime,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    started: Instant,
+    connections: Family<L1, Gauge>,
+    sessions: Family<L1, Gauge>,
+    stanzas_in: Family<L1, Counter>,
+    stanzas_out: Family<L1, Counter>,
+    routing: Hist,
+    store: Hist,
+    store_errors: Family<L1, Counter>,
+    queue_depth: Gauge,
+    queue_depth_max: Gauge,
+    auth_failures: Family<L1, Counter>,
+    errors: Family<L2, Counter>,
+    uptime: Gauge,
+    /// Bound sessions by router id (the sessions gauge and `natter admin sessions`).
+    bound: Mutex<HashMap<u64, SessionMeta>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Stanza kinds as metric labels (client-chosen names never become labels).
+fn stanza_kind(name: &str) -> &'static str {
+    match name {
+        "message" => "message",
+        "presence" => "presence",
+        "iq" => "iq",
+        _ => "other",
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("natter");
+        let m = Metrics {
+            registry: Registry::default(),
+            started: Instant::now(),
+            connections: Family::default(),
+            sessions: Family::default(),
+            stanzas_in: Family::default(),
+            stanzas_out: Family::default(),
+            routing: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            store: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            store_errors: Family::default(),
+            queue_depth: Gauge::default(),
+            queue_depth_max: Gauge::default(),
+            auth_failures: Family::default(),
+            errors: Family::default(),
+            uptime: Gauge::default(),
+            bound: Mutex::new(HashMap::new()),
+        };
+        let r = &mut registry;
+        r.register(
+            "connections",
+            "Open client connections (authenticated or not) by transport",
+            m.connections.clone(),
+        );
+        r.register(
+            "sessions",
+            "Bound client sessions by transport",
+            m.sessions.clone(),
+        );
+        r.register(
+            "stanzas_in",
+            "Stanzas received from bound clients by kind",
+            m.stanzas_in.clone(),
+        );
+        r.register(
+            "stanzas_out",
+            "Stanzas written to clients by kind",
+            m.stanzas_out.clone(),
+        );
+        r.register(
+            "routing_seconds",
+            "Time to handle and route one stanza from a client, by kind",
+            m.routing.clone(),
+        );
+        r.register(
+            "store_seconds",
+            "Store call latency by operation",
+            m.store.clone(),
+        );
+        r.register(
+            "store_errors",
+            "Store calls that failed in the backend, by operation",
+            m.store_errors.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Stanzas waiting in all session queues",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "queue_depth_max",
+            "Stanzas waiting in the fullest session queue",
+            m.queue_depth_max.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Failed SASL authentications by condition",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "errors",
+            "Stanza and stream errors sent, by level and condition",
+            m.errors.clone(),
+        );
+        r.register(
+            "uptime_seconds",
+            "Seconds since the server started",
+            m.uptime.clone(),
+        );
+        let info: Family<L1, Gauge> = Family::default();
+        info.get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        r.register("build_info", "natter version (value is always 1)", info);
+        for t in TRANSPORTS {
+            m.connections.get_or_create(&[("transport", t)]).set(0);
+            m.sessions.get_or_create(&[("transport", t)]).set(0);
+        }
+        Metrics { registry, ..m }
+    }
+
+    /// A connection opened; the gauge goes down when the guard is dropped.
+    pub fn connection(self: &Arc<Self>, transport: &'static str) -> ConnectionGuard {
+        self.connections
+            .get_or_create(&[("transport", transport)])
+            .inc();
+        ConnectionGuard {
+            metrics: self.clone(),
+            transport,
+        }
+    }
+
+    pub fn session_bound(&self, id: u64, transport: &'static str) {
+        self.bound.lock().unwrap().insert(
+            id,
+            SessionMeta {
+                transport,
+                since: SystemTime::now(),
+            },
+        );
+    }
+
+    pub fn session_closed(&self, id: u64) {
+        self.bound.lock().unwrap().remove(&id);
+    }
+
+    pub fn session_meta(&self, id: u64) -> Option<SessionMeta> {
+        self.bound.lock().unwrap().get(&id).cloned()
+    }
+
+    pub fn stanza_in(&self, name: &str) {
+        self.stanzas_in
+            .get_or_create(&[("kind", stanza_kind(name))])
+            .inc();
+    }
+
+    pub fn stanzas_out(&self, batch: &[natter_xml::Element]) {
+        for el in batch {
+            self.stanzas_out
+                .get_or_create(&[("kind", stanza_kind(&el.name))])
+                .inc();
+        }
+    }
+
+    /// Observes the time until the timer is dropped.
+    pub fn routing_timer(&self, name: &str) -> RoutingTimer<'_> {
+        RoutingTimer {
+            metrics: self,
+            kind: stanza_kind(name),
+            start: Instant::now(),
+        }
+    }
+
+    pub fn auth_failure(&self, condition: &'static str) {
+        self.auth_failures
+            .get_or_create(&[("condition", condition)])
+            .inc();
+    }
+
+    pub fn stanza_error(&self, e: &crate::error::StanzaError) {
+        self.errors
+            .get_or_create(&[("level", "stanza"), ("condition", e.condition.name())])
+            .inc();
+    }
+
+    pub fn stream_error(&self, e: &crate::error::StreamError) {
+        self.errors
+            .get_or_create(&[("level", "stream"), ("condition", e.condition.name())])
+            .inc();
+    }
+
+    fn store_op(&self, op: &'static str, took: Duration, backend_error: bool) {
+        self.store
+            .get_or_create(&[("op", op)])
+            .observe(took.as_secs_f64());
+        if backend_error {
+            self.store_errors.get_or_create(&[("op", op)]).inc();
+        }
+    }
+
+    /// Bound sessions per transport.
+    pub fn sessions_by_transport(&self) -> BTreeMap<&'static str, u64> {
+        let mut by: BTreeMap<&'static str, u64> = TRANSPORTS.iter().map(|t| (*t, 0)).collect();
+        for m in self.bound.lock().unwrap().values() {
+            *by.entry(m.transport).or_default() += 1;
+        }
+        by
+    }
+
+    /// Totals of a counter family, for `natter admin stats`.
+    fn totals(f: &Family<L1, Counter>, keys: &[&'static str]) -> BTreeMap<&'static str, u64> {
+        keys.iter()
+            .map(|k| {
+                let v = f.get(&[("kind", *k)]).map_or(0, |c| c.get());
+                (*k, v)
+            })
+            .collect()
+    }
+
+    pub fn stanza_totals(&self) -> (BTreeMap<&'static str, u64>, BTreeMap<&'static str, u64>) {
+        let keys = ["message", "presence", "iq", "other"];
+        (
+            Self::totals(&self.stanzas_in, &keys),
+            Self::totals(&self.stanzas_out, &keys),
+        )
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Refresh the gauges read off live state, then encode everything.
+    pub fn render(&self, router: &Router) -> String {
+        for (t, n) in self.sessions_by_transport() {
+            self.sessions
+                .get_or_create(&[("transport", t)])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let (mut total, mut max) = (0usize, 0usize);
+        for h in router.all() {
+            let q = h.queued();
+            total += q;
+            max = max.max(q);
+        }
+        self.queue_depth.set(total as i64);
+        self.queue_depth_max.set(max as i64);
+        self.uptime.set(self.started.elapsed().as_secs() as i64);
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+pub struct ConnectionGuard {
+    metrics: Arc<Metrics>,
+    transport: &'static str,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.metrics
+            .connections
+            .get_or_create(&[("transport", self.transport)])
+            .dec();
+    }
+}
+
+pub struct RoutingTimer<'a> {
+    metrics: &'a Metrics,
+    kind: &'static str,
+    start: Instant,
+}
+
+impl Drop for RoutingTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .routing
+            .get_or_create(&[("kind", self.kind)])
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// A `Store` that times every call into `natter_store_seconds{op}` and
+/// counts backend failures. Every trait method forwards to the inner store;
+/// a method added to the trait must be added here too (the compiler says so).
+pub struct MeteredStore {
+    inner: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl MeteredStore {
+    pub fn new(inner: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        MeteredStore { inner, metrics }
+    }
+}
+
+macro_rules! timed {
+    ($self:ident, $op:literal, $call:expr) => {{
+        let start = Instant::now();
+        let r = $call.await;
+        let failed = matches!(
+            &r,
+            Err(StoreError::Backend(_)) | Err(StoreError::Migration(_))
+        );
+        $self.metrics.store_op($op, start.elapsed(), failed);
+        r
+    }};
+}
+
+#[async_trait::async_trait]
+impl Store for MeteredStore {
+    async fn create_account(
+        &self,
+        user: &str,
+        creds: &AccountCredentials,
+    ) -> Result<(), StoreError> {
+        timed!(
+            self,
+            "create_account",
+            self.inner.create_account(user, creds)
+        )
+    }
+    async fn credentials(&self, user: &str) -> Result<Option<AccountCredentials>, StoreError> {
+        timed!(self, "credentials", self.inner.credentials(user))
+    }
+    async fn set_credentials(
+        &self,
+        user: &str,
+        creds: &AccountCredentials,
+    ) -> Result<(), StoreError> {
+        timed!(
+            self,
+            "set_credentials",
+            self.inner.set_credentials(user, creds)
+        )
+    }
+    async fn delete_account(&self, user: &str) -> Result<(), StoreError> {
+        timed!(self, "delete_account", self.inner.delete_account(user))
+    }
+    async fn list_accounts(&self, domain: Option<&str>) -> Result<Vec<String>, StoreError> {
+        timed!(self, "list_accounts", self.inner.list_accounts(domain))
+    }
+    async fn deleted_at(&self, user: &str) -> Result<Option<i64>, StoreError> {
+        timed!(self, "deleted_at", self.inner.deleted_at(user))
+    }
+    async fn roster(&self, user: &str) -> Result<(u64, Vec<RosterItem>), StoreError> {
+        timed!(self, "roster", self.inner.roster(user))
+    }
+    async fn roster_item(
+        &self,
+        user: &str,
+        contact: &str,
+    ) -> Result<Option<RosterItem>, StoreError> {
+        timed!(self, "roster_item", self.inner.roster_item(user, contact))
+    }
+    async fn roster_version(&self, user: &str) -> Result<u64, StoreError> {
+        timed!(self, "roster_version", self.inner.roster_version(user))
+    }
+    async fn put_roster_item(&self, user: &str, item: &RosterItem) -> Result<u64, StoreError> {
+        timed!(
+            self,
+            "put_roster_item",
+            self.inner.put_roster_item(user, item)
+        )
+    }
+    async fn remove_roster_item(&self, user: &str, contact: &str) -> Result<u64, StoreError> {
+        timed!(
+            self,
+            "remove_roster_item",
+            self.inner.remove_roster_item(user, contact)
+        )
+    }
+    async fn vcard(&self, user: &str) -> Result<Option<String>, StoreError> {
+        timed!(self, "vcard", self.inner.vcard(user))
+    }
+    async fn set_vcard(&self, user: &str, xml: &str) -> Result<(), StoreError> {
+        timed!(self, "set_vcard", self.inner.set_vcard(user, xml))
+    }
+    async fn set_last_activity(&self, user: &str, at: i64, status: &str) -> Result<(), StoreError> {
+        timed!(
+            self,
+            "set_last_activity",
+            self.inner.set_last_activity(user, at, status)
+        )
+    }
+    async fn last_activity(&self, user: &str) -> Result<Option<(i64, String)>, StoreError> {
+        timed!(self, "last_activity", self.inner.last_activity(user))
+    }
+    async fn archive_append(&self, entries: &[NewArchiveEntry]) -> Result<Vec<String>, StoreError> {
+        timed!(self, "archive_append", self.inner.archive_append(entries))
+    }
+    async fn archive_import(&self, msgs: &[ArchivedMessage]) -> Result<(), StoreError> {
+        timed!(self, "archive_import", self.inner.archive_import(msgs))
+    }
+    async fn archive_query(
+        &self,
+        owner: &str,
+        q: &ArchiveQuery,
+    ) -> Result<ArchivePage, StoreError> {
+        timed!(self, "archive_query", self.inner.archive_query(owner, q))
+    }
+    async fn archive_get(
+        &self,
+        owner: &str,
+        id: &str,
+    ) -> Result<Option<ArchivedMessage>, StoreError> {
+        timed!(self, "archive_get", self.inner.archive_get(owner, id))
+    }
+    async fn archive_prune(
+        &self,
+        owner: Option<&str>,
+        older_than_micros: i64,
+    ) -> Result<u64, StoreError> {
+        timed!(
+            self,
+            "archive_prune",
+            self.inner.archive_prune(owner, older_than_micros)
+        )
+    }
+    async fn mam_prefs(&self, user: &str) -> Result<MamPrefs, StoreError> {
+        timed!(self, "mam_prefs", self.inner.mam_prefs(user))
+    }
+    async fn set_mam_prefs(&self, user: &str, prefs: &MamPrefs) -> Result<(), StoreError> {
+        timed!(self, "set_mam_prefs", self.inner.set_mam_prefs(user, prefs))
+    }
+    async fn offline_push(
+        &self,
+        user: &str,
+        stanza: &str,
+        archive_id: Option<&str>,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        timed!(
+            self,
+            "offline_push",
+            self.inner.offline_push(user, stanza, archive_id, limit)
+        )
+    }
+    async fn offline_fetch(
+        &self,
+        user: &str,
+        max: usize,
+    ) -> Result<Vec<OfflineMessage>, StoreError> {
+        timed!(self, "offline_fetch", self.inner.offline_fetch(user, max))
+    }
+    async fn offline_delete(&self, user: &str, up_to_seq: u64) -> Result<u64, StoreError> {
+        timed!(
+            self,
+            "offline_delete",
+            self.inner.offline_delete(user, up_to_seq)
+        )
+    }
+    async fn offline_count(&self, user: &str) -> Result<u64, StoreError> {
+        timed!(self, "offline_count", self.inner.offline_count(user))
+    }
+    async fn pep_node(&self, owner: &str, node: &str) -> Result<Option<PepNodeConfig>, StoreError> {
+        timed!(self, "pep_node", self.inner.pep_node(owner, node))
+    }
+    async fn pep_create_or_configure(
+        &self,
+        owner: &str,
+        node: &str,
+        cfg: &PepNodeConfig,
+    ) -> Result<(), StoreError> {
+        timed!(
+            self,
+            "pep_create_or_configure",
+            self.inner.pep_create_or_configure(owner, node, cfg)
+        )
+    }
+    async fn pep_publish(
+        &self,
+        owner: &str,
+        node: &str,
+        item_id: &str,
+        payload: &str,
+    ) -> Result<(), StoreError> {
+        timed!(
+            self,
+            "pep_publish",
+            self.inner.pep_publish(owner, node, item_id, payload)
+        )
+    }
+    async fn pep_items(
+        &self,
+        owner: &str,
+        node: &str,
+        max: Option<usize>,
+        ids: Option<&[String]>,
+    ) -> Result<Vec<PepItem>, StoreError> {
+        timed!(
+            self,
+            "pep_items",
+            self.inner.pep_items(owner, node, max, ids)
+        )
+    }
+    async fn pep_retract(
+        &self,
+        owner: &str,
+        node: &str,
+        item_id: &str,
+    ) -> Result<bool, StoreError> {
+        timed!(
+            self,
+            "pep_retract",
+            self.inner.pep_retract(owner, node, item_id)
+        )
+    }
+    async fn pep_delete_node(&self, owner: &str, node: &str) -> Result<bool, StoreError> {
+        timed!(
+            self,
+            "pep_delete_node",
+            self.inner.pep_delete_node(owner, node)
+        )
+    }
+    async fn pep_nodes(&self, owner: &str) -> Result<Vec<String>, StoreError> {
+        timed!(self, "pep_nodes", self.inner.pep_nodes(owner))
+    }
+    async fn blocklist(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        timed!(self, "blocklist", self.inner.blocklist(user))
+    }
+    async fn block(&self, user: &str, jids: &[String]) -> Result<(), StoreError> {
+        timed!(self, "block", self.inner.block(user, jids))
+    }
+    async fn unblock(&self, user: &str, jids: Option<&[String]>) -> Result<(), StoreError> {
+        timed!(self, "unblock", self.inner.unblock(user, jids))
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        timed!(self, "ping", self.inner.ping())
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_prefix() {
+        let m = Arc::new(Metrics::new());
+        let _c = m.connection("ws");
+        m.session_bound(1, "tls");
+        m.stanza_in("message");
+        m.stanza_in("bogus");
+        drop(m.routing_timer("iq"));
+        m.auth_failure("not-authorized");
+        m.stanza_error(&crate::error::StanzaError::new(
+            crate::error::Condition::ServiceUnavailable,
+        ));
+        let text = m.render(&Router::new());
+        for needle in [
+            "natter_connections{transport=\"ws\"} 1",
+            "natter_sessions{transport=\"tls\"} 1",
+            "natter_stanzas_in_total{kind=\"message\"} 1",
+            "natter_stanzas_in_total{kind=\"other\"} 1",
+            "natter_routing_seconds_count{kind=\"iq\"} 1",
+            "natter_auth_failures_total{condition=\"not-authorized\"} 1",
+            "natter_errors_total{level=\"stanza\",condition=\"service-unavailable\"} 1",
+            "natter_queue_depth 0",
+            "natter_build_info{version=",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in:\n{text}");
+        }
+        m.session_closed(1);
+        drop(_c);
+        let text = m.render(&Router::new());
+        assert!(text.contains("natter_connections{transport=\"ws\"} 0"));
+        assert!(text.contains("natter_sessions{transport=\"tls\"} 0"));
+    }
+}

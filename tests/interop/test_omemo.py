@@ -1,0 +1,223 @@
+"""OMEMO (XEP-0384) end to end with a real client library: two
+slixmpp-omemo clients exchange encrypted messages through natter, online and
+offline, and the server's store never holds the plaintext.
+
+natter's part is PEP (XEP-0163/0223): the clients publish their device
+lists and key bundles with publish-options (`pubsub#access_model=open`) and
+fetch each other's. Two cases:
+
+* strangers: no roster subscription, so the clients download device lists
+  and bundles themselves (the open access model must let them: ejabberd
+  #4103, dino #1139);
+* contacts with a mutual subscription: slixmpp-omemo then relies on PEP
+  notifications alone (`+notify` in its entity capabilities, which natter
+  learns by asking the client for its disco#info).
+
+The OMEMO identity of each account lives in an in-memory storage kept across
+its logins, like a real device's.
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any, Dict, FrozenSet, Optional
+
+import pytest
+from omemo.storage import Just, Maybe, Nothing, Storage
+from omemo.types import DeviceInformation, JSONType
+from slixmpp.jid import JID
+from slixmpp.plugins import register_plugin
+from slixmpp_omemo import TrustLevel, XEP_0384
+
+from helpers import is_presence
+from natter_client import STEP, Clients, run
+
+ALICE, BOB = "alice@localhost", "bob@localhost"
+PW = {ALICE: "alice-omemo", BOB: "bob-omemo"}
+OLDMEMO = "eu.siacs.conversations.axolotl"
+
+
+class MemoryStorage(Storage):
+    """python-omemo storage in a dict (one per account, kept across logins)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data: Dict[str, JSONType] = {}
+
+    async def _load(self, key: str) -> Maybe[JSONType]:
+        return Just(self.data[key]) if key in self.data else Nothing()
+
+    async def _store(self, key: str, value: JSONType) -> None:
+        self.data[key] = value
+
+    async def _delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
+
+STORAGES: Dict[str, MemoryStorage] = {}
+
+
+class XEP_0384Impl(XEP_0384):  # noqa: N801 (slixmpp plugin naming)
+    """slixmpp-omemo with blind trust before verification (BTBV) and an
+    automatic trust decision: a test has no human to ask."""
+
+    default_config = {"fallback_message": "This message is OMEMO encrypted.", "account": None}
+
+    @property
+    def storage(self) -> Storage:
+        return STORAGES.setdefault(self.account, MemoryStorage())
+
+    @property
+    def _btbv_enabled(self) -> bool:
+        return True
+
+    async def _devices_blindly_trusted(self, blindly_trusted: FrozenSet[DeviceInformation],
+                                       identifier: Optional[str]) -> None:
+        pass
+
+    async def _prompt_manual_trust(self, manually_trusted: FrozenSet[DeviceInformation],
+                                   identifier: Optional[str]) -> None:
+        session_manager = await self.get_session_manager()
+        for device in manually_trusted:
+            await session_manager.set_trust(device.bare_jid, device.identity_key,
+                                            TrustLevel.TRUSTED.value)
+
+
+register_plugin(XEP_0384Impl)
+
+
+async def omemo_login(cs: Clients, jid: str):
+    """Log in with slixmpp-omemo loaded; returns once its keys are on the server."""
+    c = cs.new(jid, PW[jid])
+    for p in ("xep_0060", "xep_0115", "xep_0163", "xep_0334"):
+        c.register_plugin(p)
+    c.register_plugin("xep_0384", {"account": jid}, module=sys.modules[__name__])
+    initialized = asyncio.get_running_loop().create_future()
+    c.add_event_handler("omemo_initialized",
+                        lambda *_: initialized.done() or initialized.set_result(True))
+    await c.login()
+    # slixmpp-omemo registers its `+notify` features when the plugin loads,
+    # under the JID the client had then (no resource yet), and slixmpp
+    # attaches <c/> to presence only once the bound JID's caps are
+    # computed: register them for the bound JID and broadcast presence with
+    # the caps again, as a client that loads plugins after login would.
+    c.plugin["xep_0163"].add_interest([f"{OLDMEMO}.devicelist", "urn:xmpp:omemo:2:devices"],
+                                      jid=c.boundjid)
+    await c.plugin["xep_0115"].update_caps(jid=c.boundjid, broadcast=True)
+    await asyncio.wait_for(initialized, 3 * STEP)
+    return c
+
+
+async def befriend(a, b) -> None:
+    """Mutual presence subscription, as clients do it."""
+    for x, y in ((a, b), (b, a)):
+        x.send_presence(pto=y.boundjid.bare, ptype="subscribe")
+        await y.presences.wait_for(lambda p: is_presence(p, x.boundjid.bare, "subscribe"),
+                                   f"subscribe from {x.boundjid.bare}")
+        y.send_presence(pto=x.boundjid.bare, ptype="subscribed")
+        await x.presences.wait_for(lambda p: is_presence(p, y.boundjid.bare, "subscribed"),
+                                   f"subscribed from {y.boundjid.bare}")
+
+
+async def known_devices(c, jid: str) -> None:
+    """Wait until `c` learned `jid`'s OMEMO devices (from PEP notifications:
+    with a mutual subscription slixmpp-omemo downloads nothing itself)."""
+    session_manager = await c.plugin["xep_0384"].get_session_manager()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STEP
+    while not await session_manager.get_device_information(jid):
+        assert loop.time() < deadline, f"{c.boundjid.bare} never got {jid}'s device list"
+        await asyncio.sleep(0.05)
+
+
+async def send_encrypted(sender, to: str, plaintext: str) -> str:
+    msg = sender.make_message(mto=JID(to), mtype="chat")
+    msg["body"] = plaintext
+    encrypted, errors = await sender.plugin["xep_0384"].encrypt_message(msg, JID(to))
+    assert encrypted is not None, f"nothing to send (errors: {errors})"
+    assert not errors, f"encryption errors: {errors}"
+    wire = str(encrypted)
+    assert plaintext not in wire, "the stanza on the wire holds the plaintext"
+    assert OLDMEMO in wire, wire
+    mid = encrypted["id"]
+    encrypted.send()
+    return mid
+
+
+async def receive_decrypted(receiver, sender, plaintext: str, what: str) -> None:
+    got = await receiver.messages.wait_for(
+        lambda m: bool(receiver.plugin["xep_0384"].is_encrypted(m)),
+        f"{what}: an OMEMO message", timeout=2 * STEP)
+    assert got["from"].bare == JID(sender).bare, got
+    assert plaintext not in str(got), f"{what}: plaintext visible in the stanza"
+    decrypted, device = await receiver.plugin["xep_0384"].decrypt_message(got)
+    assert decrypted["body"] == plaintext, f"{what}: decrypted {decrypted['body']!r}"
+    assert device.bare_jid == JID(sender).bare
+
+
+def assert_store_has_no_plaintext(server, plaintexts: list[str]) -> dict[str, int]:
+    """No plaintext in the SQLite files (main + WAL); returns row counts of
+    the archive/offline tables that hold OMEMO payloads."""
+    db = Path(server.data_dir) / "natter.db"
+    assert db.exists(), f"no store at {db}"
+    for f in [db, Path(f"{db}-wal")]:
+        if f.exists():
+            raw = f.read_bytes()
+            for p in plaintexts:
+                assert p.encode() not in raw, f"plaintext {p!r} found in {f.name}"
+    counts: dict[str, int] = {}
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        for table in ("archive", "offline_messages"):
+            rows = con.execute(f"SELECT stanza FROM {table}").fetchall()  # noqa: S608
+            for (stanza,) in rows:
+                for p in plaintexts:
+                    assert p not in stanza, f"plaintext in {table}: {stanza[:300]}"
+            counts[table] = sum(1 for (s,) in rows if OLDMEMO in s)
+    finally:
+        con.close()
+    return counts
+
+
+@pytest.mark.parametrize("relation", ["strangers", "contacts"])
+def test_omemo_online_and_offline(server, relation):
+    server.add_user(ALICE, PW[ALICE])
+    server.add_user(BOB, PW[BOB])
+    STORAGES.clear()
+    tag = secrets.token_hex(6)
+    texts = [f"omemo-{relation}-{tag}-{n}" for n in ("hello", "reply", "offline")]
+
+    async def scenario() -> dict[str, int]:
+        async with Clients(server) as cs:
+            a = await omemo_login(cs, ALICE)
+            b = await omemo_login(cs, BOB)
+            if relation == "contacts":
+                await befriend(a, b)
+                await known_devices(a, BOB)
+                await known_devices(b, ALICE)
+            # Online, both ways.
+            await send_encrypted(a, BOB, texts[0])
+            await receive_decrypted(b, ALICE, texts[0], "alice -> bob (online)")
+            await send_encrypted(b, ALICE, texts[1])
+            await receive_decrypted(a, BOB, texts[1], "bob -> alice (online)")
+
+            # Offline: bob logs out, alice writes, bob comes back.
+            await b.close()
+            await asyncio.sleep(0.2)
+            mid = await send_encrypted(a, BOB, texts[2])
+            await asyncio.sleep(0.5)
+            bounced = a.message_errors.matching(lambda m: m["id"] == mid)
+            assert not bounced, (
+                "the message to offline bob bounced (offline storage missing?): "
+                f"{bounced[0]}")
+        async with Clients(server) as cs:
+            b = await omemo_login(cs, BOB)
+            await receive_decrypted(b, ALICE, texts[2], "alice -> bob (offline)")
+        return assert_store_has_no_plaintext(server, texts)
+
+    counts = run(scenario(), timeout=180)
+    # Archived (XEP-0313) in encrypted form: both parties' copies of 3 messages.
+    assert counts.get("archive", 0) >= 3, f"encrypted messages not archived: {counts}"
