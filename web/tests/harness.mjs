@@ -1,0 +1,94 @@
+// Shared pieces of the browser tests: start natter (the debug binary, a temp
+// data dir, listeners on 127.0.0.1 port 0) and Debian's Chromium through
+// playwright-core.
+
+import { spawn } from 'node:child_process';
+import { mkdtempSync, mkdirSync, rmSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+export const WEB = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+export const REPO = resolve(WEB, '..');
+export const SHOTS = resolve(REPO, 'test-output', 'browser');
+export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+
+/** Start `natter serve`; resolves once it logged its bound addresses. */
+export async function startNatter() {
+  const bin = process.env.NATTER_BIN || join(REPO, 'target', 'debug', 'natter');
+  if (!existsSync(bin)) throw new Error(`${bin} not found: run \`cargo build -p natter\` first`);
+  const dataDir = mkdtempSync(join(tmpdir(), 'natter-browser-'));
+  // natter reads every NATTER_* variable as configuration: pass only ours.
+  const inherited = Object.fromEntries(
+    Object.entries(process.env).filter(([k]) => !k.startsWith('NATTER_')),
+  );
+  const env = {
+    ...inherited,
+    NATTER_DATA_DIR: dataDir,
+    NATTER_DOMAINS: 'localhost',
+    NATTER_LISTEN_C2S: '127.0.0.1:0',
+    NATTER_LISTEN_C2S_TLS: '127.0.0.1:0',
+    NATTER_LISTEN_HTTP: '127.0.0.1:0',
+    NATTER_HTTP_WEB_ROOT: WEB,
+    NATTER_LOG_LEVEL: process.env.WEBTEST_LOG || 'info',
+    NATTER_LOG_FORMAT: 'text',
+  };
+  const proc = spawn(bin, ['serve'], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+  let log = '';
+  const http = await new Promise((ok, fail) => {
+    const timer = setTimeout(() => fail(new Error(`natter did not start:\n${log}`)), 30000);
+    proc.stderr.setEncoding('utf8');
+    proc.stderr.on('data', (chunk) => {
+      log += chunk;
+      // eslint-disable-next-line no-control-regex
+      const m = log.replace(/\x1b\[[0-9;]*m/g, '').match(/http: Some\((127\.0\.0\.1:\d+)\)/);
+      if (m) { clearTimeout(timer); ok(m[1]); }
+    });
+    proc.on('exit', (code) => { clearTimeout(timer); fail(new Error(`natter exited (${code}):\n${log}`)); });
+  });
+  return {
+    url: `http://${http}/`,
+    http,
+    dataDir,
+    log: () => log,
+    async stop() {
+      if (proc.exitCode === null) {
+        const done = new Promise((ok) => proc.on('exit', ok));
+        proc.kill('SIGTERM');
+        await Promise.race([done, new Promise((ok) => setTimeout(ok, 10000))]);
+        if (proc.exitCode === null) proc.kill('SIGKILL');
+      }
+      rmSync(dataDir, { recursive: true, force: true });
+    },
+  };
+}
+
+export async function launchChromium() {
+  if (!existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} not found: apt-get install chromium`);
+  // playwright gives every launch a fresh temporary --user-data-dir of its own
+  // (and refuses one in `args`); each context below is isolated as well.
+  return chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
+  });
+}
+
+export function shotsDir() {
+  mkdirSync(SHOTS, { recursive: true });
+  return SHOTS;
+}
+
+/** Screenshot into test-output/browser/NAME.png. */
+export async function shot(page, name) {
+  await page.screenshot({ path: join(shotsDir(), `${name}.png`) });
+}
