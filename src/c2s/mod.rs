@@ -103,7 +103,7 @@ struct Session {
     awaiting_open: bool,
     scram: Option<Scram>,
     sasl_failures: u32,
-    rx: Option<mpsc::Receiver<Deliver>>,
+    rx: Option<crate::router::QueueRx>,
     preauth: Option<PreauthGuard>,
     last_heard: Instant,
     ping_id: Option<String>,
@@ -297,7 +297,7 @@ impl Session {
                         if batch.len() >= 64 {
                             break;
                         }
-                        next = self.rx.as_mut().and_then(|rx| rx.try_recv().ok());
+                        next = self.rx.as_mut().and_then(|rx| rx.try_recv());
                     }
                     tracing::trace!(n = batch.len(), "writing stanzas");
                     let written = self.write(t, batch).await;
@@ -1199,7 +1199,7 @@ impl Session {
     async fn flush_queue<T: Transport>(&mut self, t: &mut T) {
         let Some(rx) = self.rx.as_mut() else { return };
         let mut batch = self.held.take_all();
-        while let Ok(Deliver::Stanza(el)) = rx.try_recv() {
+        while let Some(Deliver::Stanza(el)) = rx.try_recv() {
             batch.push(el);
         }
         if !batch.is_empty()
@@ -1307,7 +1307,7 @@ impl Session {
         undelivered.extend(self.held.take_all());
         if let Some(rx) = self.rx.as_mut() {
             rx.close();
-            while let Ok(d) = rx.try_recv() {
+            while let Some(d) = rx.try_recv() {
                 if let Deliver::Stanza(el) = d {
                     undelivered.push(el);
                 }

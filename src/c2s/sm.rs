@@ -12,7 +12,7 @@
 //! - the unacked queue and the CSI hold-back queue are bounded
 //!   (`c2s.max_unacked`): a session that exceeds it is closed.
 
-use crate::router::{Deliver, SessionHandle};
+use crate::router::{QueueRx, SessionHandle};
 use jid::BareJid;
 use natter_xml::{Element, NS_CLIENT};
 use std::collections::{HashMap, VecDeque};
@@ -141,7 +141,7 @@ pub fn truthy(v: Option<&str>) -> bool {
 /// that held it to the connection that resumes it.
 pub struct Parked {
     pub handle: Arc<SessionHandle>,
-    pub rx: mpsc::Receiver<Deliver>,
+    pub rx: QueueRx,
     pub sm: Sm,
     pub held: Held,
 }

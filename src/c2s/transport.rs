@@ -12,7 +12,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
@@ -69,7 +69,6 @@ enum Io {
 pub struct TcpTransport {
     io: Io,
     parser: StreamParser,
-    buf: Box<[u8]>,
     peer: SocketAddr,
     header_sent: bool,
     /// Before authentication a stream can be restarted by the element just
@@ -80,14 +79,20 @@ pub struct TcpTransport {
     leftover: Vec<u8>,
 }
 
-const READ_CHUNK: usize = 4096;
+const READ_CHUNK: usize = 16 * 1024;
+
+thread_local! {
+    /// One read buffer per worker thread instead of one per connection:
+    /// bytes are parsed before the poll returns, so nothing outlives it.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
 
 impl TcpTransport {
     pub fn plain(stream: TcpStream, peer: SocketAddr, limits: Limits) -> Self {
         TcpTransport {
             io: Io::Plain(stream),
             parser: StreamParser::new(limits),
-            buf: vec![0; READ_CHUNK].into_boxed_slice(),
             peer,
             header_sent: false,
             split: true,
@@ -106,7 +111,6 @@ impl TcpTransport {
         TcpTransport {
             io: Io::Upgrading,
             parser: StreamParser::new(limits),
-            buf: vec![0; READ_CHUNK].into_boxed_slice(),
             peer,
             header_sent: false,
             split: true,
@@ -168,19 +172,31 @@ impl Transport for TcpTransport {
                 self.parser.feed(&data).map_err(ReadError::Xml)
             };
         }
-        let n = match &mut self.io {
-            Io::Plain(s) => s.read(&mut self.buf).await,
-            Io::Tls(s) => s.read(&mut self.buf).await,
-            Io::Upgrading => return Err(ReadError::Closed),
-        };
-        match n {
-            Ok(0) | Err(_) => Err(ReadError::Closed),
-            Ok(n) if self.split => {
-                let data = self.buf[..n].to_vec();
-                self.feed_split(&data)
-            }
-            Ok(n) => self.parser.feed(&self.buf[..n]).map_err(ReadError::Xml),
-        }
+        // Poll the socket straight into the thread's scratch buffer and
+        // parse before returning: no await holds the buffer, so an idle
+        // connection owns no read buffer and the future stays cancel-safe.
+        std::future::poll_fn(|cx| {
+            SCRATCH.with_borrow_mut(|buf| {
+                let mut rb = tokio::io::ReadBuf::new(buf);
+                let polled = match &mut self.io {
+                    Io::Plain(s) => std::pin::Pin::new(s).poll_read(cx, &mut rb),
+                    Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, &mut rb),
+                    Io::Upgrading => return std::task::Poll::Ready(Err(ReadError::Closed)),
+                };
+                std::task::Poll::Ready(match polled {
+                    std::task::Poll::Pending => return std::task::Poll::Pending,
+                    std::task::Poll::Ready(Err(_)) => Err(ReadError::Closed),
+                    std::task::Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                        Err(ReadError::Closed)
+                    }
+                    std::task::Poll::Ready(Ok(())) if self.split => self.feed_split(rb.filled()),
+                    std::task::Poll::Ready(Ok(())) => {
+                        self.parser.feed(rb.filled()).map_err(ReadError::Xml)
+                    }
+                })
+            })
+        })
+        .await
     }
 
     async fn open(&mut self, id: &str, from: &str) -> io::Result<()> {

@@ -17,7 +17,10 @@ use natter_xml::Element;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
+
+pub mod queue;
+pub use queue::{QueueRx, QueueTx};
 
 /// What the router hands to a session task.
 #[derive(Debug)]
@@ -51,7 +54,7 @@ pub struct SessionHandle {
     pub id: u64,
     pub jid: FullJid,
     pub bare: BareJid,
-    tx: mpsc::Sender<Deliver>,
+    tx: QueueTx,
     overflowed: AtomicBool,
     /// The session is ending: routing no longer finds it.
     closing: AtomicBool,
@@ -66,14 +69,14 @@ impl SessionHandle {
     pub fn send(&self, stanza: Element) -> bool {
         match self.tx.try_send(Deliver::Stanza(stanza)) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(queue::PushError::Full) => {
                 if !self.overflowed.swap(true, Ordering::SeqCst) {
                     tracing::warn!(jid = %self.jid, "session queue full, closing it");
                 }
                 self.overflow.notify_one();
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(queue::PushError::Closed) => false,
         }
     }
 
@@ -87,7 +90,7 @@ impl SessionHandle {
 
     /// Stanzas waiting in this session's queue (the queue-depth metrics).
     pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.tx.len()
     }
 
     /// Stop routing to this session (it is ending).
@@ -124,11 +127,7 @@ pub struct Router {
 
 /// A new session: its handle, its queue's receiving end, and the session
 /// it replaced (same full JID), if any.
-pub type Bound = (
-    Arc<SessionHandle>,
-    mpsc::Receiver<Deliver>,
-    Option<Arc<SessionHandle>>,
-);
+pub type Bound = (Arc<SessionHandle>, QueueRx, Option<Arc<SessionHandle>>);
 
 /// Why a bind failed.
 #[derive(Debug, PartialEq, Eq)]
@@ -150,7 +149,7 @@ impl Router {
         queue: usize,
         max_resources: usize,
     ) -> Result<Bound, BindError> {
-        let (tx, rx) = mpsc::channel(queue.max(1));
+        let (tx, rx) = queue::queue(queue);
         let bare = jid.to_bare();
         let handle = Arc::new(SessionHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
