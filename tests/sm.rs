@@ -634,10 +634,22 @@ async fn too_many_stanzas_for_a_detached_session_end_it() {
     for i in 0..6 {
         a.send(&message(&bob_jid, &format!("m{i}"))).await;
     }
+    // The session ends; its stanzas (the 6 messages, and whatever else was
+    // queued for it) are requeued, and each message lands offline once.
     wait_for("requeue", || {
-        srv.state().router.requeued() == 6 && srv.state().router.resources(&bob_bare).is_empty()
+        srv.state().router.requeued() >= 6 && srv.state().router.resources(&bob_bare).is_empty()
     })
     .await;
+    let store = srv.state().store.clone();
+    let mut queued = 0;
+    for _ in 0..200 {
+        queued = store.offline_count(bob_bare.as_str()).await.unwrap();
+        if queued >= 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(queued, 6, "every message queued offline exactly once");
     let (_c, r) = resume(&srv, &bob, &id, 0).await;
     assert_eq!(failed_condition(&r), "item-not-found");
     srv.stop().await;

@@ -318,9 +318,28 @@ impl Session {
                     self.last_heard = Instant::now();
                     self.ping_id = None;
                     let mut bytes = 0;
-                    for ev in events {
+                    let mut events = events.into_iter().peekable();
+                    while let Some(ev) = events.next() {
                         if let StreamEvent::Stanza(el) = &ev {
                             bytes += approx_size(el);
+                        }
+                        // Consecutive messages share one durable write.
+                        if let (Phase::Bound(h), StreamEvent::Stanza(el)) = (&self.phase, &ev) {
+                            if is_message(el) && !self.awaiting_open {
+                                let h = h.clone();
+                                let StreamEvent::Stanza(first) = ev else { unreachable!() };
+                                let mut run = vec![first];
+                                while let Some(StreamEvent::Stanza(el)) = events.next_if(
+                                    |e| matches!(e, StreamEvent::Stanza(el) if is_message(el)),
+                                ) {
+                                    bytes += approx_size(&el);
+                                    run.push(el);
+                                }
+                                if let Err(end) = self.on_messages(t, &h, run).await {
+                                    return end;
+                                }
+                                continue;
+                            }
                         }
                         match self.on_event(t, ev).await {
                             Ok(Step::Continue) => {}
@@ -1135,6 +1154,48 @@ impl Session {
         Ok(step)
     }
 
+    /// A run of message stanzas from one read: prepared one by one like
+    /// any stanza, routed with one archive write (`route_many`), each
+    /// counted as handled (XEP-0198) only after that write is durable.
+    async fn on_messages<T: Transport>(
+        &mut self,
+        t: &mut T,
+        h: &Arc<SessionHandle>,
+        run: Vec<Element>,
+    ) -> Result<(), End> {
+        if run.len() == 1 {
+            let el = run.into_iter().next().expect("one");
+            return self.on_stanza(t, h, el).await.map(|_| ());
+        }
+        let mut msgs = Vec::with_capacity(run.len());
+        for mut el in run {
+            el.set_attr("from", h.jid.to_string());
+            self.state.metrics.stanza_in(&el.name);
+            self.strip_server_elements(&mut el);
+            msgs.push(el);
+        }
+        let n = msgs.len() as u32;
+        let cx = Cx {
+            state: &self.state,
+            session: h,
+        };
+        let originals = msgs.clone();
+        let _timer = self.state.metrics.routing_timer("message");
+        let results = modules::message::route_many(&cx, msgs).await;
+        for (msg, r) in originals.iter().zip(results) {
+            // Never answer an error with an error (RFC 6120 §8.3.1).
+            if let Err(e) = r {
+                if msg.attr("type") != Some("error") {
+                    h.send(e.reply_to(msg));
+                }
+            }
+        }
+        if let Some(sm) = self.sm.as_mut() {
+            sm.handled = sm.handled.wrapping_add(n);
+        }
+        Ok(())
+    }
+
     async fn handle_stanza<T: Transport>(
         &mut self,
         t: &mut T,
@@ -1326,6 +1387,10 @@ impl Session {
         self.state.metrics.session_closed(h.id);
         self.state.router.unbind(&h);
     }
+}
+
+fn is_message(el: &Element) -> bool {
+    el.ns == NS_CLIENT && el.name == "message"
 }
 
 fn decode_sasl(text: &str) -> Result<Vec<u8>, SaslError> {

@@ -29,7 +29,86 @@ pub struct Messages;
 #[async_trait]
 impl Module for Messages {}
 
+/// What routing decided for one message before anything was written.
+enum Plan {
+    /// Nothing more to do (to the server, blocked, …).
+    Done,
+    /// Route as is, no durable write (chat states, headlines, errors, …).
+    Direct { to: Jid, msg: Element, kind: String },
+    /// Archive (these entries, maybe none) and then deliver or queue it.
+    Accept(Box<Accept>),
+}
+
+struct Accept {
+    bare: BareJid,
+    full: Option<jid::FullJid>,
+    msg: Element,
+    kind: String,
+    entries: Vec<natter_store::NewArchiveEntry>,
+    sent_ix: Option<usize>,
+    recv_ix: Option<usize>,
+}
+
 pub async fn route(cx: &Cx<'_>, msg: Element) -> Result<(), StanzaError> {
+    match plan(cx, msg).await? {
+        Plan::Done => Ok(()),
+        Plan::Direct { to, msg, kind } => direct(cx, &to, msg, &kind).await,
+        Plan::Accept(a) => {
+            let ids = append(cx, &a.entries).await?;
+            finish(cx, *a, &ids).await
+        }
+    }
+}
+
+/// Route several messages from one session, in order, with one durable
+/// archive write for all of them (one group commit instead of one per
+/// message: a session's throughput is not bound by commit latency).
+/// Returns each message's outcome, in order.
+pub async fn route_many(cx: &Cx<'_>, msgs: Vec<Element>) -> Vec<Result<(), StanzaError>> {
+    let mut plans = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        plans.push(plan(cx, m).await);
+    }
+    // One append for every accepted message's entries, remembering where
+    // each message's ids start.
+    let mut all = Vec::new();
+    let mut offsets = Vec::with_capacity(plans.len());
+    for p in &plans {
+        offsets.push(all.len());
+        if let Ok(Plan::Accept(a)) = p {
+            all.extend(a.entries.iter().cloned());
+        }
+    }
+    let batch = if all.is_empty() {
+        Ok(Vec::new())
+    } else {
+        append(cx, &all).await
+    };
+    let mut out = Vec::with_capacity(plans.len());
+    for (p, off) in plans.into_iter().zip(offsets) {
+        out.push(match p {
+            Err(e) => Err(e),
+            Ok(Plan::Done) => Ok(()),
+            Ok(Plan::Direct { to, msg, kind }) => direct(cx, &to, msg, &kind).await,
+            Ok(Plan::Accept(a)) => match &batch {
+                Ok(ids) => {
+                    let n = a.entries.len();
+                    finish(cx, *a, &ids[off..off + n]).await
+                }
+                // The batch is all-or-nothing (e.g. one recipient's account
+                // was deleted meanwhile): fall back to one write each, so
+                // only the affected message fails.
+                Err(_) => match append(cx, &a.entries).await {
+                    Ok(ids) => finish(cx, *a, &ids).await,
+                    Err(e) => Err(e),
+                },
+            },
+        });
+    }
+    out
+}
+
+async fn plan(cx: &Cx<'_>, msg: Element) -> Result<Plan, StanzaError> {
     let kind = msg.attr("type").unwrap_or("normal").to_string();
     if !matches!(
         kind.as_str(),
@@ -47,90 +126,117 @@ pub async fn route(cx: &Cx<'_>, msg: Element) -> Result<(), StanzaError> {
     }
     if to.node().is_none() {
         // Messages to the server itself carry nothing we act on.
-        return Ok(());
+        return Ok(Plan::Done);
     }
     // XEP-0191: blocked either way → an error (or dropped, for errors).
     if super::blocking::gate(cx, &msg, &to).await? {
-        return Ok(());
+        return Ok(Plan::Done);
     }
+    if !offline::storable(&msg, &kind) {
+        return Ok(Plan::Direct { to, msg, kind });
+    }
+    let state = cx.state;
     let bare = to.to_bare();
-    if offline::storable(&msg, &kind) {
-        return accept(cx, &to, &bare, msg, &kind).await;
+    let full = to
+        .try_as_full()
+        .ok()
+        .filter(|f| state.router.session(f).is_some())
+        .cloned();
+    if full.is_none() && !offline::online(state, &bare) {
+        // It would be queued: refuse early (before archiving) when it can't be.
+        if state.store.credentials(bare.as_str()).await?.is_none() {
+            return Err(StanzaError::new(Condition::ServiceUnavailable));
+        }
+        let limit = state.config.store.offline_limit;
+        if state.store.offline_count(bare.as_str()).await? >= limit as u64 {
+            return Err(offline::queue_full());
+        }
     }
+    let (entries, sent_ix, recv_ix) = if mam::archivable(&msg, &kind) {
+        mam::archive_entries(state, &cx.session.bare, &bare, &msg.to_string()).await?
+    } else {
+        (Vec::new(), None, None)
+    };
+    Ok(Plan::Accept(Box::new(Accept {
+        bare,
+        full,
+        msg,
+        kind,
+        entries,
+        sent_ix,
+        recv_ix,
+    })))
+}
 
+/// The durable write; ids in the order of `entries`.
+async fn append(
+    cx: &Cx<'_>,
+    entries: &[natter_store::NewArchiveEntry],
+) -> Result<Vec<String>, StanzaError> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    match cx.state.store.archive_append(entries).await {
+        Ok(ids) => Ok(ids),
+        // The recipient's account is gone.
+        Err(natter_store::StoreError::NotFound) => {
+            Err(StanzaError::new(Condition::ServiceUnavailable))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn direct(cx: &Cx<'_>, to: &Jid, msg: Element, kind: &str) -> Result<(), StanzaError> {
+    let bare = to.to_bare();
     if let Ok(full) = to.try_as_full() {
         if let Some(h) = cx.state.router.session(full) {
             h.send(msg.clone());
-            carbons::copy_sent(cx, &msg, &kind);
-            carbons::copy_received(cx, &bare, Some(h.id), &msg, &kind);
+            carbons::copy_sent(cx, &msg, kind);
+            carbons::copy_received(cx, &bare, Some(h.id), &msg, kind);
             return Ok(());
         }
         // RFC 6121 §8.5.3.2: resource gone.
-        match kind.as_str() {
+        match kind {
             "groupchat" => return Err(StanzaError::new(Condition::ServiceUnavailable)),
             "headline" | "error" => return Ok(()),
             _ => {}
         }
     }
-    deliver_to_bare(cx, &bare, msg, &kind).await
+    deliver_to_bare(cx, &bare, msg, kind).await
 }
 
-/// A message worth keeping: archive it for both parties, then deliver it
-/// or queue it offline; return once all of that is durable.
-async fn accept(
-    cx: &Cx<'_>,
-    to: &Jid,
-    bare: &BareJid,
-    msg: Element,
-    kind: &str,
-) -> Result<(), StanzaError> {
+/// A message worth keeping, once its archive entries are written (`ids`,
+/// in the order of its entries): deliver it or queue it offline; return
+/// once all of that is durable.
+async fn finish(cx: &Cx<'_>, a: Accept, ids: &[String]) -> Result<(), StanzaError> {
     let state = cx.state;
     let sender = &cx.session.bare;
     let limit = state.config.store.offline_limit;
-    let full = to
-        .try_as_full()
-        .ok()
-        .filter(|f| state.router.session(f).is_some());
-    if full.is_none() && !offline::online(state, bare) {
-        // It would be queued: refuse early (before archiving) when it can't be.
-        if state.store.credentials(bare.as_str()).await?.is_none() {
-            return Err(StanzaError::new(Condition::ServiceUnavailable));
-        }
-        if state.store.offline_count(bare.as_str()).await? >= limit as u64 {
-            return Err(offline::queue_full());
-        }
-    }
-    let mut delivered = msg.clone();
-    let mut sent_copy = msg.clone();
+    let mut delivered = a.msg.clone();
+    let mut sent_copy = a.msg;
     let mut archive_id = None;
-    if mam::archivable(&msg, kind) {
-        let (entries, sent_ix, recv_ix) =
-            mam::archive_entries(state, sender, bare, &msg.to_string()).await?;
-        if !entries.is_empty() {
-            let ids = match state.store.archive_append(&entries).await {
-                Ok(ids) => ids,
-                Err(natter_store::StoreError::NotFound) => {
-                    // The recipient's account is gone.
-                    return Err(StanzaError::new(Condition::ServiceUnavailable));
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if let Some(id) = recv_ix.and_then(|i| ids.get(i)) {
-                delivered.append_child(mam::stanza_id(id, bare));
-                archive_id = Some(id.clone());
-            }
-            // XEP-0313 "Communicating the archive ID": the sender's id goes only to the sender's own
-            // devices (in the sent carbon), never to the recipient.
-            if let Some(id) = sent_ix.and_then(|i| ids.get(i)) {
-                sent_copy.append_child(mam::stanza_id(id, sender));
-            }
-        }
+    if let Some(id) = a.recv_ix.and_then(|i| ids.get(i)) {
+        delivered.append_child(mam::stanza_id(id, &a.bare));
+        archive_id = Some(id.clone());
     }
-    let got = offline::deliver(state, bare, full, &delivered, archive_id.as_deref(), limit).await?;
-    carbons::copy_sent(cx, &sent_copy, kind);
-    if full.is_some() {
+    // XEP-0313 "Communicating the archive ID": the sender's id goes only to
+    // the sender's own devices (in the sent carbon), never to the recipient.
+    if let Some(id) = a.sent_ix.and_then(|i| ids.get(i)) {
+        sent_copy.append_child(mam::stanza_id(id, sender));
+    }
+    let got = offline::deliver(
+        state,
+        &a.bare,
+        a.full.as_ref(),
+        &delivered,
+        archive_id.as_deref(),
+        limit,
+    )
+    .await?;
+    carbons::copy_sent(cx, &sent_copy, &a.kind);
+    if a.full.is_some() {
         let to_id = got.first().map(|h| h.id);
-        carbons::copy_received(cx, bare, to_id, &delivered, kind);
+        carbons::copy_received(cx, &a.bare, to_id, &delivered, &a.kind);
     }
     Ok(())
 }
