@@ -20,7 +20,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::net::raise_nofile;
 use crate::xmpp::Conn;
-use crate::{instant_at, now_ns, register_all, Ctx};
+use crate::{instant_at, now_ns, proc_cpu_secs, register_all, Ctx};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum To {
@@ -136,6 +136,16 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: ChatArgs) -> anyhow::Result<(
         senders_done: AtomicUsize::new(0),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Server CPU time over exactly the measured window.
+    let cpu_task = ctx.server_pid.map(|pid| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(instant_at(warm_end)).await;
+            let c0 = proc_cpu_secs(pid);
+            tokio::time::sleep_until(instant_at(send_end)).await;
+            let c1 = proc_cpu_secs(pid);
+            c0.zip(c1).map(|(a, b)| b - a)
+        })
+    });
     let mut rx_tasks = Vec::new();
     let mut tx_tasks = Vec::new();
     let pad = "x".repeat(a.body_bytes);
@@ -245,6 +255,21 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: ChatArgs) -> anyhow::Result<(
     let measured_sent: u64 = ranges.iter().flatten().map(|(f, l)| l - f + 1).sum();
     let q = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let rate = delivered as f64 / a.duration;
+    let server_cpu = match cpu_task {
+        Some(t) => t.await.ok().flatten(),
+        None => None,
+    };
+    let per_cpu = server_cpu
+        .filter(|c| *c > 0.0)
+        .map(|c| delivered as f64 / c);
+    if let Some(c) = server_cpu {
+        println!(
+            "server CPU {c:.2} s over the measured {:.0} s = {:.0}% of a core; {} msgs per CPU-second",
+            a.duration,
+            100.0 * c / a.duration,
+            per_cpu.map(|p| format!("{p:.0}")).unwrap_or_else(|| "n/a".into())
+        );
+    }
     println!(
         "pairs {} | sent {sent} (measured {measured_sent}) | delivered {delivered} = {rate:.0} msgs/s | \
          lost {lost} | duplicated {dup} | out-of-order {ooo} | error replies {errors}",
@@ -283,6 +308,8 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: ChatArgs) -> anyhow::Result<(
             "p99_ms": q(0.99),
             "p999_ms": q(0.999),
             "max_ms": hist.max() as f64 / 1000.0,
+            "server_cpu_s": server_cpu,
+            "msgs_per_cpu_s": per_cpu,
         });
         println!("{j}");
     }

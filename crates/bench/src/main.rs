@@ -6,6 +6,7 @@ mod chat;
 mod idle;
 mod login;
 mod net;
+mod scram;
 mod xmpp;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -80,6 +81,14 @@ struct Common {
     /// Resource to bind (login adds a counter).
     #[arg(long, global = true, default_value = "bench")]
     resource: String,
+    /// Server process whose CPU time (utime+stime from /proc/PID/stat) chat
+    /// and login report over their measured window (msgs or logins per CPU-second).
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// Derive SCRAM keys (PBKDF2) on every login instead of caching them per
+    /// salt like real clients do (the generator's core then bounds logins/s).
+    #[arg(long, global = true)]
+    scram_no_cache: bool,
 }
 
 #[derive(Subcommand)]
@@ -115,6 +124,21 @@ pub struct Ctx {
     pub offset: u64,
     pub concurrency: usize,
     pub resource: String,
+    pub server_pid: Option<u32>,
+}
+
+/// CPU seconds (user + system) process `pid` has used so far.
+pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some((utime + stime) / if tck > 0 { tck as f64 } else { 100.0 })
 }
 
 impl Ctx {
@@ -232,7 +256,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         offset: c.offset,
         concurrency: c.concurrency.max(1),
         resource: c.resource.clone(),
+        server_pid: c.server_pid,
     });
+    if let Some(pid) = c.server_pid {
+        if proc_cpu_secs(pid).is_none() {
+            bail!("--server-pid {pid}: cannot read /proc/{pid}/stat");
+        }
+    }
+    scram::NO_CACHE.store(c.scram_no_cache, Ordering::Relaxed);
     let register = c.register;
     match cli.cmd {
         Cmd::Idle(a) => idle::run(ctx, register, a).await,

@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use natter_sasl::client::{ClientBinding, ScramClient};
 use natter_sasl::Hash;
 use natter_xml::{escape_attr, escape_text, Element, Limits, StreamEvent, StreamParser};
 use natter_xml::{NS_CLIENT, NS_STREAM};
@@ -298,7 +297,7 @@ impl Conn {
                  without TLS the server must allow SASL on plaintext loopback)"
             ),
         };
-        let mut scram = ScramClient::new(hash, user, password, None, ClientBinding::Unsupported);
+        let mut scram = crate::scram::Client::new(hash, user, password);
         self.send(&format!(
             "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='{name}'>{}</auth>",
             B64.encode(scram.client_first())
@@ -307,9 +306,7 @@ impl Conn {
         let challenge = self.next_step("SASL challenge").await?;
         check_sasl(&challenge, "challenge")?;
         let server_first = B64.decode(challenge.text().trim())?;
-        let client_final = scram
-            .client_final(&server_first)
-            .map_err(|e| anyhow!("SCRAM: {e}"))?;
+        let client_final = scram.client_final(&server_first)?;
         self.send(&format!(
             "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{}</response>",
             B64.encode(client_final)
@@ -319,9 +316,7 @@ impl Conn {
         if el.is("challenge", NS_SASL) {
             // RFC 6120 allows the server-final-message in a last challenge.
             let v = B64.decode(el.text().trim())?;
-            scram
-                .verify_server_final(&v)
-                .map_err(|e| anyhow!("server signature: {e}"))?;
+            scram.verify_server_final(&v)?;
             self.send("<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
                 .await?;
             el = self.next_step("SASL success").await?;
@@ -329,9 +324,7 @@ impl Conn {
         } else {
             check_sasl(&el, "success")?;
             let v = B64.decode(el.text().trim())?;
-            scram
-                .verify_server_final(&v)
-                .map_err(|e| anyhow!("server signature: {e}"))?;
+            scram.verify_server_final(&v)?;
         }
         self.parser = parser();
         Ok(())

@@ -1,0 +1,44 @@
+-- Prosody 0.12 (Debian 12) for bench/side-by-side. @DIR@ and @PORT_*@ are
+-- filled in by the script; Prosody switches to the prosody user.
+pidfile = "@DIR@/prosody.pid"
+data_path = "@DIR@/data"
+admin_socket = "@DIR@/prosody.sock"
+log = { warn = "@DIR@/prosody.log" }
+network_backend = "epoll"           -- for many connections
+use_libevent = false
+
+interfaces = { "127.0.0.1" }
+c2s_ports = { @PORT_C2S@ }          -- STARTTLS, and plain SASL (below)
+c2s_direct_tls_ports = { @PORT_TLS@ } -- direct TLS (XEP-0368)
+s2s_ports = { }
+http_ports = { }
+https_ports = { }
+component_ports = { }
+
+c2s_require_encryption = false      -- SASL on plaintext loopback for --tls none
+allow_unencrypted_plain_auth = false
+authentication = "internal_hashed"  -- stores StoredKey/ServerKey (SCRAM-SHA-1)
+storage = "internal"                -- files; no fsync per write
+archive_expires_after = "never"
+default_archive_policy = true       -- archive every chat message (mod_mam)
+
+allow_registration = true
+min_seconds_between_registrations = 0
+registration_throttle_max = 1000000
+
+limits = {
+  c2s = { rate = "1000mb/s"; burst = "10s" };
+  c2sunauth = { rate = "1000mb/s"; burst = "10s" };
+}
+
+modules_enabled = {
+  "roster"; "saslauth"; "tls"; "disco"; "ping"; "register"; "posix";
+  "smacks"; "mam"; "carbons"; "blocklist"; "limits"; "offline"; "vcard_legacy";
+}
+modules_disabled = { "s2s" }
+
+certificates = "@DIR@/certs"
+ssl = { certificate = "@DIR@/cert.pem"; key = "@DIR@/key.pem" }
+
+VirtualHost "localhost"
+  ssl = { certificate = "@DIR@/cert.pem"; key = "@DIR@/key.pem" }
