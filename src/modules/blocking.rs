@@ -29,6 +29,7 @@
 //! are never filtered, whatever the list says (a user may block their own
 //! domain).
 
+use super::cache::UserCache;
 use super::{Cx, Iq, IqResult, IqType, Module};
 use crate::error::{Condition, StanzaError};
 use crate::router::SessionHandle;
@@ -37,7 +38,7 @@ use async_trait::async_trait;
 use jid::{BareJid, Jid};
 use natter_store::Subscription;
 use natter_xml::{Element, NS_CLIENT};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 pub const NS: &str = "urn:xmpp:blocking";
@@ -45,14 +46,11 @@ pub const NS_ERRORS: &str = "urn:xmpp:blocking:errors";
 
 /// Most JIDs one block list may hold.
 pub const MAX_ITEMS: usize = 1000;
-/// Cached lists kept for users with no session once the cache is this big.
-const CACHE_SOFT_LIMIT: usize = 10_000;
 
 #[derive(Default)]
 pub struct Blocking {
-    /// Each user's list, parsed. Entries of users with no session are
-    /// dropped when the cache grows past `CACHE_SOFT_LIMIT`.
-    lists: Mutex<HashMap<BareJid, Arc<Vec<Jid>>>>,
+    /// Each user's list, parsed.
+    lists: UserCache<Vec<Jid>>,
     /// Sessions (by id) that fetched their list and so get pushes.
     interested: Mutex<HashSet<u64>>,
     /// Serializes block/unblock so the cache always ends up with the
@@ -90,15 +88,8 @@ impl Module for Blocking {
     }
     async fn session_closed(&self, cx: &Cx<'_>) {
         self.interested.lock().unwrap().remove(&cx.session.id);
-        let others = cx
-            .state
-            .router
-            .resources(&cx.session.bare)
-            .iter()
-            .any(|h| h.id != cx.session.id);
-        if !others {
-            self.lists.lock().unwrap().remove(&cx.session.bare);
-        }
+        self.lists
+            .forget_unless_online(&cx.state.router, &cx.session.bare, cx.session.id);
     }
 }
 
@@ -193,10 +184,7 @@ impl Blocking {
         user: &BareJid,
     ) -> Result<Arc<Vec<Jid>>, StanzaError> {
         let fresh = Arc::new(load(state, user).await?);
-        self.lists
-            .lock()
-            .unwrap()
-            .insert(user.clone(), fresh.clone());
+        self.lists.set(user, fresh.clone());
         Ok(fresh)
     }
 
@@ -231,16 +219,12 @@ async fn load(state: &ServerState, user: &BareJid) -> Result<Vec<Jid>, StanzaErr
 /// `user`'s block list, from the cache or loaded into it.
 pub async fn list(state: &ServerState, user: &BareJid) -> Result<Arc<Vec<Jid>>, StanzaError> {
     let b = &state.modules.blocking;
-    if let Some(l) = b.lists.lock().unwrap().get(user) {
-        return Ok(l.clone());
+    if let Some(l) = b.lists.get(user) {
+        return Ok(l);
     }
     let loaded = Arc::new(load(state, user).await?);
-    let mut map = b.lists.lock().unwrap();
-    if map.len() >= CACHE_SOFT_LIMIT {
-        map.retain(|u, _| !state.router.resources(u).is_empty());
-    }
     // A block/unblock that raced this load has put the newer list in.
-    Ok(map.entry(user.clone()).or_insert(loaded).clone())
+    Ok(b.lists.fill(&state.router, user, loaded))
 }
 
 /// XEP-0016 §2.1 matching of one block-list item against an entity.

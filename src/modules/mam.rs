@@ -15,6 +15,7 @@
 //! order the results are sent in), so `<before>first</before>` and
 //! `<after>last</after>` always reach the neighbouring pages.
 
+use super::cache::UserCache;
 use super::{offline, Cx, Iq, IqResult, IqType, Module, Target};
 use crate::error::{Condition, StanzaError};
 use crate::state::ServerState;
@@ -22,6 +23,7 @@ use async_trait::async_trait;
 use jid::{BareJid, Jid};
 use natter_store::{ArchiveQuery, ArchivedMessage, MamPrefs, NewArchiveEntry, StoreError};
 use natter_xml::{Element, NS_CLIENT};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const NS: &str = "urn:xmpp:mam:2";
@@ -43,7 +45,14 @@ pub const MAX_PAGE: usize = 250;
 /// How often the retention task prunes the archive.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
-pub struct Mam;
+/// Archive preferences are read for both parties of every message, so they
+/// are cached per user (see `cache`); `set_prefs` is the only writer.
+#[derive(Default)]
+pub struct Mam {
+    prefs: UserCache<MamPrefs>,
+    /// Serializes preference changes so the cache ends with the store's value.
+    write: tokio::sync::Mutex<()>,
+}
 
 #[async_trait]
 impl Module for Mam {
@@ -73,7 +82,7 @@ impl Module for Mam {
             ("query", IqType::Get) => Ok(Some(query_form())),
             ("query", IqType::Set) => query(cx, p, iq.stanza.attr("to")).await,
             ("prefs", IqType::Get) => {
-                let prefs = cx.state.store.mam_prefs(cx.session.bare.as_str()).await?;
+                let prefs = prefs_of(cx.state, &cx.session.bare).await?;
                 Ok(Some(prefs_element(&prefs)))
             }
             ("prefs", IqType::Set) => set_prefs(cx, p).await,
@@ -81,6 +90,20 @@ impl Module for Mam {
             _ => Err(StanzaError::new(Condition::BadRequest)),
         }
     }
+    async fn session_closed(&self, cx: &Cx<'_>) {
+        self.prefs
+            .forget_unless_online(&cx.state.router, &cx.session.bare, cx.session.id);
+    }
+}
+
+/// `user`'s archive preferences, from the cache or loaded into it.
+async fn prefs_of(state: &ServerState, user: &BareJid) -> Result<Arc<MamPrefs>, StoreError> {
+    let cache = &state.modules.mam.prefs;
+    if let Some(p) = cache.get(user) {
+        return Ok(p);
+    }
+    let loaded = Arc::new(state.store.mam_prefs(user.as_str()).await?);
+    Ok(cache.fill(&state.router, user, loaded))
 }
 
 // ---------------------------------------------------------------------------
@@ -130,7 +153,7 @@ pub fn is_wrapper(msg: &Element) -> bool {
 
 /// Whether `owner`'s preferences keep messages exchanged with `other`.
 async fn keeps(state: &ServerState, owner: &BareJid, other: &BareJid) -> Result<bool, StoreError> {
-    let prefs = state.store.mam_prefs(owner.as_str()).await?;
+    let prefs = prefs_of(state, owner).await?;
     let other = other.as_str();
     if prefs.never.iter().any(|j| j == other) {
         return Ok(false);
@@ -640,9 +663,12 @@ async fn set_prefs(cx: &Cx<'_>, p: &Element) -> IqResult {
         always: jid_list(p, "always")?,
         never: jid_list(p, "never")?,
     };
-    let user = cx.session.bare.as_str();
-    cx.state.store.set_mam_prefs(user, &prefs).await?;
-    let stored = cx.state.store.mam_prefs(user).await?;
+    let user = &cx.session.bare;
+    let mam = &cx.state.modules.mam;
+    let _w = mam.write.lock().await;
+    cx.state.store.set_mam_prefs(user.as_str(), &prefs).await?;
+    let stored = Arc::new(cx.state.store.mam_prefs(user.as_str()).await?);
+    mam.prefs.set(user, stored.clone());
     Ok(Some(prefs_element(&stored)))
 }
 

@@ -6,6 +6,7 @@
 //! c2s session (the sender's full JID) and a syntactically valid `to`.
 
 pub mod blocking;
+mod cache;
 pub mod carbons;
 pub mod disco;
 pub mod last;
@@ -116,6 +117,7 @@ pub struct Modules {
     pub blocking: Arc<blocking::Blocking>,
     pub pep: Arc<pep::Pep>,
     pub last: Arc<last::Last>,
+    pub mam: Arc<mam::Mam>,
     /// Offline-queue coordination (XEP-0160): catch-ups and pushes per user.
     pub offline: offline::Offline,
 }
@@ -138,6 +140,7 @@ impl Modules {
             blocking: Arc::default(),
             pep: Arc::default(),
             last: Arc::default(),
+            mam: Arc::default(),
             offline: offline::Offline::default(),
         }
     }
@@ -147,13 +150,14 @@ impl Modules {
         let blocking = Arc::new(blocking::Blocking::default());
         let pep = Arc::new(pep::Pep::default());
         let last = Arc::new(last::Last::default());
+        let mam = Arc::new(mam::Mam::default());
         let mut m = Self::new(vec![
             Arc::new(disco::Disco),
             Arc::new(ping::Ping),
             Arc::new(roster::Roster),
             Arc::new(presence::Presence),
             Arc::new(message::Messages),
-            Arc::new(mam::Mam),
+            mam.clone(),
             Arc::new(offline::OfflineMessages),
             Arc::new(carbons::Carbons),
             Arc::new(vcard::VCard),
@@ -166,6 +170,7 @@ impl Modules {
         m.blocking = blocking;
         m.pep = pep;
         m.last = last;
+        m.mam = mam;
         m
     }
 

@@ -206,17 +206,22 @@ impl Fail {
     fn is_statement_scoped(&self) -> bool {
         match self {
             Fail::Quota => true,
-            Fail::Sql(e) => e.as_database_error().is_some_and(|d| {
-                matches!(
-                    d.kind(),
-                    ErrorKind::ForeignKeyViolation
-                        | ErrorKind::UniqueViolation
-                        | ErrorKind::NotNullViolation
-                        | ErrorKind::CheckViolation
-                )
-            }),
+            Fail::Sql(e) => constraint_violation(e),
         }
     }
+}
+
+/// A constraint violation: SQLite undid just that statement (the default ABORT resolution).
+fn constraint_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|d| {
+        matches!(
+            d.kind(),
+            ErrorKind::ForeignKeyViolation
+                | ErrorKind::UniqueViolation
+                | ErrorKind::NotNullViolation
+                | ErrorKind::CheckViolation
+        )
+    })
 }
 
 /// Archive rows per INSERT statement (6 parameters each, well under SQLite's limit).
@@ -241,36 +246,29 @@ async fn commit(pool: &SqlitePool, batch: &mut Vec<Request>, last_ts: &mut i64) 
     let mut outcomes: Vec<Result<Done, StoreError>> = Vec::with_capacity(batch.len());
     let committed: Result<(), sqlx::Error> = async {
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-        for req in batch.iter() {
-            let guarded = req.statements() > 1;
-            if guarded {
-                sqlx::query("SAVEPOINT natter_batch_item")
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            // Archive timestamps never decrease, even if the clock steps back.
-            let ts = now_micros().max(*last_ts);
-            let outcome = match apply(&mut tx, req, ts).await {
-                Ok(done) => Ok(done),
-                Err(fail) if guarded => {
-                    sqlx::query("ROLLBACK TO natter_batch_item")
-                        .execute(&mut *tx)
-                        .await?;
-                    Err(fail.into_store_error())
+        let mut i = 0;
+        while i < batch.len() {
+            // Consecutive archive appends share one INSERT (one round trip to SQLite's
+            // thread instead of one per request); if it fails, each is retried alone so
+            // only the failing request fails.
+            let run = archive_run(&batch[i..]);
+            if run > 1 {
+                let ts = now_micros().max(*last_ts);
+                match insert_archive(&mut tx, &batch[i..i + run], ts).await {
+                    Ok(()) => {
+                        *last_ts = ts;
+                        outcomes.extend((0..run).map(|_| Ok(Done::Archived)));
+                        i += run;
+                        continue;
+                    }
+                    Err(e) if constraint_violation(&e) => {}
+                    Err(e) => return Err(e),
                 }
-                Err(fail) if fail.is_statement_scoped() => Err(fail.into_store_error()),
-                Err(Fail::Sql(e)) => return Err(e),
-                Err(Fail::Quota) => unreachable!("quota is statement-scoped"),
-            };
-            if guarded {
-                sqlx::query("RELEASE natter_batch_item")
-                    .execute(&mut *tx)
-                    .await?;
             }
-            if let Ok(Done::Archived) = outcome {
-                *last_ts = ts;
+            for req in &batch[i..i + run.max(1)] {
+                outcomes.push(apply_one(&mut tx, req, last_ts).await?);
             }
-            outcomes.push(outcome);
+            i += run.max(1);
         }
         tx.commit().await
     }
@@ -306,23 +304,92 @@ async fn commit(pool: &SqlitePool, batch: &mut Vec<Request>, last_ts: &mut i64) 
     }
 }
 
+/// Applies one request on its own (under a SAVEPOINT when it takes several statements).
+/// Err only when the transaction itself is in doubt.
+async fn apply_one(
+    tx: &mut Tx,
+    req: &Request,
+    last_ts: &mut i64,
+) -> Result<Result<Done, StoreError>, sqlx::Error> {
+    let guarded = req.statements() > 1;
+    if guarded {
+        sqlx::query("SAVEPOINT natter_batch_item")
+            .execute(&mut **tx)
+            .await?;
+    }
+    // Archive timestamps never decrease, even if the clock steps back.
+    let ts = now_micros().max(*last_ts);
+    let outcome = match apply(tx, req, ts).await {
+        Ok(done) => Ok(done),
+        Err(fail) if guarded => {
+            sqlx::query("ROLLBACK TO natter_batch_item")
+                .execute(&mut **tx)
+                .await?;
+            Err(fail.into_store_error())
+        }
+        Err(fail) if fail.is_statement_scoped() => Err(fail.into_store_error()),
+        Err(Fail::Sql(e)) => return Err(e),
+        Err(Fail::Quota) => unreachable!("quota is statement-scoped"),
+    };
+    if guarded {
+        sqlx::query("RELEASE natter_batch_item")
+            .execute(&mut **tx)
+            .await?;
+    }
+    if let Ok(Done::Archived) = outcome {
+        *last_ts = ts;
+    }
+    Ok(outcome)
+}
+
+/// How many archive requests at the head of `reqs` fit one INSERT together.
+fn archive_run(reqs: &[Request]) -> usize {
+    let mut rows = 0;
+    reqs.iter()
+        .take_while(|r| match r {
+            Request::Archive { rows: r, .. } if rows + r.len() <= ROWS_PER_INSERT => {
+                rows += r.len();
+                true
+            }
+            _ => false,
+        })
+        .count()
+}
+
+/// One INSERT of every row of `reqs` (all archive requests).
+async fn insert_archive(tx: &mut Tx, reqs: &[Request], ts: i64) -> Result<(), sqlx::Error> {
+    let rows = reqs.iter().flat_map(|r| match r {
+        Request::Archive { rows, .. } => rows.as_slice(),
+        _ => &[],
+    });
+    insert_rows(tx, rows, ts).await
+}
+
+async fn insert_rows<'a>(
+    tx: &mut Tx,
+    rows: impl IntoIterator<Item = &'a ArchiveRow>,
+    ts: i64,
+) -> Result<(), sqlx::Error> {
+    let mut qb = QueryBuilder::<Sqlite>::new(
+        "INSERT INTO archive (owner, id, with_jid, ts, outgoing, stanza) ",
+    );
+    qb.push_values(rows, |mut values, row| {
+        values
+            .push_bind(&row.owner)
+            .push_bind(&row.id)
+            .push_bind(&row.with)
+            .push_bind(ts)
+            .push_bind(row.outgoing)
+            .push_bind(&row.stanza);
+    });
+    qb.build().execute(&mut **tx).await.map(drop)
+}
+
 async fn apply(tx: &mut Tx, req: &Request, ts: i64) -> Result<Done, Fail> {
     match req {
         Request::Archive { rows, .. } => {
             for chunk in rows.chunks(ROWS_PER_INSERT) {
-                let mut qb = QueryBuilder::<Sqlite>::new(
-                    "INSERT INTO archive (owner, id, with_jid, ts, outgoing, stanza) ",
-                );
-                qb.push_values(chunk, |mut values, row| {
-                    values
-                        .push_bind(&row.owner)
-                        .push_bind(&row.id)
-                        .push_bind(&row.with)
-                        .push_bind(ts)
-                        .push_bind(row.outgoing)
-                        .push_bind(&row.stanza);
-                });
-                qb.build().execute(&mut **tx).await?;
+                insert_rows(tx, chunk, ts).await?;
             }
             Ok(Done::Archived)
         }
