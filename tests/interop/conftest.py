@@ -192,6 +192,17 @@ class NatterServer:
             self.proc.kill()
             self.proc.wait(5)
 
+    def crash(self) -> int | None:
+        """kill -9 the server (no shutdown, no flush); start() brings it back
+        on the same data dir and ports. Returns the exit status (-9)."""
+        if self.proc is None:
+            return self.returncode
+        self.kill()
+        self.returncode = self.proc.returncode
+        self.proc = None
+        self._close_log()
+        return self.returncode
+
     def _close_log(self) -> None:
         if self._log is not None:
             self._log.close()

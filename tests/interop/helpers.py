@@ -99,3 +99,26 @@ STREAM_OPEN = (b"<?xml version='1.0'?><stream:stream to='localhost' xmlns='jabbe
 
 __all__ = ["UNICODE_TEXT", "BIG_BODY", "STEP", "assert_same_text", "is_presence",
            "raw_exchange", "plain_auth", "STREAM_OPEN"]
+
+
+def add_users(server, passwords: dict[str, str], *jids: str) -> None:
+    """Create accounts with the `natter user` CLI."""
+    for j in jids:
+        server.add_user(j, passwords[j])
+
+
+async def subscribe(x, y) -> None:
+    """x subscribes to y's presence and y approves; returns once x has seen
+    y's available presence."""
+    x.send_presence(pto=y.boundjid.bare, ptype="subscribe")
+    await y.presences.wait_for(lambda p: is_presence(p, x.boundjid.bare, "subscribe"),
+                               f"subscribe from {x.boundjid.bare}")
+    y.send_presence(pto=x.boundjid.bare, ptype="subscribed")
+    await x.presences.wait_for(lambda p: is_presence(p, y.boundjid.full),
+                               f"available presence of {y.boundjid.full}")
+
+
+def register_mam(client) -> None:
+    """The plugins a MAM query needs (XEP-0313 with RSM, forms, delay, stanza-id)."""
+    for p in ("xep_0059", "xep_0050", "xep_0313", "xep_0203", "xep_0359"):
+        client.register_plugin(p)

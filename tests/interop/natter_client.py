@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import ssl
+import struct
 from contextlib import suppress
 from typing import Any, Callable
 from xml.etree import ElementTree as ET
@@ -139,6 +141,8 @@ class Client(slixmpp.ClientXMPP):
         self.gone: asyncio.Future = self.loop.create_future()
 
         self.add_event_handler("session_start", lambda _e: self._settle("session"))
+        # XEP-0198 resumption (only with the xep_0198 plugin): see reconnect().
+        self.add_event_handler("session_resumed", lambda _e: self._settle("resumed"))
         self.add_event_handler("failed_all_auth", lambda _e: self._settle("auth_failed"))
         self.add_event_handler("failed_auth", self.auth_failures.append)
         self.add_event_handler("stream_error", self.stream_errors.append)
@@ -243,6 +247,39 @@ class Client(slixmpp.ClientXMPP):
         iq.enable("roster")
         res = await iq.send(timeout=STEP)
         return {str(k): v for k, v in res["roster"]["items"].items()}
+
+    async def sync(self) -> None:
+        """A ping round trip to the server (XEP-0199): every stanza sent
+        before it has been handled, and every stanza the server queued for
+        this client before the pong has arrived."""
+        res = await self.plugin["xep_0199"].send_ping(self.boundjid.domain, timeout=STEP)
+        assert res["type"] == "result", res
+
+    async def cut(self) -> None:
+        """Lose the connection the way a network does: no </stream>, no TLS
+        close_notify, the TCP connection reset (SO_LINGER 0). Returns once
+        slixmpp has noticed; with XEP-0198 enabled its stream state (SM-ID,
+        handled count, unacked queue) survives for reconnect(). TCP
+        transports (starttls, directtls) only."""
+        if self.transport is None:
+            raise AssertionError(f"{self.boundjid}: cut() without a connection")
+        if self.gone.done():
+            self.gone = self.loop.create_future()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+        await asyncio.wait_for(asyncio.shield(self.gone), STEP)
+
+    async def reconnect(self, timeout: float = STEP) -> str:
+        """Connect again after cut() or a lost server. With XEP-0198 state
+        slixmpp sends <resume/>: returns 'resumed', or 'session' when the
+        server refused to resume and slixmpp bound a new session instead
+        (no initial presence is sent here). Else as start()."""
+        self._outcome = self.loop.create_future()
+        if self.gone.done():
+            self.gone = self.loop.create_future()
+        return await self.start(timeout)
 
     async def close(self) -> None:
         """Close the stream politely, then the connection; never hangs."""

@@ -6,24 +6,17 @@ from __future__ import annotations
 
 import asyncio
 
+from helpers import add_users, register_mam
 from natter_client import STEP, Clients, run
 
 ALICE, BOB = "alice@localhost", "bob@localhost"
 PW = {ALICE: "alice-pw", BOB: "bob-pw"}
 
 
-def add_users(server, *jids):
-    for j in jids:
-        server.add_user(j, PW[j])
-
-
-def register_mam(client):
-    for p in ("xep_0059", "xep_0050", "xep_0313", "xep_0203", "xep_0359"):
-        client.register_plugin(p)
 
 
 def test_twenty_offline_messages_once_in_order(server):
-    add_users(server, ALICE, BOB)
+    add_users(server, PW, ALICE, BOB)
     bodies = [f"offline #{i} ✉" for i in range(20)]
 
     async def scenario():
@@ -67,7 +60,7 @@ def test_twenty_offline_messages_once_in_order(server):
 
 
 def test_mam_query_with_slixmpp(server):
-    add_users(server, ALICE, BOB)
+    add_users(server, PW, ALICE, BOB)
     bodies = [f"archived {i}" for i in range(25)]
 
     async def scenario():

@@ -8,16 +8,12 @@ from xml.etree import ElementTree as ET
 import pytest
 from slixmpp.jid import JID
 
-from helpers import BIG_BODY, UNICODE_TEXT, assert_same_text, is_presence
+from helpers import BIG_BODY, UNICODE_TEXT, add_users, assert_same_text, is_presence
 from natter_client import STEP, TRANSPORTS, Clients, IqError, run
 
 ALICE, BOB, CAROL = "alice@localhost", "bob@localhost", "carol@localhost"
 PW = {ALICE: "alice-pw", BOB: "bob-pw ß", CAROL: "carol-pw"}
 
-
-def add_users(server, *jids):
-    for j in jids:
-        server.add_user(j, PW[j])
 
 
 async def send_and_receive(sender, receiver, to, body: str, what: str):
@@ -43,7 +39,7 @@ async def send_and_receive(sender, receiver, to, body: str, what: str):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_chat_unicode_and_64k_both_ways(server, transport):
-    add_users(server, ALICE, BOB)
+    add_users(server, PW, ALICE, BOB)
 
     async def scenario():
         async with Clients(server) as cs:
@@ -63,7 +59,7 @@ def test_chat_unicode_and_64k_both_ways(server, transport):
 
 
 def test_chat_across_transports(server):
-    add_users(server, ALICE, BOB, CAROL)
+    add_users(server, PW, ALICE, BOB, CAROL)
 
     async def scenario():
         async with Clients(server) as cs:
@@ -79,7 +75,7 @@ def test_chat_across_transports(server):
 
 
 def test_roster_subscription_and_presence(server):
-    add_users(server, ALICE, BOB)
+    add_users(server, PW, ALICE, BOB)
 
     async def subscribe(x, y):
         """x asks y for a subscription, y approves."""
@@ -140,7 +136,7 @@ def test_roster_subscription_and_presence(server):
 
 
 def test_carbons_two_resources(server):
-    add_users(server, ALICE, BOB)
+    add_users(server, PW, ALICE, BOB)
 
     def forwarded(carbon):
         direction, msg = carbon
@@ -197,7 +193,7 @@ def test_carbons_two_resources(server):
 
 
 def test_vcard_set_and_get(server):
-    add_users(server, ALICE, BOB, CAROL)
+    add_users(server, PW, ALICE, BOB, CAROL)
 
     async def scenario():
         async with Clients(server) as cs:
@@ -241,7 +237,7 @@ def test_vcard_set_and_get(server):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_ping_server(server, transport):
-    add_users(server, ALICE)
+    add_users(server, PW, ALICE)
 
     async def scenario():
         async with Clients(server) as cs:
