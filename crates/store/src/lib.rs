@@ -129,7 +129,7 @@ pub struct NewArchiveEntry {
 /// A message in an archive.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ArchivedMessage {
-    /// The server-assigned stanza-id (XEP-0359): random, unique within the owner's archive.
+    /// The server-assigned stanza-id (XEP-0359): opaque, unique within the owner's archive.
     pub id: String,
     pub owner: String,
     pub with: String,
@@ -330,10 +330,11 @@ pub trait Store: Send + Sync + 'static {
     // ---- message archive (XEP-0313)
     //
     // Ordered by an internal sequence that only grows (the paging key); clients only see the
-    // random stanza-ids.
+    // opaque stanza-ids.
 
     /// Appends `entries` in one durable transaction and returns their stanza-ids in order.
-    /// Each entry gets a fresh random (128-bit) stanza-id and a timestamp no older than any
+    /// Each entry gets a fresh unguessable stanza-id (SQLite: creation time + 64 random
+    /// bits, so ids sort by time and index inserts stay local) and a timestamp no older than any
     /// already archived. All or nothing: [`StoreError::NotFound`] if any owner has no
     /// account. Concurrent calls may be committed together (group commit); each call
     /// returns only once its entries are committed.
