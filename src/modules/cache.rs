@@ -18,39 +18,50 @@ use std::sync::{Arc, Mutex};
 const SOFT_LIMIT: usize = 10_000;
 
 pub struct UserCache<T> {
-    map: Mutex<HashMap<BareJid, Arc<T>>>,
+    inner: Mutex<Inner<T>>,
+}
+
+struct Inner<T> {
+    map: HashMap<BareJid, Arc<T>>,
+    /// Size at which the next sweep runs: twice what the last sweep left, so
+    /// with many users online sweeps stay rare (amortized O(1) per fill).
+    sweep_at: usize,
 }
 
 impl<T> Default for UserCache<T> {
     fn default() -> Self {
         UserCache {
-            map: Mutex::new(HashMap::new()),
+            inner: Mutex::new(Inner {
+                map: HashMap::new(),
+                sweep_at: SOFT_LIMIT,
+            }),
         }
     }
 }
 
 impl<T> UserCache<T> {
     pub fn get(&self, user: &BareJid) -> Option<Arc<T>> {
-        self.map.lock().unwrap().get(user).cloned()
+        self.inner.lock().unwrap().map.get(user).cloned()
     }
 
     /// Put a freshly loaded value in unless a writer got there first;
     /// returns the value now cached.
     pub fn fill(&self, router: &Router, user: &BareJid, loaded: Arc<T>) -> Arc<T> {
-        let mut map = self.map.lock().unwrap();
-        if map.len() >= SOFT_LIMIT {
-            map.retain(|u, _| !router.resources(u).is_empty());
+        let mut inner = self.inner.lock().unwrap();
+        if inner.map.len() >= inner.sweep_at {
+            inner.map.retain(|u, _| !router.resources(u).is_empty());
+            inner.sweep_at = (2 * inner.map.len()).max(SOFT_LIMIT);
         }
-        map.entry(user.clone()).or_insert(loaded).clone()
+        inner.map.entry(user.clone()).or_insert(loaded).clone()
     }
 
     /// Replace the value after the stored one changed.
     pub fn set(&self, user: &BareJid, value: Arc<T>) {
-        self.map.lock().unwrap().insert(user.clone(), value);
+        self.inner.lock().unwrap().map.insert(user.clone(), value);
     }
 
     pub fn forget(&self, user: &BareJid) {
-        self.map.lock().unwrap().remove(user);
+        self.inner.lock().unwrap().map.remove(user);
     }
 
     /// Drop `user`'s entry when the closing session `closing` was its last.
@@ -58,5 +69,32 @@ impl<T> UserCache<T> {
         if !router.resources(user).iter().any(|h| h.id != closing) {
             self.forget(user);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(i: usize) -> BareJid {
+        BareJid::new(&format!("u{i}@example.org")).unwrap()
+    }
+
+    #[test]
+    fn fill_keeps_a_writers_value_and_sweeps_offline_users() {
+        let router = Router::new();
+        let cache = UserCache::<u32>::default();
+        cache.set(&user(0), Arc::new(7));
+        // A load that raced the write does not replace it.
+        assert_eq!(*cache.fill(&router, &user(0), Arc::new(1)), 7);
+        for i in 1..SOFT_LIMIT {
+            cache.fill(&router, &user(i), Arc::new(0));
+        }
+        // At the limit the next fill sweeps: nobody here has a session.
+        cache.fill(&router, &user(SOFT_LIMIT), Arc::new(3));
+        assert!(cache.get(&user(0)).is_none());
+        assert_eq!(cache.get(&user(SOFT_LIMIT)).as_deref(), Some(&3));
+        cache.forget(&user(SOFT_LIMIT));
+        assert!(cache.get(&user(SOFT_LIMIT)).is_none());
     }
 }
