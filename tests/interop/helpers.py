@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 
-from natter_client import STEP
+from natter_client import STEP, IqError
 
 # Emoji (incl. ZWJ sequences, flags, skin tones), RTL (Hebrew, Arabic), CJK,
 # combining marks, an astral-plane symbol and the XML special characters.
@@ -122,3 +123,34 @@ def register_mam(client) -> None:
     """The plugins a MAM query needs (XEP-0313 with RSM, forms, delay, stanza-id)."""
     for p in ("xep_0059", "xep_0050", "xep_0313", "xep_0203", "xep_0359"):
         client.register_plugin(p)
+
+
+async def poll(probe, done, what: str, timeout: float = STEP, every: float = 0.01) -> list:
+    """Call `probe()` (a plain function, or one returning an awaitable) until
+    `done(value)` holds for what it returns, at most `timeout` seconds;
+    returns every value seen, in order. For state no inbox reports."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    seen = []
+    while True:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        seen.append(value)
+        if done(value):
+            return seen
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; "
+                                 f"last values: {seen[-5:]}")
+        await asyncio.sleep(every)
+
+
+async def refused(request, condition: str, what: str):
+    """Await an IQ request (slixmpp future or coroutine) that must fail with
+    the stanza error `condition`; returns the error IQ."""
+    try:
+        res = await request
+    except IqError as exc:
+        assert exc.iq["error"]["condition"] == condition, f"{what}: {exc.iq}"
+        return exc.iq
+    raise AssertionError(f"{what}: expected a {condition} error, got {res}")
