@@ -23,7 +23,7 @@ import secrets
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Optional
+from typing import Dict, FrozenSet, Optional
 
 import pytest
 from omemo.storage import Just, Maybe, Nothing, Storage
