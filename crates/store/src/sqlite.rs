@@ -1175,12 +1175,13 @@ impl Store for SqliteStore {
     }
 
     async fn offline_count(&self, user: &str) -> Result<u64, StoreError> {
-        let n: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM offline_messages WHERE username = $1")
+        // Kept by triggers (migration 0003): no scan of the queue.
+        let n: Option<i64> =
+            sqlx::query_scalar("SELECT offline_queued FROM accounts WHERE username = $1")
                 .bind(user)
-                .fetch_one(self.read_pool())
+                .fetch_optional(self.read_pool())
                 .await?;
-        to_u64(n, "offline count")
+        to_u64(n.unwrap_or(0), "offline count")
     }
 
     async fn pep_node(&self, owner: &str, node: &str) -> Result<Option<PepNodeConfig>, StoreError> {
@@ -1852,6 +1853,48 @@ mod tests {
             .unwrap();
         let queued = store.offline_count("u@x.org").await.unwrap();
         assert_eq!(archived + queued, acked);
+        store.close().await;
+    }
+
+    /// The queue length the triggers keep always equals the queue, through pushes, a full
+    /// queue, deliveries and another account's deletion.
+    #[tokio::test]
+    async fn offline_queue_length_follows_the_queue() {
+        let store = SqliteStore::open_memory().await.unwrap();
+        for u in ["a@x.org", "b@x.org"] {
+            store.create_account(u, &creds(1)).await.unwrap();
+        }
+        let check = |store: &SqliteStore| {
+            let pool = store.writer.clone();
+            async move {
+                let wrong: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM accounts a WHERE offline_queued != \
+                     (SELECT COUNT(*) FROM offline_messages o WHERE o.username = a.username)",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                assert_eq!(wrong, 0);
+            }
+        };
+        for n in 0..7 {
+            let r = store
+                .offline_push("a@x.org", &format!("<m>{n}</m>"), None, 5)
+                .await;
+            assert_eq!(r.is_err(), n >= 5, "push {n}: {r:?}");
+        }
+        store
+            .offline_push("b@x.org", "<m/>", None, 5)
+            .await
+            .unwrap();
+        check(&store).await;
+        assert_eq!(store.offline_count("a@x.org").await.unwrap(), 5);
+        let first = store.offline_fetch("a@x.org", 2).await.unwrap();
+        store.offline_delete("a@x.org", first[1].seq).await.unwrap();
+        assert_eq!(store.offline_count("a@x.org").await.unwrap(), 3);
+        store.delete_account("b@x.org").await.unwrap();
+        check(&store).await;
+        assert_eq!(store.offline_count("b@x.org").await.unwrap(), 0);
         store.close().await;
     }
 

@@ -401,12 +401,13 @@ async fn apply(tx: &mut Tx, req: &Request, ts: i64) -> Result<Done, Fail> {
             ..
         } => {
             // The quota check is part of the insert, so it sees the requests earlier in
-            // the same batch. The inner LIMIT bounds the count's cost.
+            // the same batch. The queue length is kept by triggers (migration 0003); an
+            // unknown account reads as 0 so the insert fails on its foreign key.
             let seq: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO offline_messages (username, stanza, archive_id, ts) \
                  SELECT $1, $2, $3, $4 \
-                 WHERE (SELECT COUNT(*) FROM (SELECT 1 FROM offline_messages \
-                        WHERE username = $1 LIMIT $5)) < $5 \
+                 WHERE COALESCE((SELECT offline_queued FROM accounts \
+                                 WHERE username = $1), 0) < $5 \
                  RETURNING seq",
             )
             .bind(user)
