@@ -18,7 +18,7 @@ use hdrhistogram::Histogram;
 use natter_xml::{escape_attr, NS_CLIENT};
 use tokio::sync::{watch, Semaphore};
 
-use crate::net::raise_nofile;
+use crate::net::need_files;
 use crate::xmpp::Conn;
 use crate::{instant_at, now_ns, proc_cpu_secs, register_all, Ctx};
 
@@ -108,13 +108,7 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: ChatArgs) -> anyhow::Result<(
         }
     }
     let window = a.window.unwrap_or(64).max(1);
-    let limit = raise_nofile();
-    if 2 * a.pairs + 64 > limit {
-        bail!(
-            "{} pairs need more than the {limit} files this process may hold",
-            a.pairs
-        );
-    }
+    need_files(2 * a.pairs, &format!("{} pairs", a.pairs))?;
     let n = 2 * a.pairs;
     if register {
         register_all(&ctx, (0..n).map(|i| ctx.offset + i).collect()).await?;
@@ -122,8 +116,18 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: ChatArgs) -> anyhow::Result<(
 
     // Receivers first, so that nothing is sent to a session that is not there.
     eprintln!("setting up {} receivers and {} senders", a.pairs, a.pairs);
-    let receivers = setup(&ctx, (0..a.pairs).map(|p| ctx.offset + 2 * p + 1).collect()).await?;
-    let senders = setup(&ctx, (0..a.pairs).map(|p| ctx.offset + 2 * p).collect()).await?;
+    let receivers = setup(
+        &ctx,
+        (0..a.pairs).map(|p| ctx.offset + 2 * p + 1).collect(),
+        Then::Presence,
+    )
+    .await?;
+    let senders = setup(
+        &ctx,
+        (0..a.pairs).map(|p| ctx.offset + 2 * p).collect(),
+        Then::Presence,
+    )
+    .await?;
 
     let start = now_ns() + 200_000_000;
     let warm_end = start + (a.warmup * 1e9) as u64;
@@ -319,19 +323,35 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: ChatArgs) -> anyhow::Result<(
     Ok(())
 }
 
-fn new_hist() -> Histogram<u64> {
+pub(crate) fn new_hist() -> Histogram<u64> {
     // Microseconds, 1 µs .. 60 s, 3 significant digits.
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-fn is_set(bits: &[u64], i: u64) -> bool {
+pub(crate) fn is_set(bits: &[u64], i: u64) -> bool {
     bits.get((i / 64) as usize)
         .is_some_and(|w| w & (1 << (i % 64)) != 0)
 }
 
-/// Log in the accounts `numbers` (concurrency-limited) and send initial
-/// presence; all must succeed.
-async fn setup(ctx: &Arc<Ctx>, numbers: Vec<u64>) -> anyhow::Result<Vec<Conn>> {
+/// What a session does right after binding, in [`setup`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Then {
+    /// Initial presence (no roster get).
+    Presence,
+    /// Roster get only: not available, so the server delivers no offline
+    /// messages and nothing addressed to the bare JID.
+    Roster,
+    /// Nothing.
+    Nothing,
+}
+
+/// Log in the accounts `numbers` (concurrency-limited), then `then`; all
+/// must succeed. The sessions come back in the order of `numbers`.
+pub(crate) async fn setup(
+    ctx: &Arc<Ctx>,
+    numbers: Vec<u64>,
+    then: Then,
+) -> anyhow::Result<Vec<Conn>> {
     let sem = Arc::new(Semaphore::new(ctx.concurrency));
     let mut handles = Vec::new();
     for i in numbers {
@@ -341,7 +361,11 @@ async fn setup(ctx: &Arc<Ctx>, numbers: Vec<u64>) -> anyhow::Result<Vec<Conn>> {
             let mut c = Conn::login(&ctx.target, &ctx.user(i), &ctx.password, &ctx.resource)
                 .await
                 .with_context(|| format!("logging in {}", ctx.user(i)))?;
-            c.presence().await?;
+            match then {
+                Then::Presence => c.presence().await?,
+                Then::Roster => c.roster().await?,
+                Then::Nothing => {}
+            }
             anyhow::Ok(c)
         }));
     }
@@ -521,34 +545,18 @@ async fn receiver(
         failure: None,
     };
     let mut max_seq: Option<u64> = None;
-    loop {
-        tokio::select! {
-            _ = stop.changed() => break,
-            res = c.read_some() => {
-                if let Err(e) = res {
-                    r.failure = Some(format!("{e:#}"));
-                    break;
-                }
-            }
-        }
-        let now = now_ns();
-        while let Some(el) = c.pop() {
-            if !el.is("message", NS_CLIENT) {
-                if c.answer_iq(&el).await.is_err() {
-                    break;
-                }
-                continue;
-            }
+    let failure = c
+        .receive(&mut stop, |el, now| {
             let Some(body) = el.get_child("body", NS_CLIENT) else {
-                continue;
+                return;
             };
             let body = body.text();
             let mut f = body.split_ascii_whitespace().map(|s| s.parse::<u64>());
             let (Some(Ok(p)), Some(Ok(seq)), Some(Ok(t))) = (f.next(), f.next(), f.next()) else {
-                continue;
+                return;
             };
             if p != pair || seq >= MAX_SEQ {
-                continue;
+                return;
             }
             r.received += 1;
             r.last_rx = now;
@@ -562,7 +570,7 @@ async fn receiver(
             let bit = 1u64 << (seq % 64);
             if r.seen[word] & bit != 0 {
                 r.duplicated += 1;
-                continue;
+                return;
             }
             r.seen[word] |= bit;
             if max_seq.is_some_and(|m| seq < m) {
@@ -574,8 +582,9 @@ async fn receiver(
                     .saturating_record((now.saturating_sub(t) / 1000).max(1));
                 shared.measured_received.fetch_add(1, Ordering::Relaxed);
             }
-        }
-    }
+        })
+        .await;
+    r.failure = failure;
     if r.failure.is_none() {
         c.close().await;
     }

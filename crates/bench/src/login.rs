@@ -10,7 +10,7 @@ use anyhow::bail;
 use hdrhistogram::Histogram;
 
 use crate::xmpp::Conn;
-use crate::{proc_cpu_secs, register_all, Ctx, Errors};
+use crate::{register_all, report_cpu, Ctx, Errors};
 
 #[derive(clap::Args)]
 pub struct LoginArgs {
@@ -33,7 +33,7 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: LoginArgs) -> anyhow::Result<
     let errors = Arc::new(Errors::default());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(a.max_secs);
     let started = Instant::now();
-    let cpu0 = ctx.server_pid.and_then(proc_cpu_secs);
+    let cpu0 = ctx.server_cpu();
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..workers {
         let (ctx, next, errors) = (ctx.clone(), next.clone(), errors.clone());
@@ -67,9 +67,7 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: LoginArgs) -> anyhow::Result<
         hist.add(&h?).ok();
     }
     let secs = started.elapsed().as_secs_f64();
-    let server_cpu = cpu0
-        .zip(ctx.server_pid.and_then(proc_cpu_secs))
-        .map(|(a, b)| b - a);
+    let server_cpu = cpu0.zip(ctx.server_cpu()).map(|(a, b)| b - a);
     errors.report("logins");
     let ok = hist.len();
     let rate = ok as f64 / secs.max(1e-9);
@@ -82,16 +80,7 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: LoginArgs) -> anyhow::Result<
         q(0.99),
         hist.max() as f64 / 1000.0
     );
-    let per_cpu = server_cpu.filter(|c| *c > 0.0).map(|c| ok as f64 / c);
-    if let Some(c) = server_cpu {
-        println!(
-            "server CPU {c:.2} s = {:.0}% of a core; {} logins per CPU-second",
-            100.0 * c / secs.max(1e-9),
-            per_cpu
-                .map(|p| format!("{p:.0}"))
-                .unwrap_or_else(|| "n/a".into())
-        );
-    }
+    let per_cpu = report_cpu(server_cpu, secs, ok as f64, "logins");
     if a.json {
         let j = serde_json::json!({
             "scenario": "login",

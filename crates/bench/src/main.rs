@@ -5,7 +5,9 @@
 mod chat;
 mod idle;
 mod login;
+mod mam;
 mod net;
+mod offline;
 mod scram;
 mod xmpp;
 
@@ -24,8 +26,8 @@ use crate::xmpp::{Mech, Registered, Target, TlsMode};
 #[command(
     name = "natter-bench",
     version,
-    about = "XMPP load generator (idle sessions, chat throughput/latency, login rate) \
-             for any server on a loopback address"
+    about = "XMPP load generator (idle sessions, chat throughput/latency, login rate, \
+             offline catch-up, archive paging) for any server on a loopback address"
 )]
 struct Cli {
     #[command(flatten)]
@@ -81,8 +83,9 @@ struct Common {
     /// Resource to bind (login adds a counter).
     #[arg(long, global = true, default_value = "bench")]
     resource: String,
-    /// Server process whose CPU time (utime+stime from /proc/PID/stat) chat
-    /// and login report over their measured window (msgs or logins per CPU-second).
+    /// Server process whose CPU time (utime+stime from /proc/PID/stat) the
+    /// scenarios report over their measured window (msgs, logins or pages
+    /// per CPU-second).
     #[arg(long, global = true)]
     server_pid: Option<u32>,
     /// Derive SCRAM keys (PBKDF2) on every login instead of caching them per
@@ -99,6 +102,11 @@ enum Cmd {
     Chat(chat::ChatArgs),
     /// N logins (connect, TLS, SCRAM, bind, close) with --concurrency at once.
     Login(login::LoginArgs),
+    /// Offline catch-up (XEP-0160): messages stored for offline receivers,
+    /// delivered at their initial presence.
+    Offline(offline::OfflineArgs),
+    /// Archive paging (XEP-0313 + RSM): last page, pages backward, pages forward.
+    Mam(mam::MamArgs),
     /// Only create accounts offset .. offset+N (XEP-0077; existing ones are fine).
     Register {
         /// Accounts to create.
@@ -141,7 +149,26 @@ pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
     Some((utime + stime) / if tck > 0 { tck as f64 } else { 100.0 })
 }
 
+/// Prints the server's CPU time over a window of `secs` in which `work`
+/// `unit`s were done (with `--server-pid`); returns the units per CPU-second.
+pub fn report_cpu(cpu: Option<f64>, secs: f64, work: f64, unit: &str) -> Option<f64> {
+    let per_cpu = cpu.filter(|c| *c > 0.0).map(|c| work / c);
+    if let Some(c) = cpu {
+        println!(
+            "server CPU {c:.2} s = {:.0}% of a core; {} {unit} per CPU-second",
+            100.0 * c / secs.max(1e-9),
+            per_cpu.map_or_else(|| "n/a".into(), |p| format!("{p:.0}"))
+        );
+    }
+    per_cpu
+}
+
 impl Ctx {
+    /// The server's CPU seconds so far, with `--server-pid`.
+    pub fn server_cpu(&self) -> Option<f64> {
+        self.server_pid.and_then(proc_cpu_secs)
+    }
+
     /// Local part of account number `i` (already offset).
     pub fn user(&self, i: u64) -> String {
         if self.users.contains("%d") {
@@ -269,6 +296,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Idle(a) => idle::run(ctx, register, a).await,
         Cmd::Chat(a) => chat::run(ctx, register, a).await,
         Cmd::Login(a) => login::run(ctx, register, a).await,
+        Cmd::Offline(a) => offline::run(ctx, register, a).await,
+        Cmd::Mam(a) => mam::run(ctx, register, a).await,
         Cmd::Register { n } => register_all(&ctx, (0..n).map(|i| ctx.offset + i).collect()).await,
     }
 }

@@ -223,3 +223,13 @@ pub fn raise_nofile() -> u64 {
     let cur = lim.rlim_cur as u64;
     cur
 }
+
+/// Raise the open-files limit (see [`raise_nofile`]) and fail unless
+/// `sessions` connections (and a margin) fit; `what` names them for the error.
+pub fn need_files(sessions: u64, what: &str) -> anyhow::Result<()> {
+    let limit = raise_nofile();
+    if sessions + 64 > limit {
+        anyhow::bail!("{what} need more than the {limit} files this process may hold");
+    }
+    Ok(())
+}

@@ -14,6 +14,7 @@ use natter_sasl::Hash;
 use natter_xml::{escape_attr, escape_text, Element, Limits, StreamEvent, StreamParser};
 use natter_xml::{NS_CLIENT, NS_STREAM};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 
 use crate::net::{tls_handshake, Io, Sources};
 
@@ -206,7 +207,19 @@ impl Conn {
 
     /// Wait for the IQ answering `id` (result or error), answering pings meanwhile.
     pub async fn wait_iq(&mut self, id: &str, what: &str) -> anyhow::Result<Element> {
-        let deadline = tokio::time::Instant::now() + self.step_timeout;
+        self.wait_iq_with(id, what, self.step_timeout, |_| {}).await
+    }
+
+    /// Like [`Conn::wait_iq`], within `timeout`; every other stanza that
+    /// arrives meanwhile (and is not an IQ we must answer) goes to `other`.
+    pub async fn wait_iq_with(
+        &mut self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        mut other: impl FnMut(&Element),
+    ) -> anyhow::Result<Element> {
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let el = match tokio::time::timeout_at(deadline, self.next()).await {
                 Ok(r) => r.with_context(|| format!("waiting for {what}"))?,
@@ -218,8 +231,67 @@ impl Conn {
             {
                 return Ok(el);
             }
-            self.answer_iq(&el).await?;
+            if !self.answer_iq(&el).await? {
+                other(&el);
+            }
         }
+    }
+
+    /// Ping the server (XEP-0199) and wait up to `timeout` for the answer,
+    /// passing every other stanza to `other`. The server handles a
+    /// session's stanzas in order, so the answer means it has taken all
+    /// that were sent before.
+    pub async fn ping_server(
+        &mut self,
+        domain: &str,
+        timeout: Duration,
+        other: impl FnMut(&Element),
+    ) -> anyhow::Result<()> {
+        let mut iq = String::from("<iq type='get' id='ping1' to='");
+        escape_attr(domain, &mut iq);
+        iq.push_str("'><ping xmlns='urn:xmpp:ping'/></iq>");
+        self.send(&iq).await?;
+        self.wait_iq_with("ping1", "ping answer", timeout, other)
+            .await?;
+        Ok(())
+    }
+
+    /// Read until `stop` changes or the stream fails (returns the failure),
+    /// answering IQs; `f(message, arrival)` for every `<message/>`, the
+    /// arrival in ns since the epoch (one clock reading per read).
+    pub async fn receive(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+        mut f: impl FnMut(&Element, u64),
+    ) -> Option<String> {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return None,
+                r = self.read_some() => {
+                    if let Err(e) = r {
+                        return Some(format!("{e:#}"));
+                    }
+                }
+            }
+            let now = crate::now_ns();
+            while let Some(el) = self.pop() {
+                if el.is("message", NS_CLIENT) {
+                    f(&el, now);
+                } else if let Err(e) = self.answer_iq(&el).await {
+                    return Some(format!("{e:#}"));
+                }
+            }
+        }
+    }
+
+    /// Queued or immediately readable stanzas, without waiting for more.
+    pub async fn poll_ready(&mut self) -> anyhow::Result<()> {
+        // `read_some` is cancel-safe, and `timeout` polls it once before
+        // looking at its (already passed) deadline.
+        while let Ok(r) = tokio::time::timeout(Duration::ZERO, self.read_some()).await {
+            r?;
+        }
+        Ok(())
     }
 
     /// Send our stream header and return the server's `<stream:features/>`.
@@ -381,10 +453,16 @@ impl Conn {
 
     /// Roster get (result or error both count as answered) and initial presence.
     pub async fn roster_and_presence(&mut self) -> anyhow::Result<()> {
+        self.roster().await?;
+        self.presence().await
+    }
+
+    /// Roster get; a result or an error both count as answered.
+    pub async fn roster(&mut self) -> anyhow::Result<()> {
         self.send("<iq type='get' id='roster1'><query xmlns='jabber:iq:roster'/></iq>")
             .await?;
         self.wait_iq("roster1", "roster result").await?;
-        self.presence().await
+        Ok(())
     }
 
     pub async fn presence(&mut self) -> anyhow::Result<()> {
