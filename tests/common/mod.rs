@@ -221,16 +221,18 @@ fn big_limits() -> Limits {
 
 /// Resident memory of this process (the in-process server included), bytes.
 pub fn rss_bytes() -> u64 {
+    // Anonymous memory only: what queues and buffers take. File-backed pages
+    // (the mmap'd SQLite file, the binary) are the kernel's page cache.
     let s = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
     let line = s
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("VmRSS line");
+        .find(|l| l.starts_with("RssAnon:"))
+        .expect("RssAnon line");
     let kb: u64 = line
         .split_whitespace()
         .nth(1)
         .and_then(|n| n.parse().ok())
-        .expect("VmRSS value");
+        .expect("RssAnon value");
     kb * 1024
 }
 

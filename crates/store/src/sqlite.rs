@@ -107,7 +107,7 @@ impl Drop for Checkpointer {
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 /// SQLite's page cache for the writer connection (negative = KiB).
-const WRITER_CACHE_KIB: i64 = -32 * 1024;
+const WRITER_CACHE_KIB: i64 = -8 * 1024;
 /// WAL pages after which a commit checkpoints itself (SQLite's default is 1,000): only a
 /// backstop for when the background checkpointer falls behind.
 const CHECKPOINT_PAGES: u32 = 32_000;
