@@ -94,7 +94,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let http = net::bind(&config.listen.http, "HTTP").await?;
     let admin_token = admin::create_token(&config.data_dir)?;
     let l = &config.limits;
-    let state = ServerState {
+    let state = ServerState::new(state::Shared {
         throttle: Arc::new(c2s::throttle::AuthThrottle::new(
             l.auth_failures_per_account,
             l.auth_failures_per_ip,
@@ -111,9 +111,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown: CancellationToken::new(),
         metrics,
         admin_token: Arc::new(admin_token),
-    };
+    });
     let mut bound = Bound::default();
     let mut tasks = JoinSet::new();
+    // Bound sessions learn of the shutdown through their queues.
+    let st = state.clone();
+    tasks.spawn(async move {
+        st.shutdown.cancelled().await;
+        st.router.shutdown();
+    });
     // XEP-0313 retention: prune old archived messages (if configured).
     tasks.spawn(modules::mam::retention_task(state.clone()));
     if let Some(l) = c2s {

@@ -10,8 +10,25 @@ use natter_store::Store;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+/// One pointer, so every session and task holds 8 bytes of it.
 #[derive(Clone)]
-pub struct ServerState {
+pub struct ServerState(Arc<Shared>);
+
+impl ServerState {
+    pub fn new(shared: Shared) -> Self {
+        ServerState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for ServerState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub router: Arc<Router>,
@@ -27,7 +44,7 @@ pub struct ServerState {
     pub admin_token: Arc<String>,
 }
 
-impl ServerState {
+impl Shared {
     /// The server's own domain for a JID's domain part, if we serve it.
     pub fn serves(&self, domain: &str) -> bool {
         self.config.serves(domain)

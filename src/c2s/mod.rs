@@ -23,6 +23,7 @@ pub mod throttle;
 pub mod transport;
 
 use crate::error::{Condition, StanzaError, StreamCondition, StreamError};
+use crate::metrics::ConnectionGuard;
 use crate::modules::{self, Cx};
 use crate::router::{BindError, Deliver, SessionHandle};
 use crate::state::ServerState;
@@ -54,10 +55,14 @@ const ACK_IDLE: Duration = Duration::from_secs(2);
 /// Takeover requests a resumable session's task can have pending.
 const TAKEOVER_QUEUE: usize = 4;
 
+/// A bound session quiet this long gives back its buffers (parser, queue).
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
+
 enum Phase {
     /// Before authentication (TLS and SASL negotiation).
     Connected,
-    Authenticated(BareJid),
+    /// Boxed: the variant only lives between SASL and bind.
+    Authenticated(Box<BareJid>),
     Bound(Arc<SessionHandle>),
 }
 
@@ -95,16 +100,27 @@ struct Scram {
     user: Option<BareJid>,
 }
 
+/// What woke the bound loop.
+enum Wake {
+    Takeover(sm::Takeover),
+    Queue(Option<Deliver>),
+    Read(Result<Vec<StreamEvent>, ReadError>),
+    Timer,
+}
+
 struct Session {
     state: ServerState,
     phase: Phase,
-    stream_id: String,
-    domain: String,
+    /// This stream's domain: its index in `config.domains`.
+    domain: usize,
     awaiting_open: bool,
-    scram: Option<Scram>,
+    /// A SCRAM exchange between its messages.
+    scram: Option<Box<Scram>>,
     sasl_failures: u32,
     rx: Option<crate::router::QueueRx>,
-    preauth: Option<PreauthGuard>,
+    /// The unauthenticated-connection slot, until bound (boxed: a bound
+    /// session keeps only the pointer's room).
+    preauth: Option<Box<PreauthGuard>>,
     last_heard: Instant,
     ping_id: Option<String>,
     /// The queue overflowed: its contents are not flushed at close.
@@ -114,33 +130,38 @@ struct Session {
     /// stream error).
     write_broken: bool,
     /// XEP-0198 state once the client enabled it.
-    sm: Option<sm::Sm>,
+    sm: Option<Box<sm::Sm>>,
     /// XEP-0352 state and held-back stanzas.
     held: sm::Held,
     /// A resumable session's takeover requests (its sender is registered
     /// in `router.resumable`).
     takeover: Option<(mpsc::Sender<sm::Takeover>, mpsc::Receiver<sm::Takeover>)>,
-    /// An `<r/>` is unanswered: the client must ack by then.
-    ack_deadline: Option<Instant>,
-    /// Stanzas written without an ack request: ask at this time.
-    ack_due: Option<Instant>,
-    /// Taken from the queue but not written (unacked limit reached).
-    unsent: Vec<Element>,
+    /// The session was busy: give buffers back if it is still idle then.
+    release_at: Option<Instant>,
+    /// The read rate limit, over the connection's life.
+    bucket: TokenBucket,
 }
 
 /// Serve one connection until it ends.
-pub async fn serve<T: Transport>(mut t: T, state: ServerState, guard: PreauthGuard) {
-    let peer = t.peer();
-    let domain = state.config.domains[0].clone();
+///
+/// The task's future is what an idle session costs, so it holds only the
+/// session, the transport and the bound loop's waits: the TLS handshake,
+/// negotiation, each wake-up's handling and the teardown run in boxed
+/// futures of their own, allocated while they run. Not an `async fn`: its
+/// arguments would be stored twice (`net::tests` checks the size).
+pub fn serve<T: Transport>(
+    t: T,
+    state: ServerState,
+    guard: PreauthGuard,
+) -> impl std::future::Future<Output = ()> + Send {
     let mut s = Session {
         phase: Phase::Connected,
-        stream_id: modules::new_id(),
-        domain,
+        domain: 0,
         awaiting_open: true,
         scram: None,
         sasl_failures: 0,
         rx: None,
-        preauth: Some(guard),
+        preauth: Some(Box::new(guard)),
         last_heard: Instant::now(),
         ping_id: None,
         drop_queue: false,
@@ -148,64 +169,60 @@ pub async fn serve<T: Transport>(mut t: T, state: ServerState, guard: PreauthGua
         sm: None,
         held: sm::Held::default(),
         takeover: None,
-        ack_deadline: None,
-        ack_due: None,
-        unsent: Vec::new(),
+        release_at: None,
+        bucket: TokenBucket::new(
+            state.config.limits.rate_bytes_per_sec,
+            state.config.limits.rate_burst_bytes,
+        ),
         state,
     };
-    tracing::debug!(%peer, transport = t.kind(), "connection opened");
-    let conn = s.state.metrics.connection(t.kind());
-    let end = loop {
-        match s.run(&mut t).await {
-            End::Takeover(reply) => {
-                if s.hand_over(reply) {
-                    break End::Error(StreamError::with_text(
-                        StreamCondition::Conflict,
-                        "the session was resumed on another connection",
-                    ));
-                }
-                // The resuming connection gave up: carry on.
+    let mut t = t;
+    async move {
+        if t.tls_pending() {
+            // Direct TLS (XEP-0368): a failed handshake is not a connection.
+            let tls = s.state.tls.clone();
+            let secs = s.cfg().c2s.preauth_timeout_secs;
+            let accept = Box::pin(tokio::time::timeout(
+                Duration::from_secs(secs),
+                t.starttls(tls),
+            ));
+            if !matches!(accept.await, Ok(Ok(()))) {
+                return;
             }
-            end => break end,
         }
-    };
-    let err = match &end {
-        End::Error(e) | End::Lost(Some(e)) => Some(e.clone()),
-        _ => None,
-    };
-    if let Some(e) = &err {
-        s.state.metrics.stream_error(e);
-        tracing::debug!(%peer, error = %e, "closing stream with error");
+        tracing::debug!(peer = %t.peer(), transport = t.kind(), "connection opened");
+        let conn = s.state.metrics.connection(t.kind());
+        // Nothing that only negotiation needs may be live across the bound
+        // loop's wait: it would be stored in this future (hence the boxed
+        // error, too).
+        if let Err(end) = Box::pin(s.negotiate(&mut t)).await {
+            return Box::pin(s.finish(t, conn, *end)).await;
+        }
+        let end = loop {
+            match s.bound_loop(&mut t).await {
+                End::Takeover(reply) => {
+                    if s.hand_over(reply) {
+                        break End::Error(StreamError::with_text(
+                            StreamCondition::Conflict,
+                            "the session was resumed on another connection",
+                        ));
+                    }
+                    // The resuming connection gave up: carry on.
+                }
+                end => break end,
+            }
+        };
+        Box::pin(s.finish(t, conn, end)).await
     }
-    // Release the unauthenticated slot before the peer can see the close,
-    // so a client that reconnects right after it is not refused.
-    s.preauth = None;
-    let lost = matches!(end, End::Lost(_));
-    // A client still reading gets what was queued for it before the stream
-    // closes (not one that is not reading: that is what filled the queue).
-    // Stream-managed sessions instead keep it for resumption or requeueing.
-    if !lost && s.sm.is_none() && !s.drop_queue {
-        s.flush_queue(&mut t).await;
-    }
-    if !s.write_broken {
-        let wait = if lost { 2 } else { 5 };
-        let _ =
-            tokio::time::timeout(Duration::from_secs(wait), t.close(err.as_ref(), &s.domain)).await;
-    }
-    if lost && s.resumable() {
-        // The connection is gone for good; only the session waits.
-        drop(t);
-        drop(conn);
-        s.park().await;
-    } else {
-        s.teardown().await;
-    }
-    tracing::debug!(%peer, "connection closed");
 }
 
 impl Session {
     fn cfg(&self) -> &crate::config::Config {
         &self.state.config
+    }
+
+    fn domain(&self) -> &str {
+        &self.state.config.domains[self.domain]
     }
 
     fn limits(&self, authed: bool) -> Limits {
@@ -232,174 +249,350 @@ impl Session {
         self.bound().is_some() && self.sm.as_ref().is_some_and(|s| s.id.is_some())
     }
 
-    /// The loop, until the connection or the session ends.
-    async fn run<T: Transport>(&mut self, t: &mut T) -> End {
-        t.set_limits(self.limits(!matches!(self.phase, Phase::Connected)));
-        let preauth_deadline =
-            Instant::now() + Duration::from_secs(self.cfg().c2s.preauth_timeout_secs);
-        let ping_interval = Duration::from_secs(self.cfg().c2s.ping_interval_secs);
-        let ping_timeout = Duration::from_secs(self.cfg().c2s.ping_timeout_secs);
-        let mut bucket = TokenBucket::new(
-            self.cfg().limits.rate_bytes_per_sec,
-            self.cfg().limits.rate_burst_bytes,
-        );
+    /// Until a resource is bound or a session resumed: stream headers,
+    /// STARTTLS, SASL, bind; then what the client sent after the element
+    /// that bound it, in the same read.
+    async fn negotiate<T: Transport>(&mut self, t: &mut T) -> Result<(), Box<End>> {
+        self.negotiate_inner(t).await.map_err(Box::new)
+    }
+
+    async fn negotiate_inner<T: Transport>(&mut self, t: &mut T) -> Result<(), End> {
+        t.set_limits(self.limits(false));
+        let deadline = Instant::now() + Duration::from_secs(self.cfg().c2s.preauth_timeout_secs);
         let shutdown = self.state.shutdown.clone();
         loop {
-            let bound = self.bound();
-            let timer = match &bound {
-                None => preauth_deadline,
-                Some(_) => {
-                    let heartbeat = match (self.ack_deadline, &self.ping_id) {
-                        (Some(d), _) => d,
-                        (None, Some(_)) => self.last_heard + ping_interval + ping_timeout,
-                        (None, None) => self.last_heard + ping_interval,
-                    };
-                    self.ack_due.map_or(heartbeat, |d| d.min(heartbeat))
-                }
-            };
-            tokio::select! {
+            let events = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    return End::Error(StreamError::new(StreamCondition::SystemShutdown));
+                    return Err(End::Error(StreamError::new(StreamCondition::SystemShutdown)));
                 }
-                _ = async { match &bound { Some(h) => h.overflow.notified().await, None => std::future::pending().await } } => {
-                    self.drop_queue = true;
-                    return End::Error(StreamError::with_text(
-                        StreamCondition::PolicyViolation,
-                        "too many stanzas queued for this session: it is not reading",
-                    ));
+                r = t.read() => match r {
+                    Ok(ev) => ev,
+                    Err(ReadError::Closed) => return Err(End::Lost(None)),
+                    Err(ReadError::Xml(e)) => return Err(End::Error(e.into())),
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(End::Error(StreamError::with_text(
+                        StreamCondition::ConnectionTimeout,
+                        "authentication took too long",
+                    )));
                 }
-                req = async { match self.takeover.as_mut() { Some((_, rx)) => rx.recv().await, None => std::future::pending().await } } => {
-                    if let Some(reply) = req {
-                        return End::Takeover(reply);
-                    }
+            };
+            tracing::trace!(n = events.len(), "events read");
+            self.last_heard = Instant::now();
+            let mut bytes = 0;
+            let mut events = events.into_iter();
+            let mut bound = false;
+            for ev in events.by_ref() {
+                if let StreamEvent::Stanza(el) = &ev {
+                    bytes += approx_size(el);
                 }
-                d = async { match self.rx.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
-                    let mut batch = Vec::new();
-                    let mut next = d;
-                    let mut close = None;
-                    // Write everything already queued in one go.
-                    loop {
-                        match next {
-                            Some(Deliver::Stanza(el)) => {
-                                let hold = self.held.inactive;
-                                self.held.filter(el, hold, &mut batch);
-                                if self.held.len() > self.cfg().c2s.max_unacked {
-                                    batch.extend(self.held.take_all());
-                                }
-                            }
-                            Some(Deliver::Close(err)) => {
-                                close = Some(err);
-                                break;
-                            }
-                            None => break,
-                        }
-                        if batch.len() >= 64 {
-                            break;
-                        }
-                        next = self.rx.as_mut().and_then(|rx| rx.try_recv());
-                    }
-                    tracing::trace!(n = batch.len(), "writing stanzas");
-                    let written = self.write(t, batch).await;
-                    if let Some(err) = close {
-                        return End::Error(err);
-                    }
-                    if let Err(end) = written {
-                        return end;
-                    }
+                match self.on_event(t, ev).await? {
+                    Step::Continue => {}
+                    Step::Restart => break,
+                    Step::Close => return Err(End::Clean),
                 }
-                r = t.read() => {
-                    let events = match r {
-                        Ok(ev) => ev,
-                        Err(ReadError::Closed) => return End::Lost(None),
-                        Err(ReadError::Xml(e)) => return End::Error(e.into()),
-                    };
-                    tracing::trace!(n = events.len(), "events read");
-                    self.last_heard = Instant::now();
-                    self.ping_id = None;
-                    let mut bytes = 0;
-                    let mut events = events.into_iter().peekable();
-                    while let Some(ev) = events.next() {
-                        if let StreamEvent::Stanza(el) = &ev {
-                            bytes += approx_size(el);
-                        }
-                        // Consecutive messages share one durable write.
-                        if let (Phase::Bound(h), StreamEvent::Stanza(el)) = (&self.phase, &ev) {
-                            if is_message(el) && !self.awaiting_open {
-                                let h = h.clone();
-                                let StreamEvent::Stanza(first) = ev else { unreachable!() };
-                                let mut run = vec![first];
-                                while let Some(StreamEvent::Stanza(el)) = events.next_if(
-                                    |e| matches!(e, StreamEvent::Stanza(el) if is_message(el)),
-                                ) {
-                                    bytes += approx_size(&el);
-                                    run.push(el);
-                                }
-                                if let Err(end) = self.on_messages(t, &h, run).await {
-                                    return end;
-                                }
-                                continue;
-                            }
-                        }
-                        match self.on_event(t, ev).await {
-                            Ok(Step::Continue) => {}
-                            Ok(Step::Restart) => break,
-                            Ok(Step::Close) => return End::Clean,
-                            Err(end) => return end,
-                        }
-                    }
-                    if let Some(pause) = bucket.take(bytes) {
-                        tokio::time::sleep(pause).await;
-                    }
-                }
-                _ = tokio::time::sleep_until(timer) => {
-                    let Some(h) = bound else {
-                        return End::Error(StreamError::with_text(
-                            StreamCondition::ConnectionTimeout,
-                            "authentication took too long",
-                        ));
-                    };
-                    let now = Instant::now();
-                    if self.ack_deadline.is_some_and(|d| d <= now) {
-                        return End::Lost(Some(StreamError::with_text(
-                            StreamCondition::ConnectionTimeout,
-                            "no answer to an ack request",
-                        )));
-                    }
-                    if self.ack_due.is_some_and(|d| d <= now) {
-                        self.ack_due = None;
-                        if let Err(end) = self.request_ack(t).await {
-                            return end;
-                        }
-                        continue;
-                    }
-                    if self.ping_id.is_some() {
-                        return End::Lost(Some(StreamError::with_text(
-                            StreamCondition::ConnectionTimeout,
-                            "no answer to ping",
-                        )));
-                    }
-                    if now < self.last_heard + ping_interval {
-                        continue;
-                    }
-                    // XEP-0012: the heartbeat keeps "last seen" fresh.
-                    modules::last::heartbeat(&self.state, &h).await;
-                    // Idle: a stream-managed client answers an ack request
-                    // (not counted as a stanza); others get a ping.
-                    let probe = if self.sm.is_some() {
-                        self.request_ack(t).await
-                    } else {
-                        let id = format!("ping-{}", modules::new_id());
-                        let ping = modules::iq("get", &id, &self.domain, &h.jid.to_string())
-                            .with_child(Element::new("ping", modules::ping::NS));
-                        self.ping_id = Some(id);
-                        self.write(t, vec![ping]).await
-                    };
-                    if let Err(end) = probe {
-                        return end;
-                    }
+                if matches!(self.phase, Phase::Bound(_)) {
+                    bound = true;
+                    break;
                 }
             }
+            if let Some(pause) = self.bucket.take(bytes) {
+                tokio::time::sleep(pause).await;
+            }
+            if bound {
+                let rest: Vec<_> = events.collect();
+                if !rest.is_empty() {
+                    let h = self.bound().expect("bound");
+                    self.on_read(t, &h, rest).await?;
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// A bound session, until its connection or the session ends. This
+    /// loop's waits are what an idle session holds: keep them few and
+    /// small, and box what runs on a wake-up. (Not an `async fn`, whose
+    /// arguments would be stored twice.)
+    #[allow(clippy::manual_async_fn)]
+    fn bound_loop<'a, T: Transport>(
+        &'a mut self,
+        t: &'a mut T,
+    ) -> impl std::future::Future<Output = End> + Send + 'a {
+        async move {
+            loop {
+                // A session bound after `Router::shutdown` went through the
+                // table sees the token instead.
+                if self.state.shutdown.is_cancelled() {
+                    return shutting_down();
+                }
+                let timer = self.next_timer();
+                let w = tokio::select! {
+                    biased;
+                    req = async { match self.takeover.as_mut() { Some((_, rx)) => rx.recv().await, None => std::future::pending().await } } => {
+                        match req {
+                            Some(reply) => Wake::Takeover(reply),
+                            None => continue,
+                        }
+                    }
+                    d = async { match self.rx.as_mut() { Some(rx) => rx.recv(true).await, None => std::future::pending().await } } => Wake::Queue(d),
+                    r = t.read() => Wake::Read(r),
+                    _ = tokio::time::sleep_until(timer) => Wake::Timer,
+                };
+                if let Err(end) = Box::pin(self.on_wake(t, w)).await {
+                    return end;
+                }
+            }
+        }
+    }
+
+    async fn on_wake<T: Transport>(&mut self, t: &mut T, wake: Wake) -> Result<(), End> {
+        let Some(h) = self.bound() else {
+            unreachable!("the bound loop runs for bound sessions only");
+        };
+        match wake {
+            Wake::Takeover(reply) => {
+                // A shutdown or an overflow is noticed before a takeover.
+                if self.rx.as_ref().is_some_and(|rx| rx.shutting_down()) {
+                    return Err(shutting_down());
+                }
+                if self.rx.as_ref().is_some_and(|rx| rx.overflowed()) {
+                    return Err(self.overflowed());
+                }
+                Err(End::Takeover(reply))
+            }
+            Wake::Queue(d) => self.on_queue(t, d).await,
+            Wake::Read(Ok(events)) => self.on_read(t, &h, events).await,
+            Wake::Read(Err(ReadError::Closed)) => Err(End::Lost(None)),
+            Wake::Read(Err(ReadError::Xml(e))) => Err(End::Error(e.into())),
+            Wake::Timer => self.on_timer(t, &h).await,
+        }
+    }
+
+    fn overflowed(&mut self) -> End {
+        self.drop_queue = true;
+        End::Error(StreamError::with_text(
+            StreamCondition::PolicyViolation,
+            "too many stanzas queued for this session: it is not reading",
+        ))
+    }
+
+    /// When the bound loop's timer fires next: the heartbeat (ping, or the
+    /// answer to one or to an ack request), a due ack request, or the
+    /// release of buffers once idle.
+    fn next_timer(&self) -> Instant {
+        let mut at = self.heartbeat();
+        let ack_due = self.sm.as_ref().and_then(|s| s.ack_due);
+        for d in [ack_due, self.release_at].into_iter().flatten() {
+            at = at.min(d);
+        }
+        at
+    }
+
+    fn heartbeat(&self) -> Instant {
+        let c = &self.cfg().c2s;
+        let interval = Duration::from_secs(c.ping_interval_secs);
+        match (self.sm.as_ref().and_then(|s| s.ack_deadline), &self.ping_id) {
+            (Some(d), _) => d,
+            (None, Some(_)) => {
+                self.last_heard + interval + Duration::from_secs(c.ping_timeout_secs)
+            }
+            (None, None) => self.last_heard + interval,
+        }
+    }
+
+    /// Something happened: release buffers once the session is idle again.
+    fn busy(&mut self) {
+        self.release_at = Some(Instant::now() + IDLE_RELEASE);
+    }
+
+    /// Idle for `IDLE_RELEASE`: give back what the last burst grew (parser,
+    /// queue, SM queue); the next one allocates them again.
+    fn release<T: Transport>(&mut self, t: &mut T) {
+        self.release_at = None;
+        t.release();
+        if let Some(rx) = &self.rx {
+            rx.release();
+        }
+        self.held.shrink();
+        if let Some(sm) = self.sm.as_mut() {
+            sm.unacked.shrink_to_fit();
+        }
+    }
+
+    /// Stanzas from the queue: everything already queued goes out in one write.
+    async fn on_queue<T: Transport>(&mut self, t: &mut T, d: Option<Deliver>) -> Result<(), End> {
+        self.busy();
+        let mut batch = Vec::new();
+        let mut next = d;
+        let mut close = None;
+        loop {
+            match next {
+                Some(Deliver::Stanza(el)) => {
+                    let hold = self.held.inactive;
+                    self.held.filter(el, hold, &mut batch);
+                    if self.held.len() > self.cfg().c2s.max_unacked {
+                        batch.extend(self.held.take_all());
+                    }
+                }
+                Some(Deliver::Close(err)) => {
+                    close = Some(err);
+                    break;
+                }
+                Some(Deliver::Overflow) => return Err(self.overflowed()),
+                Some(Deliver::Shutdown) => return Err(shutting_down()),
+                None => break,
+            }
+            if batch.len() >= 64 {
+                break;
+            }
+            next = self.rx.as_mut().and_then(|rx| rx.try_recv());
+        }
+        tracing::trace!(n = batch.len(), "writing stanzas");
+        let written = self.write(t, batch).await;
+        if let Some(err) = close {
+            return Err(End::Error(err));
+        }
+        written
+    }
+
+    /// Events read on a bound stream. Consecutive messages share one
+    /// durable write.
+    async fn on_read<T: Transport>(
+        &mut self,
+        t: &mut T,
+        h: &Arc<SessionHandle>,
+        events: Vec<StreamEvent>,
+    ) -> Result<(), End> {
+        tracing::trace!(n = events.len(), "events read");
+        self.last_heard = Instant::now();
+        self.ping_id = None;
+        self.busy();
+        let mut bytes = 0;
+        let mut events = events.into_iter().peekable();
+        while let Some(ev) = events.next() {
+            let el = match ev {
+                StreamEvent::Stanza(el) => el,
+                StreamEvent::Close => return Err(End::Clean),
+                StreamEvent::Open { .. } => {
+                    return Err(End::Error(StreamError::with_text(
+                        StreamCondition::BadFormat,
+                        "unexpected stream header",
+                    )))
+                }
+            };
+            bytes += approx_size(&el);
+            if is_message(&el) {
+                let mut run = vec![el];
+                while let Some(StreamEvent::Stanza(el)) =
+                    events.next_if(|e| matches!(e, StreamEvent::Stanza(el) if is_message(el)))
+                {
+                    bytes += approx_size(&el);
+                    run.push(el);
+                }
+                self.on_messages(t, h, run).await?;
+                continue;
+            }
+            self.on_bound(t, h, el).await?;
+        }
+        if let Some(pause) = self.bucket.take(bytes) {
+            tokio::time::sleep(pause).await;
+        }
+        Ok(())
+    }
+
+    /// The bound loop's timer: release idle buffers, ask for an ack, or
+    /// the heartbeat (XEP-0199 ping, or an ack request under XEP-0198).
+    async fn on_timer<T: Transport>(
+        &mut self,
+        t: &mut T,
+        h: &Arc<SessionHandle>,
+    ) -> Result<(), End> {
+        let now = Instant::now();
+        if self.release_at.is_some_and(|d| d <= now) {
+            self.release(t);
+        }
+        if let Some(sm) = self.sm.as_mut() {
+            if sm.ack_deadline.is_some_and(|d| d <= now) {
+                return Err(End::Lost(Some(StreamError::with_text(
+                    StreamCondition::ConnectionTimeout,
+                    "no answer to an ack request",
+                ))));
+            }
+            if sm.ack_due.is_some_and(|d| d <= now) {
+                sm.ack_due = None;
+                return self.request_ack(t).await;
+            }
+        }
+        if now < self.heartbeat() {
+            return Ok(());
+        }
+        if self.ping_id.is_some() {
+            return Err(End::Lost(Some(StreamError::with_text(
+                StreamCondition::ConnectionTimeout,
+                "no answer to ping",
+            ))));
+        }
+        // XEP-0012: the heartbeat keeps "last seen" fresh.
+        modules::last::heartbeat(&self.state, h).await;
+        // Idle: a stream-managed client answers an ack request (not
+        // counted as a stanza); others get a ping.
+        if self.sm.is_some() {
+            self.request_ack(t).await
+        } else {
+            let id = format!("ping-{}", modules::new_id());
+            let ping = modules::iq("get", &id, self.domain(), &h.jid.to_string())
+                .with_child(Element::new("ping", modules::ping::NS));
+            self.ping_id = Some(id);
+            self.write(t, vec![ping]).await
+        }
+    }
+
+    /// The connection ended: close the stream, then end the session — or,
+    /// when a resumable session's connection was lost, keep the session
+    /// (without the connection) until it is resumed or times out.
+    async fn finish<T: Transport>(&mut self, mut t: T, conn: ConnectionGuard, end: End) {
+        let lost = matches!(end, End::Lost(_));
+        self.close_stream(&mut t, end).await;
+        tracing::debug!(peer = %t.peer(), "connection closed");
+        if lost && self.resumable() {
+            drop(t);
+            drop(conn);
+            self.park().await;
+        } else {
+            self.teardown().await;
+        }
+    }
+
+    /// The connection's end: what is queued goes out to a client still
+    /// reading, then the stream is closed (with the error, if any).
+    async fn close_stream<T: Transport>(&mut self, t: &mut T, end: End) {
+        let err = match &end {
+            End::Error(e) | End::Lost(Some(e)) => Some(e.clone()),
+            _ => None,
+        };
+        if let Some(e) = &err {
+            self.state.metrics.stream_error(e);
+            tracing::debug!(peer = %t.peer(), error = %e, "closing stream with error");
+        }
+        // Release the unauthenticated slot before the peer can see the close,
+        // so a client that reconnects right after it is not refused.
+        self.preauth = None;
+        let lost = matches!(end, End::Lost(_));
+        // A client still reading gets what was queued for it before the stream
+        // closes (not one that is not reading: that is what filled the queue).
+        // Stream-managed sessions instead keep it for resumption or requeueing.
+        if !lost && self.sm.is_none() && !self.drop_queue {
+            self.flush_queue(t).await;
+        }
+        if !self.write_broken {
+            let wait = if lost { 2 } else { 5 };
+            let _ = tokio::time::timeout(
+                Duration::from_secs(wait),
+                t.close(err.as_ref(), self.domain()),
+            )
+            .await;
         }
     }
 
@@ -416,7 +609,7 @@ impl Session {
         if let Some(sm) = self.sm.as_mut() {
             let room = max_unacked.saturating_sub(sm.unacked.len());
             if batch.len() > room {
-                self.unsent.extend(batch.split_off(room));
+                sm.unsent.extend(batch.split_off(room));
                 over = true;
             }
             for el in &batch {
@@ -459,14 +652,14 @@ impl Session {
 
     /// An `<r/>` goes out now: the client must answer within the ping timeout.
     fn requested(&mut self) {
+        let timeout = Duration::from_secs(self.cfg().c2s.ping_timeout_secs);
         if let Some(sm) = self.sm.as_mut() {
             sm.unrequested = 0;
             sm.requests += 1;
-        }
-        self.ack_due = None;
-        if self.ack_deadline.is_none() {
-            self.ack_deadline =
-                Some(Instant::now() + Duration::from_secs(self.cfg().c2s.ping_timeout_secs));
+            sm.ack_due = None;
+            if sm.ack_deadline.is_none() {
+                sm.ack_deadline = Some(Instant::now() + timeout);
+            }
         }
     }
 
@@ -477,9 +670,9 @@ impl Session {
 
     /// Stanzas written without an ack request: ask once the stream is idle.
     fn schedule_ack(&mut self) {
-        if let Some(sm) = &self.sm {
-            if sm.unrequested > 0 && sm.requests == 0 && self.ack_due.is_none() {
-                self.ack_due = Some(Instant::now() + ACK_IDLE);
+        if let Some(sm) = self.sm.as_mut() {
+            if sm.unrequested > 0 && sm.requests == 0 && sm.ack_due.is_none() {
+                sm.ack_due = Some(Instant::now() + ACK_IDLE);
             }
         }
     }
@@ -500,7 +693,7 @@ impl Session {
                     self.on_bound(t, &h, el).await
                 }
                 Phase::Authenticated(user) if el.ns == sm::NS || el.ns == sm::NS_CSI => {
-                    let user = user.clone();
+                    let user = BareJid::clone(user);
                     self.on_authenticated_nonza(t, user, el).await
                 }
                 _ => Ok(self.on_negotiation(t, el).await?),
@@ -538,12 +731,16 @@ impl Session {
             ));
         }
         if matches!(self.phase, Phase::Connected) {
-            self.domain = to;
-        } else if to != self.domain {
+            self.domain = self
+                .cfg()
+                .domains
+                .iter()
+                .position(|d| *d == to)
+                .unwrap_or(0);
+        } else if to != self.domain() {
             return Err(StreamError::new(StreamCondition::HostUnknown));
         }
-        self.stream_id = modules::new_id();
-        t.open(&self.stream_id, &self.domain)
+        t.open(&modules::new_id(), self.domain())
             .await
             .map_err(|_| StreamError::new(StreamCondition::UndefinedCondition))?;
         if get("version") != Some("1.0") {
@@ -636,13 +833,14 @@ impl Session {
             (Phase::Connected, NS_CLIENT, "iq")
                 if el.get_child("query", modules::register::NS).is_some() && self.secure(t) =>
             {
-                let reply = modules::register::handle_preauth(&self.state, &self.domain, &el).await;
+                let reply =
+                    modules::register::handle_preauth(&self.state, self.domain(), &el).await;
                 self.send_or_close(t, reply).await
             }
             (Phase::Authenticated(user), NS_CLIENT, "iq")
                 if el.get_child("bind", NS_BIND).is_some() && el.attr("type") == Some("set") =>
             {
-                let user = user.clone();
+                let user = BareJid::clone(user);
                 self.bind(t, user, el).await
             }
             _ => Err(StreamError::with_text(
@@ -697,9 +895,7 @@ impl Session {
             }
             "auth" if self.scram.is_none() => {}
             "response" if self.scram.is_some() => {
-                let scram = self.scram.take().expect("checked");
-                let user = scram.user.clone();
-                let mut server = scram.server;
+                let Scram { mut server, user } = *self.scram.take().expect("checked");
                 let data = match decode_sasl(&el.text()) {
                     Ok(d) => d,
                     Err(e) => return self.sasl_failure(t, e, user.as_ref()).await,
@@ -760,10 +956,10 @@ impl Session {
                 }
                 let creds = self.load_creds(&user, hash).await?;
                 let challenge = server.server_first(creds.as_ref());
-                self.scram = Some(Scram {
+                self.scram = Some(Box::new(Scram {
                     server,
                     user: creds.is_some().then_some(user),
-                });
+                }));
                 let c = Element::new("challenge", NS_SASL)
                     .with_text(base64::engine::general_purpose::STANDARD.encode(challenge));
                 self.send_or_close(t, c).await
@@ -774,7 +970,7 @@ impl Session {
     /// The username as a JID on this stream's domain; an authzid naming
     /// anyone else is refused (ejabberd #4601).
     fn authzid_check(&self, username: &str, authzid: Option<&str>) -> Result<BareJid, SaslError> {
-        let user = BareJid::new(&format!("{username}@{}", self.domain))
+        let user = BareJid::new(&format!("{username}@{}", self.domain()))
             .map_err(|_| SaslError::NotAuthorized)?;
         if let Some(z) = authzid {
             match BareJid::new(z) {
@@ -862,7 +1058,7 @@ impl Session {
         }
         self.send_or_close(t, s).await?;
         tracing::info!(user = %user, transport = t.kind(), "authenticated");
-        self.phase = Phase::Authenticated(user);
+        self.phase = Phase::Authenticated(Box::new(user));
         t.reset();
         t.authenticated();
         t.set_limits(self.limits(true));
@@ -976,9 +1172,8 @@ impl Session {
                 }
                 sm.requests = sm.requests.saturating_sub(1);
                 let pending = sm.requests > 0;
-                self.ack_deadline = pending.then(|| {
-                    Instant::now() + Duration::from_secs(self.cfg().c2s.ping_timeout_secs)
-                });
+                let timeout = Duration::from_secs(self.state.config.c2s.ping_timeout_secs);
+                sm.ack_deadline = pending.then(|| Instant::now() + timeout);
                 self.schedule_ack();
             }
             ("enable" | "resume", _) => {
@@ -1018,7 +1213,7 @@ impl Session {
             enabled.set_attr("max", max.to_string());
         }
         tracing::debug!(jid = %h.jid, resume, "stream management enabled");
-        self.sm = Some(sm::Sm::new(id, max));
+        self.sm = Some(Box::new(sm::Sm::new(id, max)));
         enabled
     }
 
@@ -1124,8 +1319,8 @@ impl Session {
         );
         out.extend(sm.unacked.iter().cloned());
         let resent = out.len() - 1;
-        self.ack_deadline = None;
-        self.ack_due = None;
+        sm.ack_deadline = None;
+        sm.ack_due = None;
         if resent > 0 {
             out.push(sm::r());
             self.requested();
@@ -1222,12 +1417,12 @@ impl Session {
             }
             // RFC 3921 session establishment, kept for old clients: a no-op.
             if el.get_child("session", NS_SESSION).is_some()
-                && el.attr("to").is_none_or(|to| to == self.domain)
+                && el.attr("to").is_none_or(|to| to == self.domain())
             {
                 let r = modules::iq(
                     "result",
                     el.attr("id").unwrap_or_default(),
-                    &self.domain,
+                    self.domain(),
                     &h.jid.to_string(),
                 );
                 self.write(t, vec![r]).await?;
@@ -1291,8 +1486,6 @@ impl Session {
         match reply.send(parked) {
             Ok(()) => {
                 self.takeover = None;
-                self.ack_deadline = None;
-                self.ack_due = None;
                 true
             }
             Err(p) => {
@@ -1316,8 +1509,14 @@ impl Session {
         let max_unacked = self.cfg().c2s.max_unacked;
         let shutdown = self.state.shutdown.clone();
         tracing::info!(jid = %h.jid, secs, "connection lost; session waits for resumption");
-        self.ack_deadline = None;
-        self.ack_due = None;
+        if let Some(sm) = self.sm.as_mut() {
+            sm.ack_deadline = None;
+            sm.ack_due = None;
+        }
+        self.release_at = None;
+        if let Some(rx) = &self.rx {
+            rx.release();
+        }
         while let (Some((_, takeover)), Some(rx)) = (self.takeover.as_mut(), self.rx.as_mut()) {
             tokio::select! {
                 biased;
@@ -1328,7 +1527,7 @@ impl Session {
                         return;
                     }
                 }
-                d = rx.recv() => {
+                d = rx.recv(false) => {
                     let Some(Deliver::Stanza(el)) = d else { break };
                     let mut now = Vec::new();
                     self.held.filter(el, true, &mut now);
@@ -1347,7 +1546,7 @@ impl Session {
                 }
             }
         }
-        self.teardown().await;
+        Box::pin(self.teardown()).await;
     }
 
     /// The session ends: it leaves routing, what it was given and did not
@@ -1364,7 +1563,9 @@ impl Session {
             undelivered.extend(sm.unacked.drain(..));
         }
         self.takeover = None;
-        undelivered.append(&mut self.unsent);
+        if let Some(sm) = self.sm.as_mut() {
+            undelivered.append(&mut sm.unsent);
+        }
         undelivered.extend(self.held.take_all());
         if let Some(rx) = self.rx.as_mut() {
             rx.close();
@@ -1387,6 +1588,10 @@ impl Session {
         self.state.metrics.session_closed(h.id);
         self.state.router.unbind(&h);
     }
+}
+
+fn shutting_down() -> End {
+    End::Error(StreamError::new(StreamCondition::SystemShutdown))
 }
 
 fn is_message(el: &Element) -> bool {

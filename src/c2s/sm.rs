@@ -18,6 +18,7 @@ use natter_xml::{Element, NS_CLIENT};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 pub const NS: &str = "urn:xmpp:sm:3";
 pub const NS_CSI: &str = "urn:xmpp:csi:0";
@@ -51,6 +52,12 @@ pub struct Sm {
     pub unrequested: usize,
     /// `<r/>` sent and not yet answered.
     pub requests: u32,
+    /// An `<r/>` is unanswered: the client must ack by then.
+    pub ack_deadline: Option<Instant>,
+    /// Stanzas written without an ack request: ask at this time.
+    pub ack_due: Option<Instant>,
+    /// Taken from the queue but not written (unacked limit reached).
+    pub unsent: Vec<Element>,
 }
 
 impl Sm {
@@ -64,6 +71,9 @@ impl Sm {
             unwritten: 0,
             unrequested: 0,
             requests: 0,
+            ack_deadline: None,
+            ack_due: None,
+            unsent: Vec::new(),
         }
     }
 
@@ -142,7 +152,7 @@ pub fn truthy(v: Option<&str>) -> bool {
 pub struct Parked {
     pub handle: Arc<SessionHandle>,
     pub rx: QueueRx,
-    pub sm: Sm,
+    pub sm: Box<Sm>,
     pub held: Held,
 }
 
@@ -234,6 +244,11 @@ impl Held {
 
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
+    }
+
+    /// The session is idle: keep no spare capacity.
+    pub fn shrink(&mut self) {
+        self.items.shrink_to_fit();
     }
 
     /// Everything held, oldest first.

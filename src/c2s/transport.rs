@@ -38,12 +38,17 @@ pub trait Transport: Send {
         err: Option<&StreamError>,
         from: &str,
     ) -> impl Future<Output = io::Result<()>> + Send;
-    /// Upgrade a plain TCP stream to TLS (after `<proceed/>`).
+    /// Upgrade a plain TCP stream to TLS (after `<proceed/>`), or make the
+    /// handshake of a direct TLS connection (`tls_pending`).
     fn starttls(
         &mut self,
         tls: Arc<rustls::ServerConfig>,
     ) -> impl Future<Output = io::Result<()>> + Send;
     fn can_starttls(&self) -> bool;
+    /// A direct TLS connection whose handshake is still to be made.
+    fn tls_pending(&self) -> bool {
+        false
+    }
     fn is_tls(&self) -> bool;
     fn channel_binding(&self) -> Option<ChannelBinding>;
     /// A new stream starts (after STARTTLS or SASL success). Bytes the
@@ -54,6 +59,8 @@ pub trait Transport: Send {
     /// splitting its reads at element boundaries.
     fn authenticated(&mut self) {}
     fn set_limits(&mut self, limits: Limits);
+    /// The session is idle: give back buffers the next read can rebuild.
+    fn release(&mut self) {}
     fn peer(&self) -> SocketAddr;
     /// "tcp", "tls" or "ws", for logs and metrics.
     fn kind(&self) -> &'static str;
@@ -61,6 +68,8 @@ pub trait Transport: Send {
 
 enum Io {
     Plain(TcpStream),
+    /// Direct TLS before its handshake.
+    Handshake(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
     /// Only during the STARTTLS handshake.
     Upgrading,
@@ -100,9 +109,10 @@ impl TcpTransport {
         }
     }
 
-    pub fn tls(stream: TlsStream<TcpStream>, peer: SocketAddr, limits: Limits) -> Self {
+    /// Direct TLS (XEP-0368); the session makes the handshake.
+    pub fn direct_tls(stream: TcpStream, peer: SocketAddr, limits: Limits) -> Self {
         TcpTransport {
-            io: Io::Tls(Box::new(stream)),
+            io: Io::Handshake(stream),
             ..Self::plain_placeholder(peer, limits)
         }
     }
@@ -147,7 +157,7 @@ impl TcpTransport {
                 s.write_all(data).await?;
                 s.flush().await
             }
-            Io::Upgrading => Err(io::ErrorKind::NotConnected.into()),
+            Io::Handshake(_) | Io::Upgrading => Err(io::ErrorKind::NotConnected.into()),
         }
     }
 }
@@ -181,7 +191,9 @@ impl Transport for TcpTransport {
                 let polled = match &mut self.io {
                     Io::Plain(s) => std::pin::Pin::new(s).poll_read(cx, &mut rb),
                     Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, &mut rb),
-                    Io::Upgrading => return std::task::Poll::Ready(Err(ReadError::Closed)),
+                    Io::Handshake(_) | Io::Upgrading => {
+                        return std::task::Poll::Ready(Err(ReadError::Closed))
+                    }
                 };
                 std::task::Poll::Ready(match polled {
                     std::task::Poll::Pending => return std::task::Poll::Pending,
@@ -230,16 +242,20 @@ impl Transport for TcpTransport {
             Io::Tls(s) => {
                 let _ = s.shutdown().await;
             }
-            Io::Upgrading => {}
+            Io::Handshake(_) | Io::Upgrading => {}
         }
         r
     }
 
     async fn starttls(&mut self, tls: Arc<rustls::ServerConfig>) -> io::Result<()> {
-        let Io::Plain(tcp) = std::mem::replace(&mut self.io, Io::Upgrading) else {
-            return Err(io::Error::other(
-                "STARTTLS on a stream that is not plain TCP",
-            ));
+        let tcp = match std::mem::replace(&mut self.io, Io::Upgrading) {
+            Io::Plain(tcp) | Io::Handshake(tcp) => tcp,
+            other => {
+                self.io = other;
+                return Err(io::Error::other(
+                    "STARTTLS on a stream that is not plain TCP",
+                ));
+            }
         };
         // Bytes the client pipelined after <starttls/> were parsed by the
         // pre-TLS parser and are discarded with it (CVE-2011-1431 class).
@@ -253,6 +269,10 @@ impl Transport for TcpTransport {
 
     fn can_starttls(&self) -> bool {
         matches!(self.io, Io::Plain(_))
+    }
+
+    fn tls_pending(&self) -> bool {
+        matches!(self.io, Io::Handshake(_))
     }
 
     fn is_tls(&self) -> bool {
@@ -288,13 +308,20 @@ impl Transport for TcpTransport {
         self.parser.set_limits(limits);
     }
 
+    fn release(&mut self) {
+        self.parser.release();
+        if self.leftover.is_empty() {
+            self.leftover = Vec::new();
+        }
+    }
+
     fn peer(&self) -> SocketAddr {
         self.peer
     }
 
     fn kind(&self) -> &'static str {
         match self.io {
-            Io::Tls(_) => "tls",
+            Io::Tls(_) | Io::Handshake(_) => "tls",
             _ => "tcp",
         }
     }

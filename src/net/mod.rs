@@ -36,32 +36,51 @@ pub async fn accept_c2s(listener: TcpListener, state: ServerState, direct_tls: b
                 }
             },
         };
-        let state = state.clone();
-        tokio::spawn(async move { handle_tcp(sock, peer, state, direct_tls).await });
+        if let Some(conn) = connection(sock, peer, state.clone(), direct_tls) {
+            tokio::spawn(conn);
+        }
     }
 }
 
-async fn handle_tcp(
+/// A new c2s connection's task, or None when its address has too many
+/// unauthenticated connections already.
+pub(crate) fn connection(
     sock: tokio::net::TcpStream,
     peer: SocketAddr,
     state: ServerState,
     direct_tls: bool,
-) {
+) -> Option<impl std::future::Future<Output = ()> + Send> {
     let _ = sock.set_nodelay(true);
     let Some(guard) = state.preauth.try_acquire(peer.ip()) else {
         tracing::info!(%peer, "too many unauthenticated connections from this address");
-        return;
+        return None;
     };
     let limits = crate::c2s_limits(&state.config, false);
     let transport = if direct_tls {
-        let acceptor = tokio_rustls::TlsAcceptor::from(state.tls.clone());
-        let secs = state.config.c2s.preauth_timeout_secs;
-        match tokio::time::timeout(Duration::from_secs(secs), acceptor.accept(sock)).await {
-            Ok(Ok(s)) => TcpTransport::tls(s, peer, limits),
-            _ => return,
-        }
+        TcpTransport::direct_tls(sock, peer, limits)
     } else {
         TcpTransport::plain(sock, peer, limits)
     };
-    crate::c2s::serve(transport, state, guard).await;
+    Some(crate::c2s::serve(transport, state, guard))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size of the future a function returns, without calling it.
+    fn future_size<F, A, B, C, D, Fut>(_: F) -> usize
+    where
+        F: FnOnce(A, B, C, D) -> Option<Fut>,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// An idle connection costs its task's future (plus tokio's task header,
+    /// the whole rounded up to 128 bytes): negotiation, TLS handshakes and
+    /// stanza handling must stay out of it (boxed), or every idle session
+    /// pays for their largest state. 712 bytes when written (a 896-byte task).
+    #[test]
+    fn connection_task_future_is_small() {
+        let size = future_size(super::connection);
+        assert!(size <= 768, "connection task future is {size} bytes");
+    }
 }

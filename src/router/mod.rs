@@ -14,10 +14,12 @@
 use crate::error::StreamError;
 use jid::{BareJid, FullJid};
 use natter_xml::Element;
+use smallvec::SmallVec;
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use tokio::sync::Notify;
 
 pub mod queue;
 pub use queue::{QueueRx, QueueTx};
@@ -28,6 +30,10 @@ pub enum Deliver {
     Stanza(Element),
     /// Close the stream with this error (e.g. `conflict` when replaced).
     Close(StreamError),
+    /// Never queued: `QueueRx::recv` reports that a push was refused.
+    Overflow,
+    /// Never queued: `QueueRx::recv` reports `Router::shutdown`.
+    Shutdown,
 }
 
 /// Presence-related state of one bound resource, changed by its own session
@@ -54,12 +60,10 @@ pub struct SessionHandle {
     pub id: u64,
     pub jid: FullJid,
     pub bare: BareJid,
+    /// Its queue; a refused push flags it, and the session closes itself.
     tx: QueueTx,
-    overflowed: AtomicBool,
     /// The session is ending: routing no longer finds it.
     closing: AtomicBool,
-    /// Woken when the queue overflowed, so the session closes itself.
-    pub overflow: Notify,
     pub state: Mutex<SessionState>,
 }
 
@@ -70,10 +74,9 @@ impl SessionHandle {
         match self.tx.try_send(Deliver::Stanza(stanza)) {
             Ok(()) => true,
             Err(queue::PushError::Full) => {
-                if !self.overflowed.swap(true, Ordering::SeqCst) {
+                if self.tx.overflow() {
                     tracing::warn!(jid = %self.jid, "session queue full, closing it");
                 }
-                self.overflow.notify_one();
                 false
             }
             Err(queue::PushError::Closed) => false,
@@ -83,8 +86,7 @@ impl SessionHandle {
     /// Ask the session to close its stream with `err`.
     pub fn close(&self, err: StreamError) {
         if self.tx.try_send(Deliver::Close(err)).is_err() {
-            self.overflowed.store(true, Ordering::SeqCst);
-            self.overflow.notify_one();
+            self.tx.overflow();
         }
     }
 
@@ -115,9 +117,15 @@ impl SessionHandle {
     }
 }
 
+/// The bound resources whose bare JIDs hash to one key (almost always one
+/// account, and one resource): kept inline, so an entry is one slot of the
+/// table and no key string of its own (the handles hold the JIDs).
+type Slot = SmallVec<[Arc<SessionHandle>; 1]>;
+
 #[derive(Default)]
 pub struct Router {
-    sessions: RwLock<HashMap<BareJid, Vec<Arc<SessionHandle>>>>,
+    sessions: RwLock<HashMap<u64, Slot>>,
+    keys: RandomState,
     next_id: AtomicU64,
     /// XEP-0198 resumable sessions by SM-ID.
     pub resumable: crate::c2s::sm::Registry,
@@ -140,6 +148,11 @@ impl Router {
         Self::default()
     }
 
+    /// The table key of a bare JID (`bare` as text).
+    fn key(&self, bare: &str) -> u64 {
+        self.keys.hash_one(bare)
+    }
+
     /// Register a bound resource. A session already using the same full JID
     /// is returned so the caller can close it with `conflict` (RFC 6120
     /// §7.7.2.2: the newer session wins).
@@ -151,23 +164,27 @@ impl Router {
     ) -> Result<Bound, BindError> {
         let (tx, rx) = queue::queue(queue);
         let bare = jid.to_bare();
+        let key = self.key(bare.as_str());
         let handle = Arc::new(SessionHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             jid,
-            bare: bare.clone(),
+            bare,
             tx,
-            overflowed: AtomicBool::new(false),
             closing: AtomicBool::new(false),
-            overflow: Notify::new(),
             state: Mutex::new(SessionState::default()),
         });
         let mut map = self.sessions.write().unwrap();
-        let list = map.entry(bare).or_default();
+        let list = map.entry(key).or_default();
         let replaced = list
             .iter()
             .position(|h| h.jid == handle.jid)
             .map(|i| list.remove(i));
-        if replaced.is_none() && list.len() >= max_resources {
+        if replaced.is_none()
+            && list.iter().filter(|h| h.bare == handle.bare).count() >= max_resources
+        {
+            if list.is_empty() {
+                map.remove(&key);
+            }
             return Err(BindError::TooManyResources);
         }
         list.push(handle.clone());
@@ -177,11 +194,12 @@ impl Router {
     /// Remove a session (only this exact one: a replacement under the same
     /// JID stays).
     pub fn unbind(&self, handle: &SessionHandle) {
+        let key = self.key(handle.bare.as_str());
         let mut map = self.sessions.write().unwrap();
-        if let Some(list) = map.get_mut(&handle.bare) {
+        if let Some(list) = map.get_mut(&key) {
             list.retain(|h| h.id != handle.id);
             if list.is_empty() {
-                map.remove(&handle.bare);
+                map.remove(&key);
             }
         }
     }
@@ -190,16 +208,24 @@ impl Router {
         self.sessions
             .read()
             .unwrap()
-            .get(bare)
-            .map(|l| l.iter().filter(|h| !h.is_closing()).cloned().collect())
+            .get(&self.key(bare.as_str()))
+            .map(|l| {
+                l.iter()
+                    .filter(|h| &h.bare == bare && !h.is_closing())
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     pub fn session(&self, full: &FullJid) -> Option<Arc<SessionHandle>> {
+        // The bare JID is the full one up to the first '/'.
+        let s = full.as_str();
+        let bare = s.split_once('/').map_or(s, |(b, _)| b);
         self.sessions
             .read()
             .unwrap()
-            .get(&full.to_bare())?
+            .get(&self.key(bare))?
             .iter()
             .find(|h| &h.jid == full && !h.is_closing())
             .cloned()
@@ -226,8 +252,21 @@ impl Router {
             .collect()
     }
 
+    /// The server is shutting down: every bound session closes its stream
+    /// (through its queue, so an idle session waits on nothing else).
+    pub fn shutdown(&self) {
+        for h in self.all() {
+            h.tx.shutdown();
+        }
+    }
+
     pub fn count(&self) -> usize {
-        self.sessions.read().unwrap().values().map(Vec::len).sum()
+        self.sessions
+            .read()
+            .unwrap()
+            .values()
+            .map(|l| l.len())
+            .sum()
     }
 }
 
@@ -245,8 +284,39 @@ mod tests {
         assert_eq!(rep.unwrap().id, h1.id);
         r.unbind(&h1);
         assert_eq!(r.session(&j).unwrap().id, h2.id);
+        assert_eq!(r.resources(&j.to_bare()).len(), 1);
         r.unbind(&h2);
         assert_eq!(r.count(), 0);
+        assert!(r.sessions.read().unwrap().is_empty());
+    }
+
+    #[test]
+    fn accounts_sharing_a_key_stay_apart() {
+        let r = Router::new();
+        let (a, _ra, _) = r.bind(FullJid::new("a@x/1").unwrap(), 4, 2).unwrap();
+        let (b, _rb, _) = r.bind(FullJid::new("b@x/1").unwrap(), 4, 2).unwrap();
+        // Put b in a's slot, as if their keys collided.
+        {
+            let mut map = r.sessions.write().unwrap();
+            let mut moved = map.remove(&r.key("b@x")).unwrap();
+            map.get_mut(&r.key("a@x")).unwrap().append(&mut moved);
+        }
+        let bare_a = BareJid::new("a@x").unwrap();
+        let found = r.resources(&bare_a);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].id, a.id);
+        // b's resource does not count against a's cap.
+        let (a2, _ra2, rep) = r.bind(FullJid::new("a@x/2").unwrap(), 4, 2).unwrap();
+        assert!(rep.is_none());
+        assert_eq!(
+            r.bind(FullJid::new("a@x/3").unwrap(), 4, 2).err(),
+            Some(BindError::TooManyResources)
+        );
+        assert_eq!(r.count(), 3);
+        r.unbind(&a);
+        r.unbind(&a2);
+        assert_eq!(r.count(), 1);
+        assert_eq!(r.all()[0].id, b.id);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! (RFC 7395) with resource limits.
 
 use rxml::error::EndOrError;
-use rxml::{AttrMap, Event, Namespace, Options, Parse, Parser, WithOptions};
+use rxml::{AttrMap, Event, Namespace, Options, Parse, Parser, RawEvent, WithOptions};
 
 use crate::{Element, NS_STREAM, NS_XML};
 
@@ -194,12 +194,104 @@ enum State {
     Closed,
 }
 
+/// The usual stream header: what [`StreamParser::release`] replays into a
+/// new rxml parser when the client's header declared just these namespaces.
+const STANDARD_HEADER: &[u8] = b"<stream:stream xmlns='jabber:client' \
+    xmlns:stream='http://etherx.jabber.org/streams'>";
+
+/// How to bring a new rxml parser to where the stream is (inside the root).
+#[derive(Debug)]
+enum Replay {
+    /// Before and while the header is read: its bytes so far.
+    Capturing(Vec<u8>),
+    Standard,
+    /// The client's own header (other prefixes or namespaces declared).
+    Custom(Box<[u8]>),
+}
+
+impl Replay {
+    /// Decide once the header is complete; `header` holds its bytes (and
+    /// possibly some after it).
+    fn of(header: &[u8]) -> Replay {
+        let mut p = rxml::RawParser::new();
+        let mut buf = header;
+        let mut len = 0;
+        let mut root = None;
+        let mut decls = Vec::new();
+        loop {
+            let ev = match p.parse(&mut buf, false) {
+                Ok(Some(ev)) => ev,
+                // Cannot happen: rxml accepted these bytes once already.
+                _ => return Replay::Custom(header.into()),
+            };
+            len += ev.metrics().len();
+            match ev {
+                RawEvent::ElementHeadOpen(_, (prefix, name)) => {
+                    root = Some((prefix.map(String::from), String::from(name)))
+                }
+                RawEvent::Attribute(_, (Some(prefix), name), value) if prefix == "xmlns" => {
+                    decls.push((Some(String::from(name)), value))
+                }
+                RawEvent::Attribute(_, (None, name), value) if name == "xmlns" => {
+                    decls.push((None, value))
+                }
+                RawEvent::ElementHeadClose(_) => break,
+                _ => {}
+            }
+        }
+        decls.sort();
+        let standard = root == Some((Some("stream".into()), "stream".into()))
+            && decls
+                == [
+                    (None, crate::NS_CLIENT.to_string()),
+                    (Some("stream".into()), NS_STREAM.to_string()),
+                ];
+        if standard {
+            Replay::Standard
+        } else {
+            Replay::Custom(header[..len.min(header.len())].into())
+        }
+    }
+}
+
+/// rxml's parser and the stanza being built: what the stream needs only
+/// while bytes arrive. Dropped when idle ([`StreamParser::release`]).
+struct Live {
+    parser: Parser,
+    tree: TreeBuilder,
+}
+
+impl Live {
+    fn new(limits: &Limits, replay: &Replay) -> Result<Box<Live>, XmlError> {
+        let mut live = Box::new(Live {
+            parser: new_rxml_parser(limits),
+            tree: TreeBuilder::default(),
+        });
+        let mut buf: &[u8] = match replay {
+            Replay::Capturing(_) => return Ok(live),
+            Replay::Standard => STANDARD_HEADER,
+            Replay::Custom(b) => b,
+        };
+        loop {
+            match live.parser.parse(&mut buf, false) {
+                Ok(Some(Event::StartElement(..))) => return Ok(live),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(EndOrError::NeedMoreData) => {
+                    return Err(XmlError::NotWellFormed("stream header replay".into()))
+                }
+                Err(EndOrError::Error(e)) => return Err(map_rxml_error(e)),
+            }
+        }
+    }
+}
+
 /// Incremental parser for one direction of an XMPP stream over TCP.
 pub struct StreamParser {
     limits: Limits,
-    parser: Parser,
+    /// None until bytes come, and again after `release`.
+    live: Option<Box<Live>>,
     state: State,
-    tree: TreeBuilder,
+    replay: Replay,
     /// Bytes of the current stanza (or of the stream header) whose events
     /// have been handled.
     stanza_bytes: usize,
@@ -207,16 +299,16 @@ pub struct StreamParser {
     /// or element head it is holding.
     pending: usize,
     /// First error; repeated on every later call.
-    failed: Option<XmlError>,
+    failed: Option<Box<XmlError>>,
 }
 
 impl StreamParser {
     pub fn new(limits: Limits) -> Self {
         StreamParser {
             limits,
-            parser: new_rxml_parser(&limits),
+            live: None,
             state: State::Header,
-            tree: TreeBuilder::default(),
+            replay: Replay::Capturing(Vec::new()),
             stanza_bytes: 0,
             pending: 0,
             failed: None,
@@ -235,20 +327,43 @@ impl StreamParser {
         *self = StreamParser::new(self.limits);
     }
 
+    /// Give back rxml's parser and the tree builder's stack if the stream is
+    /// between stanzas (nothing partial held); the next `feed` rebuilds them
+    /// by replaying the stream header. An idle stream then owns ~no heap.
+    /// Returns whether anything was released.
+    pub fn release(&mut self) -> bool {
+        let idle = match self.state {
+            State::Header => false,
+            State::Open => {
+                self.pending == 0 && self.live.as_ref().is_some_and(|l| l.tree.is_empty())
+            }
+            State::Closed => true,
+        };
+        idle && self.live.take().is_some()
+    }
+
     /// Feed bytes from the socket; returns every complete event they finish, in order.
     /// After an error the parser is unusable (the caller closes the stream).
     pub fn feed(&mut self, data: &[u8]) -> Result<Vec<StreamEvent>, XmlError> {
         if let Some(e) = &self.failed {
-            return Err(e.clone());
+            return Err((**e).clone());
         }
         let mut events = Vec::new();
-        match self.feed_inner(data, &mut events) {
+        let live = match self.live.take() {
+            Some(l) => Ok(l),
+            None => Live::new(&self.limits, &self.replay),
+        };
+        // On error nothing more will be parsed: the buffers are dropped.
+        let r = live.and_then(|mut live| {
+            self.feed_inner(&mut live, data, &mut events)?;
+            self.live = Some(live);
+            Ok(())
+        });
+        match r {
             Ok(()) => Ok(events),
             Err(e) => {
-                self.failed = Some(e.clone());
-                // Nothing more will be parsed: drop the buffers now.
-                self.tree = TreeBuilder::default();
-                self.parser = Parser::new();
+                self.failed = Some(Box::new(e.clone()));
+                self.replay = Replay::Standard;
                 Err(e)
             }
         }
@@ -256,6 +371,7 @@ impl StreamParser {
 
     fn feed_inner(
         &mut self,
+        live: &mut Live,
         mut data: &[u8],
         events: &mut Vec<StreamEvent>,
     ) -> Result<(), XmlError> {
@@ -271,8 +387,11 @@ impl StreamParser {
                 .saturating_sub(self.stanza_bytes + self.pending);
             let take = data.len().min(allowance.saturating_add(1));
             let mut chunk = &data[..take];
-            let result = self.parser.parse(&mut chunk, false);
+            let result = live.parser.parse(&mut chunk, false);
             let consumed = take - chunk.len();
+            if let Replay::Capturing(header) = &mut self.replay {
+                header.extend_from_slice(&data[..consumed]);
+            }
             data = &data[consumed..];
             self.pending += consumed;
             let starved = match result {
@@ -282,7 +401,7 @@ impl StreamParser {
                     // split inside a multi-byte char when text buffering is
                     // off, which would let `pending` drift upwards forever.
                     let len = std::mem::take(&mut self.pending);
-                    self.handle(ev, len, events)?;
+                    self.handle(&mut live.tree, ev, len, events)?;
                     false
                 }
                 // `None` means EOF, which we never signal.
@@ -295,9 +414,9 @@ impl StreamParser {
                 break;
             }
         }
-        if self.state == State::Open && self.tree.is_empty() {
+        if self.state == State::Open && live.tree.is_empty() {
             // Idle between stanzas: return rxml's scratch buffers.
-            self.parser.release_temporaries();
+            live.parser.release_temporaries();
         }
         Ok(())
     }
@@ -319,6 +438,7 @@ impl StreamParser {
 
     fn handle(
         &mut self,
+        tree: &mut TreeBuilder,
         ev: Event,
         len: usize,
         events: &mut Vec<StreamEvent>,
@@ -340,30 +460,33 @@ impl StreamParser {
                     }
                     self.state = State::Open;
                     self.stanza_bytes = 0;
+                    if let Replay::Capturing(header) = &self.replay {
+                        self.replay = Replay::of(header);
+                    }
                     events.push(StreamEvent::Open {
                         attrs: convert_attrs(attrs),
                     });
                 } else {
                     self.stanza_bytes += len;
                     self.check_size()?;
-                    self.tree.start(ns, name, attrs, &self.limits)?;
+                    tree.start(ns, name, attrs, &self.limits)?;
                 }
             }
             Event::EndElement(_) => {
-                if self.tree.is_empty() {
+                if tree.is_empty() {
                     self.state = State::Closed;
                     events.push(StreamEvent::Close);
                 } else {
                     self.stanza_bytes += len;
                     self.check_size()?;
-                    if let Some(stanza) = self.tree.end() {
+                    if let Some(stanza) = tree.end() {
                         self.stanza_bytes = 0;
                         events.push(StreamEvent::Stanza(stanza));
                     }
                 }
             }
             Event::Text(_, text) => {
-                if self.tree.is_empty() {
+                if tree.is_empty() {
                     // rxml only allows whitespace outside the root itself.
                     if !is_xml_whitespace(&text) {
                         return Err(XmlError::BadFormat(
@@ -373,7 +496,7 @@ impl StreamParser {
                 } else {
                     self.stanza_bytes += len;
                     self.check_size()?;
-                    self.tree.text(text);
+                    tree.text(text);
                 }
             }
         }
@@ -502,6 +625,56 @@ mod tests {
             parse_frame(m.to_string().as_bytes(), &Limits::default()).unwrap(),
             m
         );
+    }
+
+    #[test]
+    fn release_when_idle_and_replay_the_header() {
+        let mut p = open(Limits::default());
+        assert!(matches!(p.replay, Replay::Standard));
+        // Mid-stanza nothing is released.
+        assert!(p.feed(b"<message><bo").unwrap().is_empty());
+        assert!(!p.release());
+        let s = stanzas(p.feed(b"dy>a</body></message>").unwrap());
+        assert_eq!(s[0].child_text("body", NS_CLIENT).as_deref(), Some("a"));
+        assert!(p.release());
+        assert!(p.live.is_none());
+        assert!(!p.release());
+        // Byte accounting starts afresh; the stream namespace still applies.
+        let s = stanzas(p.feed(b" <iq type='get' id='1'/>").unwrap());
+        assert!(s[0].is("iq", NS_CLIENT));
+        assert_eq!((p.pending, p.stanza_bytes), (0, 0));
+        assert!(p.release());
+        assert_eq!(
+            p.feed(b"</stream:stream>").unwrap(),
+            vec![StreamEvent::Close]
+        );
+    }
+
+    #[test]
+    fn release_replays_a_custom_header() {
+        let header = "<?xml version='1.0'?><s:stream xmlns:s='http://etherx.jabber.org/streams' \
+            xmlns='jabber:client' xmlns:f='urn:f' to='localhost' version='1.0'><message/>";
+        let mut p = StreamParser::new(Limits::default());
+        let evs = p.feed(header.as_bytes()).unwrap();
+        assert_eq!(evs.len(), 2);
+        assert!(matches!(&p.replay, Replay::Custom(b) if b.ends_with(b"version='1.0'>")));
+        assert!(p.release());
+        let s = stanzas(p.feed(b"<message><f:x/></message>").unwrap());
+        assert!(s[0].get_child("x", "urn:f").is_some());
+        assert!(p.release());
+        assert!(p.feed(b"</stream:stream>").is_err());
+        let mut p = StreamParser::new(Limits::default());
+        p.feed(header.as_bytes()).unwrap();
+        assert!(p.release());
+        assert_eq!(p.feed(b"</s:stream>").unwrap(), vec![StreamEvent::Close]);
+    }
+
+    #[test]
+    fn standard_header_in_any_form() {
+        let mut p = StreamParser::new(Limits::default());
+        p.feed(b"<stream:stream xmlns:stream=\"http://etherx.jabber.org/streams\" xml:lang='en' to='x' xmlns=\"jabber:client\">")
+            .unwrap();
+        assert!(matches!(p.replay, Replay::Standard));
     }
 
     #[test]
