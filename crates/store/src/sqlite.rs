@@ -61,7 +61,7 @@ pub struct SqliteStore {
 /// COMMIT that crosses the threshold, stalling every message of that batch).
 struct Checkpointer {
     stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Checkpointer {
@@ -84,13 +84,14 @@ impl Checkpointer {
         });
         Checkpointer {
             stop,
-            task: tokio::sync::Mutex::new(Some(task)),
+            task: std::sync::Mutex::new(Some(task)),
         }
     }
 
     async fn stop(&self) {
         let _ = self.stop.send(true);
-        if let Some(task) = self.task.lock().await.take() {
+        let task = self.task.lock().unwrap().take();
+        if let Some(task) = task {
             let _ = task.await;
         }
     }

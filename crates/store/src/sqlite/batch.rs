@@ -265,10 +265,12 @@ async fn commit(pool: &SqlitePool, batch: &mut Vec<Request>, last_ts: &mut i64) 
                     Err(e) => return Err(e),
                 }
             }
-            for req in &batch[i..i + run.max(1)] {
+            // One at a time: a lone request, a failed shared INSERT, or an offline push.
+            let alone = run.max(1);
+            for req in &batch[i..i + alone] {
                 outcomes.push(apply_one(&mut tx, req, last_ts).await?);
             }
-            i += run.max(1);
+            i += alone;
         }
         tx.commit().await
     }
