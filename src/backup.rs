@@ -105,6 +105,7 @@ fn parse_xml(text: &str) -> anyhow::Result<Element> {
         max_stanza_bytes: text.len().max(1),
         max_depth: 256,
         max_attrs: 256,
+        max_elements: usize::MAX,
     };
     natter_xml::parse_frame(text.as_bytes(), &limits).map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -575,9 +576,14 @@ async fn import_user(
             .await?;
     }
     if let Some(o) = u.get_child("offline-messages", NS_PIE) {
-        for m in o.children().filter(|m| m.is("message", NS_CLIENT)) {
+        // Exported in queue order; that order is kept (`ord` by position).
+        for (i, m) in o
+            .children()
+            .filter(|m| m.is("message", NS_CLIENT))
+            .enumerate()
+        {
             store
-                .offline_push(user, &m.to_string(), None, usize::MAX)
+                .offline_push(user, &m.to_string(), None, usize::MAX, i as i64 + 1)
                 .await?;
             sum.offline += 1;
         }

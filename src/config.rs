@@ -66,6 +66,12 @@ pub struct C2s {
     pub max_preauth_per_ip: usize,
     /// Stanzas queued for one session before it is treated as stuck and closed.
     pub max_queue: usize,
+    /// Bytes (serialized size) one session may hold for its client: in its
+    /// queue, and again in its unacknowledged (XEP-0198) and held-back
+    /// (XEP-0352) stanzas. Past it, the session counts as not reading.
+    pub max_queue_bytes: usize,
+    /// Bytes held for all of one user's sessions together.
+    pub max_user_bytes: usize,
     /// Seconds a write to a client may block before the session is closed.
     pub write_timeout_secs: u64,
     /// Resources (devices) per account at once.
@@ -101,6 +107,9 @@ pub struct Limits {
     pub max_depth: usize,
     /// Most attributes on one element.
     pub max_attrs: usize,
+    /// Most elements (and text runs) in one stanza: a parsed element costs
+    /// far more memory than its bytes on the wire.
+    pub max_elements: usize,
     /// Sustained bytes per second a session may send (token bucket).
     pub rate_bytes_per_sec: u64,
     /// Burst allowance for the rate limit, in bytes.
@@ -182,6 +191,8 @@ impl Default for C2s {
             preauth_timeout_secs: 10,
             max_preauth_per_ip: 20,
             max_queue: 1000,
+            max_queue_bytes: 4 * 1024 * 1024,
+            max_user_bytes: 16 * 1024 * 1024,
             write_timeout_secs: 30,
             max_resources: 10,
             resume_timeout_secs: 300,
@@ -207,6 +218,7 @@ impl Default for Limits {
             max_stanza_bytes_preauth: 10 * 1024,
             max_depth: 32,
             max_attrs: 64,
+            max_elements: 5_000,
             rate_bytes_per_sec: 1024 * 1024,
             rate_burst_bytes: 4 * 1024 * 1024,
             auth_failures_per_account: 5,

@@ -32,6 +32,7 @@ pub fn c2s_limits(config: &Config, authed: bool) -> natter_xml::Limits {
         },
         max_depth: config.limits.max_depth,
         max_attrs: config.limits.max_attrs,
+        max_elements: config.limits.max_elements,
     }
 }
 
@@ -122,6 +123,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
     // XEP-0313 retention: prune old archived messages (if configured).
     tasks.spawn(modules::mam::retention_task(state.clone()));
+    // Memory a stuck or flooded session freed goes back to the system.
+    tasks.spawn(router::trim_task(state.clone()));
     if let Some(l) = c2s {
         bound.c2s = l.local_addr().ok();
         tasks.spawn(net::accept_c2s(l, state.clone(), false));

@@ -210,10 +210,10 @@ impl Metrics {
             .inc();
     }
 
-    pub fn stanzas_out(&self, batch: &[natter_xml::Element]) {
+    pub fn stanzas_out(&self, batch: &[crate::router::Outbound]) {
         for el in batch {
             self.stanzas_out
-                .get_or_create(&[("kind", stanza_kind(&el.name))])
+                .get_or_create(&[("kind", stanza_kind(el.kind()))])
                 .inc();
         }
     }
@@ -487,11 +487,13 @@ impl Store for MeteredStore {
         stanza: &str,
         archive_id: Option<&str>,
         limit: usize,
+        ord: i64,
     ) -> Result<u64, StoreError> {
         timed!(
             self,
             "offline_push",
-            self.inner.offline_push(user, stanza, archive_id, limit)
+            self.inner
+                .offline_push(user, stanza, archive_id, limit, ord)
         )
     }
     async fn offline_fetch(
@@ -501,11 +503,11 @@ impl Store for MeteredStore {
     ) -> Result<Vec<OfflineMessage>, StoreError> {
         timed!(self, "offline_fetch", self.inner.offline_fetch(user, max))
     }
-    async fn offline_delete(&self, user: &str, up_to_seq: u64) -> Result<u64, StoreError> {
+    async fn offline_delete(&self, user: &str, seqs: &[u64]) -> Result<u64, StoreError> {
         timed!(
             self,
             "offline_delete",
-            self.inner.offline_delete(user, up_to_seq)
+            self.inner.offline_delete(user, seqs)
         )
     }
     async fn offline_count(&self, user: &str) -> Result<u64, StoreError> {

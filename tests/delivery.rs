@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use natter::router::Outbound;
 use natter_xml::NS_CLIENT;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -248,17 +249,20 @@ async fn requeued_stanzas_are_delivered_or_queued() {
     let (a, mut b) = srv.logged_in_pair().await;
     let bob = b.bare_jid().to_string();
     let unacked = |text: &str| {
-        message(&format!("{bob}/gone"), text)
-            .with_attr("from", a.jid().to_string())
-            .with_child(
-                Element::new("stanza-id", NS_SID)
-                    .with_attr("id", "sid1")
-                    .with_attr("by", bob.clone()),
-            )
+        Outbound::new(
+            &message(&format!("{bob}/gone"), text)
+                .with_attr("from", a.jid().to_string())
+                .with_child(
+                    Element::new("stanza-id", NS_SID)
+                        .with_attr("id", "sid1")
+                        .with_attr("by", bob.clone()),
+                ),
+            0,
+        )
     };
-    let chat_state = xml(&format!(
+    let chat_state = Outbound::new(&xml(&format!(
         "<message to='{bob}/gone' type='chat'><active xmlns='http://jabber.org/protocol/chatstates'/></message>"
-    ));
+    )), 0);
     // Nobody online: queued.
     natter::modules::offline::requeue(
         srv.state(),

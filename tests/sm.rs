@@ -411,6 +411,7 @@ async fn pipelined_auth_resume_and_ack_request() {
         max_stanza_bytes: 1 << 20,
         max_depth: 100,
         max_attrs: 100,
+        max_elements: usize::MAX,
     });
     let events = parser.feed(after.as_bytes()).unwrap();
     let els: Vec<Element> = events
@@ -594,64 +595,155 @@ async fn resume_timeout_requeues_then_the_session_goes_offline() {
     srv.stop().await;
 }
 
+/// A stream-managed client that stops acknowledging gets back-pressure
+/// (nothing more is written past `c2s.max_unacked`), then its queue
+/// overflows: without resumption the session ends with policy-violation
+/// and everything is requeued, in order.
 #[tokio::test]
 async fn too_many_unacked_stanzas_close_the_session_and_requeue_them() {
-    let srv = start_server(|c| c.c2s.max_unacked = 5).await;
+    let srv = start_server(|c| {
+        c.c2s.max_unacked = 5;
+        c.c2s.max_queue = 3;
+    })
+    .await;
     let (mut a, mut b) = srv.logged_in_pair().await;
     let bob_jid = b.jid().to_string();
     let bob_bare = bare(&b);
-    enable_resume(&mut b).await;
-    for i in 0..6 {
+    b.send(&sm("enable")).await;
+    let e = b.recv_matching(|e| e.ns == NS_SM).await;
+    assert!(e.is("enabled", NS_SM) && e.attr("id").is_none(), "{e}");
+    for i in 0..12 {
         a.send(&message(&bob_jid, &format!("m{i}"))).await;
     }
     assert_eq!(b.expect_stream_error().await, "policy-violation");
-    wait_for("requeue", || {
-        srv.state().router.requeued() == 6 && srv.state().router.count() == 1
+    // What its queue held is requeued; what it refused went offline.
+    wait_for("the session to end", || {
+        srv.state().router.requeued() > 0 && srv.state().router.count() == 1
     })
     .await;
     assert!(srv.state().router.resources(&bob_bare).is_empty());
-    assert!(srv.state().router.resumable.is_empty());
-    // Nothing lost: the next login gets all six from offline storage, in order.
+    // Nothing lost: the next login gets all of them from offline storage, in order.
     let mut b2 = srv.login(b.bare_jid(), "password", "again").await;
     b2.send(&xml("<presence/>")).await;
-    for i in 0..6 {
+    for i in 0..12 {
         assert_eq!(body(&recv_msg(&mut b2).await), format!("m{i}"));
     }
     srv.stop().await;
 }
 
+/// Issue 9: a resumable session whose client stops acknowledging is a
+/// half-dead connection: it parks, and `<resume/>` with the client's real
+/// `h` gets exactly what it has not handled — not a failed resumption and
+/// an offline copy of what it had read.
 #[tokio::test]
-async fn too_many_stanzas_for_a_detached_session_end_it() {
-    let srv = start_server(|c| c.c2s.max_unacked = 5).await;
+async fn stuck_resumable_session_past_its_unacked_limit_parks_and_resumes() {
+    let srv = start_server(|c| {
+        c.c2s.max_unacked = 5;
+        c.c2s.max_queue = 2;
+    })
+    .await;
+    let (mut a, mut b) = srv.logged_in_pair().await;
+    let (bob, bob_jid) = (b.bare_jid().to_string(), b.jid().to_string());
+    let id = enable_resume(&mut b).await;
+    b.send(&xml("<presence/>")).await;
+    // What bob handled so far: his presence, and the ping result.
+    let mut h = b.sync().await.iter().filter(|e| e.ns == NS_CLIENT).count() as u32 + 1;
+    for i in 0..8 {
+        a.send(&message(&bob_jid, &format!("m{i}"))).await;
+    }
+    // Bob reads (without acknowledging) until the server gives up on him.
+    let mut got = Vec::new();
+    let err = loop {
+        match b.next_event().await {
+            Event::Stanza(el) if el.is("error", natter_xml::NS_STREAM) => {
+                break stream_error_condition(&el);
+            }
+            Event::Stanza(el) if el.ns == NS_CLIENT => {
+                h += 1;
+                if el.name == "message" {
+                    got.push(body(&el));
+                }
+            }
+            Event::Stanza(_) => {}
+            other => panic!("expected stanzas then a stream error, got {other:?}"),
+        }
+    };
+    assert_eq!(err, "policy-violation");
+    assert!(got.len() <= 5, "more than max_unacked written: {got:?}");
+    // Still routable while parked.
+    a.send(&message(&bob_jid, "m8")).await;
+    let mut b2 = resumed(&srv, &bob, &bob_jid, &id, h).await;
+    while got.len() < 9 {
+        got.push(body(&recv_counted(&mut b2, &mut h).await));
+        // Acknowledge as we go, as a client does.
+        b2.send(&ack(h)).await;
+    }
+    let want: Vec<_> = (0..9).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, want);
+    assert_eq!(srv.state().router.requeued(), 0);
+    let queued = srv.state().store.offline_count(&bob).await.unwrap();
+    assert_eq!(queued, 0);
+    srv.stop().await;
+}
+
+/// Issue 9: a parked session holds a bounded amount; past it its queue
+/// refuses, messages go to offline storage, and a resumption gets them
+/// all, in order, once: what the session held, then the offline queue.
+#[tokio::test]
+async fn detached_session_past_its_limit_resumes_with_everything_in_order() {
+    let srv = start_server(|c| {
+        c.c2s.max_unacked = 5;
+        c.c2s.max_queue = 3;
+    })
+    .await;
     let (mut a, mut b) = srv.logged_in_pair().await;
     let (bob, bob_jid) = (b.bare_jid().to_string(), b.jid().to_string());
     let bob_bare = bare(&b);
     let id = enable_resume(&mut b).await;
-    b.sync().await;
+    b.send(&xml("<presence/>")).await;
+    // What bob handled so far: his presence, and the ping result.
+    let mut h = b.sync().await.iter().filter(|e| e.ns == NS_CLIENT).count() as u32 + 1;
     drop(b);
-    // Give the server a moment to notice (either way the limit holds).
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    for i in 0..6 {
-        a.send(&message(&bob_jid, &format!("m{i}"))).await;
-    }
-    // The session ends; its stanzas (the 6 messages, and whatever else was
-    // queued for it) are requeued, and each message lands offline once.
-    wait_for("requeue", || {
-        srv.state().router.requeued() >= 6 && srv.state().router.resources(&bob_bare).is_empty()
+    wait_for("the session to park", || {
+        srv.state()
+            .router
+            .resources(&bob_bare)
+            .first()
+            .is_some_and(|s| s.is_available())
     })
     .await;
-    let store = srv.state().store.clone();
-    let mut queued = 0;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..20 {
+        a.send(&message(&bob, &format!("m{i}"))).await;
+    }
+    a.sync().await;
+    // Some are held by the parked session, the rest are in offline storage.
+    let queued = srv.state().store.offline_count(&bob).await.unwrap();
+    assert!(queued > 0, "nothing went to offline storage");
+    assert!(srv.state().router.resources(&bob_bare).len() == 1);
+    let (mut b2, r) = resume(&srv, &bob, &id, h).await;
+    assert!(r.is("resumed", NS_SM), "expected <resumed/>, got {r}");
+    b2.full_jid = Some(bob_jid);
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        got.push(body(&recv_counted(&mut b2, &mut h).await));
+        b2.send(&ack(h)).await;
+    }
+    let want: Vec<_> = (0..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, want);
+    // And they left the offline queue.
+    let mut left = u64::MAX;
     for _ in 0..200 {
-        queued = store.offline_count(bob_bare.as_str()).await.unwrap();
-        if queued >= 6 {
+        left = srv.state().store.offline_count(&bob).await.unwrap();
+        if left == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert_eq!(queued, 6, "every message queued offline exactly once");
-    let (_c, r) = resume(&srv, &bob, &id, 0).await;
-    assert_eq!(failed_condition(&r), "item-not-found");
+    assert_eq!(left, 0, "delivered messages stay in the offline queue");
+    // Later messages come live, after those.
+    a.send(&message(&bob, "live")).await;
+    assert_eq!(body(&recv_msg(&mut b2).await), "live");
     srv.stop().await;
 }
 

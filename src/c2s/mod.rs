@@ -25,7 +25,7 @@ pub mod transport;
 use crate::error::{Condition, StanzaError, StreamCondition, StreamError};
 use crate::metrics::ConnectionGuard;
 use crate::modules::{self, Cx};
-use crate::router::{BindError, Deliver, SessionHandle};
+use crate::router::{BindError, Deliver, Outbound, QueueLimits, SessionHandle};
 use crate::state::ServerState;
 use base64::Engine;
 use jid::BareJid;
@@ -54,6 +54,10 @@ const ACK_IDLE: Duration = Duration::from_secs(2);
 
 /// Takeover requests a resumable session's task can have pending.
 const TAKEOVER_QUEUE: usize = 4;
+
+/// Stanzas taken off the queue for one write stop at this many bytes (what
+/// a write holds is outside the queue's bound while it waits).
+const BATCH_BYTES: usize = 128 * 1024;
 
 /// A bound session quiet this long gives back its buffers (parser, queue).
 const IDLE_RELEASE: Duration = Duration::from_secs(1);
@@ -140,6 +144,23 @@ struct Session {
     release_at: Option<Instant>,
     /// The read rate limit, over the connection's life.
     bucket: TokenBucket,
+    /// Stanzas being written without stream management: on a failed
+    /// write, those that did not wholly reach the socket (`inflight`
+    /// trimmed by `Transport::delivered`) are requeued at the end.
+    inflight: Vec<Outbound>,
+    /// Bytes this session holds past its queue (unacked, held, in flight)
+    /// as last added to its user's counter (`sync_bytes`).
+    charged: usize,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Whatever ends the task (a panic too), the user's quota gets the
+        // bytes back.
+        if let Some(rx) = &self.rx {
+            rx.user_bytes().discharge(self.charged);
+        }
+    }
 }
 
 /// Serve one connection until it ends.
@@ -174,6 +195,8 @@ pub fn serve<T: Transport>(
             state.config.limits.rate_bytes_per_sec,
             state.config.limits.rate_burst_bytes,
         ),
+        inflight: Vec::new(),
+        charged: 0,
         state,
     };
     let mut t = t;
@@ -198,6 +221,7 @@ pub fn serve<T: Transport>(
         if let Err(end) = Box::pin(s.negotiate(&mut t)).await {
             return Box::pin(s.finish(t, conn, *end)).await;
         }
+        s.sync_bytes();
         let end = loop {
             match s.bound_loop(&mut t).await {
                 End::Takeover(reply) => {
@@ -235,6 +259,7 @@ impl Session {
             },
             max_depth: l.max_depth,
             max_attrs: l.max_attrs,
+            max_elements: l.max_elements,
         }
     }
 
@@ -328,6 +353,7 @@ impl Session {
                     return shutting_down();
                 }
                 let timer = self.next_timer();
+                let full = self.awaiting_acks();
                 let w = tokio::select! {
                     biased;
                     req = async { match self.takeover.as_mut() { Some((_, rx)) => rx.recv().await, None => std::future::pending().await } } => {
@@ -336,11 +362,13 @@ impl Session {
                             None => continue,
                         }
                     }
-                    d = async { match self.rx.as_mut() { Some(rx) => rx.recv(true).await, None => std::future::pending().await } } => Wake::Queue(d),
+                    d = async { match self.rx.as_mut() { Some(rx) if full => Some(rx.signal().await), Some(rx) => rx.recv(true).await, None => std::future::pending().await } } => Wake::Queue(d),
                     r = t.read() => Wake::Read(r),
                     _ = tokio::time::sleep_until(timer) => Wake::Timer,
                 };
-                if let Err(end) = Box::pin(self.on_wake(t, w)).await {
+                let r = Box::pin(self.on_wake(t, w)).await;
+                self.sync_bytes();
+                if let Err(end) = r {
                     return end;
                 }
             }
@@ -370,12 +398,51 @@ impl Session {
         }
     }
 
+    /// The queue refused a stanza: the client is not reading. A resumable
+    /// session parks like any dead connection (its client resumes with its
+    /// real `h`); another one ends, and what it held goes back to offline
+    /// storage.
     fn overflowed(&mut self) -> End {
-        self.drop_queue = true;
-        End::Error(StreamError::with_text(
+        let err = StreamError::with_text(
             StreamCondition::PolicyViolation,
             "too many stanzas queued for this session: it is not reading",
-        ))
+        );
+        if self.resumable() {
+            return End::Lost(Some(err));
+        }
+        self.drop_queue = true;
+        End::Error(err)
+    }
+
+    /// Bring the user's byte counter up to what this session holds past
+    /// its queue.
+    fn sync_bytes(&mut self) {
+        let Some(rx) = &self.rx else { return };
+        let now = self.sm.as_ref().map_or(0, |s| s.bytes)
+            + self.held.bytes()
+            + self.inflight.iter().map(Outbound::size).sum::<usize>();
+        let user = rx.user_bytes();
+        if now > self.charged {
+            user.charge(now - self.charged);
+        } else {
+            user.discharge(self.charged - now);
+        }
+        self.charged = now;
+    }
+
+    /// Under `c2s.max_unacked` stanzas and `c2s.max_queue_bytes` bytes.
+    fn has_room(&self, items: usize, bytes: usize) -> bool {
+        let c2s = &self.cfg().c2s;
+        items < c2s.max_unacked && bytes < c2s.max_queue_bytes
+    }
+
+    /// Stream management is waiting for acks: nothing more is taken from
+    /// the queue until some come (back-pressure; a client that never acks
+    /// is found by its unanswered `<r/>`, or its queue overflows).
+    fn awaiting_acks(&self) -> bool {
+        self.sm
+            .as_ref()
+            .is_some_and(|s| !s.unsent.is_empty() || !self.has_room(s.unacked.len(), s.bytes))
     }
 
     /// When the bound loop's timer fires next: the heartbeat (ping, or the
@@ -432,7 +499,7 @@ impl Session {
                 Some(Deliver::Stanza(el)) => {
                     let hold = self.held.inactive;
                     self.held.filter(el, hold, &mut batch);
-                    if self.held.len() > self.cfg().c2s.max_unacked {
+                    if !self.has_room(self.held.len(), self.held.bytes()) {
                         batch.extend(self.held.take_all());
                     }
                 }
@@ -444,7 +511,12 @@ impl Session {
                 Some(Deliver::Shutdown) => return Err(shutting_down()),
                 None => break,
             }
-            if batch.len() >= 64 {
+            let bytes: usize = batch.iter().map(Outbound::size).sum();
+            let sm_full = self
+                .sm
+                .as_ref()
+                .is_some_and(|s| !self.has_room(s.unacked.len() + batch.len(), s.bytes + bytes));
+            if batch.len() >= 64 || bytes >= BATCH_BYTES || sm_full {
                 break;
             }
             next = self.rx.as_mut().and_then(|rx| rx.try_recv());
@@ -545,7 +617,7 @@ impl Session {
             let ping = modules::iq("get", &id, self.domain(), &h.jid.to_string())
                 .with_child(Element::new("ping", modules::ping::NS));
             self.ping_id = Some(id);
-            self.write(t, vec![ping]).await
+            self.write(t, vec![Outbound::new(&ping, 0)]).await
         }
     }
 
@@ -554,15 +626,27 @@ impl Session {
     /// (without the connection) until it is resumed or times out.
     async fn finish<T: Transport>(&mut self, mut t: T, conn: ConnectionGuard, end: End) {
         let lost = matches!(end, End::Lost(_));
-        self.close_stream(&mut t, end).await;
-        tracing::debug!(peer = %t.peer(), "connection closed");
         if lost && self.resumable() {
+            self.close_stream(&mut t, end).await;
+            tracing::debug!(peer = %t.peer(), "connection closed");
             drop(t);
             drop(conn);
             self.park().await;
-        } else {
-            self.teardown().await;
+            return;
         }
+        // A client still reading gets what was queued for it before the
+        // stream closes (not one that is not reading: that is what filled
+        // the queue). Stream-managed sessions instead requeue it.
+        if !lost && self.sm.is_none() && !self.drop_queue {
+            self.flush_queue(&mut t).await;
+        }
+        // What the session gives back is in the offline queue before the
+        // client can see its stream end: a client that reconnects at once
+        // gets it, in order, before anything newer.
+        self.give_back().await;
+        self.close_stream(&mut t, end).await;
+        tracing::debug!(peer = %t.peer(), "connection closed");
+        self.teardown().await;
     }
 
     /// The connection's end: what is queued goes out to a client still
@@ -580,12 +664,6 @@ impl Session {
         // so a client that reconnects right after it is not refused.
         self.preauth = None;
         let lost = matches!(end, End::Lost(_));
-        // A client still reading gets what was queued for it before the stream
-        // closes (not one that is not reading: that is what filled the queue).
-        // Stream-managed sessions instead keep it for resumption or requeueing.
-        if !lost && self.sm.is_none() && !self.drop_queue {
-            self.flush_queue(t).await;
-        }
         if !self.write_broken {
             let wait = if lost { 2 } else { 5 };
             let _ = tokio::time::timeout(
@@ -598,48 +676,87 @@ impl Session {
 
     /// Write stanzas to the client (after the CSI filter). With stream
     /// management each is counted and kept until acknowledged, and an ack
-    /// is requested every `sm::REQUEST_EVERY` stanzas; more than
-    /// `c2s.max_unacked` unacknowledged ends the session.
-    async fn write<T: Transport>(&mut self, t: &mut T, mut batch: Vec<Element>) -> Result<(), End> {
+    /// is requested every `sm::REQUEST_EVERY` stanzas; past `c2s.max_unacked`
+    /// stanzas or `c2s.max_queue_bytes` bytes unacknowledged the rest waits
+    /// (`Sm::unsent`) for acks, and nothing more is taken from the queue
+    /// meanwhile (`awaiting_acks`): back-pressure, not an error.
+    async fn write<T: Transport>(
+        &mut self,
+        t: &mut T,
+        mut batch: Vec<Outbound>,
+    ) -> Result<(), End> {
         if batch.is_empty() {
             return Ok(());
         }
         let max_unacked = self.cfg().c2s.max_unacked;
-        let mut over = false;
+        let max_bytes = self.cfg().c2s.max_queue_bytes;
         if let Some(sm) = self.sm.as_mut() {
-            let room = max_unacked.saturating_sub(sm.unacked.len());
-            if batch.len() > room {
-                sm.unsent.extend(batch.split_off(room));
-                over = true;
+            let (mut n, mut bytes) = (sm.unacked.len(), sm.bytes);
+            let room = batch
+                .iter()
+                .take_while(|el| {
+                    n += 1;
+                    bytes += el.size();
+                    n <= max_unacked && (bytes <= max_bytes || n == 1)
+                })
+                .count();
+            if room < batch.len() {
+                sm.defer(batch.split_off(room));
             }
             for el in &batch {
                 sm.record(el.clone(), true);
             }
         }
+        if batch.is_empty() {
+            return Ok(());
+        }
         self.state.metrics.stanzas_out(&batch);
-        if self
-            .sm
-            .as_ref()
-            .is_some_and(|s| s.unrequested >= sm::REQUEST_EVERY)
-        {
-            batch.push(sm::r());
+        let Some(unrequested) = self.sm.as_ref().map(|s| s.unrequested) else {
+            return self.send_tracked(t, batch).await;
+        };
+        if unrequested >= sm::REQUEST_EVERY {
+            batch.push(Outbound::new(&sm::r(), 0));
             self.requested();
         }
-        self.send_raw(t, &batch).await?;
-        if over {
-            return Err(End::Error(StreamError::with_text(
-                StreamCondition::PolicyViolation,
-                format!("more than {max_unacked} stanzas not acknowledged"),
-            )));
-        }
+        self.send_out(t, &batch).await?;
         self.schedule_ack();
         Ok(())
     }
 
+    /// Write stanzas of a session without stream management, keeping
+    /// those not delivered in `inflight` when the write fails.
+    async fn send_tracked<T: Transport>(
+        &mut self,
+        t: &mut T,
+        batch: Vec<Outbound>,
+    ) -> Result<(), End> {
+        self.inflight = batch;
+        self.sync_bytes();
+        let timeout = Duration::from_secs(self.cfg().c2s.write_timeout_secs);
+        let r = tokio::time::timeout(timeout, t.send(&self.inflight)).await;
+        if matches!(r, Ok(Ok(()))) {
+            self.inflight.clear();
+            return Ok(());
+        }
+        // Cut mid-write, or the peer stopped reading: what did not wholly
+        // reach the socket was not delivered.
+        let delivered = t.delivered().min(self.inflight.len());
+        self.inflight.drain(..delivered);
+        self.write_broken = true;
+        Err(End::Lost(None))
+    }
+
     /// Write elements as they are (nonzas, or stanzas already counted).
     async fn send_raw<T: Transport>(&mut self, t: &mut T, els: &[Element]) -> Result<(), End> {
+        let out: Vec<_> = els.iter().map(|e| Outbound::new(e, 0)).collect();
+        self.send_out(t, &out).await
+    }
+
+    async fn send_out<T: Transport>(&mut self, t: &mut T, out: &[Outbound]) -> Result<(), End> {
+        // What waits on this write counts against the user's quota now.
+        self.sync_bytes();
         let timeout = Duration::from_secs(self.cfg().c2s.write_timeout_secs);
-        match tokio::time::timeout(timeout, t.send(els)).await {
+        match tokio::time::timeout(timeout, t.send(out)).await {
             Ok(Ok(())) => Ok(()),
             // The peer is gone, or stopped reading: nothing more can be
             // written to this stream.
@@ -751,7 +868,7 @@ impl Session {
         }
         self.awaiting_open = false;
         let features = self.features(t);
-        t.send(&[features])
+        t.send(&[Outbound::new(&features, 0)])
             .await
             .map_err(|_| StreamError::new(StreamCondition::UndefinedCondition))?;
         Ok(Step::Continue)
@@ -817,9 +934,12 @@ impl Session {
         let send = |el: Element| async move { el };
         match (&self.phase, el.ns.as_str(), el.name.as_str()) {
             (Phase::Connected, NS_TLS, "starttls") if t.can_starttls() => {
-                t.send(&[send(Element::new("proceed", NS_TLS)).await])
-                    .await
-                    .map_err(|_| StreamError::new(StreamCondition::UndefinedCondition))?;
+                t.send(&[Outbound::new(
+                    &send(Element::new("proceed", NS_TLS)).await,
+                    0,
+                )])
+                .await
+                .map_err(|_| StreamError::new(StreamCondition::UndefinedCondition))?;
                 let tls = self.state.tls.clone();
                 match tokio::time::timeout(Duration::from_secs(10), t.starttls(tls)).await {
                     Ok(Ok(())) => {}
@@ -855,7 +975,7 @@ impl Session {
         t: &mut T,
         el: Element,
     ) -> Result<Step, StreamError> {
-        t.send(&[el])
+        t.send(&[Outbound::new(&el, 0)])
             .await
             .map_err(|_| StreamError::new(StreamCondition::UndefinedCondition))?;
         Ok(Step::Continue)
@@ -1085,21 +1205,21 @@ impl Session {
             }
         };
         let c2s = &self.cfg().c2s;
-        let (handle, rx, replaced) =
-            match self
-                .state
-                .router
-                .bind(full, c2s.max_queue, c2s.max_resources)
-            {
-                Ok(b) => b,
-                Err(BindError::TooManyResources) => {
-                    let e = StanzaError::with_text(
-                        Condition::ResourceConstraint,
-                        "too many devices connected",
-                    );
-                    return self.send_or_close(t, e.reply_to(&iq)).await;
-                }
-            };
+        let limits = QueueLimits {
+            items: c2s.max_queue,
+            bytes: c2s.max_queue_bytes,
+            user_bytes: c2s.max_user_bytes,
+        };
+        let (handle, rx, replaced) = match self.state.router.bind(full, limits, c2s.max_resources) {
+            Ok(b) => b,
+            Err(BindError::TooManyResources) => {
+                let e = StanzaError::with_text(
+                    Condition::ResourceConstraint,
+                    "too many devices connected",
+                );
+                return self.send_or_close(t, e.reply_to(&iq)).await;
+            }
+        };
         if let Some(old) = replaced {
             old.close(StreamError::with_text(
                 StreamCondition::Conflict,
@@ -1174,7 +1294,10 @@ impl Session {
                 let pending = sm.requests > 0;
                 let timeout = Duration::from_secs(self.state.config.c2s.ping_timeout_secs);
                 sm.ack_deadline = pending.then(|| Instant::now() + timeout);
+                // Room again for what waited on acks.
+                let unsent = sm.take_unsent();
                 self.schedule_ack();
+                self.write(t, unsent).await?;
             }
             ("enable" | "resume", _) => {
                 // Enabled already, or resuming on a bound stream (XEP-0198 §3, §5).
@@ -1312,26 +1435,37 @@ impl Session {
         sm.unwritten = 0;
         sm.requests = 0;
         let mut out = Vec::with_capacity(sm.unacked.len() + 2);
-        out.push(
-            Element::new("resumed", sm::NS)
+        out.push(Outbound::new(
+            &Element::new("resumed", sm::NS)
                 .with_attr("previd", previd)
                 .with_attr("h", sm.handled.to_string()),
-        );
+            0,
+        ));
         out.extend(sm.unacked.iter().cloned());
         let resent = out.len() - 1;
         sm.ack_deadline = None;
         sm.ack_due = None;
+        let unsent = sm.take_unsent();
         if resent > 0 {
-            out.push(sm::r());
+            out.push(Outbound::new(&sm::r(), 0));
             self.requested();
         }
         tracing::info!(%jid, resent, transport = t.kind(), "session resumed");
         self.state.metrics.stanzas_out(&out[1..=resent]);
-        self.send_raw(t, &out).await?;
+        self.send_out(t, &out).await?;
+        // Then what it took from its queue and could not write yet.
+        self.write(t, unsent).await?;
         // A new stream starts active (XEP-0352 §4): release what was held.
         self.held.inactive = false;
         let held = self.held.take_all();
         self.write(t, held).await?;
+        // Its queue refused stanzas while it was parked: they are in
+        // offline storage, after everything it holds; deliver them next.
+        if let (Some(h), Some(rx)) = (self.bound(), self.rx.as_ref()) {
+            if rx.overflowed() {
+                modules::offline::resumed(&self.state, &h, rx);
+            }
+        }
         Ok(Step::Continue)
     }
 
@@ -1425,7 +1559,7 @@ impl Session {
                     self.domain(),
                     &h.jid.to_string(),
                 );
-                self.write(t, vec![r]).await?;
+                self.write(t, vec![Outbound::new(&r, 0)]).await?;
                 return Ok(Step::Continue);
             }
         }
@@ -1451,19 +1585,25 @@ impl Session {
     }
 
     /// Write what is held and queued before the stream closes (sessions
-    /// without stream management, whose client is still there).
+    /// without stream management, whose client is still there). What does
+    /// not wholly reach the socket stays in `inflight` for requeueing.
     async fn flush_queue<T: Transport>(&mut self, t: &mut T) {
         let Some(rx) = self.rx.as_mut() else { return };
         let mut batch = self.held.take_all();
         while let Some(Deliver::Stanza(el)) = rx.try_recv() {
             batch.push(el);
         }
-        if !batch.is_empty()
-            && tokio::time::timeout(Duration::from_secs(2), t.send(&batch))
-                .await
-                .is_err()
-        {
-            self.write_broken = true;
+        if batch.is_empty() {
+            return;
+        }
+        self.inflight = batch;
+        match tokio::time::timeout(Duration::from_secs(2), t.send(&self.inflight)).await {
+            Ok(Ok(())) => self.inflight.clear(),
+            _ => {
+                let delivered = t.delivered().min(self.inflight.len());
+                self.inflight.drain(..delivered);
+                self.write_broken = true;
+            }
         }
     }
 
@@ -1477,6 +1617,9 @@ impl Session {
         ) else {
             unreachable!("only a bound, resumable session is registered for takeover");
         };
+        // The new connection's task accounts for these bytes from now on.
+        rx.user_bytes().discharge(self.charged);
+        let charged = std::mem::take(&mut self.charged);
         let parked = sm::Parked {
             handle,
             rx,
@@ -1489,6 +1632,8 @@ impl Session {
                 true
             }
             Err(p) => {
+                p.rx.user_bytes().charge(charged);
+                self.charged = charged;
                 self.phase = Phase::Bound(p.handle);
                 self.rx = Some(p.rx);
                 self.sm = Some(p.sm);
@@ -1500,24 +1645,41 @@ impl Session {
 
     /// XEP-0198 §5: the connection is gone; the session stays routable and
     /// keeps queueing (presence and chat states collapsed per sender) until
-    /// it is resumed, the queue passes `c2s.max_unacked`, or the resumption
-    /// timeout passes. Presence stays as it was meanwhile.
+    /// it is resumed or the resumption timeout passes. Presence stays as it
+    /// was meanwhile. What it holds is bounded (`has_room`): past that
+    /// it stops taking stanzas from its queue, the queue fills and refuses
+    /// the next one, and from then on messages for it go to offline storage
+    /// — in order, after what it holds (`offline::resumed` delivers them
+    /// after a resumption; `teardown` requeues what it held before them).
     async fn park(&mut self) {
         let Some(h) = self.bound() else { return };
         let secs = self.sm.as_ref().map_or(0, |s| s.max);
         let deadline = Instant::now() + Duration::from_secs(secs);
-        let max_unacked = self.cfg().c2s.max_unacked;
         let shutdown = self.state.shutdown.clone();
         tracing::info!(jid = %h.jid, secs, "connection lost; session waits for resumption");
         if let Some(sm) = self.sm.as_mut() {
             sm.ack_deadline = None;
             sm.ack_due = None;
+            // Taken from the queue before what comes next: kept in order.
+            for el in sm.take_unsent() {
+                sm.record(el, false);
+            }
         }
         self.release_at = None;
         if let Some(rx) = &self.rx {
             rx.release();
         }
-        while let (Some((_, takeover)), Some(rx)) = (self.takeover.as_mut(), self.rx.as_mut()) {
+        loop {
+            self.sync_bytes();
+            let room = self.sm.as_ref().is_some_and(|sm| {
+                self.has_room(
+                    sm.unacked.len() + self.held.len(),
+                    sm.bytes + self.held.bytes(),
+                )
+            });
+            let (Some((_, takeover)), Some(rx)) = (self.takeover.as_mut(), self.rx.as_mut()) else {
+                break;
+            };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -1527,17 +1689,13 @@ impl Session {
                         return;
                     }
                 }
-                d = rx.recv(false) => {
+                d = rx.recv(false), if room => {
                     let Some(Deliver::Stanza(el)) = d else { break };
                     let mut now = Vec::new();
                     self.held.filter(el, true, &mut now);
                     let sm = self.sm.as_mut().expect("resumable");
                     for el in now {
                         sm.record(el, false);
-                    }
-                    if sm.unacked.len() > max_unacked || self.held.len() > max_unacked {
-                        tracing::warn!(jid = %h.jid, "too many stanzas for a detached session; closing it");
-                        break;
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
@@ -1550,9 +1708,23 @@ impl Session {
     }
 
     /// The session ends: it leaves routing, what it was given and did not
-    /// deliver goes to `modules::offline::requeue` (oldest first), then
-    /// the modules see it close (unavailable presence) and it is unbound.
+    /// deliver goes to `modules::offline::requeue` (`give_back`), then the
+    /// modules see it close (unavailable presence) and it is unbound.
     async fn teardown(&mut self) {
+        self.give_back().await;
+        let Some(h) = self.bound() else { return };
+        let cx = Cx {
+            state: &self.state,
+            session: &h,
+        };
+        self.state.modules.session_closed(&cx).await;
+        self.state.metrics.session_closed(h.id);
+        self.state.router.unbind(&h);
+    }
+
+    /// The session leaves routing and requeues everything it was given and
+    /// did not deliver, in acceptance order (again: nothing, when done).
+    async fn give_back(&mut self) {
         let Some(h) = self.bound() else { return };
         h.mark_closing();
         let mut undelivered = Vec::new();
@@ -1560,12 +1732,10 @@ impl Session {
             if let (Some(id), Some((tx, _))) = (&sm.id, &self.takeover) {
                 self.state.router.resumable.remove(id, tx, sm.handled);
             }
-            undelivered.extend(sm.unacked.drain(..));
+            undelivered.extend(sm.take_all());
         }
         self.takeover = None;
-        if let Some(sm) = self.sm.as_mut() {
-            undelivered.append(&mut sm.unsent);
-        }
+        undelivered.append(&mut self.inflight);
         undelivered.extend(self.held.take_all());
         if let Some(rx) = self.rx.as_mut() {
             rx.close();
@@ -1575,18 +1745,14 @@ impl Session {
                 }
             }
         }
+        self.sync_bytes();
+        let freed: usize = undelivered.iter().map(Outbound::size).sum();
+        self.state.router.note_freed(freed);
         if !undelivered.is_empty() {
             tracing::debug!(jid = %h.jid, n = undelivered.len(), "requeueing undelivered stanzas");
             self.state.router.count_requeued(undelivered.len());
             modules::offline::requeue(&self.state, undelivered).await;
         }
-        let cx = Cx {
-            state: &self.state,
-            session: &h,
-        };
-        self.state.modules.session_closed(&cx).await;
-        self.state.metrics.session_closed(h.id);
-        self.state.router.unbind(&h);
     }
 }
 

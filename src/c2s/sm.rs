@@ -9,12 +9,15 @@
 //! - every stanza written to a stream-managed client stays in `unacked`
 //!   until acknowledged; on the session's end what is left is resent on
 //!   resumption or handed to `modules::offline::requeue`, never dropped;
-//! - the unacked queue and the CSI hold-back queue are bounded
-//!   (`c2s.max_unacked`): a session that exceeds it is closed.
+//! - the unacked queue and the CSI hold-back queue are bounded, in
+//!   stanzas (`c2s.max_unacked`) and in bytes (`c2s.max_queue_bytes`): a
+//!   connected session past them is treated as a dead connection (parked
+//!   when resumable, ended otherwise); a parked one stops taking stanzas
+//!   from its queue, which then refuses more (they go to offline storage).
 
-use crate::router::{QueueRx, SessionHandle};
+use crate::router::{Holdable, Outbound, QueueRx, SessionHandle};
 use jid::BareJid;
-use natter_xml::{Element, NS_CLIENT};
+use natter_xml::Element;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
@@ -23,9 +26,6 @@ use tokio::time::Instant;
 pub const NS: &str = "urn:xmpp:sm:3";
 pub const NS_CSI: &str = "urn:xmpp:csi:0";
 const NS_STANZAS: &str = crate::error::NS_STANZAS;
-const NS_CHATSTATES: &str = "http://jabber.org/protocol/chatstates";
-const NS_CARBONS: &str = "urn:xmpp:carbons:2";
-const NS_FORWARD: &str = "urn:xmpp:forward:0";
 
 /// Unacknowledged stanzas after which the server asks for an ack.
 pub const REQUEST_EVERY: usize = 5;
@@ -46,8 +46,10 @@ pub struct Sm {
     pub sent: u32,
     /// Stanzas sent (or, while detached, queued) and not yet acknowledged,
     /// oldest first; the last `unwritten` of them never reached the socket.
-    pub unacked: VecDeque<Element>,
+    pub unacked: VecDeque<Outbound>,
     pub unwritten: usize,
+    /// Bytes of `unacked` and `unsent`.
+    pub bytes: usize,
     /// Stanzas written since the last `<r/>`.
     pub unrequested: usize,
     /// `<r/>` sent and not yet answered.
@@ -57,7 +59,7 @@ pub struct Sm {
     /// Stanzas written without an ack request: ask at this time.
     pub ack_due: Option<Instant>,
     /// Taken from the queue but not written (unacked limit reached).
-    pub unsent: Vec<Element>,
+    pub unsent: Vec<Outbound>,
 }
 
 impl Sm {
@@ -69,6 +71,7 @@ impl Sm {
             sent: 0,
             unacked: VecDeque::new(),
             unwritten: 0,
+            bytes: 0,
             unrequested: 0,
             requests: 0,
             ack_deadline: None,
@@ -84,8 +87,9 @@ impl Sm {
 
     /// Count a stanza as sent (it is written right after, or queued while
     /// detached when `written` is false).
-    pub fn record(&mut self, el: Element, written: bool) {
+    pub fn record(&mut self, el: Outbound, written: bool) {
         self.sent = self.sent.wrapping_add(1);
+        self.bytes += el.size();
         self.unacked.push_back(el);
         if written {
             self.unrequested += 1;
@@ -102,8 +106,31 @@ impl Sm {
         if n > written {
             return Err((h, self.sent.wrapping_sub(self.unwritten as u32)));
         }
-        self.unacked.drain(..n);
+        for el in self.unacked.drain(..n) {
+            self.bytes -= el.size();
+        }
         Ok(())
+    }
+
+    /// Keep stanzas that did not fit (`unacked` is full) for later.
+    pub fn defer(&mut self, els: Vec<Outbound>) {
+        self.bytes += els.iter().map(Outbound::size).sum::<usize>();
+        self.unsent.extend(els);
+    }
+
+    /// What was deferred (taken from the queue, never written), in order.
+    pub fn take_unsent(&mut self) -> Vec<Outbound> {
+        self.bytes -= self.unsent.iter().map(Outbound::size).sum::<usize>();
+        std::mem::take(&mut self.unsent)
+    }
+
+    /// Everything not acknowledged, oldest first; the state is emptied.
+    pub fn take_all(&mut self) -> Vec<Outbound> {
+        let mut all: Vec<_> = self.unacked.drain(..).collect();
+        all.append(&mut self.unsent);
+        self.bytes = 0;
+        self.unwritten = 0;
+        all
     }
 }
 
@@ -234,7 +261,8 @@ impl Registry {
 #[derive(Debug, Default)]
 pub struct Held {
     pub inactive: bool,
-    items: Vec<(String, Element)>,
+    items: Vec<(Holdable, Outbound)>,
+    bytes: usize,
 }
 
 impl Held {
@@ -246,13 +274,18 @@ impl Held {
         self.items.is_empty()
     }
 
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// The session is idle: keep no spare capacity.
     pub fn shrink(&mut self) {
         self.items.shrink_to_fit();
     }
 
     /// Everything held, oldest first.
-    pub fn take_all(&mut self) -> Vec<Element> {
+    pub fn take_all(&mut self) -> Vec<Outbound> {
+        self.bytes = 0;
         self.items.drain(..).map(|(_, e)| e).collect()
     }
 
@@ -261,23 +294,30 @@ impl Held {
     /// detached session, and a stanza that can wait; it replaces an older
     /// one of its kind from the same sender); otherwise what is held from
     /// its sender, then `el`, so each sender's stanzas stay in order.
-    pub fn filter(&mut self, el: Element, hold: bool, out: &mut Vec<Element>) {
+    pub fn filter(&mut self, el: Outbound, hold: bool, out: &mut Vec<Outbound>) {
         if hold {
-            if let Some(kind) = holdable(&el) {
-                let key = format!("{kind} {}", el.attr("from").unwrap_or_default());
-                self.items.retain(|(k, _)| *k != key);
-                self.items.push((key, el));
+            if let Some(kind) = el.holdable() {
+                let bytes = &mut self.bytes;
+                self.items.retain(|(k, e)| {
+                    let same = *k == kind && e.from() == el.from();
+                    if same {
+                        *bytes -= e.size();
+                    }
+                    !same
+                });
+                self.bytes += el.size();
+                self.items.push((kind, el));
                 return;
             }
         }
         if !self.items.is_empty() {
-            let from = el.attr("from").unwrap_or_default();
-            let bare = from.split('/').next().unwrap_or_default();
+            let bare = el.from().split('/').next().unwrap_or_default();
             let mut i = 0;
             while i < self.items.len() {
-                let f = self.items[i].1.attr("from").unwrap_or_default();
-                if f.split('/').next() == Some(bare) {
-                    out.push(self.items.remove(i).1);
+                if self.items[i].1.from().split('/').next() == Some(bare) {
+                    let (_, e) = self.items.remove(i);
+                    self.bytes -= e.size();
+                    out.push(e);
                 } else {
                     i += 1;
                 }
@@ -287,50 +327,23 @@ impl Held {
     }
 }
 
-/// "presence" for presence broadcasts, "chatstate" for messages carrying
-/// nothing but a XEP-0085 chat state (also inside a XEP-0280 carbon); None
-/// for everything that must be delivered at once.
-fn holdable(el: &Element) -> Option<&'static str> {
-    if el.ns != NS_CLIENT {
-        return None;
-    }
-    match el.name.as_str() {
-        "presence" => matches!(el.attr("type"), None | Some("unavailable")).then_some("presence"),
-        "message" => {
-            let inner = el
-                .children()
-                .find(|c| c.ns == NS_CARBONS && (c.name == "sent" || c.name == "received"))
-                .and_then(|c| c.get_child("forwarded", NS_FORWARD))
-                .and_then(|f| f.get_child("message", NS_CLIENT));
-            only_chat_state(inner.unwrap_or(el)).then_some("chatstate")
-        }
-        _ => None,
-    }
-}
-
-fn only_chat_state(m: &Element) -> bool {
-    if m.attr("type") == Some("error") {
-        return false;
-    }
-    let mut state = false;
-    for c in m.children() {
-        match (c.ns.as_str(), c.name.as_str()) {
-            (NS_CHATSTATES, _) => state = true,
-            // Carried along with a chat state, never content.
-            (NS_CLIENT, "thread") | ("urn:xmpp:hints", _) | ("urn:xmpp:sid:0", _) => {}
-            (NS_CARBONS, "sent" | "received") => {}
-            _ => return false,
-        }
-    }
-    state
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn msg(i: u32) -> Element {
-        Element::new("message", NS_CLIENT).with_attr("id", i.to_string())
+    use natter_xml::NS_CLIENT;
+
+    const NS_CHATSTATES: &str = "http://jabber.org/protocol/chatstates";
+
+    fn msg(i: u32) -> Outbound {
+        Outbound::new(
+            &Element::new("message", NS_CLIENT).with_attr("id", i.to_string()),
+            0,
+        )
+    }
+
+    fn el(o: &Outbound) -> Element {
+        o.to_element().unwrap()
     }
 
     #[test]
@@ -384,9 +397,12 @@ mod tests {
     fn csi_keeps_latest_per_sender_and_releases_before_a_body() {
         let mut held = Held::default();
         let p = |from: &str, show: &str| {
-            Element::new("presence", NS_CLIENT)
-                .with_attr("from", from)
-                .with_child(Element::new("show", NS_CLIENT).with_text(show))
+            Outbound::new(
+                &Element::new("presence", NS_CLIENT)
+                    .with_attr("from", from)
+                    .with_child(Element::new("show", NS_CLIENT).with_text(show)),
+                0,
+            )
         };
         let mut out = Vec::new();
         held.filter(p("a@x/1", "away"), true, &mut out);
@@ -397,19 +413,24 @@ mod tests {
         let typing = Element::new("message", NS_CLIENT)
             .with_attr("from", "a@x/1")
             .with_child(Element::new("composing", NS_CHATSTATES));
-        held.filter(typing, true, &mut out);
+        held.filter(Outbound::new(&typing, 0), true, &mut out);
         assert!(out.is_empty());
         let body = Element::new("message", NS_CLIENT)
             .with_attr("from", "a@x/1")
             .with_child(Element::new("body", NS_CLIENT).with_text("hi"))
             .with_child(Element::new("active", NS_CHATSTATES));
-        held.filter(body, true, &mut out);
+        held.filter(Outbound::new(&body, 0), true, &mut out);
         // a's presence and chat state first, then the message; b's stays.
         assert_eq!(out.len(), 3);
-        assert_eq!(out[0].child_text("show", NS_CLIENT).as_deref(), Some("dnd"));
-        assert!(out[1].get_child("composing", NS_CHATSTATES).is_some());
-        assert!(out[2].get_child("body", NS_CLIENT).is_some());
+        assert_eq!(
+            el(&out[0]).child_text("show", NS_CLIENT).as_deref(),
+            Some("dnd")
+        );
+        assert!(el(&out[1]).get_child("composing", NS_CHATSTATES).is_some());
+        assert!(el(&out[2]).get_child("body", NS_CLIENT).is_some());
+        assert_eq!(held.bytes(), p("b@x/1", "away").size());
         assert_eq!(held.take_all().len(), 1);
+        assert_eq!(held.bytes(), 0);
         // Not holding: written at once.
         held.filter(p("b@x/1", "away"), false, &mut out);
         assert_eq!(out.len(), 4);

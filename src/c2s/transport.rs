@@ -6,8 +6,9 @@
 //! Invariant: only this file (and src/net) touches sockets.
 
 use crate::error::StreamError;
+use crate::router::Outbound;
 use natter_sasl::ChannelBinding;
-use natter_xml::{parse_frame, Element, Limits, StreamEvent, StreamParser, NS_FRAMING};
+use natter_xml::{parse_frame, Limits, StreamEvent, StreamParser, NS_FRAMING};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -30,7 +31,13 @@ pub trait Transport: Send {
     fn read(&mut self) -> impl Future<Output = Result<Vec<StreamEvent>, ReadError>> + Send;
     /// Send our stream header (TCP `<stream:stream>`, WebSocket `<open/>`).
     fn open(&mut self, id: &str, from: &str) -> impl Future<Output = io::Result<()>> + Send;
-    fn send(&mut self, stanzas: &[Element]) -> impl Future<Output = io::Result<()>> + Send;
+    /// Write stanzas (serialized once, shared; nonzas too). On failure,
+    /// or when the future is dropped part-way (a write timeout),
+    /// `delivered` tells how many of them wholly reached the socket.
+    fn send(&mut self, stanzas: &[Outbound]) -> impl Future<Output = io::Result<()>> + Send;
+    /// How many stanzas of the last `send` wholly reached the socket: the
+    /// rest (one cut mid-write included) were not delivered.
+    fn delivered(&self) -> usize;
     /// Close the stream, with an error if given (sending a header first if
     /// none was sent yet, RFC 6120 §4.9.1.1).
     fn close(
@@ -86,9 +93,14 @@ pub struct TcpTransport {
     /// its new stream header (and `<resume/>`) behind its SASL response.
     split: bool,
     leftover: Vec<u8>,
+    /// See `Transport::delivered`.
+    delivered: usize,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
+
+/// Plaintext bytes of one TLS record (RFC 8446 §5.1).
+const TLS_RECORD: usize = 16 * 1024;
 
 thread_local! {
     /// One read buffer per worker thread instead of one per connection:
@@ -106,6 +118,7 @@ impl TcpTransport {
             header_sent: false,
             split: true,
             leftover: Vec::new(),
+            delivered: 0,
         }
     }
 
@@ -125,6 +138,7 @@ impl TcpTransport {
             header_sent: false,
             split: true,
             leftover: Vec::new(),
+            delivered: 0,
         }
     }
 
@@ -216,12 +230,57 @@ impl Transport for TcpTransport {
         self.write_all(stream_header(id, from).as_bytes()).await
     }
 
-    async fn send(&mut self, stanzas: &[Element]) -> io::Result<()> {
-        let mut out = String::new();
-        for s in stanzas {
-            s.write_to(&mut out, natter_xml::NS_CLIENT, true);
+    async fn send(&mut self, stanzas: &[Outbound]) -> io::Result<()> {
+        self.delivered = 0;
+        match &mut self.io {
+            // Bytes the kernel took are delivered (they reach the client
+            // unless the connection breaks); one write for the batch.
+            Io::Plain(s) => {
+                let mut out = String::with_capacity(stanzas.iter().map(|s| s.xml().len()).sum());
+                let mut ends = Vec::with_capacity(stanzas.len());
+                for st in stanzas {
+                    out.push_str(st.xml());
+                    ends.push(out.len());
+                }
+                let data = out.as_bytes();
+                let mut pos = 0;
+                while pos < data.len() {
+                    let n = s.write(&data[pos..]).await?;
+                    if n == 0 {
+                        return Err(io::ErrorKind::WriteZero.into());
+                    }
+                    pos += n;
+                    self.delivered = ends.partition_point(|&e| e <= pos);
+                }
+            }
+            // A client reads a TLS record whole or not at all: stanzas go
+            // out in groups of at most one record, each flushed to the
+            // kernel before the next, so `delivered` is exact.
+            Io::Tls(s) => {
+                let mut group = String::new();
+                let mut i = 0;
+                while i < stanzas.len() {
+                    group.clear();
+                    let start = i;
+                    while i < stanzas.len()
+                        && (i == start || group.len() + stanzas[i].xml().len() <= TLS_RECORD)
+                    {
+                        group.push_str(stanzas[i].xml());
+                        i += 1;
+                    }
+                    s.write_all(group.as_bytes()).await?;
+                    s.flush().await?;
+                    self.delivered = i;
+                }
+            }
+            Io::Handshake(_) | Io::Upgrading => return Err(io::ErrorKind::NotConnected.into()),
         }
-        self.write_all(out.as_bytes()).await
+        self.delivered = stanzas.len();
+        Ok(())
+    }
+
+    fn delivered(&self) -> usize {
+        self.delivered
     }
 
     async fn close(&mut self, err: Option<&StreamError>, from: &str) -> io::Result<()> {
@@ -332,11 +391,17 @@ pub struct WsTransport {
     ws: axum::extract::ws::WebSocket,
     limits: Limits,
     peer: SocketAddr,
+    delivered: usize,
 }
 
 impl WsTransport {
     pub fn new(ws: axum::extract::ws::WebSocket, peer: SocketAddr, limits: Limits) -> Self {
-        WsTransport { ws, limits, peer }
+        WsTransport {
+            ws,
+            limits,
+            peer,
+            delivered: 0,
+        }
     }
 
     async fn send_text(&mut self, text: String) -> io::Result<()> {
@@ -387,14 +452,18 @@ impl Transport for WsTransport {
         self.send_text(framing_open(id, from)).await
     }
 
-    async fn send(&mut self, stanzas: &[Element]) -> io::Result<()> {
+    async fn send(&mut self, stanzas: &[Outbound]) -> io::Result<()> {
+        self.delivered = 0;
         for s in stanzas {
-            let mut out = String::new();
             // Each frame stands alone: namespaces are declared in it.
-            s.write_to(&mut out, "", false);
-            self.send_text(out).await?;
+            self.send_text(s.ws_frame()).await?;
+            self.delivered += 1;
         }
         Ok(())
+    }
+
+    fn delivered(&self) -> usize {
+        self.delivered
     }
 
     async fn close(&mut self, err: Option<&StreamError>, _from: &str) -> io::Result<()> {

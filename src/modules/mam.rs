@@ -551,6 +551,7 @@ fn result_message(to: &str, queryid: Option<&str>, m: &ArchivedMessage) -> Optio
         max_stanza_bytes: usize::MAX,
         max_depth: usize::MAX,
         max_attrs: usize::MAX,
+        max_elements: usize::MAX,
     };
     let original = match natter_xml::parse_frame(m.stanza.as_bytes(), &limits) {
         Ok(el) => el,

@@ -231,6 +231,7 @@ async fn finish(cx: &Cx<'_>, a: Accept, ids: &[String]) -> Result<(), StanzaErro
         &delivered,
         archive_id.as_deref(),
         limit,
+        None,
     )
     .await?;
     carbons::copy_sent(cx, &sent_copy, &a.kind);

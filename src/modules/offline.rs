@@ -4,6 +4,13 @@
 //! delivered, in order and once, when a resource of the account next sends
 //! available presence with a non-negative priority; then it is deleted.
 //!
+//! Acceptance order: every message routed to a user gets an `ord` (unix
+//! µs, strictly increasing per server: [`Offline::next_ord`]) when it is
+//! accepted, carried with it into session queues and back. The queue is
+//! read in `ord` order, so a message a session gave back (it ended before
+//! delivering it: [`requeue`]) comes before everything accepted after it,
+//! though it was inserted last.
+//!
 //! Ordering: a session that comes online is marked as *catching up* before
 //! it becomes available; while it is, new messages for it join the end of
 //! the queue instead of overtaking it. Each push and the end of a catch-up
@@ -29,13 +36,14 @@
 
 use super::{mam, presence, Cx, Module};
 use crate::error::{Condition, StanzaError};
-use crate::router::SessionHandle;
+use crate::router::{Outbound, QueueRx, SessionHandle};
 use crate::state::ServerState;
 use async_trait::async_trait;
 use jid::{BareJid, FullJid, Jid};
 use natter_store::StoreError;
 use natter_xml::Element;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,6 +78,8 @@ pub struct Offline {
     /// Sessions that queried their archive before their initial presence,
     /// and when (unix µs).
     archive_queried: Mutex<HashMap<u64, i64>>,
+    /// The last acceptance position handed out.
+    last_ord: AtomicI64,
 }
 
 #[derive(Default)]
@@ -86,6 +96,19 @@ struct Gate {
 }
 
 impl Offline {
+    /// A new acceptance position: the current unix µs, or one more than
+    /// the last one if the clock has not moved (or went back).
+    pub fn next_ord(&self) -> i64 {
+        let now = mam::now_micros();
+        let prev = self
+            .last_ord
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(now.max(last + 1))
+            })
+            .unwrap_or(now);
+        now.max(prev + 1)
+    }
+
     fn release(&self, users: &mut HashMap<BareJid, Gate>, user: &BareJid) {
         if let Some(g) = users.get(user) {
             if g.catching_up.is_empty() && g.pushing == 0 && Arc::strong_count(&g.drain) == 1 {
@@ -128,7 +151,8 @@ pub fn queue_full() -> StanzaError {
 /// every available resource — or queue it when there is none (or the
 /// session catches up on its queue). Returns the sessions it went to
 /// directly (empty: queued). `limit` caps the queue; `archive_id` is the
-/// recipient's stanza-id of it, if archived.
+/// recipient's stanza-id of it, if archived; `ord` its acceptance position
+/// (None: accepted now).
 pub async fn deliver(
     state: &ServerState,
     bare: &BareJid,
@@ -136,8 +160,10 @@ pub async fn deliver(
     stanza: &Element,
     archive_id: Option<&str>,
     limit: usize,
+    ord: Option<i64>,
 ) -> Result<Vec<Arc<SessionHandle>>, StanzaError> {
     let off = &state.modules.offline;
+    let ord = ord.unwrap_or_else(|| off.next_ord());
     let (live, mut queue) = {
         let mut users = off.users.lock().unwrap();
         let targets = match full {
@@ -156,9 +182,11 @@ pub async fn deliver(
         }
         (live, queue)
     };
+    // Serialized once, shared by every session it goes to.
+    let out = (!live.is_empty()).then(|| Outbound::new(stanza, ord));
     let sent: Vec<_> = live
         .into_iter()
-        .filter(|h| h.send(stanza.clone()))
+        .filter(|h| out.as_ref().is_some_and(|o| h.send_out(o)))
         .collect();
     if sent.is_empty() && !queue {
         // Every session went away meanwhile.
@@ -183,7 +211,7 @@ pub async fn deliver(
     }
     let r = state
         .store
-        .offline_push(bare.as_str(), &queued.to_string(), archive_id, limit)
+        .offline_push(bare.as_str(), &queued.to_string(), archive_id, limit, ord)
         .await;
     {
         let mut users = off.users.lock().unwrap();
@@ -292,12 +320,12 @@ async fn drain(state: ServerState, h: Arc<SessionHandle>) {
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
-        let mut handed = None;
+        let mut handed = Vec::with_capacity(batch.len());
         let mut gone = false;
         for m in &batch {
             // Archived before this session caught up from the archive.
             if m.archive_id.is_some() && queried.is_some_and(|t| m.ts_micros <= t) {
-                handed = Some(m.seq);
+                handed.push(m.seq);
                 skipped += 1;
                 continue;
             }
@@ -305,24 +333,27 @@ async fn drain(state: ServerState, h: Arc<SessionHandle>) {
                 max_stanza_bytes: usize::MAX,
                 max_depth: usize::MAX,
                 max_attrs: usize::MAX,
+                max_elements: usize::MAX,
             };
             let el = match natter_xml::parse_frame(m.stanza.as_bytes(), &limits) {
                 Ok(el) => el,
                 Err(e) => {
                     tracing::error!(%user, seq = m.seq, error = %e, "queued stanza does not parse; dropped");
-                    handed = Some(m.seq);
+                    handed.push(m.seq);
                     continue;
                 }
             };
-            if !room(&state, &h, budget).await || !h.send(el) {
+            let out = Outbound::new(&el, m.ord);
+            drop(el);
+            if !room(&state, &h, budget, out.size()).await || !h.send_out(&out) {
                 gone = true;
                 break;
             }
-            handed = Some(m.seq);
+            handed.push(m.seq);
             delivered += 1;
         }
-        if let Some(seq) = handed {
-            if let Err(e) = state.store.offline_delete(user.as_str(), seq).await {
+        if !handed.is_empty() {
+            if let Err(e) = state.store.offline_delete(user.as_str(), &handed).await {
                 tracing::error!(%user, error = %e, "delivered offline messages not deleted");
                 gone = true;
             }
@@ -343,15 +374,17 @@ async fn drain(state: ServerState, h: Arc<SessionHandle>) {
     }
 }
 
-/// Wait until `h`'s outgoing queue has room for more; false once the
-/// session is gone.
-async fn room(state: &ServerState, h: &Arc<SessionHandle>, budget: usize) -> bool {
+/// Wait until `h`'s outgoing queue has room for more (half its bounds in
+/// stanzas and bytes, or empty); false once the session is gone.
+async fn room(state: &ServerState, h: &Arc<SessionHandle>, budget: usize, size: usize) -> bool {
+    let bytes = h.queue_limits().bytes / 2;
     loop {
         let here = state.router.session(&h.jid).is_some_and(|s| s.id == h.id);
         if !here {
             return false;
         }
-        if h.queued() < budget {
+        let queued = h.queued();
+        if queued == 0 || (queued < budget && h.queued_bytes() + size <= bytes) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -359,17 +392,20 @@ async fn room(state: &ServerState, h: &Arc<SessionHandle>, budget: usize) -> boo
 }
 
 /// Stanzas that were routed to a session which went away before the client
-/// acknowledged them (stream management). Messages worth keeping are
-/// routed again — to the user's other sessions, or to the offline queue
-/// (beyond its limit if need be: they were accepted already) — and never
-/// archived a second time. Carbon copies and archive results are dropped
-/// (the archive holds the originals); so is everything else (presence,
-/// IQs, chat states, headlines). Call it after the session left the router.
-pub async fn requeue(state: &ServerState, stanzas: Vec<Element>) {
-    for el in stanzas {
-        if el.name != "message" {
+/// acknowledged them (stream management) or before they wholly reached its
+/// socket. Messages worth keeping are routed again — to the user's other
+/// sessions, or to the offline queue (beyond its limit if need be: they
+/// were accepted already) at their original acceptance position — and
+/// never archived a second time. Carbon copies and archive results are
+/// dropped (the archive holds the originals); so is everything else
+/// (presence, IQs, chat states, headlines). Call it after the session left
+/// the router.
+pub async fn requeue(state: &ServerState, stanzas: Vec<Outbound>) {
+    for out in stanzas {
+        if !out.is_message() {
             continue;
         }
+        let Some(el) = out.to_element() else { continue };
         let kind = el.attr("type").unwrap_or("normal");
         if !storable(&el, kind) {
             continue;
@@ -383,8 +419,39 @@ pub async fn requeue(state: &ServerState, stanzas: Vec<Element>) {
             continue;
         };
         let archive_id = mam::stanza_id_of(&el, &bare).map(str::to_owned);
-        if let Err(e) = deliver(state, &bare, None, &el, archive_id.as_deref(), usize::MAX).await {
+        let ord = (out.ord() != 0).then_some(out.ord());
+        if let Err(e) = deliver(
+            state,
+            &bare,
+            None,
+            &el,
+            archive_id.as_deref(),
+            usize::MAX,
+            ord,
+        )
+        .await
+        {
             tracing::warn!(user = %bare, condition = e.condition.name(), "unacknowledged message not requeued");
         }
+    }
+}
+
+/// A parked session was resumed after its queue refused stanzas (they went
+/// to offline storage, after everything the session still holds): it
+/// catches up on the offline queue now, as a session coming online does,
+/// so those come next and nothing newer overtakes them.
+pub fn resumed(state: &ServerState, h: &Arc<SessionHandle>, rx: &QueueRx) {
+    let available = h.is_available() && h.priority() >= 0;
+    if available {
+        let mut users = state.modules.offline.users.lock().unwrap();
+        let g = users.entry(h.bare.clone()).or_default();
+        if !g.catching_up.contains(&h.id) {
+            g.catching_up.push(h.id);
+        }
+    }
+    // Marked first: from here new messages join the offline queue's end.
+    rx.clear_overflow();
+    if available {
+        tokio::spawn(drain(state.clone(), h.clone()));
     }
 }

@@ -623,6 +623,7 @@ fn limits(state: &ServerState) -> Limits {
         max_stanza_bytes: state.config.limits.max_stanza_bytes.max(1 << 20),
         max_depth: state.config.limits.max_depth.max(64),
         max_attrs: state.config.limits.max_attrs.max(64),
+        max_elements: state.config.limits.max_elements.max(10_000),
     }
 }
 
@@ -1527,6 +1528,7 @@ mod tests {
                 max_stanza_bytes: 1 << 20,
                 max_depth: 100,
                 max_attrs: 100,
+                max_elements: 10_000,
             },
         )
         .unwrap();

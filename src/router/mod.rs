@@ -21,13 +21,15 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+pub mod outbound;
 pub mod queue;
-pub use queue::{QueueRx, QueueTx};
+pub use outbound::{Holdable, Outbound};
+pub use queue::{QueueLimits, QueueRx, QueueTx, UserBytes};
 
 /// What the router hands to a session task.
 #[derive(Debug)]
 pub enum Deliver {
-    Stanza(Element),
+    Stanza(Outbound),
     /// Close the stream with this error (e.g. `conflict` when replaced).
     Close(StreamError),
     /// Never queued: `QueueRx::recv` reports that a push was refused.
@@ -71,7 +73,12 @@ impl SessionHandle {
     /// Queue a stanza. Returns false when the session is gone or stuck; a
     /// stuck session is flagged and will close itself.
     pub fn send(&self, stanza: Element) -> bool {
-        match self.tx.try_send(Deliver::Stanza(stanza)) {
+        self.send_out(&Outbound::new(&stanza, 0))
+    }
+
+    /// Queue a serialized stanza (shared with other recipients).
+    pub fn send_out(&self, stanza: &Outbound) -> bool {
+        match self.tx.try_send(Deliver::Stanza(stanza.clone())) {
             Ok(()) => true,
             Err(queue::PushError::Full) => {
                 if self.tx.overflow() {
@@ -93,6 +100,21 @@ impl SessionHandle {
     /// Stanzas waiting in this session's queue (the queue-depth metrics).
     pub fn queued(&self) -> usize {
         self.tx.len()
+    }
+
+    /// Bytes waiting in this session's queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.tx.bytes()
+    }
+
+    /// The queue refused a stanza and takes nothing until the session
+    /// catches up from offline storage (after a resumption) or ends.
+    pub fn refusing(&self) -> bool {
+        self.tx.overflowed()
+    }
+
+    pub fn queue_limits(&self) -> QueueLimits {
+        self.tx.limits()
     }
 
     /// Stop routing to this session (it is ending).
@@ -131,6 +153,8 @@ pub struct Router {
     pub resumable: crate::c2s::sm::Registry,
     /// Stanzas handed to `modules::offline::requeue` by ending sessions.
     requeued: AtomicU64,
+    /// Bytes of stanzas ending sessions let go of since the last trim.
+    freed: AtomicU64,
 }
 
 /// A new session: its handle, its queue's receiving end, and the session
@@ -159,12 +183,19 @@ impl Router {
     pub fn bind(
         &self,
         jid: FullJid,
-        queue: usize,
+        limits: QueueLimits,
         max_resources: usize,
     ) -> Result<Bound, BindError> {
-        let (tx, rx) = queue::queue(queue);
         let bare = jid.to_bare();
         let key = self.key(bare.as_str());
+        let mut map = self.sessions.write().unwrap();
+        // The user's byte quota is shared by all of the user's sessions.
+        let user = map
+            .get(&key)
+            .and_then(|l| l.iter().find(|h| h.bare == bare))
+            .map(|h| h.tx.user_bytes().clone())
+            .unwrap_or_default();
+        let (tx, rx) = queue::queue(limits, user);
         let handle = Arc::new(SessionHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             jid,
@@ -173,7 +204,6 @@ impl Router {
             closing: AtomicBool::new(false),
             state: Mutex::new(SessionState::default()),
         });
-        let mut map = self.sessions.write().unwrap();
         let list = map.entry(key).or_default();
         let replaced = list
             .iter()
@@ -241,6 +271,11 @@ impl Router {
         self.requeued.load(Ordering::Relaxed)
     }
 
+    /// An ending session let go of `bytes` of stanzas (see `trim_task`).
+    pub fn note_freed(&self, bytes: usize) {
+        self.freed.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
     /// Every bound session (admin listing, shutdown).
     pub fn all(&self) -> Vec<Arc<SessionHandle>> {
         self.sessions
@@ -270,17 +305,47 @@ impl Router {
     }
 }
 
+/// Bytes freed before the allocator is asked to give memory back.
+const TRIM_AFTER: u64 = 4 << 20;
+
+/// glibc's malloc keeps freed memory in its arenas: after a flood into a
+/// stuck session the process would stay at its peak. Once sessions freed
+/// more than `TRIM_AFTER` bytes of stanzas, ask it to return what is free
+/// (checked every 2 s; one call costs about a millisecond).
+pub async fn trim_task(state: crate::state::ServerState) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if state.router.freed.load(Ordering::Relaxed) >= TRIM_AFTER {
+            state.router.freed.store(0, Ordering::Relaxed);
+            natter_malloc_trim::trim();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lim(items: usize) -> QueueLimits {
+        QueueLimits {
+            items,
+            bytes: 1 << 20,
+            user_bytes: 1 << 22,
+        }
+    }
 
     #[test]
     fn rebind_same_resource_replaces_and_unbind_keeps_replacement() {
         let r = Router::new();
         let j = FullJid::new("a@x/phone").unwrap();
-        let (h1, _rx1, rep) = r.bind(j.clone(), 4, 10).unwrap();
+        let (h1, _rx1, rep) = r.bind(j.clone(), lim(4), 10).unwrap();
         assert!(rep.is_none());
-        let (h2, _rx2, rep) = r.bind(j.clone(), 4, 10).unwrap();
+        let (h2, _rx2, rep) = r.bind(j.clone(), lim(4), 10).unwrap();
         assert_eq!(rep.unwrap().id, h1.id);
         r.unbind(&h1);
         assert_eq!(r.session(&j).unwrap().id, h2.id);
@@ -293,8 +358,8 @@ mod tests {
     #[test]
     fn accounts_sharing_a_key_stay_apart() {
         let r = Router::new();
-        let (a, _ra, _) = r.bind(FullJid::new("a@x/1").unwrap(), 4, 2).unwrap();
-        let (b, _rb, _) = r.bind(FullJid::new("b@x/1").unwrap(), 4, 2).unwrap();
+        let (a, _ra, _) = r.bind(FullJid::new("a@x/1").unwrap(), lim(4), 2).unwrap();
+        let (b, _rb, _) = r.bind(FullJid::new("b@x/1").unwrap(), lim(4), 2).unwrap();
         // Put b in a's slot, as if their keys collided.
         {
             let mut map = r.sessions.write().unwrap();
@@ -306,10 +371,10 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].id, a.id);
         // b's resource does not count against a's cap.
-        let (a2, _ra2, rep) = r.bind(FullJid::new("a@x/2").unwrap(), 4, 2).unwrap();
+        let (a2, _ra2, rep) = r.bind(FullJid::new("a@x/2").unwrap(), lim(4), 2).unwrap();
         assert!(rep.is_none());
         assert_eq!(
-            r.bind(FullJid::new("a@x/3").unwrap(), 4, 2).err(),
+            r.bind(FullJid::new("a@x/3").unwrap(), lim(4), 2).err(),
             Some(BindError::TooManyResources)
         );
         assert_eq!(r.count(), 3);
@@ -322,9 +387,9 @@ mod tests {
     #[test]
     fn resource_cap_and_full_queue() {
         let r = Router::new();
-        let (h, _rx, _) = r.bind(FullJid::new("a@x/1").unwrap(), 1, 1).unwrap();
+        let (h, _rx, _) = r.bind(FullJid::new("a@x/1").unwrap(), lim(1), 1).unwrap();
         assert_eq!(
-            r.bind(FullJid::new("a@x/2").unwrap(), 1, 1).err(),
+            r.bind(FullJid::new("a@x/2").unwrap(), lim(1), 1).err(),
             Some(BindError::TooManyResources)
         );
         assert!(h.send(Element::new("message", "jabber:client")));

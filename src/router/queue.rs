@@ -1,14 +1,25 @@
-//! A session's inbound queue: bounded, and free when empty. tokio's mpsc
+//! A session's inbound queue: bounded in stanzas and in bytes (its own,
+//! and its user's across all of the user's sessions), and free when empty. tokio's mpsc
 //! allocates a 32-slot block per channel up front (~4 KiB of `Deliver`s
 //! per idle session); an empty `VecDeque` allocates nothing, a drained
 //! burst's buffer shrinks, and an idle session gives it all back
 //! (`release`). There is one receiver, so it waits with a plain waker
 //! kept under the queue's lock (no `Notify` and its waiter node in every
 //! idle session). A refused push flags the queue as overflowed, which the
-//! receiver sees first.
+//! receiver sees first; once flagged it refuses every later push, so
+//! nothing routed after a refused stanza can overtake it (the refused one
+//! went to offline storage; so do the later ones).
+//!
+//! Bytes are `Outbound::size`, the serialized size: what a queued stanza
+//! really costs. The user's counter is shared by all of the user's
+//! sessions and also carries what each session holds past the queue
+//! (unacked and held-back stanzas, `UserBytes::charge`).
 
 use super::Deliver;
+#[cfg(test)]
+use super::Outbound;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 
@@ -17,6 +28,8 @@ const KEEP_CAPACITY: usize = 8;
 
 struct Inner {
     items: VecDeque<Deliver>,
+    /// `Outbound::size` of the queued stanzas.
+    bytes: usize,
     /// The receiver waiting for a push.
     waker: Option<Waker>,
     closed: bool,
@@ -26,7 +39,48 @@ struct Inner {
 
 struct Shared {
     inner: Mutex<Inner>,
-    cap: usize,
+    limits: QueueLimits,
+    user: UserBytes,
+}
+
+/// A session queue's bounds.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueLimits {
+    /// Stanzas.
+    pub items: usize,
+    /// Bytes of this session's queue.
+    pub bytes: usize,
+    /// Bytes of all of its user's sessions (queues, unacked, held).
+    pub user_bytes: usize,
+}
+
+/// Bytes held for one user's sessions, shared by them.
+#[derive(Clone, Debug, Default)]
+pub struct UserBytes(Arc<AtomicUsize>);
+
+impl UserBytes {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+    /// A session holds `n` more bytes for its client (unacked, held).
+    pub fn charge(&self, n: usize) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn discharge(&self, n: usize) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+    }
+    /// Whether two sessions share a counter (same user).
+    pub fn same(&self, other: &UserBytes) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // What was never taken off no longer counts against the user.
+        let bytes = self.inner.get_mut().map_or(0, |i| i.bytes);
+        self.user.discharge(bytes);
+    }
 }
 
 /// Why a push failed (the item is dropped; callers route it elsewhere).
@@ -43,16 +97,28 @@ pub struct QueueTx(Arc<Shared>);
 /// The session side.
 pub struct QueueRx(Arc<Shared>);
 
-pub fn queue(cap: usize) -> (QueueTx, QueueRx) {
+fn size(d: &Deliver) -> usize {
+    match d {
+        Deliver::Stanza(o) => o.size(),
+        _ => 0,
+    }
+}
+
+pub fn queue(limits: QueueLimits, user: UserBytes) -> (QueueTx, QueueRx) {
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
             items: VecDeque::new(),
+            bytes: 0,
             waker: None,
             closed: false,
             overflowed: false,
             shutdown: false,
         }),
-        cap: cap.max(1),
+        limits: QueueLimits {
+            items: limits.items.max(1),
+            ..limits
+        },
+        user,
     });
     (QueueTx(shared.clone()), QueueRx(shared))
 }
@@ -63,9 +129,21 @@ impl QueueTx {
         if inner.closed {
             return Err(PushError::Closed);
         }
-        if inner.items.len() >= self.0.cap {
+        let n = size(&d);
+        let l = &self.0.limits;
+        // One stanza always fits an empty queue (it is bounded by the
+        // stanza size limit); a signal (close) always fits, also after an
+        // overflow (a parked session must still hear `conflict`).
+        let full = n > 0
+            && (inner.overflowed
+                || inner.items.len() >= l.items
+                || (!inner.items.is_empty()
+                    && (inner.bytes + n > l.bytes || self.0.user.get() + n > l.user_bytes)));
+        if full {
             return Err(PushError::Full);
         }
+        inner.bytes += n;
+        self.0.user.charge(n);
         inner.items.push_back(d);
         let waker = inner.waker.take();
         drop(inner);
@@ -104,18 +182,40 @@ impl QueueTx {
         self.0.inner.lock().unwrap().items.len()
     }
 
+    /// Bytes queued.
+    pub fn bytes(&self) -> usize {
+        self.0.inner.lock().unwrap().bytes
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    pub fn overflowed(&self) -> bool {
+        self.0.inner.lock().unwrap().overflowed
+    }
+
+    pub fn limits(&self) -> QueueLimits {
+        self.0.limits
+    }
+
+    pub fn user_bytes(&self) -> &UserBytes {
+        &self.0.user
     }
 }
 
 impl QueueRx {
     pub fn try_recv(&mut self) -> Option<Deliver> {
-        Self::pop(&mut self.0.inner.lock().unwrap())
+        self.pop(&mut self.0.inner.lock().unwrap())
     }
 
-    fn pop(inner: &mut Inner) -> Option<Deliver> {
+    fn pop(&self, inner: &mut Inner) -> Option<Deliver> {
         let d = inner.items.pop_front();
+        if let Some(d) = &d {
+            let n = size(d);
+            inner.bytes -= n;
+            self.0.user.discharge(n);
+        }
         if inner.items.is_empty() && inner.items.capacity() > KEEP_CAPACITY {
             inner.items.shrink_to(KEEP_CAPACITY);
         }
@@ -137,11 +237,30 @@ impl QueueRx {
             if signals && inner.overflowed {
                 return Poll::Ready(Some(Deliver::Overflow));
             }
-            if let Some(d) = Self::pop(&mut inner) {
+            if let Some(d) = self.pop(&mut inner) {
                 return Poll::Ready(Some(d));
             }
             if inner.closed {
                 return Poll::Ready(None);
+            }
+            match &mut inner.waker {
+                Some(w) => w.clone_from(cx.waker()),
+                None => inner.waker = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+    }
+
+    /// Wait for `Deliver::Shutdown` or `Deliver::Overflow` only, leaving
+    /// items queued (the session has no room for them now).
+    pub fn signal(&mut self) -> impl std::future::Future<Output = Deliver> + Send + '_ {
+        std::future::poll_fn(move |cx| {
+            let mut inner = self.0.inner.lock().unwrap();
+            if inner.shutdown {
+                return Poll::Ready(Deliver::Shutdown);
+            }
+            if inner.overflowed {
+                return Poll::Ready(Deliver::Overflow);
             }
             match &mut inner.waker {
                 Some(w) => w.clone_from(cx.waker()),
@@ -157,6 +276,21 @@ impl QueueRx {
 
     pub fn shutting_down(&self) -> bool {
         self.0.inner.lock().unwrap().shutdown
+    }
+
+    /// Accept pushes again after an overflow: the session was resumed and
+    /// catches up on what went to offline storage meanwhile.
+    pub fn clear_overflow(&self) {
+        self.0.inner.lock().unwrap().overflowed = false;
+    }
+
+    /// The counter of this session's user.
+    pub fn user_bytes(&self) -> &UserBytes {
+        &self.0.user
+    }
+
+    pub fn limits(&self) -> QueueLimits {
+        self.0.limits
     }
 
     /// The session is idle: give the buffer back if nothing is queued.
@@ -181,17 +315,32 @@ mod tests {
     use natter_xml::Element;
 
     fn st(n: &str) -> Deliver {
-        Deliver::Stanza(Element::new(n, "jabber:client"))
+        Deliver::Stanza(Outbound::new(&Element::new(n, "jabber:client"), 0))
+    }
+
+    fn items(n: usize) -> QueueLimits {
+        QueueLimits {
+            items: n,
+            bytes: usize::MAX / 4,
+            user_bytes: usize::MAX / 4,
+        }
+    }
+
+    fn name(d: Option<Deliver>) -> String {
+        match d {
+            Some(Deliver::Stanza(o)) => o.to_element().unwrap().name,
+            other => format!("{other:?}"),
+        }
     }
 
     #[tokio::test]
     async fn bounded_ordered_and_closable() {
-        let (tx, mut rx) = queue(2);
+        let (tx, mut rx) = queue(items(2), UserBytes::default());
         tx.try_send(st("a")).unwrap();
         tx.try_send(st("b")).unwrap();
         assert_eq!(tx.try_send(st("c")), Err(PushError::Full));
-        assert!(matches!(rx.recv(true).await, Some(Deliver::Stanza(e)) if e.name == "a"));
-        assert!(matches!(rx.try_recv(), Some(Deliver::Stanza(e)) if e.name == "b"));
+        assert_eq!(name(rx.recv(true).await), "a");
+        assert_eq!(name(rx.try_recv()), "b");
         assert!(rx.try_recv().is_none());
         rx.close();
         assert_eq!(tx.try_send(st("d")), Err(PushError::Closed));
@@ -200,7 +349,7 @@ mod tests {
 
     #[tokio::test]
     async fn wakes_a_waiting_receiver_and_releases_memory() {
-        let (tx, mut rx) = queue(1000);
+        let (tx, mut rx) = queue(items(1000), UserBytes::default());
         let waiter = tokio::spawn(async move {
             let mut n = 0;
             while n < 500 {
@@ -227,7 +376,7 @@ mod tests {
 
     #[tokio::test]
     async fn overflow_comes_first_and_stays() {
-        let (tx, mut rx) = queue(1);
+        let (tx, mut rx) = queue(items(1), UserBytes::default());
         tx.try_send(st("a")).unwrap();
         assert_eq!(tx.try_send(st("b")), Err(PushError::Full));
         assert!(tx.overflow());
@@ -236,9 +385,45 @@ mod tests {
         assert!(matches!(rx.recv(true).await, Some(Deliver::Overflow)));
         assert!(rx.overflowed());
         // Without asking for it, items still come.
-        assert!(matches!(rx.recv(false).await, Some(Deliver::Stanza(e)) if e.name == "a"));
+        assert_eq!(name(rx.recv(false).await), "a");
+        // Room again, but nothing may overtake what was refused.
+        assert_eq!(tx.try_send(st("c")), Err(PushError::Full));
+        rx.clear_overflow();
+        tx.try_send(st("c")).unwrap();
         tx.shutdown();
         assert!(matches!(rx.recv(true).await, Some(Deliver::Shutdown)));
         assert!(rx.shutting_down());
+    }
+
+    #[test]
+    fn queue_is_bounded_in_bytes_and_per_user() {
+        let big = |n: usize| {
+            let el = Element::new("message", "jabber:client")
+                .with_child(Element::new("body", "jabber:client").with_text("x".repeat(n)));
+            Deliver::Stanza(Outbound::new(&el, 0))
+        };
+        let user = UserBytes::default();
+        let limits = QueueLimits {
+            items: 1000,
+            bytes: 10_000,
+            user_bytes: 15_000,
+        };
+        let (tx1, rx1) = queue(limits, user.clone());
+        let (tx2, mut rx2) = queue(limits, user.clone());
+        // Alone, a stanza over the byte bound still fits.
+        tx1.try_send(big(20_000)).unwrap();
+        assert_eq!(tx1.try_send(big(10)), Err(PushError::Full));
+        assert!(user.get() > 20_000);
+        // The user's other session is over the user's quota now; an
+        // empty queue still takes one.
+        tx2.try_send(big(100)).unwrap();
+        assert_eq!(tx2.try_send(big(100)), Err(PushError::Full));
+        rx2.try_recv().unwrap();
+        drop((tx1, rx1));
+        assert!(user.get() < 1_000, "{}", user.get());
+        tx2.try_send(big(5_000)).unwrap();
+        tx2.try_send(big(4_000)).unwrap();
+        assert_eq!(tx2.try_send(big(2_000)), Err(PushError::Full));
+        assert_eq!(tx2.bytes(), user.get());
     }
 }

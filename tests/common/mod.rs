@@ -216,6 +216,7 @@ fn big_limits() -> Limits {
         max_stanza_bytes: 64 * 1024 * 1024,
         max_depth: 1000,
         max_attrs: 10_000,
+        max_elements: usize::MAX,
     }
 }
 
@@ -990,6 +991,29 @@ impl Client {
         }
         self.queue = rest;
         out
+    }
+
+    /// Everything the server sent until the connection ends (EOF, a reset,
+    /// or bytes that cannot be read whole: a TLS record or a stanza cut
+    /// off mid-write is not a stanza), each top-level element once.
+    pub async fn read_to_end(&mut self, per_read: Duration) -> Vec<Element> {
+        let mut out: Vec<Element> = self.buffered.drain(..).collect();
+        loop {
+            for ev in self.queue.drain(..) {
+                match ev {
+                    Event::Stanza(el) => out.push(el),
+                    Event::Eof => return out,
+                    _ => {}
+                }
+            }
+            match tokio::time::timeout(per_read, self.read_more()).await {
+                Ok(Ok(evs)) => self.queue.extend(evs),
+                Ok(Err(_)) | Err(_) => {
+                    self.io = Io::Gone;
+                    return out;
+                }
+            }
+        }
     }
 
     /// Stanzas set aside by `iq`/`recv_matching` and not yet received.

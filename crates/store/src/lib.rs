@@ -208,6 +208,9 @@ pub struct OfflineMessage {
     pub archive_id: Option<String>,
     /// When it was queued, unix microseconds.
     pub ts_micros: i64,
+    /// Its place in the user's acceptance order: the queue is read in
+    /// `ord` order (then `seq`), whenever a row was inserted.
+    pub ord: i64,
 }
 
 /// Configuration of a PEP node.
@@ -373,24 +376,29 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- offline messages (XEP-0160): FIFO per user, stored until delivered
 
-    /// Queues a stanza durably (group-committed like [`Store::archive_append`]) and returns
-    /// its seq. [`StoreError::QuotaExceeded`] if the user already has `limit` queued,
-    /// [`StoreError::NotFound`] if the account doesn't exist.
+    /// Queues a stanza durably (group-committed like [`Store::archive_append`]) at
+    /// acceptance position `ord` and returns its seq. [`StoreError::QuotaExceeded`] if
+    /// the user already has `limit` queued, [`StoreError::NotFound`] if the account
+    /// doesn't exist.
     async fn offline_push(
         &self,
         user: &str,
         stanza: &str,
         archive_id: Option<&str>,
         limit: usize,
+        ord: i64,
     ) -> Result<u64, StoreError>;
-    /// Up to `max` queued messages, oldest first. Doesn't remove them.
+    /// Up to `max` queued messages in acceptance order (`ord`, then `seq`). Doesn't
+    /// remove them.
     async fn offline_fetch(
         &self,
         user: &str,
         max: usize,
     ) -> Result<Vec<OfflineMessage>, StoreError>;
-    /// Removes the user's messages with seq ≤ `up_to_seq` (after delivery); returns how many.
-    async fn offline_delete(&self, user: &str, up_to_seq: u64) -> Result<u64, StoreError>;
+    /// Removes the user's messages with these seqs (after delivery); returns how many.
+    /// By seq, not by range: a message requeued with an early `ord` can sit between
+    /// delivered ones in the order and must stay.
+    async fn offline_delete(&self, user: &str, seqs: &[u64]) -> Result<u64, StoreError>;
     async fn offline_count(&self, user: &str) -> Result<u64, StoreError>;
 
     // ---- PEP (XEP-0163/0223): pubsub nodes owned by an account

@@ -1135,8 +1135,11 @@ impl Store for SqliteStore {
         stanza: &str,
         archive_id: Option<&str>,
         limit: usize,
+        ord: i64,
     ) -> Result<u64, StoreError> {
-        self.batch.offline(user, stanza, archive_id, limit).await
+        self.batch
+            .offline(user, stanza, archive_id, limit, ord)
+            .await
     }
 
     async fn offline_fetch(
@@ -1144,35 +1147,48 @@ impl Store for SqliteStore {
         user: &str,
         max: usize,
     ) -> Result<Vec<OfflineMessage>, StoreError> {
-        let rows: Vec<(i64, String, Option<String>, i64)> = sqlx::query_as(
-            "SELECT seq, stanza, archive_id, ts FROM offline_messages \
-             WHERE username = $1 ORDER BY seq LIMIT $2",
+        let rows: Vec<(i64, String, Option<String>, i64, i64)> = sqlx::query_as(
+            "SELECT seq, stanza, archive_id, ts, ord FROM offline_messages \
+             WHERE username = $1 ORDER BY ord, seq LIMIT $2",
         )
         .bind(user)
         .bind(limit_of(max))
         .fetch_all(self.read_pool())
         .await?;
         rows.into_iter()
-            .map(|(seq, stanza, archive_id, ts_micros)| {
+            .map(|(seq, stanza, archive_id, ts_micros, ord)| {
                 Ok(OfflineMessage {
                     seq: to_u64(seq, "offline seq")?,
                     stanza,
                     archive_id,
                     ts_micros,
+                    ord,
                 })
             })
             .collect()
     }
 
-    async fn offline_delete(&self, user: &str, up_to_seq: u64) -> Result<u64, StoreError> {
-        Ok(
-            sqlx::query("DELETE FROM offline_messages WHERE username = $1 AND seq <= $2")
-                .bind(user)
-                .bind(i64::try_from(up_to_seq).unwrap_or(i64::MAX))
-                .execute(&self.writer)
-                .await?
-                .rows_affected(),
+    async fn offline_delete(&self, user: &str, seqs: &[u64]) -> Result<u64, StoreError> {
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        // One statement for the whole list: the seqs travel as one JSON array.
+        let list = format!(
+            "[{}]",
+            seqs.iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        Ok(sqlx::query(
+            "DELETE FROM offline_messages WHERE username = $1 \
+             AND seq IN (SELECT value FROM json_each($2))",
         )
+        .bind(user)
+        .bind(list)
+        .execute(&self.writer)
+        .await?
+        .rows_affected())
     }
 
     async fn offline_count(&self, user: &str) -> Result<u64, StoreError> {
@@ -1813,7 +1829,7 @@ mod tests {
                         store.archive_append(&[msg("u@x.org", n)]).await.map(|_| ())
                     } else {
                         store
-                            .offline_push("u@x.org", "<message/>", None, 1000)
+                            .offline_push("u@x.org", "<message/>", None, 1000, 1)
                             .await
                             .map(|_| ())
                     }
@@ -1836,7 +1852,7 @@ mod tests {
         }
         let r = store.archive_append(&[msg("u@x.org", 0)]).await;
         assert!(matches!(r, Err(StoreError::Backend(_))), "{r:?}");
-        let r = store.offline_push("u@x.org", "<m/>", None, 10).await;
+        let r = store.offline_push("u@x.org", "<m/>", None, 10, 1).await;
         assert!(matches!(r, Err(StoreError::Backend(_))), "{r:?}");
 
         let store = SqliteStore::open(&path, false).await.unwrap();
@@ -1880,18 +1896,21 @@ mod tests {
         };
         for n in 0..7 {
             let r = store
-                .offline_push("a@x.org", &format!("<m>{n}</m>"), None, 5)
+                .offline_push("a@x.org", &format!("<m>{n}</m>"), None, 5, 1)
                 .await;
             assert_eq!(r.is_err(), n >= 5, "push {n}: {r:?}");
         }
         store
-            .offline_push("b@x.org", "<m/>", None, 5)
+            .offline_push("b@x.org", "<m/>", None, 5, 1)
             .await
             .unwrap();
         check(&store).await;
         assert_eq!(store.offline_count("a@x.org").await.unwrap(), 5);
         let first = store.offline_fetch("a@x.org", 2).await.unwrap();
-        store.offline_delete("a@x.org", first[1].seq).await.unwrap();
+        store
+            .offline_delete("a@x.org", &[first[0].seq, first[1].seq])
+            .await
+            .unwrap();
         assert_eq!(store.offline_count("a@x.org").await.unwrap(), 3);
         store.delete_account("b@x.org").await.unwrap();
         check(&store).await;
@@ -1917,7 +1936,7 @@ mod tests {
                 )
                 .await
                 .unwrap();
-            store.offline_push(u, "<m/>", None, 10).await.unwrap();
+            store.offline_push(u, "<m/>", None, 10, 1).await.unwrap();
             let cfg = PepNodeConfig {
                 access_model: "open".into(),
                 max_items: 10,
@@ -1963,7 +1982,7 @@ mod tests {
             .await
             .unwrap();
         let q1 = store
-            .offline_push("u@x.org", "<one/>", Some(&first[0]), 10)
+            .offline_push("u@x.org", "<one/>", Some(&first[0]), 10, 1)
             .await
             .unwrap();
         // Simulate a clock that stepped back across the restart: push the stored
@@ -1972,7 +1991,7 @@ mod tests {
             .execute(&store.writer)
             .await
             .unwrap();
-        store.offline_delete("u@x.org", q1).await.unwrap();
+        store.offline_delete("u@x.org", &[q1]).await.unwrap();
         store.close().await;
 
         let store = SqliteStore::open(&path, false).await.unwrap();
@@ -1994,7 +2013,7 @@ mod tests {
         );
         assert!(all[1].ts_micros <= all[2].ts_micros, "timestamp went back");
         let q2 = store
-            .offline_push("u@x.org", "<two/>", None, 10)
+            .offline_push("u@x.org", "<two/>", None, 10, 1)
             .await
             .unwrap();
         assert!(q2 > q1, "queue seq reused after restart");

@@ -72,7 +72,7 @@ async fn empty_store(store: &dyn Store) {
     assert_eq!(store.mam_prefs(NOBODY).await.unwrap(), MamPrefs::default());
     assert_eq!(store.offline_count(NOBODY).await.unwrap(), 0);
     assert!(store.offline_fetch(NOBODY, 10).await.unwrap().is_empty());
-    assert_eq!(store.offline_delete(NOBODY, u64::MAX).await.unwrap(), 0);
+    assert_eq!(store.offline_delete(NOBODY, &[1, 2]).await.unwrap(), 0);
     assert_eq!(store.pep_node(NOBODY, "n").await.unwrap(), None);
     assert!(store.pep_nodes(NOBODY).await.unwrap().is_empty());
     assert!(store
@@ -1020,6 +1020,7 @@ async fn offline(store: &dyn Store) {
                 &format!("<message><body>o{i}</body></message>"),
                 archive_id.as_deref(),
                 5,
+                100 + i,
             )
             .await
             .unwrap();
@@ -1027,10 +1028,10 @@ async fn offline(store: &dyn Store) {
     }
     let after = now_micros();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
-    let full = store.offline_push(BOB, "<message/>", None, 5).await;
+    let full = store.offline_push(BOB, "<message/>", None, 5, 1).await;
     assert!(matches!(full, Err(StoreError::QuotaExceeded)), "{full:?}");
     // A larger limit admits more; limit 0 admits nothing.
-    let zero = store.offline_push(CAROL, "<message/>", None, 0).await;
+    let zero = store.offline_push(CAROL, "<message/>", None, 0, 1).await;
     assert!(matches!(zero, Err(StoreError::QuotaExceeded)), "{zero:?}");
     assert_eq!(store.offline_count(BOB).await.unwrap(), 5);
     assert_eq!(store.offline_count(CAROL).await.unwrap(), 0);
@@ -1039,6 +1040,7 @@ async fn offline(store: &dyn Store) {
     assert_eq!(all.len(), 5);
     for (i, m) in all.iter().enumerate() {
         assert_eq!(m.seq, seqs[i]);
+        assert_eq!(m.ord, 100 + i as i64);
         assert_eq!(m.stanza, format!("<message><body>o{i}</body></message>"));
         assert_eq!(m.archive_id, (i % 2 == 0).then(|| format!("arch{i}")));
         assert!((before..=after).contains(&m.ts_micros), "{m:?}");
@@ -1049,31 +1051,59 @@ async fn offline(store: &dyn Store) {
     // Fetching doesn't remove.
     assert_eq!(store.offline_count(BOB).await.unwrap(), 5);
 
-    // Delivered up to the second: those two go.
-    assert_eq!(store.offline_delete(BOB, seqs[1]).await.unwrap(), 2);
-    assert_eq!(store.offline_delete(BOB, seqs[1]).await.unwrap(), 0);
+    // Delivered: the first two go, by seq.
+    assert_eq!(store.offline_delete(BOB, &seqs[..2]).await.unwrap(), 2);
+    assert_eq!(store.offline_delete(BOB, &seqs[..2]).await.unwrap(), 0);
+    assert_eq!(store.offline_delete(BOB, &[]).await.unwrap(), 0);
     assert_eq!(store.offline_fetch(BOB, 100).await.unwrap(), all[2..]);
-    // Per user: deleting Carol's queue leaves Bob's.
-    assert_eq!(store.offline_delete(CAROL, u64::MAX).await.unwrap(), 0);
+    // Per user: Carol's seqs don't touch Bob's queue.
+    assert_eq!(store.offline_delete(CAROL, &seqs).await.unwrap(), 0);
     assert_eq!(store.offline_count(BOB).await.unwrap(), 3);
 
-    // Room again; new messages queue behind the old ones with fresh seqs.
-    let s = store.offline_push(BOB, "<late/>", None, 5).await.unwrap();
-    assert!(s > seqs[4]);
-    assert_eq!(store.offline_delete(BOB, u64::MAX).await.unwrap(), 4);
-    // Seqs are never reused, even after the queue was emptied.
-    let s2 = store.offline_push(BOB, "<later/>", None, 5).await.unwrap();
-    assert!(s2 > s);
-    assert_eq!(store.offline_delete(BOB, s).await.unwrap(), 0);
+    // Requeued (issue 9): a message accepted before the queued ones, pushed again
+    // after them, is read first; seqs still grow and are never reused.
+    let early = store
+        .offline_push(BOB, "<early/>", None, 5, 50)
+        .await
+        .unwrap();
+    assert!(early > seqs[4]);
+    let queue_order = || async {
+        store
+            .offline_fetch(BOB, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.seq)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(queue_order().await, [early, seqs[2], seqs[3], seqs[4]]);
+    // Deleting the first two in that order leaves exactly the others, though one
+    // left has a lower seq than one deleted.
+    assert_eq!(
+        store.offline_delete(BOB, &[early, seqs[2]]).await.unwrap(),
+        2
+    );
+    let left = queue_order().await;
+    assert_eq!(left, [seqs[3], seqs[4]]);
+    assert_eq!(store.offline_delete(BOB, &left).await.unwrap(), 2);
+    let s2 = store
+        .offline_push(BOB, "<later/>", None, 5, 1)
+        .await
+        .unwrap();
+    assert!(s2 > early);
     assert_eq!(store.offline_count(BOB).await.unwrap(), 1);
-    assert_eq!(store.offline_delete(BOB, s2).await.unwrap(), 1);
+    assert_eq!(store.offline_delete(BOB, &[s2]).await.unwrap(), 1);
 
     // Concurrent pushes (likely one group commit) respect the quota exactly, and failures
     // don't affect the others.
     let pushes: Vec<_> = (0..10)
         .map(|i| {
             let user = if i == 4 { NOBODY } else { CAROL };
-            async move { store.offline_push(user, &format!("<c{i}/>"), None, 3).await }
+            async move {
+                store
+                    .offline_push(user, &format!("<c{i}/>"), None, 3, i)
+                    .await
+            }
         })
         .collect();
     let results = join_all(pushes).await;
@@ -1097,9 +1127,9 @@ async fn offline(store: &dyn Store) {
     );
     let queued = store.offline_fetch(CAROL, 10).await.unwrap();
     assert_eq!(queued.iter().map(|m| m.seq).collect::<Vec<_>>(), ok);
-    assert_eq!(store.offline_delete(CAROL, u64::MAX).await.unwrap(), 3);
+    assert_eq!(store.offline_delete(CAROL, &ok).await.unwrap(), 3);
 
-    let r = store.offline_push(NOBODY, "<message/>", None, 10).await;
+    let r = store.offline_push(NOBODY, "<message/>", None, 10, 1).await;
     assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
     assert_eq!(store.offline_count(NOBODY).await.unwrap(), 0);
 }
@@ -1382,7 +1412,7 @@ async fn populate_alice(store: &dyn Store) {
         .await
         .unwrap();
     store
-        .offline_push(ALICE, "<message/>", Some("x"), 10)
+        .offline_push(ALICE, "<message/>", Some("x"), 10, 1)
         .await
         .unwrap();
     store

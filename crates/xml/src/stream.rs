@@ -4,7 +4,7 @@
 use rxml::error::EndOrError;
 use rxml::{AttrMap, Event, Namespace, Options, Parse, Parser, RawEvent, WithOptions};
 
-use crate::{Element, NS_STREAM, NS_XML};
+use crate::{Element, Node, NS_STREAM, NS_XML};
 
 /// Upper bound for rxml's `max_token_length`. rxml reserves a scratch buffer
 /// of this size while a stanza is being lexed, so it is kept well below the
@@ -22,6 +22,11 @@ pub struct Limits {
     /// Maximum number of attributes on one element (namespace declarations
     /// not counted).
     pub max_attrs: usize,
+    /// Maximum number of elements in one stanza, the stanza itself
+    /// included (text runs count as elements too). A parsed element costs
+    /// far more than its wire size; this bounds what one stanza can make
+    /// the server allocate, whatever its byte size.
+    pub max_elements: usize,
 }
 
 impl Default for Limits {
@@ -30,6 +35,7 @@ impl Default for Limits {
             max_stanza_bytes: 256 * 1024,
             max_depth: 32,
             max_attrs: 64,
+            max_elements: 5_000,
         }
     }
 }
@@ -130,6 +136,8 @@ fn is_xml_whitespace(s: &str) -> bool {
 struct TreeBuilder {
     /// Open elements; index 0 is the top-level element being built.
     stack: Vec<Element>,
+    /// Elements and text runs of the stanza being built.
+    nodes: usize,
 }
 
 impl TreeBuilder {
@@ -152,6 +160,7 @@ impl TreeBuilder {
                 limits.max_attrs
             )));
         }
+        self.count(limits)?;
         self.stack.push(Element {
             name: name.into(),
             ns: ns.into(),
@@ -173,10 +182,33 @@ impl TreeBuilder {
         }
     }
 
-    fn text(&mut self, text: String) {
+    fn count(&mut self, limits: &Limits) -> Result<(), XmlError> {
+        if self.stack.is_empty() {
+            self.nodes = 0;
+        }
+        self.nodes += 1;
+        if self.nodes > limits.max_elements {
+            return Err(XmlError::PolicyViolation(format!(
+                "stanza with more than {} elements",
+                limits.max_elements
+            )));
+        }
+        Ok(())
+    }
+
+    fn text(&mut self, text: String, limits: &Limits) -> Result<(), XmlError> {
+        let Some(top) = self.stack.last_mut() else {
+            return Ok(());
+        };
+        // A run read in several pieces is one text node.
+        let new_node = !text.is_empty() && !matches!(top.children.last(), Some(Node::Text(_)));
+        if new_node {
+            self.count(limits)?;
+        }
         if let Some(top) = self.stack.last_mut() {
             top.append_text(text);
         }
+        Ok(())
     }
 
     fn is_empty(&self) -> bool {
@@ -496,7 +528,7 @@ impl StreamParser {
                 } else {
                     self.stanza_bytes += len;
                     self.check_size()?;
-                    tree.text(text);
+                    tree.text(text, &self.limits)?;
                 }
             }
         }
@@ -531,7 +563,7 @@ pub fn parse_frame(data: &[u8], limits: &Limits) -> Result<Element, XmlError> {
                         root = Some(el);
                     }
                 }
-                Event::Text(_, text) => tree.text(text),
+                Event::Text(_, text) => tree.text(text, limits)?,
             },
             Err(EndOrError::NeedMoreData) => {
                 return Err(XmlError::NotWellFormed("incomplete frame".into()))
@@ -967,6 +999,35 @@ mod tests {
             p.feed(m.as_bytes()).unwrap_err().condition(),
             "policy-violation"
         );
+    }
+
+    #[test]
+    fn element_heavy_stanza_is_policy_violation() {
+        // The memory-amplification stanza (issue 9): tens of thousands of
+        // empty elements in a stanza well under the byte limit.
+        let limits = Limits {
+            max_elements: 100,
+            ..Limits::default()
+        };
+        let heavy = format!("<message>{}</message>", "<a/>".repeat(100));
+        let mut p = open(limits);
+        assert_eq!(
+            p.feed(heavy.as_bytes()).unwrap_err().condition(),
+            "policy-violation"
+        );
+        assert!(parse_frame(heavy.as_bytes(), &limits).is_err());
+        // At the limit (99 children + the stanza) it parses, and the count
+        // starts again with the next stanza; a text run fed in pieces is one.
+        let ok = format!("<message>{}</message>", "<a/>".repeat(99));
+        let mut p = open(limits);
+        assert_eq!(stanzas(p.feed(ok.as_bytes()).unwrap()).len(), 1);
+        assert_eq!(stanzas(p.feed(ok.as_bytes()).unwrap()).len(), 1);
+        let mut p = open(limits);
+        p.feed(b"<message><body>").unwrap();
+        for _ in 0..200 {
+            p.feed(b"text ").unwrap();
+        }
+        assert_eq!(stanzas(p.feed(b"</body></message>").unwrap()).len(), 1);
     }
 
     fn nested(levels: usize) -> String {

@@ -49,6 +49,7 @@ enum Request {
         stanza: String,
         archive_id: Option<String>,
         limit: i64,
+        ord: i64,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
     /// Finish what was queued before, then stop.
@@ -102,6 +103,7 @@ impl BatchWriter {
         stanza: &str,
         archive_id: Option<&str>,
         limit: usize,
+        ord: i64,
     ) -> Result<u64, StoreError> {
         let (reply, answer) = oneshot::channel();
         let req = Request::Offline {
@@ -109,6 +111,7 @@ impl BatchWriter {
             stanza: stanza.to_owned(),
             archive_id: archive_id.map(str::to_owned),
             limit: i64::try_from(limit).unwrap_or(i64::MAX),
+            ord,
             reply,
         };
         self.tx.send(req).await.map_err(|_| closed())?;
@@ -400,14 +403,15 @@ async fn apply(tx: &mut Tx, req: &Request, ts: i64) -> Result<Done, Fail> {
             stanza,
             archive_id,
             limit,
+            ord,
             ..
         } => {
             // The quota check is part of the insert, so it sees the requests earlier in
             // the same batch. The queue length is kept by triggers (migration 0003); an
             // unknown account reads as 0 so the insert fails on its foreign key.
             let seq: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO offline_messages (username, stanza, archive_id, ts) \
-                 SELECT $1, $2, $3, $4 \
+                "INSERT INTO offline_messages (username, stanza, archive_id, ts, ord) \
+                 SELECT $1, $2, $3, $4, $6 \
                  WHERE COALESCE((SELECT offline_queued FROM accounts \
                                  WHERE username = $1), 0) < $5 \
                  RETURNING seq",
@@ -417,6 +421,7 @@ async fn apply(tx: &mut Tx, req: &Request, ts: i64) -> Result<Done, Fail> {
             .bind(archive_id)
             .bind(now_micros())
             .bind(*limit)
+            .bind(*ord)
             .fetch_optional(&mut **tx)
             .await?;
             let seq = seq.ok_or(Fail::Quota)?;
