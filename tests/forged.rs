@@ -68,9 +68,9 @@ async fn assert_refused(srv: &TestServer, payload: &str, ns: &str) {
     assert!(rest.iter().all(|e| e.name != "message"), "{rest:?}");
     // Nothing of it was archived for the recipient either.
     let page = b
-        .iq(xml(&format!(
-            "<iq type='set'><query xmlns='urn:xmpp:mam:2' queryid='q'/></iq>"
-        )))
+        .iq(xml(
+            "<iq type='set'><query xmlns='urn:xmpp:mam:2' queryid='q'/></iq>",
+        ))
         .await;
     assert_eq!(page.attr("type"), Some("result"), "{page}");
     let archived: Vec<_> = b.take_buffered();
