@@ -252,33 +252,108 @@ pub async fn call(
 
 /// Print `natter admin sessions` as a table.
 pub fn print_sessions(v: &Value) {
+    print!("{}", format_sessions(v));
+}
+
+/// The sessions as a table whose columns fit their longest value (JIDs
+/// are up to 3071 bytes; a fixed width misaligns every row after a long one).
+pub fn format_sessions(v: &Value) -> String {
     let list = v["sessions"].as_array().cloned().unwrap_or_default();
     if list.is_empty() {
-        println!("no sessions");
-        return;
+        return "no sessions\n".into();
     }
-    println!(
-        "{:<48} {:<9} {:<9} {:>6} {:>8}  connected since",
-        "jid", "transport", "available", "queued", "priority"
-    );
-    for s in list {
+    let header = [
+        "jid",
+        "transport",
+        "available",
+        "queued",
+        "priority",
+        "connected since",
+    ];
+    let mut rows = vec![header.map(String::from)];
+    for s in &list {
         let since = s["since"]
             .as_u64()
             .and_then(|t| chrono::DateTime::from_timestamp(t as i64, 0))
             .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
             .unwrap_or_default();
-        println!(
-            "{:<48} {:<9} {:<9} {:>6} {:>8}  {}",
-            s["jid"].as_str().unwrap_or(""),
-            s["transport"].as_str().unwrap_or("?"),
+        // Numbers as plain text: serde_json's Display ignores width and
+        // alignment, which is what misaligned these columns.
+        let number = |v: &Value| v.as_i64().map(|n| n.to_string()).unwrap_or_default();
+        rows.push([
+            s["jid"].as_str().unwrap_or("").to_string(),
+            s["transport"].as_str().unwrap_or("?").to_string(),
             if s["available"].as_bool() == Some(true) {
                 "yes"
             } else {
                 "no"
-            },
-            s["queued"],
-            s["priority"],
-            since
+            }
+            .to_string(),
+            number(&s["queued"]),
+            number(&s["priority"]),
+            since,
+        ]);
+    }
+    let mut widths = [0usize; 6];
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let (jid, transport, available, queued, priority, since) =
+            (&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]);
+        let [w0, w1, w2, w3, w4, _] = widths;
+        out.push_str(
+            format!("{jid:<w0$}  {transport:<w1$}  {available:<w2$}  {queued:>w3$}  {priority:>w4$}  {since}")
+                .trim_end(),
+        );
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_sessions;
+
+    #[test]
+    fn admin_sessions_columns_line_up_with_long_jids_and_numbers() {
+        let long = format!("{}@localhost/{}", "a".repeat(40), "phone".repeat(6));
+        let v = serde_json::json!({"sessions": [
+            {"jid": "bob@localhost/r", "transport": "tcp", "available": true,
+             "queued": 0, "priority": 5, "since": 1_700_000_000u64},
+            {"jid": long, "transport": "websocket", "available": false,
+             "queued": 12345, "priority": -1, "since": 1_700_000_000u64},
+        ]});
+        let out = format_sessions(&v);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        // Every column starts (text columns) or ends (numbers) at the same
+        // offset on every line.
+        let at = |l: &str, word: &str| l.find(word).unwrap_or_else(|| panic!("{word} in {l}"));
+        assert_eq!(at(lines[1], "tcp"), at(lines[0], "transport"), "{out}");
+        assert_eq!(
+            at(lines[2], "websocket"),
+            at(lines[0], "transport"),
+            "{out}"
+        );
+        assert_eq!(at(lines[1], "yes"), at(lines[0], "available"), "{out}");
+        assert_eq!(at(lines[2], "no "), at(lines[0], "available"), "{out}");
+        let end = |l: &str, word: &str| at(l, word) + word.len();
+        assert_eq!(end(lines[2], "12345"), end(lines[0], "queued"), "{out}");
+        assert_eq!(end(lines[1], " 0 "), end(lines[0], "queued") + 1, "{out}");
+        assert_eq!(end(lines[2], "-1"), end(lines[0], "priority"), "{out}");
+        assert_eq!(
+            at(lines[1], "2023-"),
+            at(lines[0], "connected since"),
+            "{out}"
+        );
+        assert_eq!(
+            at(lines[2], "2023-"),
+            at(lines[0], "connected since"),
+            "{out}"
         );
     }
 }

@@ -5,6 +5,8 @@
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+mod errors;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -269,15 +271,23 @@ impl Config {
             None => String::new(),
         };
         let env: Vec<(String, String)> = std::env::vars().collect();
-        Self::from_parts(&text, &env).map_err(|e| match path {
-            Some(p) => anyhow::anyhow!("config file {}: {e}", p.display()),
-            None => e,
-        })
+        let file = path.map_or("config file".into(), |p| {
+            format!("config file {}", p.display())
+        });
+        Self::from_source(&file, &text, &env)
     }
 
     /// Parse TOML text and overlay `NATTER_*` variables from `env`.
     pub fn from_parts(text: &str, env: &[(String, String)]) -> anyhow::Result<Config> {
-        let mut root: toml::Table = toml::from_str(text)?;
+        Self::from_source("config file", text, env)
+    }
+
+    /// `from_parts`, with errors naming the key and where its value came
+    /// from: `file` (and the line) or the environment variable.
+    fn from_source(file: &str, text: &str, env: &[(String, String)]) -> anyhow::Result<Config> {
+        let mut root: toml::Table =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+        let mut from_env = Vec::new();
         for (name, value) in env {
             let Some(rest) = name.strip_prefix("NATTER_") else {
                 continue;
@@ -301,11 +311,13 @@ impl Config {
                     .ok_or_else(|| anyhow::anyhow!("[{s}] must be a table"))?,
                 None => &mut root,
             };
+            let dotted = section.map_or(key.clone(), |s| format!("{s}.{key}"));
+            from_env.push((name.as_str(), value.as_str(), dotted));
             table.insert(key, v);
         }
         let cfg: Config = toml::Value::Table(root)
             .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}", e.message()))?;
+            .map_err(|e| errors::explain(file, text, &from_env, e))?;
         cfg.validate()?;
         Ok(cfg)
     }

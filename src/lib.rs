@@ -55,6 +55,25 @@ pub struct Bound {
     pub http: Option<SocketAddr>,
 }
 
+/// The start-up line's list: "c2s (STARTTLS) on 127.0.0.1:5222, …".
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let listeners = [
+            ("c2s (STARTTLS)", self.c2s),
+            ("c2s direct TLS", self.c2s_tls),
+            ("HTTP/WebSocket", self.http),
+        ];
+        let on: Vec<String> = listeners
+            .iter()
+            .filter_map(|(name, a)| a.map(|a| format!("{name} on {a}")))
+            .collect();
+        if on.is_empty() {
+            return f.write_str("no listeners");
+        }
+        f.write_str(&on.join(", "))
+    }
+}
+
 /// A started server. Drop does not stop it: call `shutdown`.
 pub struct Running {
     pub bound: Bound,
@@ -137,7 +156,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         bound.http = l.local_addr().ok();
         tasks.spawn(net::http::serve(l, state.clone()));
     }
-    tracing::info!(?bound, domains = ?state.config.domains, "natter started");
+    tracing::info!(
+        "natter started for {}: {bound}",
+        state.config.domains.join(", ")
+    );
+    if bound.http.is_some() {
+        let root = &state.config.http.web_root;
+        if !net::http::assets_installed(root) {
+            tracing::warn!(
+                "web chat page assets missing ({} not found): run `cd {} && npm ci` \
+                 (http.web_root) to serve the chat page at /",
+                net::http::converse_dist(root).display(),
+                root.display()
+            );
+        }
+    }
     Ok(Running {
         bound,
         state,

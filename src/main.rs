@@ -11,6 +11,8 @@ use std::path::PathBuf;
 #[command(
     name = "natter",
     version,
+    // `natter --help` shows every subcommand, `user add` … `admin stats` too.
+    flatten_help = true,
     about = "natter: a WhatsApp-class XMPP messaging server",
     long_about = "natter: a WhatsApp-class XMPP messaging server.\n\n\
         With no configuration it serves the domain `localhost` on this machine: \
@@ -32,18 +34,24 @@ enum Command {
     /// Run the server until SIGINT/SIGTERM.
     Serve,
     /// Manage accounts.
-    #[command(subcommand)]
+    #[command(subcommand, flatten_help = true)]
     User(UserCommand),
     /// Operate the running server over its admin endpoint (loopback only;
     /// needs read access to data_dir/admin.token).
-    #[command(subcommand)]
+    #[command(subcommand, flatten_help = true)]
     Admin(AdminCommand),
     /// Write the whole store to FILE as a XEP-0227 export (works while the
     /// server runs). The file holds SCRAM keys and messages: it is created 0600.
-    Backup { file: PathBuf },
+    Backup {
+        /// Export file to create.
+        file: PathBuf,
+    },
     /// Load a XEP-0227 export into the store. Every account in it must be
     /// new: restore into a fresh data directory, then start the server.
-    Restore { file: PathBuf },
+    Restore {
+        /// XEP-0227 export written by `natter backup` (or another server).
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -51,7 +59,10 @@ enum AdminCommand {
     /// List connected sessions.
     Sessions,
     /// Disconnect a bare JID (all its devices) or a full JID (one device).
-    Kick { jid: String },
+    Kick {
+        /// alice@example.org or alice@example.org/phone.
+        jid: String,
+    },
     /// Server statistics: uptime, accounts, sessions, stanza counts.
     Stats,
 }
@@ -60,18 +71,28 @@ enum AdminCommand {
 enum UserCommand {
     /// Create an account. The password is read from stdin when not given.
     Add {
+        /// The new account, e.g. alice@example.org.
         jid: String,
+        /// Visible to other local users in `ps`: prefer stdin.
         password: Option<String>,
     },
     /// Change an account's password. Read from stdin when not given.
     Passwd {
+        /// The account, e.g. alice@example.org.
         jid: String,
+        /// Visible to other local users in `ps`: prefer stdin.
         password: Option<String>,
     },
     /// Delete an account and everything it owns.
-    Del { jid: String },
+    Del {
+        /// The account, e.g. alice@example.org.
+        jid: String,
+    },
     /// List accounts, optionally of one domain.
-    List { domain: Option<String> },
+    List {
+        /// One of the served domains; all of them when omitted.
+        domain: Option<String>,
+    },
 }
 
 fn password_arg(given: Option<String>) -> anyhow::Result<String> {
@@ -94,19 +115,64 @@ fn password_arg(given: Option<String>) -> anyhow::Result<String> {
 const PAYLOAD_LOGGING_TARGETS: &[&str] =
     &["tungstenite", "tokio_tungstenite", "rustls", "hyper", "h2"];
 
-fn init_logs(config: &Config) {
-    // NATTER_LOG_LEVEL overrides log.level like any other setting.
-    let mut filter = tracing_subscriber::EnvFilter::new(&config.log.level);
-    // Dependencies that log whole frames at trace level (message bodies,
-    // SASL payloads) never go below debug: logs carry no message content or
-    // credentials, whatever the filter says (tests/logs.rs checks this).
-    for quiet in PAYLOAD_LOGGING_TARGETS {
-        if let Ok(d) = format!("{quiet}=debug").parse() {
-            filter = filter.add_directive(d);
+/// Whether a filter directive's target (before any `[span]`) is one of
+/// `PAYLOAD_LOGGING_TARGETS` or inside one.
+fn payload_logging(target: &str) -> bool {
+    let target = target.split('[').next().unwrap_or(target);
+    PAYLOAD_LOGGING_TARGETS
+        .iter()
+        .any(|q| target == *q || target.strip_prefix(q).is_some_and(|r| r.starts_with("::")))
+}
+
+/// The tracing filter for `log.level`. Dependencies that log whole frames
+/// at trace level (message bodies, SASL payloads) are capped: never above
+/// debug (logs carry no message content or credentials, whatever the
+/// filter says; tests/logs.rs) and never above the configured level, so
+/// `info` does not turn on their debug chatter.
+fn log_filter(level: &str) -> String {
+    use tracing_subscriber::filter::LevelFilter;
+    let cap = |l: LevelFilter| l.min(LevelFilter::DEBUG);
+    // EnvFilter's level for targets no directive names.
+    let mut default = LevelFilter::ERROR;
+    let mut named = Vec::new();
+    let mut out = Vec::new();
+    for d in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let (target, l) = match d.rsplit_once('=') {
+            Some((t, l)) => (t, l.parse::<LevelFilter>().ok()),
+            None => match d.parse::<LevelFilter>() {
+                Ok(l) => {
+                    default = l;
+                    out.push(d.to_string());
+                    continue;
+                }
+                // A bare target means everything it logs.
+                Err(_) => (d, Some(LevelFilter::TRACE)),
+            },
+        };
+        match l {
+            Some(l) if payload_logging(target) => {
+                named.push(target.split('[').next().unwrap_or(target).to_string());
+                out.push(format!("{target}={}", cap(l)));
+            }
+            _ => out.push(d.to_string()),
         }
     }
+    for q in PAYLOAD_LOGGING_TARGETS {
+        if !named.iter().any(|n| n == q) {
+            out.push(format!("{q}={}", cap(default)));
+        }
+    }
+    out.join(",")
+}
+
+fn init_logs(config: &Config) {
+    use std::io::IsTerminal;
+    // NATTER_LOG_LEVEL overrides log.level like any other setting.
+    let filter = tracing_subscriber::EnvFilter::new(log_filter(&config.log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only for a person watching, not in files or journals.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if config.log.format == "json" {
         builder.json().init();
@@ -181,6 +247,22 @@ async fn restore(config: Config, file: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `d` normalized (case, trailing dot), if this server serves it: an
+/// empty listing must mean "no accounts", not "wrong domain".
+fn served_domain(config: &Config, d: &str) -> anyhow::Result<String> {
+    let normalized = natter::c2s::strip::parse_jid(d)
+        .filter(|j| j.node().is_none() && j.resource().is_none())
+        .map(|j| j.domain().to_string())
+        .ok_or_else(|| anyhow::anyhow!("{d:?} is not a domain name"))?;
+    if !config.serves(&normalized) {
+        anyhow::bail!(
+            "domain {d} is not served here (domains: {})",
+            config.domains.join(", ")
+        );
+    }
+    Ok(normalized)
+}
+
 async fn user(config: Config, cmd: UserCommand) -> anyhow::Result<()> {
     use natter::accounts;
     let store = natter::open_store(&config).await?;
@@ -207,6 +289,7 @@ async fn user(config: Config, cmd: UserCommand) -> anyhow::Result<()> {
             Ok(())
         }
         UserCommand::List { domain } => {
+            let domain = domain.map(|d| served_domain(&config, &d)).transpose()?;
             for u in store.list_accounts(domain.as_deref()).await? {
                 println!("{u}");
             }
@@ -246,5 +329,33 @@ fn main() -> std::process::ExitCode {
             eprintln!("natter: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn payload_logging_crates_are_capped_at_the_level_and_at_debug() {
+        assert_eq!(
+            log_filter("info"),
+            "info,tungstenite=info,tokio_tungstenite=info,rustls=info,hyper=info,h2=info"
+        );
+        assert_eq!(
+            log_filter("trace"),
+            "trace,tungstenite=debug,tokio_tungstenite=debug,rustls=debug,hyper=debug,h2=debug"
+        );
+        // Named explicitly, or a module inside: still capped at debug.
+        assert_eq!(
+            log_filter("warn,natter=trace,hyper=trace,rustls::conn=trace,h2"),
+            "warn,natter=trace,hyper=debug,rustls::conn=debug,h2=debug,\
+             tungstenite=warn,tokio_tungstenite=warn,rustls=warn"
+        );
+        // No bare level: EnvFilter's default (error) applies to them too.
+        assert_eq!(
+            log_filter("natter=debug"),
+            "natter=debug,tungstenite=error,tokio_tungstenite=error,rustls=error,hyper=error,h2=error"
+        );
     }
 }

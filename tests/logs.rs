@@ -32,10 +32,79 @@ fn command(dir: &std::path::Path) -> Command {
     c
 }
 
-fn addr_after(log: &str, key: &str) -> Option<SocketAddr> {
-    let i = log.find(&format!("{key}: Some("))? + key.len() + 7;
-    let end = log[i..].find(')')? + i;
+/// The address the start-up line gives for listener `name` ("… on ADDR").
+fn addr_after(log: &str, name: &str) -> Option<SocketAddr> {
+    let i = log.find(&format!("{name} on "))? + name.len() + 4;
+    let end = log[i..]
+        .find(|c: char| !(c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']')))
+        .map_or(log.len(), |e| e + i);
     log[i..end].parse().ok()
+}
+
+/// `natter serve` run by `cmd`, its stderr collected.
+struct Serve {
+    child: std::process::Child,
+    log: Arc<Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+    tls: SocketAddr,
+    http: SocketAddr,
+}
+
+impl Serve {
+    /// Start and wait for the start-up line.
+    fn start(mut cmd: Command) -> Serve {
+        let mut child = cmd
+            .arg("serve")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let started = Instant::now();
+        let (tls, http) = loop {
+            let l = log.lock().unwrap().clone();
+            if let (Some(t), Some(h)) = (
+                addr_after(&l, "c2s direct TLS"),
+                addr_after(&l, "HTTP/WebSocket"),
+            ) {
+                break (t, h);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no start:\n{l}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Serve {
+            child,
+            log,
+            reader,
+            tls,
+            http,
+        }
+    }
+
+    /// Stop the server; everything it logged.
+    fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = self.reader.join();
+        let log = self.log.lock().unwrap().clone();
+        log
+    }
 }
 
 #[tokio::test]
@@ -51,38 +120,8 @@ async fn trace_logs_hold_no_bodies_or_passwords() {
         all_logs.push_str(&String::from_utf8_lossy(&out.stderr));
     }
 
-    let mut child = command(dir.path())
-        .arg("serve")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let mut stderr = child.stderr.take().unwrap();
-    let sink = log.clone();
-    let reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = stderr.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            sink.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    let started = Instant::now();
-    let (tls, http) = loop {
-        let l = log.lock().unwrap().clone();
-        if let (Some(t), Some(h)) = (addr_after(&l, "c2s_tls"), addr_after(&l, "http")) {
-            break (t, h);
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "no start:\n{l}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let srv = Serve::start(command(dir.path()));
+    let (tls, http) = (srv.tls, srv.http);
 
     let alice = format!("alice@{DOMAIN}");
     let bob = format!("bob@{DOMAIN}");
@@ -109,11 +148,7 @@ async fn trace_logs_hold_no_bodies_or_passwords() {
     a.close().await;
     b.close().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = reader.join();
-
-    all_logs.push_str(&log.lock().unwrap());
+    all_logs.push_str(&srv.stop());
     assert!(
         all_logs.contains("authenticated") && all_logs.contains("TRACE"),
         "trace logging did not happen:\n{all_logs}"
@@ -131,4 +166,105 @@ async fn trace_logs_hold_no_bodies_or_passwords() {
         let hit = all_logs.lines().find(|l| l.contains(secret));
         assert!(hit.is_none(), "{secret:?} appears in the logs: {hit:?}");
     }
+}
+
+/// `natter serve` logging as a new user would run it: text at `info`.
+fn info_command(dir: &std::path::Path) -> Command {
+    let mut c = command(dir);
+    c.env("NATTER_LOG_LEVEL", "info")
+        .env("NATTER_LOG_FORMAT", "text")
+        .env("NATTER_HTTP_WEB_ROOT", dir.join("web"));
+    c
+}
+
+/// A TLS login and a WebSocket stream that is closed: what made rustls
+/// and tungstenite log at debug while the filter said `info`.
+async fn connect_and_close(srv: &Serve, dir: &std::path::Path) {
+    let out = command(dir)
+        .args(["user", "add", &format!("carol@{DOMAIN}"), PASSWORD_A])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut a = Client::connect_tls(srv.tls).await;
+    a.login_with(
+        Mechanism::ScramSha256,
+        &format!("carol@{DOMAIN}"),
+        PASSWORD_A,
+        "x",
+    )
+    .await;
+    let mut w = Client::connect_ws(srv.http).await;
+    w.close().await;
+    a.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn info_level_does_not_raise_tls_and_websocket_crates_to_debug() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Serve::start(info_command(dir.path()));
+    connect_and_close(&srv, dir.path()).await;
+    let log = srv.stop();
+    let verbose: Vec<_> = log
+        .lines()
+        .filter(|l| l.contains("DEBUG") || l.contains("TRACE"))
+        .collect();
+    assert!(verbose.is_empty(), "below info at level info: {verbose:#?}");
+    assert!(log.contains("INFO"), "{log}");
+}
+
+#[tokio::test]
+async fn logs_written_to_a_file_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    // stderr is a pipe here, as it is for a file or the journal.
+    let srv = Serve::start(info_command(dir.path()));
+    connect_and_close(&srv, dir.path()).await;
+    let log = srv.stop();
+    assert!(log.contains("INFO"), "{log}");
+    assert!(!log.contains('\x1b'), "ANSI escape codes in: {log:?}");
+}
+
+#[tokio::test]
+async fn start_up_line_lists_the_listeners_not_a_debug_dump() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Serve::start(info_command(dir.path()));
+    let (tls, http) = (srv.tls, srv.http);
+    let log = srv.stop();
+    let line = log
+        .lines()
+        .find(|l| l.contains("natter started"))
+        .expect("a start-up line");
+    assert!(
+        line.ends_with(&format!(
+            "natter started for {DOMAIN}: c2s (STARTTLS) on 127.0.0.1:{}, \
+             c2s direct TLS on {tls}, HTTP/WebSocket on {http}",
+            addr_after(line, "c2s (STARTTLS)").unwrap().port()
+        )),
+        "{line}"
+    );
+    assert!(!line.contains("Some(") && !line.contains("Bound"), "{line}");
+}
+
+#[tokio::test]
+async fn missing_web_assets_are_warned_about_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Serve::start(info_command(dir.path()));
+    let log = srv.stop();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("web chat page assets missing"));
+    let warning = warning.unwrap_or_else(|| panic!("no warning in:\n{log}"));
+    assert!(warning.contains("npm ci"), "{warning}");
+    assert!(
+        warning.contains(&dir.path().join("web").display().to_string()),
+        "names the directory: {warning}"
+    );
+
+    // Installed assets: no warning.
+    let dist = dir.path().join("web/node_modules/converse.js/dist");
+    std::fs::create_dir_all(&dist).unwrap();
+    std::fs::write(dist.join("converse.min.js"), "").unwrap();
+    let log = Serve::start(info_command(dir.path())).stop();
+    assert!(log.contains("natter started"), "{log}");
+    assert!(!log.contains("assets missing"), "{log}");
 }

@@ -10,8 +10,9 @@
 //!
 //! Invariants:
 //! - a stanza from a client always leaves here with `from` = its full JID;
-//! - server-stamped elements (XEP-0359 stanza-id, XEP-0203 delay) that a
-//!   client forged are stripped before anyone sees them;
+//! - server-stamped elements (XEP-0359 stanza-id, XEP-0203 delay, …) that a
+//!   client forged are stripped, and forged carbons/archive results
+//!   refused, before anyone sees them (`strip.rs`);
 //! - one bad stanza gets a stanza error; only stream-level faults end the
 //!   session, and they end only this session;
 //! - SM `h` counts client stanzas whose dispatch returned; a stanza queued
@@ -19,6 +20,7 @@
 //!   `modules::offline::requeue` when the session ends — never dropped.
 
 pub mod sm;
+pub mod strip;
 pub mod throttle;
 pub mod transport;
 
@@ -42,8 +44,6 @@ pub const NS_TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
 pub const NS_SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
 pub const NS_BIND: &str = "urn:ietf:params:xml:ns:xmpp-bind";
 pub const NS_SESSION: &str = "urn:ietf:params:xml:ns:xmpp-session";
-const NS_SID: &str = "urn:xmpp:sid:0";
-const NS_DELAY: &str = "urn:xmpp:delay";
 
 /// SASL failures tolerated on one connection before it is closed.
 const MAX_SASL_FAILURES: u32 = 3;
@@ -1496,14 +1496,15 @@ impl Session {
             let el = run.into_iter().next().expect("one");
             return self.on_stanza(t, h, el).await.map(|_| ());
         }
+        let n = run.len() as u32;
         let mut msgs = Vec::with_capacity(run.len());
         for mut el in run {
             el.set_attr("from", h.jid.to_string());
             self.state.metrics.stanza_in(&el.name);
-            self.strip_server_elements(&mut el);
-            msgs.push(el);
+            if strip::admit(&self.state, h, &mut el) {
+                msgs.push(el);
+            }
         }
-        let n = msgs.len() as u32;
         let cx = Cx {
             state: &self.state,
             session: h,
@@ -1539,7 +1540,9 @@ impl Session {
         }
         el.set_attr("from", h.jid.to_string());
         self.state.metrics.stanza_in(&el.name);
-        self.strip_server_elements(&mut el);
+        if !strip::admit(&self.state, h, &mut el) {
+            return Ok(Step::Continue);
+        }
         if el.name == "iq" {
             // Our own ping answered.
             if matches!(el.attr("type"), Some("result") | Some("error"))
@@ -1570,18 +1573,6 @@ impl Session {
         let _timer = self.state.metrics.routing_timer(&el.name);
         modules::dispatch(&cx, el).await;
         Ok(Step::Continue)
-    }
-
-    /// XEP-0359 §5 / XEP-0203: only this server may stamp these.
-    fn strip_server_elements(&self, el: &mut Element) {
-        let ours = |v: Option<&str>| {
-            v.and_then(|j| jid::Jid::new(j).ok())
-                .is_some_and(|j| self.state.serves(j.domain().as_str()))
-        };
-        el.retain_children(|c| {
-            !((c.ns == NS_SID && c.name == "stanza-id" && ours(c.attr("by")))
-                || (c.ns == NS_DELAY && c.name == "delay" && ours(c.attr("from"))))
-        });
     }
 
     /// Write what is held and queued before the stream closes (sessions

@@ -31,12 +31,17 @@ pub fn converse_dist(web_root: &Path) -> PathBuf {
     web_root.join("node_modules/converse.js/dist")
 }
 
+/// Whether `npm ci` has installed the chat page's assets under `web_root`.
+pub fn assets_installed(web_root: &Path) -> bool {
+    converse_dist(web_root).join("converse.min.js").is_file()
+}
+
 /// The chat page; the server fills in its domain and registration setting.
 const PAGE: &str = include_str!("../../web/index.html");
 
 async fn index(State(state): State<ServerState>) -> Response {
     let root = &state.config.http.web_root;
-    if !converse_dist(root).join("converse.min.js").is_file() {
+    if !assets_installed(root) {
         return Html(missing_assets_page(root)).into_response();
     }
     let cfg = serde_json::json!({

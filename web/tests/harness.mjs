@@ -42,7 +42,7 @@ export async function startNatter() {
     proc.stderr.on('data', (chunk) => {
       log += chunk;
       // eslint-disable-next-line no-control-regex
-      const m = log.replace(/\x1b\[[0-9;]*m/g, '').match(/http: Some\((127\.0\.0\.1:\d+)\)/);
+      const m = log.replace(/\x1b\[[0-9;]*m/g, '').match(/HTTP\/WebSocket on (127\.0\.0\.1:\d+)/);
       if (m) { clearTimeout(timer); ok(m[1]); }
     });
     proc.on('exit', (code) => { clearTimeout(timer); fail(new Error(`natter exited (${code}):\n${log}`)); });
