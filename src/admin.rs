@@ -31,29 +31,14 @@ pub fn token_path(data_dir: &Path) -> PathBuf {
 /// Write a fresh random token to `data_dir/admin.token` (0600) and return it.
 pub fn create_token(data_dir: &Path) -> anyhow::Result<String> {
     use rand::RngCore;
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut bytes = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut bytes);
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let path = token_path(data_dir);
-    let tmp = data_dir.join(format!("{TOKEN_FILE}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        f.write_all(token.as_bytes())?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().with_context(|| format!("cannot write the admin token {}", path.display()))?;
+    crate::private_file::write(data_dir, TOKEN_FILE, format!("{token}\n").as_bytes())
+        .with_context(|| format!("cannot write the admin token {}", path.display()))?;
     Ok(token)
 }
 

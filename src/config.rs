@@ -64,8 +64,13 @@ pub struct C2s {
     pub ping_timeout_secs: u64,
     /// Seconds a connection may stay unauthenticated.
     pub preauth_timeout_secs: u64,
-    /// Unauthenticated connections allowed per IP address at once.
+    /// Unauthenticated connections one address (IPv4, IPv6 /64) may hold
+    /// while more than half of `max_preauth_total` is in use; below that,
+    /// any number (a carrier-grade NAT's login storm gets through).
     pub max_preauth_per_ip: usize,
+    /// Unauthenticated connections at once, over every transport: bounds
+    /// their memory (each holds at most a preauth stanza and TLS buffers).
+    pub max_preauth_total: usize,
     /// Stanzas queued for one session before it is treated as stuck and closed.
     pub max_queue: usize,
     /// Bytes (serialized size) one session may hold for its client: in its
@@ -116,11 +121,18 @@ pub struct Limits {
     pub rate_bytes_per_sec: u64,
     /// Burst allowance for the rate limit, in bytes.
     pub rate_burst_bytes: u64,
-    /// Failed logins per account within `auth_window_secs` before it is locked for that long.
+    /// Failed logins on one name (existing or not) within `auth_window_secs`
+    /// after which its failure replies are delayed, more each time. Never
+    /// refuses a login: the right password works from any unthrottled address.
     pub auth_failures_per_account: u32,
-    /// Failed logins per IP within `auth_window_secs` before the IP is banned for that long.
+    /// Failed logins from one address (IPv4, IPv6 /64) within
+    /// `auth_window_secs` before it is refused new attempts for that long.
     pub auth_failures_per_ip: u32,
+    /// The same for a range (IPv4 /24, IPv6 /56).
+    pub auth_failures_per_range: u32,
     pub auth_window_secs: u64,
+    /// Longest a failure reply is held back, in milliseconds.
+    pub auth_max_delay_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -192,6 +204,7 @@ impl Default for C2s {
             ping_timeout_secs: 30,
             preauth_timeout_secs: 10,
             max_preauth_per_ip: 20,
+            max_preauth_total: 4096,
             max_queue: 1000,
             max_queue_bytes: 4 * 1024 * 1024,
             max_user_bytes: 16 * 1024 * 1024,
@@ -225,7 +238,9 @@ impl Default for Limits {
             rate_burst_bytes: 4 * 1024 * 1024,
             auth_failures_per_account: 5,
             auth_failures_per_ip: 10,
+            auth_failures_per_range: 50,
             auth_window_secs: 300,
+            auth_max_delay_ms: 4000,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod metrics;
 pub mod modules;
 pub mod net;
+pub mod private_file;
 pub mod router;
 pub mod state;
 
@@ -113,16 +114,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let c2s_tls = net::bind(&config.listen.c2s_tls, "c2s direct TLS").await?;
     let http = net::bind(&config.listen.http, "HTTP").await?;
     let admin_token = admin::create_token(&config.data_dir)?;
+    let fake_salt = c2s::fake_salt::load_or_create(&config.data_dir)?;
     let l = &config.limits;
     let state = ServerState::new(state::Shared {
         throttle: Arc::new(c2s::throttle::AuthThrottle::new(
-            l.auth_failures_per_account,
             l.auth_failures_per_ip,
+            l.auth_failures_per_range,
+            l.auth_failures_per_account,
             Duration::from_secs(l.auth_window_secs),
+            Duration::from_millis(l.auth_max_delay_ms),
         )),
         preauth: Arc::new(c2s::throttle::PreauthLimiter::new(
+            config.c2s.max_preauth_total,
             config.c2s.max_preauth_per_ip,
         )),
+        fake_salt,
         config: Arc::new(config),
         store,
         router: Arc::new(router::Router::new()),

@@ -36,6 +36,9 @@ pub struct Shared {
     pub tls: Arc<rustls::ServerConfig>,
     pub throttle: Arc<AuthThrottle>,
     pub preauth: Arc<PreauthLimiter>,
+    /// What SCRAM salts of names that are not accounts derive from
+    /// (`data_dir/fake-salt.key`, kept across restarts).
+    pub fake_salt: natter_sasl::FakeSaltKey,
     /// Cancelled on SIGTERM/SIGINT: sessions close their streams and exit.
     pub shutdown: CancellationToken,
     /// Prometheus metrics (`/metrics`), also read by the admin endpoint.

@@ -558,71 +558,242 @@ async fn sasl_authzid_for_another_user_is_invalid_authzid() {
     srv.stop().await;
 }
 
+/// One failed login from `ip` on a fresh connection (a wrong password for
+/// `user`); returns the condition and how long the reply took.
+async fn wrong_password_from(
+    srv: &TestServer,
+    ip: IpAddr,
+    mech: Mechanism,
+    user: &str,
+) -> (String, Duration) {
+    let mut c = Client::connect_tls_from(srv.c2s_tls, ip).await;
+    let started = tokio::time::Instant::now();
+    let r = c.authenticate(mech, user, "wrong-guess", None).await;
+    (r.expect_err("a wrong password fails"), started.elapsed())
+}
+
+/// Issue 9 item 5: five wrong passwords from anywhere used to lock the
+/// account, so the owner's right password failed with
+/// temporary-auth-failure.
 #[tokio::test]
-async fn repeated_failed_logins_lock_the_account_then_the_ip() {
+async fn correct_password_is_not_locked_out_by_guessers() {
     let srv = start_server(|c| {
         c.limits.auth_failures_per_account = 3;
         c.limits.auth_failures_per_ip = 6;
-        c.limits.auth_window_secs = 60;
+        c.limits.auth_max_delay_ms = 200;
     })
     .await;
     let victim = srv.add_user("victim", "right-password").await;
+    // Twenty guesses on the account from four addresses of another range.
+    for i in 0..20u8 {
+        let ip = IpAddr::from([127, 0, 2, 1 + i % 4]);
+        let mech = [Mechanism::Plain, Mechanism::ScramSha256][usize::from(i % 2)];
+        let (cond, _) = wrong_password_from(&srv, ip, mech, &victim).await;
+        assert_eq!(cond, "not-authorized", "guess {i}");
+    }
+    // The owner, from an address that did not guess, gets in at once.
+    for (ip, mech) in [
+        ([127, 0, 0, 5], Mechanism::Plain),
+        ([127, 0, 0, 6], Mechanism::ScramSha256),
+    ] {
+        let mut c = Client::connect_tls_from(srv.c2s_tls, IpAddr::from(ip)).await;
+        let started = tokio::time::Instant::now();
+        c.authenticate(mech, &victim, "right-password", None)
+            .await
+            .unwrap_or_else(|e| panic!("{} from {ip:?}: {e}", mech.name()));
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    srv.assert_healthy().await;
+    srv.stop().await;
+}
+
+/// The guessing address is slowed down, then refused (even a right
+/// password, until the window ends), as is its range once enough of it
+/// guessed; other ranges are unaffected.
+#[tokio::test]
+async fn guessing_address_is_slowed_then_refused() {
+    let srv = start_server(|c| {
+        c.limits.auth_failures_per_ip = 6;
+        c.limits.auth_failures_per_range = 8;
+        c.limits.auth_max_delay_ms = 1000;
+    })
+    .await;
     let other = srv.add_user("other", "other-password").await;
-    let attacker: IpAddr = "127.0.0.2".parse().unwrap();
-    // Three wrong guesses on one connection: the connection is closed.
-    let mut c = Client::connect_tls_from(srv.c2s_tls, attacker).await;
-    for _ in 0..3 {
+    let guesser: IpAddr = "127.0.3.2".parse().unwrap();
+    // Three guesses on one connection: answered at once, then the
+    // connection is closed.
+    let mut c = Client::connect_tls_from(srv.c2s_tls, guesser).await;
+    for i in 0..3 {
+        let started = tokio::time::Instant::now();
         assert_eq!(
-            c.authenticate(Mechanism::Plain, &victim, "guess", None)
+            c.authenticate(Mechanism::Plain, &format!("user{i}"), "guess", None)
                 .await,
             Err("not-authorized".into())
         );
+        assert!(started.elapsed() < Duration::from_millis(250), "typo {i}");
     }
     assert_eq!(c.expect_stream_error().await, "policy-violation");
-    // The account is locked now, from any address, even with the right password.
-    for (ip, mech) in [
-        (attacker, Mechanism::Plain),
-        ("127.0.0.3".parse().unwrap(), Mechanism::ScramSha256),
-    ] {
-        let mut c = Client::connect_tls_from(srv.c2s_tls, ip).await;
-        assert_eq!(
-            c.authenticate(mech, &victim, "right-password", None).await,
-            Err("temporary-auth-failure".into()),
-            "{ip} {}",
-            mech.name()
-        );
+    // The 4th and 5th failures wait 250 ms and 500 ms, the 6th the 1 s cap
+    // (different names: it is the address that is slowed).
+    let mut waited = Vec::new();
+    for i in 3..6 {
+        let name = format!("user{i}");
+        let (cond, took) = wrong_password_from(&srv, guesser, Mechanism::ScramSha256, &name).await;
+        assert_eq!(cond, "not-authorized");
+        waited.push(took);
     }
-    // Another account from the attacker's address still logs in ...
-    let mut c = Client::connect_tls_from(srv.c2s_tls, attacker).await;
-    c.authenticate(Mechanism::ScramSha256, &other, "other-password", None)
-        .await
-        .unwrap();
-    // ... until the address reaches its own limit (6 failures, counting
-    // unknown users too).
-    let mut failures = 3;
-    while failures < 6 {
-        let mut c = Client::connect_tls_from(srv.c2s_tls, attacker).await;
-        assert_eq!(
-            c.authenticate(Mechanism::ScramSha256, "nobody", "x", None)
-                .await,
-            Err("not-authorized".into())
-        );
-        failures += 1;
-    }
-    let mut c = Client::connect_tls_from(srv.c2s_tls, attacker).await;
+    assert!(waited[0] >= Duration::from_millis(240), "{waited:?}");
+    assert!(waited[1] >= Duration::from_millis(490), "{waited:?}");
+    assert!(waited[2] >= Duration::from_millis(990), "{waited:?}");
+    // Six failures: the address is refused, whatever it tries.
+    let mut c = Client::connect_tls_from(srv.c2s_tls, guesser).await;
     assert_eq!(
         c.authenticate(Mechanism::ScramSha256, &other, "other-password", None)
             .await,
         Err("temporary-auth-failure".into())
     );
-    // Everyone else is unaffected.
+    // A neighbour is not, until the /24 has eight failures ...
+    let neighbour: IpAddr = "127.0.3.3".parse().unwrap();
+    for _ in 0..2 {
+        let (cond, _) = wrong_password_from(&srv, neighbour, Mechanism::Plain, "x").await;
+        assert_eq!(cond, "not-authorized");
+    }
+    let mut c = Client::connect_tls_from(srv.c2s_tls, "127.0.3.4".parse().unwrap()).await;
+    assert_eq!(
+        c.authenticate(Mechanism::Plain, &other, "other-password", None)
+            .await,
+        Err("temporary-auth-failure".into())
+    );
+    // ... while another range logs in at once.
+    let mut c = Client::connect_tls_from(srv.c2s_tls, "127.0.4.4".parse().unwrap()).await;
+    c.authenticate(Mechanism::Plain, &other, "other-password", None)
+        .await
+        .unwrap();
     srv.assert_healthy().await;
     srv.stop().await;
+}
+
+/// Issue 9 item 6: an existing account switched to temporary-auth-failure
+/// after five failures while an unknown name kept getting not-authorized,
+/// telling which names are accounts. Now both get the same condition and
+/// the same growing delay.
+#[tokio::test]
+async fn unknown_and_existing_names_fail_alike_through_the_throttle() {
+    let srv = start_server(|c| {
+        c.limits.auth_failures_per_account = 2;
+        c.limits.auth_max_delay_ms = 800;
+    })
+    .await;
+    for (m, mech) in [Mechanism::Plain, Mechanism::ScramSha256]
+        .into_iter()
+        .enumerate()
+    {
+        let real = srv.add_user(&format!("real{m}"), "password").await;
+        let ghost = format!("ghost{m}@{}", srv.domain);
+        for (n, name) in [&real, &ghost].into_iter().enumerate() {
+            // One failure per address, each from a different range: only
+            // the name's own counter can slow these down.
+            let mut outcomes = Vec::new();
+            for i in 0..6u8 {
+                let ip = IpAddr::from([127, 1 + 2 * m as u8 + n as u8, 10 + i, 1]);
+                outcomes.push(wrong_password_from(&srv, ip, mech, name).await);
+            }
+            let conds: Vec<_> = outcomes.iter().map(|(c, _)| c.as_str()).collect();
+            assert_eq!(conds, ["not-authorized"; 6], "{name} {}", mech.name());
+            let took: Vec<_> = outcomes.iter().map(|(_, t)| *t).collect();
+            // Failures 3, 4, 5, 6 wait 250, 500, then the 800 ms cap.
+            assert!(took[1] < Duration::from_millis(240), "{name}: {took:?}");
+            assert!(took[2] >= Duration::from_millis(240), "{name}: {took:?}");
+            assert!(took[3] >= Duration::from_millis(490), "{name}: {took:?}");
+            assert!(took[5] >= Duration::from_millis(790), "{name}: {took:?}");
+            assert!(took[5] < Duration::from_millis(2000), "{name}: {took:?}");
+        }
+    }
+    srv.stop().await;
+}
+
+/// The salt SCRAM-SHA-256 offers `user` (the server-first-message's `s=`).
+async fn scram_salt(addr: std::net::SocketAddr, user: &str) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut c = Client::connect_tls(addr).await;
+    let first = format!("n,,n={user},r=abcdefghijklmnop");
+    c.send(
+        &Element::new("auth", NS_SASL)
+            .with_attr("mechanism", "SCRAM-SHA-256")
+            .with_text(b64.encode(first)),
+    )
+    .await;
+    let r = c.recv().await;
+    assert!(r.is("challenge", NS_SASL), "{r}");
+    let sf = String::from_utf8(b64.decode(r.text().trim()).unwrap()).unwrap();
+    sf.split(',')
+        .find_map(|a| a.strip_prefix("s="))
+        .expect("salt")
+        .to_string()
+}
+
+/// Issue 9 item 6: the secret unknown names' salts derive from was made
+/// anew by every process, so a name whose salt changed across a restart was
+/// not an account. It is kept in the data directory (0600). Two runs of the
+/// real binary (a fresh process each) on one data directory.
+#[tokio::test]
+async fn unknown_name_salt_is_stable_across_a_restart() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let port = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut salts = Vec::new();
+    for _ in 0..2 {
+        let tls: std::net::SocketAddr = format!("127.0.0.1:{}", port()).parse().unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_natter"))
+            .arg("serve")
+            .env_remove("NATTER_CONFIG")
+            .env("NATTER_DATA_DIR", dir.path())
+            .env("NATTER_LISTEN_C2S", "")
+            .env("NATTER_LISTEN_C2S_TLS", tls.to_string())
+            .env("NATTER_LISTEN_HTTP", "")
+            .env("NATTER_LOG_LEVEL", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start natter");
+        let mut up = false;
+        for _ in 0..300 {
+            if tokio::net::TcpStream::connect(tls).await.is_ok() {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if up {
+            salts.push(scram_salt(tls, "ghost").await);
+            assert_eq!(scram_salt(tls, "ghost").await, salts[salts.len() - 1]);
+            assert_ne!(scram_salt(tls, "phantom").await, salts[salts.len() - 1]);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(up, "natter did not start listening on {tls}");
+    }
+    assert_eq!(
+        salts[0], salts[1],
+        "salt of an unknown name changed across a restart"
+    );
+    let mode = std::fs::metadata(dir.path().join("fake-salt.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 }
 
 #[tokio::test]
 async fn unauthenticated_connection_flood_is_capped_and_timed_out() {
     let srv = start_server(|c| {
+        // Half the budget in use counts as pressure: the per-address share
+        // applies from the 4th connection.
+        c.c2s.max_preauth_total = 6;
         c.c2s.max_preauth_per_ip = 3;
         c.c2s.preauth_timeout_secs = 1;
     })
@@ -667,6 +838,7 @@ async fn unauthenticated_connection_flood_is_capped_and_timed_out() {
 #[tokio::test]
 async fn websocket_upgrades_count_against_the_preauth_cap() {
     let srv = start_server(|c| {
+        c.c2s.max_preauth_total = 4;
         c.c2s.max_preauth_per_ip = 2;
     })
     .await;
@@ -682,6 +854,97 @@ async fn websocket_upgrades_count_against_the_preauth_cap() {
     a.login(&user, "password", "r").await;
     let mut c = Client::connect_ws(srv.http).await;
     c.login(&user, "password", "r2").await;
+    srv.stop().await;
+}
+
+/// Issue 9 item 8: the unauthenticated-connection limit was counted per
+/// transport. One budget covers TCP, direct TLS and WebSocket: under
+/// pressure an address's share counts all three, and the connection past
+/// the budget is refused on every transport.
+#[tokio::test]
+async fn preauth_cap_counts_tcp_and_websocket_together() {
+    let srv = start_server(|c| {
+        c.c2s.max_preauth_total = 8;
+        c.c2s.max_preauth_per_ip = 2;
+    })
+    .await;
+    let mut held = Vec::new();
+    // Half the budget from one address: no pressure yet, all accepted.
+    for _ in 0..4 {
+        let mut c = Client::tcp_raw_from(srv.c2s, "127.0.0.2".parse().unwrap()).await;
+        c.open().await;
+        held.push(c);
+    }
+    // Under pressure: 127.0.0.1 gets its share of two, over TCP and
+    // WebSocket together (the WebSocket client connects from 127.0.0.1).
+    held.push(Client::connect_tls_from(srv.c2s_tls, "127.0.0.1".parse().unwrap()).await);
+    held.push(Client::connect_ws(srv.http).await);
+    match Client::try_ws_raw(srv.http).await {
+        Err(status) => assert_eq!(status, "429"),
+        Ok(_) => panic!("a third unauthenticated connection from 127.0.0.1 accepted"),
+    }
+    let mut c = Client::tcp_raw_from(srv.c2s, "127.0.0.1".parse().unwrap()).await;
+    c.send_header("localhost").await;
+    c.expect_eof().await;
+    // Two more from elsewhere spend the budget; the next is refused on
+    // either transport, whoever asks.
+    for _ in 0..2 {
+        let mut c = Client::tcp_raw_from(srv.c2s, "127.0.0.3".parse().unwrap()).await;
+        c.open().await;
+        held.push(c);
+    }
+    let mut c = Client::tcp_raw_from(srv.c2s, "127.0.0.4".parse().unwrap()).await;
+    c.send_header("localhost").await;
+    c.expect_eof().await;
+    match Client::try_ws_raw(srv.http).await {
+        Err(status) => assert_eq!(status, "429"),
+        Ok(_) => panic!("an unauthenticated WebSocket past the budget accepted"),
+    }
+    // Closing them gives the budget back.
+    held.clear();
+    let user = srv.add_user("after", "password").await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match Client::try_ws_raw(srv.http).await {
+                Ok(mut c) => {
+                    c.open().await;
+                    c.login(&user, "password", "r").await;
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+    .expect("the budget is released when connections close");
+    srv.stop().await;
+}
+
+/// Issue 9 item 8: a fixed cap of 20 per address locked out users behind a
+/// carrier-grade NAT. While the budget is not under pressure, one address
+/// may open as many unauthenticated connections as it likes.
+#[tokio::test]
+async fn login_storm_from_one_address_is_accepted_while_the_server_is_idle() {
+    let srv = start_server(|c| {
+        c.c2s.max_preauth_total = 200;
+        c.c2s.max_preauth_per_ip = 3;
+    })
+    .await;
+    let user = srv.add_user("phone", "password").await;
+    let nat: IpAddr = "127.0.0.2".parse().unwrap();
+    let mut phones = Vec::new();
+    for i in 0..60 {
+        let mut c = Client::tcp_raw_from(srv.c2s, nat).await;
+        let f = c.open().await;
+        assert!(f.get_child("starttls", NS_TLS).is_some(), "phone {i}: {f}");
+        phones.push(c);
+    }
+    // And they log in.
+    for (i, c) in phones.iter_mut().enumerate().take(10) {
+        c.starttls().await;
+        c.open().await;
+        c.login(&user, "password", &format!("p{i}")).await;
+    }
     srv.stop().await;
 }
 

@@ -19,6 +19,7 @@
 //!   for a session is written, resent on resumption, or handed to
 //!   `modules::offline::requeue` when the session ends — never dropped.
 
+pub mod fake_salt;
 pub mod sm;
 pub mod strip;
 pub mod throttle;
@@ -101,7 +102,9 @@ impl From<StreamError> for End {
 
 struct Scram {
     server: ScramServer,
-    user: Option<BareJid>,
+    /// The name tried, whether an account or not (failures count on it).
+    user: BareJid,
+    known: bool,
 }
 
 /// What woke the bound loop.
@@ -990,9 +993,12 @@ impl Session {
         self.scram = None;
         self.state.metrics.auth_failure(err.condition());
         if matches!(err, SaslError::NotAuthorized) {
-            self.state
+            let delay = self
+                .state
                 .throttle
                 .failure(t.peer().ip(), user.map(|u| u.as_str()));
+            // Slows the guesser; a right password is never held back.
+            tokio::time::sleep(delay).await;
             self.sasl_failures += 1;
             tracing::info!(peer = %t.peer(), user = user.map(|u| u.to_string()), "authentication failed");
         }
@@ -1015,15 +1021,22 @@ impl Session {
             }
             "auth" if self.scram.is_none() => {}
             "response" if self.scram.is_some() => {
-                let Scram { mut server, user } = *self.scram.take().expect("checked");
+                let Scram {
+                    mut server,
+                    user,
+                    known,
+                } = *self.scram.take().expect("checked");
                 let data = match decode_sasl(&el.text()) {
                     Ok(d) => d,
-                    Err(e) => return self.sasl_failure(t, e, user.as_ref()).await,
+                    Err(e) => return self.sasl_failure(t, e, Some(&user)).await,
                 };
-                return match (server.client_final(&data), user) {
-                    (Ok(v), Some(user)) => self.sasl_success(t, user, Some(v)).await,
-                    (Ok(_), None) => self.sasl_failure(t, SaslError::NotAuthorized, None).await,
-                    (Err(e), user) => self.sasl_failure(t, e, user.as_ref()).await,
+                return match server.client_final(&data) {
+                    Ok(v) if known => self.sasl_success(t, user, Some(v)).await,
+                    Ok(_) => {
+                        self.sasl_failure(t, SaslError::NotAuthorized, Some(&user))
+                            .await
+                    }
+                    Err(e) => self.sasl_failure(t, e, Some(&user)).await,
                 };
             }
             _ => {
@@ -1041,7 +1054,7 @@ impl Session {
                 .sasl_failure(t, SaslError::EncryptionRequired, None)
                 .await;
         }
-        if !self.state.throttle.allowed(ip, None) {
+        if self.state.throttle.check(ip) == throttle::Verdict::Refused {
             return self
                 .sasl_failure(t, SaslError::TemporaryAuthFailure, None)
                 .await;
@@ -1069,16 +1082,12 @@ impl Session {
                     Ok(u) => u,
                     Err(e) => return self.sasl_failure(t, e, None).await,
                 };
-                if !self.state.throttle.allowed(ip, Some(user.as_str())) {
-                    return self
-                        .sasl_failure(t, SaslError::TemporaryAuthFailure, None)
-                        .await;
-                }
                 let creds = self.load_creds(&user, hash).await?;
-                let challenge = server.server_first(creds.as_ref());
+                let challenge = server.server_first(creds.as_ref(), &self.state.fake_salt);
                 self.scram = Some(Box::new(Scram {
                     server,
-                    user: creds.is_some().then_some(user),
+                    user,
+                    known: creds.is_some(),
                 }));
                 let c = Element::new("challenge", NS_SASL)
                     .with_text(base64::engine::general_purpose::STANDARD.encode(challenge));
@@ -1138,26 +1147,17 @@ impl Session {
             Ok(u) => u,
             Err(e) => return self.sasl_failure(t, e, None).await,
         };
-        if !self
-            .state
-            .throttle
-            .allowed(t.peer().ip(), Some(user.as_str()))
-        {
-            return self
-                .sasl_failure(t, SaslError::TemporaryAuthFailure, None)
-                .await;
-        }
         let creds = self.load_creds(&user, Hash::Sha256).await?;
+        let known = creds.is_some();
+        // An unknown name costs the same PBKDF2 as an account: no timing tell.
+        let c = creds.unwrap_or_else(|| self.state.fake_salt.credentials(Hash::Sha256, &authcid));
         // PBKDF2 is slow on purpose; keep it off the async workers.
-        let ok = match creds {
-            Some(c) => tokio::task::spawn_blocking(move || {
-                natter_sasl::verify_password(&c, Hash::Sha256, &password)
-            })
-            .await
-            .unwrap_or(false),
-            None => false,
-        };
-        if ok {
+        let ok = tokio::task::spawn_blocking(move || {
+            natter_sasl::verify_password(&c, Hash::Sha256, &password)
+        })
+        .await
+        .unwrap_or(false);
+        if ok && known {
             self.sasl_success(t, user, None).await
         } else {
             self.sasl_failure(t, SaslError::NotAuthorized, Some(&user))
@@ -1171,7 +1171,6 @@ impl Session {
         user: BareJid,
         additional: Option<Vec<u8>>,
     ) -> Result<Step, StreamError> {
-        self.state.throttle.success(user.as_str());
         let mut s = Element::new("success", NS_SASL);
         if let Some(a) = additional {
             s.append_text(base64::engine::general_purpose::STANDARD.encode(a));

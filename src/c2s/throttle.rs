@@ -1,98 +1,259 @@
-//! Abuse limits before authentication: failed-login throttling per account
-//! and per IP, and a cap on unauthenticated connections per IP.
+//! Abuse limits before authentication: failed-login throttling and the
+//! budget of unauthenticated connections.
+//!
+//! Failed logins throttle the guesser, never the owner: failures are counted
+//! per source address (an IPv4 address or an IPv6 /64) and per range (IPv4
+//! /24, IPv6 /56); a source or range past its limit is refused new attempts
+//! for the window, and every failure reply from a busy source waits longer.
+//! Per-account counters only ever delay *failure* replies: a correct
+//! password from an address that is not itself throttled always succeeds.
+//! Accounts are counted by name whether they exist or not (in a fixed table
+//! of hashed names), so an unknown name behaves exactly like a real one.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::hash::BuildHasher;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The address a limit is counted on: one IPv4 address, or the IPv6 /64 a
+/// single host or subscriber usually gets (IPv4-mapped IPv6 counts as IPv4,
+/// so a dual-stack listener shares counters with an IPv4 one).
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => IpAddr::V6(mask_v6(v6, 64)),
+    }
+}
+
+/// The wider range a guesser rotating addresses stays inside: IPv4 /24,
+/// IPv6 /56.
+fn range_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(Ipv4Addr::from(u32::from(v4) & 0xffff_ff00)),
+        IpAddr::V6(v6) => IpAddr::V6(mask_v6(v6, 56)),
+    }
+}
+
+fn mask_v6(ip: Ipv6Addr, prefix: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(ip) & (u128::MAX << (128 - prefix)))
+}
+
+/// First failure delay once delays start; it doubles with each failure.
+const BASE_DELAY: Duration = Duration::from_millis(250);
+/// Failures from one source answered without delay (typos).
+const FREE_FAILURES_PER_SOURCE: u32 = 3;
+/// Slots of the hashed per-account table (8 bytes each). Names that share
+/// a slot only share failure delays, never a refusal.
+const ACCOUNT_SLOTS: usize = 16 * 1024;
+/// Most sources and ranges tracked at once (a few MiB). Past it, failures
+/// from untracked addresses get the longest delay instead of a counter.
+const MAX_TRACKED: usize = 100_000;
 
 #[derive(Clone, Copy)]
 struct Window {
     failures: u32,
     started: Instant,
-    banned_until: Option<Instant>,
 }
 
-/// Past this many tracked keys, expired entries are swept so the map stays small.
-const SWEEP_AT: usize = 10_000;
+impl Window {
+    fn live(&self, now: Instant, window: Duration) -> bool {
+        now.duration_since(self.started) < window
+    }
+}
+
+/// One slot of the per-account table: seconds since `AuthThrottle::epoch`.
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    failures: u32,
+    started_secs: u32,
+}
+
+/// What a login attempt's source may do now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed,
+    /// The source or its range failed too often: refused until the window ends.
+    Refused,
+}
 
 pub struct AuthThrottle {
+    per_source: u32,
+    per_range: u32,
     per_account: u32,
-    per_ip: u32,
     window: Duration,
-    entries: Mutex<HashMap<String, Window>>,
+    max_delay: Duration,
+    epoch: Instant,
+    /// Keyed per process, so no one can aim names at one slot.
+    hasher: RandomState,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    /// Sources and ranges; a range key is masked, a source key is not (the
+    /// bool tells them apart: `1.2.3.0` as an address vs as the /24).
+    addrs: HashMap<(IpAddr, bool), Window>,
+    /// Sweep expired entries when `addrs` grows past this (amortized).
+    sweep_at: usize,
+    /// When full, sweep at most once a second (a sweep walks the table).
+    last_sweep: Instant,
+    accounts: Box<[Slot]>,
 }
 
 impl AuthThrottle {
-    pub fn new(per_account: u32, per_ip: u32, window: Duration) -> Self {
+    pub fn new(
+        per_source: u32,
+        per_range: u32,
+        per_account: u32,
+        window: Duration,
+        max_delay: Duration,
+    ) -> Self {
         AuthThrottle {
+            per_source,
+            per_range,
             per_account,
-            per_ip,
             window,
-            entries: Mutex::new(HashMap::new()),
+            max_delay,
+            epoch: Instant::now(),
+            hasher: RandomState::new(),
+            inner: Mutex::new(Inner {
+                addrs: HashMap::new(),
+                sweep_at: 1024,
+                last_sweep: Instant::now(),
+                accounts: vec![Slot::default(); ACCOUNT_SLOTS].into_boxed_slice(),
+            }),
         }
     }
 
-    fn banned(&self, key: &str, now: Instant) -> bool {
-        let map = self.entries.lock().unwrap();
-        map.get(key)
-            .and_then(|w| w.banned_until)
-            .is_some_and(|until| until > now)
-    }
-
-    /// May this IP (and account, once known) try to log in now?
-    pub fn allowed(&self, ip: IpAddr, account: Option<&str>) -> bool {
+    /// May a login attempt from `ip` start? Only the source's own failures
+    /// (and its range's) can refuse it; the account named plays no part.
+    pub fn check(&self, ip: IpAddr) -> Verdict {
         let now = Instant::now();
-        !self.banned(&format!("ip:{ip}"), now)
-            && !account.is_some_and(|a| self.banned(&format!("acct:{a}"), now))
+        let inner = self.inner.lock().unwrap();
+        let over = |key, limit| {
+            inner
+                .addrs
+                .get(&key)
+                .is_some_and(|w| w.live(now, self.window) && w.failures >= limit)
+        };
+        if over((source_of(ip), false), self.per_source)
+            || over((range_of(ip), true), self.per_range)
+        {
+            Verdict::Refused
+        } else {
+            Verdict::Allowed
+        }
     }
 
-    fn bump(&self, key: String, limit: u32, now: Instant) {
-        let mut map = self.entries.lock().unwrap();
-        if map.len() > SWEEP_AT {
-            let window = self.window;
-            map.retain(|_, w| {
-                now.duration_since(w.started) < window || w.banned_until.is_some_and(|u| u > now)
-            });
+    /// Count a failed login (`account`: the name tried, existing or not);
+    /// returns how long to hold back the failure reply.
+    pub fn failure(&self, ip: IpAddr, account: Option<&str>) -> Duration {
+        let now = Instant::now();
+        let mut inner = self.inner.lock().unwrap();
+        let source = self.bump(&mut inner, (source_of(ip), false), now);
+        self.bump(&mut inner, (range_of(ip), true), now);
+        let mut delay = match source {
+            Some(n) => self.backoff(n, FREE_FAILURES_PER_SOURCE),
+            None => self.max_delay,
+        };
+        if let Some(a) = account {
+            let n = self.bump_account(&mut inner, a, now);
+            delay = delay.max(self.backoff(n, self.per_account));
         }
-        let w = map.entry(key).or_insert(Window {
+        delay
+    }
+
+    /// `BASE_DELAY` doubling for each failure past `free`, capped.
+    fn backoff(&self, failures: u32, free: u32) -> Duration {
+        match failures.checked_sub(free + 1) {
+            None => Duration::ZERO,
+            Some(extra) => BASE_DELAY
+                .saturating_mul(1u32 << extra.min(20))
+                .min(self.max_delay),
+        }
+    }
+
+    /// The failure count after this one; `None` when the table is full.
+    fn bump(&self, inner: &mut Inner, key: (IpAddr, bool), now: Instant) -> Option<u32> {
+        let window = self.window;
+        if inner.addrs.len() >= inner.sweep_at && !inner.addrs.contains_key(&key) {
+            let full = inner.addrs.len() >= MAX_TRACKED;
+            if full && now.duration_since(inner.last_sweep) < Duration::from_secs(1) {
+                return None;
+            }
+            inner.addrs.retain(|_, w| w.live(now, window));
+            inner.last_sweep = now;
+            inner.sweep_at = (inner.addrs.len() * 2).clamp(1024, MAX_TRACKED);
+            if inner.addrs.len() >= MAX_TRACKED {
+                return None;
+            }
+        }
+        let w = inner.addrs.entry(key).or_insert(Window {
             failures: 0,
             started: now,
-            banned_until: None,
         });
-        if now.duration_since(w.started) >= self.window {
+        if !w.live(now, window) {
             *w = Window {
                 failures: 0,
                 started: now,
-                banned_until: None,
             };
         }
-        w.failures += 1;
-        if w.failures >= limit {
-            w.banned_until = Some(now + self.window);
-        }
+        w.failures = w.failures.saturating_add(1);
+        Some(w.failures)
     }
 
-    pub fn failure(&self, ip: IpAddr, account: Option<&str>) {
-        let now = Instant::now();
-        self.bump(format!("ip:{ip}"), self.per_ip, now);
-        if let Some(a) = account {
-            self.bump(format!("acct:{a}"), self.per_account, now);
+    fn bump_account(&self, inner: &mut Inner, account: &str, now: Instant) -> u32 {
+        let i = (self.hasher.hash_one(account) % ACCOUNT_SLOTS as u64) as usize;
+        let secs = u32::try_from(now.duration_since(self.epoch).as_secs()).unwrap_or(u32::MAX);
+        let slot = &mut inner.accounts[i];
+        if u64::from(secs - slot.started_secs.min(secs)) >= self.window.as_secs() {
+            *slot = Slot {
+                failures: 0,
+                started_secs: secs,
+            };
         }
-    }
-
-    pub fn success(&self, account: &str) {
-        self.entries
-            .lock()
-            .unwrap()
-            .remove(&format!("acct:{account}"));
+        slot.failures = slot.failures.saturating_add(1);
+        slot.failures
     }
 }
 
-/// Counts unauthenticated connections per IP.
+/// The budget of unauthenticated connections, one for every transport
+/// (TCP, direct TLS, WebSocket). Each such connection's memory is bounded
+/// (stanza limit, TLS buffers), so the budget bounds their memory. While
+/// less than half of it is in use anyone may connect, however many share
+/// an address (a carrier-grade NAT's login storm); past half, an address
+/// holding `per_ip` slots already is refused.
 pub struct PreauthLimiter {
-    max_per_ip: usize,
-    counts: Mutex<HashMap<IpAddr, usize>>,
+    total: usize,
+    per_ip: usize,
+    inner: Mutex<Slots>,
+}
+
+struct Slots {
+    used: usize,
+    /// Per source address (`source_of`); at most `total` entries.
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Why a new unauthenticated connection was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PreauthRefused {
+    /// The whole budget is in use.
+    Full,
+    /// The budget is under pressure and this address has its share.
+    AddressShare,
+}
+
+impl std::fmt::Display for PreauthRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PreauthRefused::Full => "too many unauthenticated connections",
+            PreauthRefused::AddressShare => {
+                "too many unauthenticated connections from this address"
+            }
+        })
+    }
 }
 
 /// Holds one unauthenticated slot; released on drop (at authentication or close).
@@ -102,21 +263,31 @@ pub struct PreauthGuard {
 }
 
 impl PreauthLimiter {
-    pub fn new(max_per_ip: usize) -> Self {
+    pub fn new(total: usize, per_ip: usize) -> Self {
         PreauthLimiter {
-            max_per_ip,
-            counts: Mutex::new(HashMap::new()),
+            total,
+            per_ip,
+            inner: Mutex::new(Slots {
+                used: 0,
+                per_ip: HashMap::new(),
+            }),
         }
     }
 
-    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<PreauthGuard> {
-        let mut map = self.counts.lock().unwrap();
-        let n = map.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
-            return None;
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<PreauthGuard, PreauthRefused> {
+        let ip = source_of(ip);
+        let mut s = self.inner.lock().unwrap();
+        if s.used >= self.total {
+            return Err(PreauthRefused::Full);
         }
-        *n += 1;
-        Some(PreauthGuard {
+        let under_pressure = s.used * 2 >= self.total;
+        let held = s.per_ip.get(&ip).copied().unwrap_or(0);
+        if under_pressure && held >= self.per_ip {
+            return Err(PreauthRefused::AddressShare);
+        }
+        s.used += 1;
+        s.per_ip.insert(ip, held + 1);
+        Ok(PreauthGuard {
             limiter: self.clone(),
             ip,
         })
@@ -125,11 +296,12 @@ impl PreauthLimiter {
 
 impl Drop for PreauthGuard {
     fn drop(&mut self) {
-        let mut map = self.limiter.counts.lock().unwrap();
-        if let Some(n) = map.get_mut(&self.ip) {
+        let mut s = self.limiter.inner.lock().unwrap();
+        s.used -= 1;
+        if let Some(n) = s.per_ip.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.ip);
+                s.per_ip.remove(&self.ip);
             }
         }
     }
@@ -168,28 +340,84 @@ impl TokenBucket {
 mod tests {
     use super::*;
 
-    #[test]
-    fn bans_after_limit_and_success_clears_account() {
-        let t = AuthThrottle::new(2, 100, Duration::from_secs(60));
-        let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        assert!(t.allowed(ip, Some("a@x")));
-        t.failure(ip, Some("a@x"));
-        assert!(t.allowed(ip, Some("a@x")));
-        t.failure(ip, Some("a@x"));
-        assert!(!t.allowed(ip, Some("a@x")));
-        assert!(t.allowed(ip, Some("b@x")));
-        t.success("a@x");
-        assert!(t.allowed(ip, Some("a@x")));
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn throttle() -> AuthThrottle {
+        AuthThrottle::new(6, 10, 2, Duration::from_secs(60), Duration::from_secs(4))
     }
 
     #[test]
-    fn preauth_slots_are_released() {
-        let l = Arc::new(PreauthLimiter::new(1));
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let g = l.try_acquire(ip).unwrap();
-        assert!(l.try_acquire(ip).is_none());
-        drop(g);
-        assert!(l.try_acquire(ip).is_some());
+    fn account_failures_only_delay_and_never_refuse() {
+        let t = throttle();
+        // Failures on one account from many addresses.
+        let mut delays = Vec::new();
+        for i in 0..20 {
+            delays.push(t.failure(ip(&format!("10.{i}.0.1")), Some("victim@x")));
+        }
+        assert_eq!(delays[0], Duration::ZERO);
+        assert_eq!(delays[2], BASE_DELAY);
+        assert_eq!(delays[3], BASE_DELAY * 2);
+        assert_eq!(*delays.last().unwrap(), Duration::from_secs(4));
+        // A fresh address may still try (and the owner's password works).
+        assert_eq!(t.check(ip("10.99.0.1")), Verdict::Allowed);
+    }
+
+    #[test]
+    fn guessing_source_is_slowed_then_refused() {
+        let t = throttle();
+        let guesser = ip("192.0.2.7");
+        let delays: Vec<_> = (0..6).map(|_| t.failure(guesser, None)).collect();
+        assert_eq!(&delays[..3], &[Duration::ZERO; 3]);
+        assert!(delays[3] > Duration::ZERO && delays[4] > delays[3]);
+        assert_eq!(t.check(guesser), Verdict::Refused);
+        // Its neighbour is not refused until the /24 reaches its limit.
+        let neighbour = ip("192.0.2.8");
+        assert_eq!(t.check(neighbour), Verdict::Allowed);
+        for _ in 0..4 {
+            t.failure(neighbour, None);
+        }
+        assert_eq!(t.check(ip("192.0.2.9")), Verdict::Refused);
+        assert_eq!(t.check(ip("192.0.3.9")), Verdict::Allowed);
+    }
+
+    #[test]
+    fn ipv6_sources_are_counted_per_64_and_mapped_ipv4_as_ipv4() {
+        assert_eq!(
+            source_of(ip("2001:db8:1:2:aaaa::1")),
+            source_of(ip("2001:db8:1:2:bbbb::2"))
+        );
+        assert_ne!(
+            source_of(ip("2001:db8:1:2::1")),
+            source_of(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(
+            range_of(ip("2001:db8:1:2::1")),
+            range_of(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(source_of(ip("::ffff:10.0.0.1")), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn preauth_budget_applies_address_share_only_under_pressure() {
+        let l = Arc::new(PreauthLimiter::new(8, 2));
+        let nat = ip("10.0.0.1");
+        // Idle server: one address takes half the budget.
+        let mut held: Vec<_> = (0..4).map(|_| l.try_acquire(nat).unwrap()).collect();
+        // Now under pressure: that address has more than its share ...
+        assert_eq!(l.try_acquire(nat).err(), Some(PreauthRefused::AddressShare));
+        // ... while others get theirs, until the budget is spent.
+        for i in 0..4 {
+            held.push(l.try_acquire(ip(&format!("10.0.1.{i}"))).unwrap());
+        }
+        assert_eq!(
+            l.try_acquire(ip("10.0.2.1")).err(),
+            Some(PreauthRefused::Full)
+        );
+        held.clear();
+        assert!(l.try_acquire(nat).is_ok());
+        assert!(l.inner.lock().unwrap().per_ip.len() <= 1);
     }
 
     #[test]

@@ -106,12 +106,9 @@ async fn websocket(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     State(state): State<ServerState>,
 ) -> Response {
-    let Some(guard) = state.preauth.try_acquire(peer.ip()) else {
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many unauthenticated connections\n",
-        )
-            .into_response();
+    let guard = match state.preauth.try_acquire(peer.ip()) {
+        Ok(g) => g,
+        Err(why) => return (StatusCode::TOO_MANY_REQUESTS, format!("{why}\n")).into_response(),
     };
     // The stanza limit is enforced on each frame by the c2s parser, which
     // answers with a policy-violation stream error. The WebSocket layer's

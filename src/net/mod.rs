@@ -51,9 +51,12 @@ pub(crate) fn connection(
     direct_tls: bool,
 ) -> Option<impl std::future::Future<Output = ()> + Send> {
     let _ = sock.set_nodelay(true);
-    let Some(guard) = state.preauth.try_acquire(peer.ip()) else {
-        tracing::info!(%peer, "too many unauthenticated connections from this address");
-        return None;
+    let guard = match state.preauth.try_acquire(peer.ip()) {
+        Ok(g) => g,
+        Err(why) => {
+            tracing::info!(%peer, "{why}");
+            return None;
+        }
     };
     let limits = crate::c2s_limits(&state.config, false);
     let transport = if direct_tls {

@@ -23,4 +23,4 @@ pub use creds::{
 pub use error::SaslError;
 pub use mechanism::{Hash, Mechanism};
 pub use plain::parse_plain;
-pub use scram::{ChannelBinding, ClientFirst, ScramServer};
+pub use scram::{ChannelBinding, ClientFirst, FakeSaltKey, ScramServer};

@@ -1,5 +1,3 @@
-use std::sync::OnceLock;
-
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use rand::rngs::OsRng;
@@ -197,11 +195,15 @@ impl ScramServer {
     }
 
     /// Build server-first-message. Pass `None` when the user does not exist: fake but
-    /// stable credentials are used so unknown users look like known ones, and the
-    /// exchange then fails in [`ScramServer::client_final`].
+    /// stable credentials derived from `unknown` are used so unknown users look like
+    /// known ones, and the exchange then fails in [`ScramServer::client_final`].
     ///
     /// Called out of order it returns an empty message and the exchange is failed.
-    pub fn server_first(&mut self, creds: Option<&ScramCredentials>) -> Vec<u8> {
+    pub fn server_first(
+        &mut self,
+        creds: Option<&ScramCredentials>,
+        unknown: &FakeSaltKey,
+    ) -> Vec<u8> {
         if self.state != State::ClientFirstReceived {
             self.state = State::Failed;
             return Vec::new();
@@ -213,7 +215,7 @@ impl ScramServer {
             }
             None => {
                 self.user_known = false;
-                fake_credentials(self.hash, &self.username)
+                unknown.credentials(self.hash, &self.username)
             }
         };
         let server_nonce = self.fixed_server_nonce.clone().unwrap_or_else(|| {
@@ -311,30 +313,55 @@ impl ScramServer {
     }
 }
 
-/// Credentials for a user that does not exist: derived from a per-process secret so the
-/// salt a probing client sees is stable across attempts, like a real account's.
-fn fake_credentials(hash: Hash, username: &str) -> ScramCredentials {
-    static SECRET: OnceLock<[u8; 32]> = OnceLock::new();
-    let secret = SECRET.get_or_init(|| {
+/// The secret from which the credentials of names that are not accounts
+/// are derived: the salt a probing client sees for such a name is stable
+/// across attempts (and, with the secret kept on disk, across restarts),
+/// like a real account's.
+#[derive(Clone)]
+pub struct FakeSaltKey([u8; 32]);
+
+impl FakeSaltKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        FakeSaltKey(bytes)
+    }
+
+    /// A fresh random key.
+    pub fn generate() -> Self {
         let mut s = [0u8; 32];
         OsRng.fill_bytes(&mut s);
-        s
-    });
-    let tag = match hash {
-        Hash::Sha1 => "sha1",
-        Hash::Sha256 => "sha256",
-    };
-    let derive = |purpose: &str, len: usize| {
-        let input = format!("{purpose}\0{tag}\0{username}");
-        let mut out = Hash::Sha256.hmac(secret, input.as_bytes());
-        out.truncate(len);
-        out
-    };
-    ScramCredentials {
-        salt: derive("salt", 16),
-        iterations: DEFAULT_ITERATIONS,
-        stored_key: derive("stored", hash.output_len()),
-        server_key: derive("server", hash.output_len()),
+        FakeSaltKey(s)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Credentials for `username`, which has no account: the salt and
+    /// iteration count look like a real account's; no password matches the
+    /// keys (a login still fails, as [`ScramServer`] knows the user is unknown).
+    pub fn credentials(&self, hash: Hash, username: &str) -> ScramCredentials {
+        let tag = match hash {
+            Hash::Sha1 => "sha1",
+            Hash::Sha256 => "sha256",
+        };
+        let derive = |purpose: &str, len: usize| {
+            let input = format!("{purpose}\0{tag}\0{username}");
+            let mut out = Hash::Sha256.hmac(&self.0, input.as_bytes());
+            out.truncate(len);
+            out
+        };
+        ScramCredentials {
+            salt: derive("salt", 16),
+            iterations: DEFAULT_ITERATIONS,
+            stored_key: derive("stored", hash.output_len()),
+            server_key: derive("server", hash.output_len()),
+        }
+    }
+}
+
+impl std::fmt::Debug for FakeSaltKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FakeSaltKey(..)")
     }
 }
 

@@ -29,7 +29,7 @@ fn run(
     creds: Option<&ScramCredentials>,
 ) -> Result<ClientFirst, SaslError> {
     let first = server.client_first(&client.client_first())?;
-    let sf = server.server_first(creds);
+    let sf = server.server_first(creds, &FakeSaltKey::generate());
     let cf = client.client_final(&sf)?;
     let v = server.client_final(&cf)?;
     client.verify_server_final(&v)?;
@@ -52,7 +52,7 @@ fn rfc5802_sha1_example() {
         }
     );
     assert_eq!(
-        server.server_first(Some(&creds)),
+        server.server_first(Some(&creds), &FakeSaltKey::generate()),
         b"r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,s=QSXCR+Q6sek8bf92,i=4096"
     );
     let v = server
@@ -95,7 +95,7 @@ fn rfc7677_sha256_example() {
         .client_first(b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO")
         .unwrap();
     assert_eq!(
-        server.server_first(Some(&creds)),
+        server.server_first(Some(&creds), &FakeSaltKey::generate()),
         &b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
             [..]
     );
@@ -218,7 +218,9 @@ fn downgrade_y_rejected_when_binding_available() {
         Err(SaslError::NotAuthorized)
     );
     // The exchange is dead afterwards.
-    assert!(server.server_first(None).is_empty());
+    assert!(server
+        .server_first(None, &FakeSaltKey::generate())
+        .is_empty());
     assert!(server.client_final(b"c=eSws,r=abcdef,p=AAAA").is_err());
 }
 
@@ -294,7 +296,7 @@ fn cbind_header_must_match_client_first() {
         "abc",
     );
     server.client_first(b"n,,n=user,r=abc").unwrap();
-    let sf = server.server_first(Some(&creds));
+    let sf = server.server_first(Some(&creds), &FakeSaltKey::generate());
     let cf = client.client_final(&sf).unwrap();
     assert_eq!(server.client_final(&cf), Err(SaslError::NotAuthorized));
 }
@@ -314,7 +316,8 @@ fn wrong_password_not_authorized() {
 
 #[test]
 fn unknown_user_fails_at_the_end_with_stable_salt() {
-    let attempt = |user: &str| {
+    let key = FakeSaltKey::generate();
+    let attempt_with = |key: &FakeSaltKey, user: &str| {
         let mut server = ScramServer::new(Hash::Sha256, false, None);
         let mut client = ScramClient::new(
             Hash::Sha256,
@@ -324,18 +327,24 @@ fn unknown_user_fails_at_the_end_with_stable_salt() {
             ClientBinding::Unsupported,
         );
         server.client_first(&client.client_first()).unwrap();
-        let sf = server.server_first(None);
+        let sf = server.server_first(None, key);
         let text = String::from_utf8(sf.clone()).unwrap();
         assert!(text.ends_with(&format!(",i={DEFAULT_ITERATIONS}")));
         let cf = client.client_final(&sf).unwrap();
         assert_eq!(server.client_final(&cf), Err(SaslError::NotAuthorized));
         salt_of(&sf)
     };
+    let attempt = |user: &str| attempt_with(&key, user);
     let a = attempt("ghost");
     let b = attempt("ghost");
     assert_eq!(a, b);
     assert_eq!(B64.decode(&a).unwrap().len(), 16);
     assert_ne!(a, attempt("phantom"));
+    // The salt depends on the key alone: the same key bytes (as reloaded
+    // from disk after a restart) give the same salt, another key another.
+    let reloaded = FakeSaltKey::from_bytes(*key.as_bytes());
+    assert_eq!(attempt_with(&reloaded, "ghost"), a);
+    assert_ne!(attempt_with(&FakeSaltKey::generate(), "ghost"), a);
 }
 
 #[test]
@@ -344,7 +353,7 @@ fn server_nonce_is_random_and_extends_client_nonce() {
     let nonce = || {
         let mut s = ScramServer::new(Hash::Sha1, false, None);
         s.client_first(b"n,,n=user,r=clientnonce").unwrap();
-        let sf = String::from_utf8(s.server_first(Some(&creds))).unwrap();
+        let sf = String::from_utf8(s.server_first(Some(&creds), &FakeSaltKey::generate())).unwrap();
         let r = sf.split(',').next().unwrap().strip_prefix("r=").unwrap();
         let server_part = r.strip_prefix("clientnonce").unwrap().to_owned();
         assert_eq!(B64.decode(&server_part).unwrap().len(), 24);
@@ -432,7 +441,7 @@ fn ready() -> (ScramServer, String) {
         "cnonce",
     );
     server.client_first(&client.client_first()).unwrap();
-    let sf = server.server_first(Some(&creds));
+    let sf = server.server_first(Some(&creds), &FakeSaltKey::generate());
     let cf = String::from_utf8(client.client_final(&sf).unwrap()).unwrap();
     (server, cf)
 }
@@ -493,7 +502,7 @@ fn malformed_client_final_rejected() {
 #[test]
 fn out_of_order_calls_fail() {
     let mut s = ScramServer::new(Hash::Sha1, false, None);
-    assert!(s.server_first(None).is_empty());
+    assert!(s.server_first(None, &FakeSaltKey::generate()).is_empty());
     assert!(s.client_first(b"n,,n=user,r=abc").is_err());
 
     let mut s = ScramServer::new(Hash::Sha1, false, None);
