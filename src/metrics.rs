@@ -7,7 +7,8 @@
 //! `session_closed`, `stanza_in`, `stanzas_out`, `routing_timer`,
 //! `auth_failure`, `stanza_error`, `stream_error`. Store latency comes from
 //! [`MeteredStore`], a `Store` wrapper; gauges that can be read off the
-//! router (sessions, queue depths) are computed when scraped.
+//! router (sessions, queue depths) are computed when scraped, and so is
+//! the disk space (`crate::disk::refresh` from the `/metrics` handler).
 
 use crate::router::Router;
 use natter_store::{

@@ -187,10 +187,14 @@ impl SqliteStore {
             // sqlx still counts it open: the rollback queued by the dropped transaction
             // then fails and every later BEGIN is refused ("begin_with at non-zero
             // transaction depth") until a restart. A connection returned still inside a
-            // transaction is closed instead, and the pool opens a fresh one. (The ping
-            // runs after that queued rollback.)
+            // transaction is closed instead, and the pool opens a fresh one.
             .after_release(|conn, _| {
                 Box::pin(async move {
+                    // Committed: nothing to check (and no round trip on the hot path).
+                    if !conn.is_in_transaction() {
+                        return Ok(true);
+                    }
+                    // Dropped: the ping runs after the queued rollback.
                     conn.ping().await?;
                     let clean = !conn.is_in_transaction();
                     if !clean {
