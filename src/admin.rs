@@ -34,7 +34,7 @@ pub fn create_token(data_dir: &Path) -> anyhow::Result<String> {
     let mut bytes = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut bytes);
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::create_dir_all(data_dir)
+    natter_store::files::private_dir(data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let path = token_path(data_dir);
     crate::private_file::write(data_dir, TOKEN_FILE, format!("{token}\n").as_bytes())

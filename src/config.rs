@@ -150,6 +150,9 @@ pub struct StoreConfig {
     /// Messages queued per user while no device is online (XEP-0160);
     /// beyond it senders get an error.
     pub offline_limit: usize,
+    /// Warn in the log when the store's filesystem has less than this percentage of its
+    /// size free; 0 disables the warning.
+    pub disk_free_warn_percent: u8,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -253,6 +256,7 @@ impl Default for StoreConfig {
             sync: "normal".into(),
             archive_retention_days: 0,
             offline_limit: 10_000,
+            disk_free_warn_percent: 10,
         }
     }
 }
@@ -354,6 +358,12 @@ impl Config {
             anyhow::bail!(
                 "store.sync must be \"normal\" or \"full\", not {:?}",
                 self.store.sync
+            );
+        }
+        if self.store.disk_free_warn_percent > 100 {
+            anyhow::bail!(
+                "store.disk_free_warn_percent must be 0 to 100, not {}",
+                self.store.disk_free_warn_percent
             );
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {

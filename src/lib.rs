@@ -6,6 +6,7 @@ pub mod admin;
 pub mod backup;
 pub mod c2s;
 pub mod config;
+pub mod disk;
 pub mod error;
 pub mod metrics;
 pub mod modules;
@@ -37,9 +38,9 @@ pub fn c2s_limits(config: &Config, authed: bool) -> natter_xml::Limits {
     }
 }
 
-/// Open the configured store, creating the data directory; fails with the cause.
+/// Open the configured store, creating the data directory (0700); fails with the cause.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    std::fs::create_dir_all(&config.data_dir)
+    natter_store::files::private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let path = config.store_path();
     let store = natter_store::sqlite::SqliteStore::open(&path, config.store.sync == "full")
@@ -150,6 +151,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tasks.spawn(modules::mam::retention_task(state.clone()));
     // Memory a stuck or flooded session freed goes back to the system.
     tasks.spawn(router::trim_task(state.clone()));
+    tasks.spawn(disk::watch(state.clone()));
     if let Some(l) = c2s {
         bound.c2s = l.local_addr().ok();
         tasks.spawn(net::accept_c2s(l, state.clone(), false));

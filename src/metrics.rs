@@ -7,7 +7,8 @@
 //! `session_closed`, `stanza_in`, `stanzas_out`, `routing_timer`,
 //! `auth_failure`, `stanza_error`, `stream_error`. Store latency comes from
 //! [`MeteredStore`], a `Store` wrapper; gauges that can be read off the
-//! router (sessions, queue depths) are computed when scraped.
+//! router (sessions, queue depths) are computed when scraped, and so is
+//! the disk space (`crate::disk::refresh` from the `/metrics` handler).
 
 use crate::router::Router;
 use natter_store::{
@@ -57,6 +58,8 @@ pub struct Metrics {
     auth_failures: Family<L1, Counter>,
     errors: Family<L2, Counter>,
     uptime: Gauge,
+    disk_free: Gauge,
+    disk_size: Gauge,
     /// Bound sessions by router id (the sessions gauge and `natter admin sessions`).
     bound: Mutex<HashMap<u64, SessionMeta>>,
 }
@@ -101,6 +104,8 @@ impl Metrics {
             auth_failures: Family::default(),
             errors: Family::default(),
             uptime: Gauge::default(),
+            disk_free: Gauge::default(),
+            disk_size: Gauge::default(),
             bound: Mutex::new(HashMap::new()),
         };
         let r = &mut registry;
@@ -163,6 +168,16 @@ impl Metrics {
             "uptime_seconds",
             "Seconds since the server started",
             m.uptime.clone(),
+        );
+        r.register(
+            "disk_free_bytes",
+            "Bytes free on the filesystem holding the database",
+            m.disk_free.clone(),
+        );
+        r.register(
+            "disk_size_bytes",
+            "Size of the filesystem holding the database",
+            m.disk_size.clone(),
         );
         let info: Family<L1, Gauge> = Family::default();
         info.get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
@@ -279,6 +294,13 @@ impl Metrics {
             Self::totals(&self.stanzas_in, &keys),
             Self::totals(&self.stanzas_out, &keys),
         )
+    }
+
+    pub fn disk_space(&self, s: crate::disk::Space) {
+        self.disk_free
+            .set(i64::try_from(s.free).unwrap_or(i64::MAX));
+        self.disk_size
+            .set(i64::try_from(s.size).unwrap_or(i64::MAX));
     }
 
     pub fn uptime(&self) -> Duration {
@@ -587,6 +609,9 @@ impl Store for MeteredStore {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         timed!(self, "ping", self.inner.ping())
+    }
+    async fn writable(&self) -> Result<(), StoreError> {
+        timed!(self, "writable", self.inner.writable())
     }
     async fn close(&self) {
         self.inner.close().await

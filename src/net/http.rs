@@ -80,6 +80,7 @@ fn missing_assets_page(web_root: &Path) -> String {
 }
 
 async fn metrics(State(state): State<ServerState>) -> Response {
+    crate::disk::refresh(&state);
     (
         [(
             header::CONTENT_TYPE,
@@ -90,15 +91,18 @@ async fn metrics(State(state): State<ServerState>) -> Response {
         .into_response()
 }
 
+/// 200 while the store answers reads and its writes succeed; 503 naming the cause
+/// otherwise (e.g. a full disk), so a load balancer sends new clients elsewhere. It turns
+/// 200 again by itself: with no traffic, `writable` probes with a write of its own.
 async fn ready(State(state): State<ServerState>) -> Response {
-    match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("store unreachable: {e}\n"),
-        )
-            .into_response(),
-    }
+    let unready = match state.store.ping().await {
+        Err(e) => format!("store unreachable: {e}\n"),
+        Ok(()) => match state.store.writable().await {
+            Ok(()) => return (StatusCode::OK, "ready\n").into_response(),
+            Err(e) => format!("store writes failing: {e}\n"),
+        },
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, unready).into_response()
 }
 
 async fn websocket(

@@ -14,6 +14,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub mod files;
 pub mod sqlite;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
@@ -454,6 +455,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Reachability check for /ready and start-up.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Whether writes succeed now (for /ready): the outcome of the latest write when it is
+    /// recent, otherwise of a small probe write. Err while writes fail (full disk, I/O
+    /// errors), naming the cause; Ok again once a write succeeds.
+    async fn writable(&self) -> Result<(), StoreError>;
     /// Flush and close (graceful shutdown). Later calls fail with [`StoreError::Backend`].
     async fn close(&self);
 }

@@ -16,12 +16,13 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Sqlite, Transaction};
+use sqlx::{Connection, QueryBuilder, Sqlite, Transaction};
 
 use crate::{
     dedup_groups, domain_of, now_micros, now_unix, AccountCredentials, ArchivePage, ArchiveQuery,
@@ -30,6 +31,7 @@ use crate::{
 };
 
 mod batch;
+mod health;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -53,6 +55,8 @@ pub struct SqliteStore {
     batch: batch::BatchWriter,
     /// Background WAL checkpoints (file databases only).
     checkpointer: Option<Checkpointer>,
+    /// Outcome of the latest writes, for [`Store::writable`].
+    health: Arc<health::WriteHealth>,
 }
 
 /// Runs `PRAGMA wal_checkpoint(PASSIVE)` on a connection of its own every
@@ -68,16 +72,30 @@ impl Checkpointer {
     fn spawn(pool: SqlitePool) -> Self {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
+            // Logged when it starts and stops failing: on a full disk it fails 4 times a
+            // second, and the commits that fail meanwhile are logged already.
+            let mut failing = false;
             loop {
                 tokio::select! {
                     _ = stopped.changed() => break,
                     _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
                 }
-                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
                     .execute(&pool)
                     .await
                 {
-                    tracing::warn!(error = %e, "SQLite background checkpoint failed");
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(
+                            error = %e,
+                            "SQLite background checkpoint failed (logged again once it works)"
+                        );
+                    }
+                    Ok(_) if failing => {
+                        failing = false;
+                        tracing::info!("SQLite background checkpoint works again");
+                    }
+                    _ => {}
                 }
             }
             pool.close().await;
@@ -122,13 +140,27 @@ impl SqliteStore {
     pub async fn open(path: &Path, sync_full: bool) -> Result<Self, StoreError> {
         let shown = path.display();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(dir).await.map_err(|e| {
+            crate::files::create_dir(dir).map_err(|e| {
                 StoreError::Backend(format!(
                     "cannot create directory {} for SQLite database {shown}: {e}",
                     dir.display()
                 ))
             })?;
         }
+        // The file holds SCRAM keys and every archive: 0600 whatever the umask. SQLite
+        // gives the WAL and SHM it creates the database file's mode; ones left by an
+        // earlier run are tightened like the file.
+        crate::files::private_file(path)
+            .and_then(|()| {
+                ["-wal", "-shm"].iter().try_for_each(|suffix| {
+                    let mut side = path.as_os_str().to_owned();
+                    side.push(suffix);
+                    crate::files::tighten(Path::new(&side))
+                })
+            })
+            .map_err(|e| {
+                StoreError::Backend(format!("cannot make SQLite database {shown} private: {e}"))
+            })?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -151,6 +183,29 @@ impl SqliteStore {
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
+            // A failed COMMIT (full disk, I/O error) can end SQLite's transaction while
+            // sqlx still counts it open: the rollback queued by the dropped transaction
+            // then fails and every later BEGIN is refused ("begin_with at non-zero
+            // transaction depth") until a restart. A connection returned still inside a
+            // transaction is closed instead, and the pool opens a fresh one.
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    // Committed: nothing to check (and no round trip on the hot path).
+                    if !conn.is_in_transaction() {
+                        return Ok(true);
+                    }
+                    // Dropped: the ping runs after the queued rollback.
+                    conn.ping().await?;
+                    let clean = !conn.is_in_transaction();
+                    if !clean {
+                        tracing::warn!(
+                            "SQLite writer connection left inside a failed transaction; \
+                             replacing it"
+                        );
+                    }
+                    Ok(clean)
+                })
+            })
             .connect_with(
                 options
                     .clone()
@@ -192,7 +247,8 @@ impl SqliteStore {
                 return Err(open_err(e));
             }
         };
-        let batch = match Self::start_batch_writer(&writer).await {
+        let health = Arc::new(health::WriteHealth::default());
+        let batch = match Self::start_batch_writer(&writer, &health).await {
             Ok(b) => b,
             Err(e) => {
                 reader.close().await;
@@ -206,6 +262,7 @@ impl SqliteStore {
             reader: Some(reader),
             batch,
             checkpointer: Some(Checkpointer::spawn(checkpoints)),
+            health,
         })
     }
 
@@ -216,7 +273,8 @@ impl SqliteStore {
             .shared_cache(false)
             .foreign_keys(true);
         // Exactly one connection that never expires: every connection to ":memory:" would
-        // otherwise be a separate, empty database.
+        // otherwise be a separate, empty database. (So unlike a file store's writer it
+        // can't be replaced after a failed commit; it has no disk to fill.)
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -229,16 +287,21 @@ impl SqliteStore {
             .run(&writer)
             .await
             .map_err(|e| StoreError::Migration(format!("in-memory SQLite: {e}")))?;
-        let batch = Self::start_batch_writer(&writer).await?;
+        let health = Arc::new(health::WriteHealth::default());
+        let batch = Self::start_batch_writer(&writer, &health).await?;
         Ok(SqliteStore {
             writer,
             reader: None,
             batch,
             checkpointer: None,
+            health,
         })
     }
 
-    async fn start_batch_writer(writer: &SqlitePool) -> Result<batch::BatchWriter, StoreError> {
+    async fn start_batch_writer(
+        writer: &SqlitePool,
+        health: &Arc<health::WriteHealth>,
+    ) -> Result<batch::BatchWriter, StoreError> {
         // The writer keeps archive timestamps non-decreasing in seq order, so the newest
         // row holds the largest one.
         let last_ts: Option<i64> =
@@ -248,6 +311,7 @@ impl SqliteStore {
         Ok(batch::BatchWriter::spawn(
             writer.clone(),
             last_ts.unwrap_or(0),
+            health.clone(),
         ))
     }
 
@@ -266,6 +330,23 @@ impl SqliteStore {
 
     async fn write_tx(&self) -> Result<Tx, StoreError> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// A real write of about `bytes` (the `write_probe` row rewritten) through the writer
+    /// like any other write, so it fails where they fail: no room for the WAL to grow,
+    /// I/O errors, a read-only disk, a broken writer connection.
+    async fn probe_write(&self, bytes: usize) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "INSERT INTO write_probe (id, at, pad) VALUES (1, $1, zeroblob($2)) \
+             ON CONFLICT (id) DO UPDATE SET at = excluded.at, pad = excluded.pad",
+        )
+        .bind(now_micros())
+        .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// The account's roster version, or `None` if there is no such account.
@@ -1424,6 +1505,30 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn writable(&self) -> Result<(), StoreError> {
+        // One probe at a time; checks that waited for it reuse its outcome.
+        let _probing = self.health.probe.lock().await;
+        let bytes = match self.health.due() {
+            health::Due::No(recent) => return recent,
+            health::Due::Probe(bytes) => bytes,
+        };
+        let probe = tokio::time::timeout(health::PROBE_TIMEOUT, self.probe_write(bytes))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Backend(format!(
+                    "a probe write did not finish within {} s",
+                    health::PROBE_TIMEOUT.as_secs()
+                )))
+            });
+        match probe {
+            Ok(()) => self.health.record_ok(),
+            Err(StoreError::Backend(e)) => self.health.record_err(&e),
+            Err(e) => self.health.record_err(&e.to_string()),
+        }
+        // With how long writes have been failing.
+        self.health.current()
+    }
+
     async fn close(&self) {
         // Commit what is queued for group commit first; later requests fail.
         self.batch.shutdown().await;
@@ -1996,17 +2101,7 @@ mod tests {
 
         let store = SqliteStore::open(&path, false).await.unwrap();
         let more = store.archive_append(&[msg("u@x.org", 3)]).await.unwrap();
-        let all = store
-            .archive_query(
-                "u@x.org",
-                &ArchiveQuery {
-                    max: 10,
-                    ..ArchiveQuery::default()
-                },
-            )
-            .await
-            .unwrap()
-            .items;
+        let all = archive_all(&store, "u@x.org").await;
         assert_eq!(
             all.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
             [first, more].concat()
@@ -2017,6 +2112,64 @@ mod tests {
             .await
             .unwrap();
         assert!(q2 > q1, "queue seq reused after restart");
+        store.close().await;
+    }
+
+    /// The first messages of `owner`'s archive, oldest first.
+    async fn archive_all(store: &SqliteStore, owner: &str) -> Vec<ArchivedMessage> {
+        let q = ArchiveQuery {
+            max: 10,
+            ..ArchiveQuery::default()
+        };
+        store.archive_query(owner, &q).await.unwrap().items
+    }
+
+    /// Issue 9 item 4: a write that fails because the database is full (SQLITE_FULL, here
+    /// from `max_page_count`; on a real full disk from the WAL write) may end SQLite's
+    /// transaction while sqlx still counts it open, after which every later write failed
+    /// with "attempted to call begin_with at non-zero transaction depth" until a restart.
+    #[tokio::test]
+    async fn store_heals_after_database_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("full.db"), false)
+            .await
+            .unwrap();
+        store.create_account("u@x.org", &creds(1)).await.unwrap();
+        let kept = store.archive_append(&[msg("u@x.org", 0)]).await.unwrap();
+        // Cap the file at its current size: the next page it needs fails with SQLITE_FULL.
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        sqlx::query(&format!("PRAGMA max_page_count = {pages}"))
+            .execute(&store.writer)
+            .await
+            .unwrap();
+        let big = "x".repeat(64 * 1024);
+        let full = NewArchiveEntry {
+            owner: "u@x.org".into(),
+            with: "v@x.org".into(),
+            stanza: big.clone(),
+            outgoing: true,
+        };
+        let err = store
+            .archive_append(std::slice::from_ref(&full))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("full"), "{err}");
+        assert!(store.writable().await.is_err(), "writes fail, so not ready");
+        // Space comes back (a replaced connection starts without the cap).
+        let _ = sqlx::query("PRAGMA max_page_count = 1073741823")
+            .execute(&store.writer)
+            .await;
+        let later = store.archive_append(&[full]).await.expect("writes heal");
+        store.create_account("w@x.org", &creds(2)).await.unwrap();
+        assert!(store.writable().await.is_ok());
+        let all = archive_all(&store, "u@x.org").await;
+        assert_eq!(
+            all.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+            [kept, later].concat()
+        );
         store.close().await;
     }
 }

@@ -12,7 +12,10 @@
 //! reported to its caller, and the rest of the batch still commits. Every caller is answered through its oneshot only after the
 //! commit has returned, so a successful reply means the data is durable (to the extent the
 //! `synchronous` pragma promises). If the transaction itself fails, every caller gets the
-//! error.
+//! error, and the failed transaction is rolled back when it is dropped; if SQLite already
+//! ended it (a full disk fails the COMMIT and rolls back), the writer pool replaces the
+//! connection (`SqliteStore::open`'s `after_release`), so the next batch starts clean.
+//! Each transaction's outcome goes to [`WriteHealth`] for readiness checks.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,6 +25,7 @@ use sqlx::sqlite::SqlitePool;
 use sqlx::{QueryBuilder, Sqlite};
 use tokio::sync::{mpsc, oneshot};
 
+use super::health::WriteHealth;
 use super::{map_fk, Tx};
 use crate::{now_micros, StoreError};
 
@@ -81,10 +85,10 @@ fn closed() -> StoreError {
 impl BatchWriter {
     /// Starts the writer task on the current Tokio runtime. `last_ts`: the newest archive
     /// timestamp already stored, so timestamps never go backwards in archive order.
-    pub fn spawn(pool: SqlitePool, last_ts: i64) -> Self {
+    pub fn spawn(pool: SqlitePool, last_ts: i64, health: Arc<WriteHealth>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let stats = Arc::new(Stats::default());
-        tokio::spawn(run(pool, rx, last_ts, stats.clone()));
+        tokio::spawn(run(pool, rx, last_ts, stats.clone(), health));
         BatchWriter { tx, stats }
     }
 
@@ -132,6 +136,7 @@ async fn run(
     mut rx: mpsc::Receiver<Request>,
     mut last_ts: i64,
     stats: Arc<Stats>,
+    health: Arc<WriteHealth>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
@@ -159,7 +164,7 @@ async fn run(
             stats
                 .requests
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            commit(&pool, &mut batch, &mut last_ts).await;
+            commit(&pool, &mut batch, &mut last_ts, &health).await;
         }
         if let Some(reply) = shutdown {
             // Refuse new requests; whatever was queued after the shutdown fails.
@@ -245,7 +250,12 @@ impl Request {
 /// A request of one statement needs no savepoint: a constraint violation (unknown account)
 /// only undoes that statement. Requests of several statements get a SAVEPOINT so they stay
 /// all-or-nothing. Any other failure leaves the transaction in doubt and fails the batch.
-async fn commit(pool: &SqlitePool, batch: &mut Vec<Request>, last_ts: &mut i64) {
+async fn commit(
+    pool: &SqlitePool,
+    batch: &mut Vec<Request>,
+    last_ts: &mut i64,
+    health: &WriteHealth,
+) {
     let mut outcomes: Vec<Result<Done, StoreError>> = Vec::with_capacity(batch.len());
     let committed: Result<(), sqlx::Error> = async {
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
@@ -283,6 +293,10 @@ async fn commit(pool: &SqlitePool, batch: &mut Vec<Request>, last_ts: &mut i64) 
         tracing::error!(error = %e, requests = batch.len(), "group commit failed");
         e.to_string()
     });
+    match &failure {
+        None => health.record_ok(),
+        Some(e) => health.record_err(e),
+    }
     let mut outcomes = outcomes.into_iter();
     for req in batch.drain(..) {
         let outcome = match (&failure, outcomes.next()) {
