@@ -10,6 +10,7 @@ pub mod error;
 pub mod metrics;
 pub mod modules;
 pub mod net;
+pub mod progress;
 pub mod router;
 pub mod state;
 

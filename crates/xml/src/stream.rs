@@ -76,7 +76,7 @@ impl XmlError {
     }
 }
 
-fn map_rxml_error(e: rxml::Error) -> XmlError {
+pub(crate) fn map_rxml_error(e: rxml::Error) -> XmlError {
     match e {
         // rxml's own length limits (our max_token_length) are resource limits.
         rxml::Error::RestrictedXml(m) if m == "long name or reference" || m == "event too long" => {
@@ -95,7 +95,7 @@ fn map_rxml_error(e: rxml::Error) -> XmlError {
     }
 }
 
-fn new_rxml_parser(limits: &Limits) -> Parser {
+pub(crate) fn new_rxml_parser(limits: &Limits) -> Parser {
     let mut p = Parser::with_options(Options {
         max_token_length: limits.max_stanza_bytes.clamp(1, MAX_TOKEN_CAP),
         ..Options::default()
@@ -127,13 +127,18 @@ fn is_xml_whitespace(s: &str) -> bool {
 
 /// Builds one element tree from rxml events, enforcing depth and attribute limits.
 #[derive(Debug, Default)]
-struct TreeBuilder {
+pub(crate) struct TreeBuilder {
     /// Open elements; index 0 is the top-level element being built.
     stack: Vec<Element>,
 }
 
 impl TreeBuilder {
-    fn start(
+    /// A builder whose top-level element `root` is already open.
+    pub(crate) fn with_root(root: Element) -> Self {
+        TreeBuilder { stack: vec![root] }
+    }
+
+    pub(crate) fn start(
         &mut self,
         ns: Namespace<'static>,
         name: rxml::NcName,
@@ -162,7 +167,7 @@ impl TreeBuilder {
     }
 
     /// Close the innermost element; returns the top-level element once complete.
-    fn end(&mut self) -> Option<Element> {
+    pub(crate) fn end(&mut self) -> Option<Element> {
         let el = self.stack.pop()?;
         match self.stack.last_mut() {
             Some(parent) => {
@@ -173,7 +178,7 @@ impl TreeBuilder {
         }
     }
 
-    fn text(&mut self, text: String) {
+    pub(crate) fn text(&mut self, text: String) {
         if let Some(top) = self.stack.last_mut() {
             top.append_text(text);
         }
