@@ -331,3 +331,100 @@ async fn restore_of_a_large_backup_does_not_hold_the_file_in_memory() {
     assert_eq!(seen, BIG_ARCHIVE);
     store.close().await;
 }
+
+/// A XEP-0227 file as another exporter may write it: the older draft
+/// namespace, and the credentials after the messages. Restore streams it
+/// all the same (the messages wait for the account to exist).
+#[tokio::test]
+async fn restore_streams_files_with_messages_before_credentials_and_the_old_namespace() {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("other-server.xml");
+    let old_ns = "http://www.xmpp.org/extensions/xep-0227.html#ns";
+    let mut doc =
+        format!("<?xml version='1.0'?><server-data xmlns='{old_ns}'><host jid='{DOMAIN}'>");
+    doc += "<user name='zoe'>\
+        <offline-messages><message xmlns='jabber:client' from='amy@localhost/x' to='zoe@localhost' type='chat'><body>queued</body></message></offline-messages>\
+        <archive xmlns='urn:xmpp:pie:0#mam'>";
+    for k in 0..1200 {
+        doc += &format!(
+            "<result xmlns='urn:xmpp:mam:2' id='z{k:04}'><forwarded xmlns='urn:xmpp:forward:0'>\
+             <delay xmlns='urn:xmpp:delay' stamp='2024-01-02T03:04:05Z'/>\
+             <message xmlns='jabber:client' from='zoe@localhost/x' to='amy@localhost' type='chat'><body>{k}</body></message>\
+             </forwarded></result>"
+        );
+    }
+    doc += "</archive><query xmlns='jabber:iq:roster'><item jid='amy@localhost' subscription='both'/></query>";
+    let creds = natter::accounts::derive("zoe-password", 0).unwrap();
+    for (mech, c) in [
+        ("SCRAM-SHA-1", &creds.sha1),
+        ("SCRAM-SHA-256", &creds.sha256),
+    ] {
+        doc += &format!(
+            "<scram-credentials xmlns='urn:xmpp:pie:0#scram' mechanism='{mech}'>\
+             <iter-count>{}</iter-count><salt>{}</salt><server-key>{}</server-key><stored-key>{}</stored-key>\
+             </scram-credentials>",
+            c.iterations,
+            b64(&c.salt),
+            b64(&c.server_key),
+            b64(&c.stored_key)
+        );
+    }
+    doc += "</user></host></server-data>";
+    std::fs::write(&file, doc).unwrap();
+
+    let fresh = tempfile::tempdir().unwrap();
+    let out = natter_cli(fresh.path(), &["restore", file.to_str().unwrap()]);
+    assert!(out.contains("1 accounts"), "{out}");
+    assert!(out.contains("1200 archived messages"), "{out}");
+    assert!(out.contains("1 offline messages"), "{out}");
+
+    let server = start_server(|c| c.data_dir = fresh.path().to_path_buf()).await;
+    let store = server.state().store.clone();
+    let zoe = format!("zoe@{DOMAIN}");
+    let q = ArchiveQuery {
+        max: 2000,
+        ..Default::default()
+    };
+    let page = store.archive_query(&zoe, &q).await.unwrap();
+    assert_eq!(page.items.len(), 1200);
+    assert!(page
+        .items
+        .iter()
+        .all(|m| m.outgoing && m.with == "amy@localhost"));
+    assert_eq!(page.items[1199].id, "z1199");
+    let (_, roster) = store.roster(&zoe).await.unwrap();
+    assert_eq!(roster.len(), 1);
+    let mut c = server.login(&zoe, "zoe-password", "r").await;
+    c.close().await;
+    server.stop().await;
+}
+
+/// Restore checks the whole file before writing: a backup cut short (a
+/// disk that filled while it was copied) leaves the store untouched.
+#[test]
+fn a_truncated_backup_restores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cut.xml");
+    let mut doc =
+        format!("<?xml version='1.0'?><server-data xmlns='urn:xmpp:pie:0'><host jid='{DOMAIN}'>");
+    for i in 0..3 {
+        doc += &format!("<user name='u{i}' password='pw-{i}-long-enough'><query xmlns='jabber:iq:roster'/></user>");
+    }
+    doc += "</host></server-data>";
+    std::fs::write(&file, &doc[..doc.len() - 20]).unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let out = natter_command(fresh.path(), &["restore", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a well-formed XML document"), "{err}");
+    let listed = natter_cli(fresh.path(), &["user", "list"]);
+    assert_eq!(
+        listed.trim(),
+        "",
+        "accounts were written from a truncated backup"
+    );
+}
