@@ -32,6 +32,7 @@
 //! the server runs (SQLite WAL: readers don't block the writer). Restore
 //! refuses to overwrite: every account in the file must be new.
 
+use crate::progress::{Progress, Unit};
 use anyhow::{bail, Context};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -39,8 +40,8 @@ use natter_store::{
     AccountCredentials, ArchiveQuery, ArchivedMessage, MamPrefs, PepNodeConfig, RosterItem, Store,
     StoredCredentials, Subscription,
 };
-use natter_xml::{Element, NS_CLIENT};
-use std::io::Write;
+use natter_xml::{DocError, DocEvent, DocumentReader, Element, NS_CLIENT};
+use std::io::{BufRead, Write};
 use std::path::Path;
 
 pub const NS_PIE: &str = "urn:xmpp:pie:0";
@@ -146,7 +147,8 @@ fn roster_element(items: &[RosterItem]) -> Element {
     q
 }
 
-/// One `<user/>` element with everything the account owns.
+/// One `<user/>` element with everything the account owns except its
+/// archive, which [`export_archive`] streams page by page.
 async fn export_user(store: &dyn Store, user: &str, sum: &mut Summary) -> anyhow::Result<Element> {
     let (local, _) = user.split_once('@').unwrap_or(("", user));
     let mut u = Element::new("user", NS_PIE).with_attr("name", local);
@@ -254,50 +256,6 @@ async fn export_user(store: &dyn Store, user: &str, sum: &mut Summary) -> anyhow
         u.append_child(items);
     }
 
-    let mut archive = Element::new("archive", NS_PIE_MAM);
-    let mut after: Option<String> = None;
-    loop {
-        let q = ArchiveQuery {
-            after_id: after.clone(),
-            max: PAGE,
-            ..Default::default()
-        };
-        let page = store.archive_query(user, &q).await?;
-        for m in &page.items {
-            let msg = match parse_xml(&m.stanza) {
-                Ok(el) => el,
-                Err(e) => {
-                    tracing::warn!(%user, id = %m.id, error = %e, "archived stanza unreadable; skipped");
-                    continue;
-                }
-            };
-            archive.append_child(
-                Element::new("result", NS_MAM)
-                    .with_attr("id", &m.id)
-                    .with_child(
-                        Element::new("forwarded", NS_FORWARD)
-                            .with_child(
-                                Element::new("delay", NS_DELAY)
-                                    .with_attr("stamp", micros_to_stamp(m.ts_micros)),
-                            )
-                            .with_child(msg),
-                    )
-                    .with_child(
-                        Element::new("entry", NS_NATTER)
-                            .with_attr("with", &m.with)
-                            .with_attr("outgoing", if m.outgoing { "true" } else { "false" })
-                            .with_attr("ts", m.ts_micros.to_string()),
-                    ),
-            );
-            sum.archived += 1;
-        }
-        match page.items.last() {
-            Some(last) if !page.complete => after = Some(last.id.clone()),
-            _ => break,
-        }
-    }
-    u.append_child(archive);
-
     let prefs = store.mam_prefs(user).await?;
     if prefs != MamPrefs::default() {
         let list = |name: &str, jids: &[String]| {
@@ -327,8 +285,91 @@ async fn export_user(store: &dyn Store, user: &str, sum: &mut Summary) -> anyhow
     Ok(u)
 }
 
+/// The account's `<archive/>`, written to `out` one page of the store at a
+/// time: a user with a huge archive costs one page of memory, not the archive.
+async fn export_archive(
+    store: &dyn Store,
+    user: &str,
+    out: &mut Counting<'_>,
+    sum: &mut Summary,
+    progress: &mut Progress,
+) -> anyhow::Result<()> {
+    write!(out, "<archive xmlns='{NS_PIE_MAM}'>")?;
+    let mut after: Option<String> = None;
+    let mut s = String::new();
+    loop {
+        let q = ArchiveQuery {
+            after_id: after.clone(),
+            max: PAGE,
+            ..Default::default()
+        };
+        let page = store.archive_query(user, &q).await?;
+        s.clear();
+        for m in &page.items {
+            let msg = match parse_xml(&m.stanza) {
+                Ok(el) => el,
+                Err(e) => {
+                    tracing::warn!(%user, id = %m.id, error = %e, "archived stanza unreadable; skipped");
+                    continue;
+                }
+            };
+            Element::new("result", NS_MAM)
+                .with_attr("id", &m.id)
+                .with_child(
+                    Element::new("forwarded", NS_FORWARD)
+                        .with_child(
+                            Element::new("delay", NS_DELAY)
+                                .with_attr("stamp", micros_to_stamp(m.ts_micros)),
+                        )
+                        .with_child(msg),
+                )
+                .with_child(
+                    Element::new("entry", NS_NATTER)
+                        .with_attr("with", &m.with)
+                        .with_attr("outgoing", if m.outgoing { "true" } else { "false" })
+                        .with_attr("ts", m.ts_micros.to_string()),
+                )
+                .write_to(&mut s, NS_PIE_MAM, false);
+            sum.archived += 1;
+        }
+        out.write_all(s.as_bytes())?;
+        progress.update(sum.accounts as u64, || export_detail(sum, out.bytes));
+        match page.items.last() {
+            Some(last) if !page.complete => after = Some(last.id.clone()),
+            _ => break,
+        }
+    }
+    write!(out, "</archive>")?;
+    Ok(())
+}
+
+fn export_detail(sum: &Summary, bytes: u64) -> String {
+    format!("{} messages, {} MB written", sum.archived, bytes >> 20)
+}
+
+/// A writer that counts what went through it (for progress).
+struct Counting<'a> {
+    inner: &'a mut dyn Write,
+    bytes: u64,
+}
+
+impl Write for Counting<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Write the whole store to `out` as a XEP-0227 document, user by user.
-pub async fn export(store: &dyn Store, out: &mut dyn Write) -> anyhow::Result<Summary> {
+pub async fn export(
+    store: &dyn Store,
+    out: &mut dyn Write,
+    progress: &mut Progress,
+) -> anyhow::Result<Summary> {
     let mut sum = Summary::default();
     let accounts = store.list_accounts(None).await?;
     let mut by_host: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
@@ -336,6 +377,10 @@ pub async fn export(store: &dyn Store, out: &mut dyn Write) -> anyhow::Result<Su
         let host = a.rsplit_once('@').map_or(a.as_str(), |(_, d)| d);
         by_host.entry(host).or_default().push(a);
     }
+    let out = &mut Counting {
+        inner: out,
+        bytes: 0,
+    };
     writeln!(out, "<?xml version='1.0' encoding='UTF-8'?>")?;
     writeln!(out, "<server-data xmlns='{NS_PIE}'>")?;
     for (host, users) in by_host {
@@ -349,14 +394,26 @@ pub async fn export(store: &dyn Store, out: &mut dyn Write) -> anyhow::Result<Su
                 Err(_) if store.credentials(user).await?.is_none() => continue,
                 Err(e) => return Err(e.context(format!("exporting {user}"))),
             };
-            let mut s = String::new();
-            el.write_to(&mut s, NS_PIE, false);
-            writeln!(out, "{s}")?;
+            // The children one by one, then the archive streamed into the
+            // same element: never the whole account as one string.
+            let mut s = String::from("<user name='");
+            natter_xml::escape_attr(el.attr("name").unwrap_or_default(), &mut s);
+            s.push_str("'>");
+            for c in el.children() {
+                c.write_to(&mut s, NS_PIE, false);
+            }
+            out.write_all(s.as_bytes())?;
+            export_archive(store, user, out, &mut sum, progress)
+                .await
+                .with_context(|| format!("exporting the archive of {user}"))?;
+            writeln!(out, "</user>")?;
+            progress.update(sum.accounts as u64, || export_detail(&sum, out.bytes));
         }
         writeln!(out, "</host>")?;
     }
     writeln!(out, "</server-data>")?;
     out.flush()?;
+    progress.finish(sum.accounts as u64, || export_detail(&sum, out.bytes));
     Ok(sum)
 }
 
@@ -364,6 +421,8 @@ pub async fn export(store: &dyn Store, out: &mut dyn Write) -> anyhow::Result<Su
 /// into place, so FILE is either the old content or a complete backup.
 pub async fn backup_to_file(store: &dyn Store, path: &Path) -> anyhow::Result<Summary> {
     use std::os::unix::fs::OpenOptionsExt;
+    let accounts = store.list_accounts(None).await?.len() as u64;
+    let mut progress = Progress::new("backup", Unit::Accounts, accounts);
     let tmp = path.with_extension("partial");
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -373,7 +432,7 @@ pub async fn backup_to_file(store: &dyn Store, path: &Path) -> anyhow::Result<Su
         .open(&tmp)
         .with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut w = std::io::BufWriter::new(f);
-    let r = export(store, &mut w).await;
+    let r = export(store, &mut w, &mut progress).await;
     let done = r.and_then(|sum| {
         let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
@@ -382,6 +441,7 @@ pub async fn backup_to_file(store: &dyn Store, path: &Path) -> anyhow::Result<Su
         Ok(sum)
     });
     if done.is_err() {
+        progress.abandon();
         let _ = std::fs::remove_file(&tmp);
     }
     done
@@ -552,15 +612,15 @@ fn pep_config(configure: &Element) -> PepNodeConfig {
     cfg
 }
 
-async fn import_user(
+/// Everything of one account but its credentials, offline queue and
+/// archive (which [`UserImport`] writes as they stream by). `u` holds the
+/// account's other children, each small.
+async fn import_rest(
     store: &dyn Store,
     user: &str,
     u: &Element,
     sum: &mut Summary,
 ) -> anyhow::Result<()> {
-    let creds = credentials_of(u).await?;
-    store.create_account(user, &creds).await?;
-    sum.accounts += 1;
     for item in roster_items(u)? {
         store.put_roster_item(user, &item).await?;
         sum.roster_items += 1;
@@ -574,19 +634,6 @@ async fn import_user(
         store
             .set_last_activity(user, at, l.attr("status").unwrap_or(""))
             .await?;
-    }
-    if let Some(o) = u.get_child("offline-messages", NS_PIE) {
-        // Exported in queue order; that order is kept (`ord` by position).
-        for (i, m) in o
-            .children()
-            .filter(|m| m.is("message", NS_CLIENT))
-            .enumerate()
-        {
-            store
-                .offline_push(user, &m.to_string(), None, usize::MAX, i as i64 + 1)
-                .await?;
-            sum.offline += 1;
-        }
     }
     if let Some(owner) = u.get_child("pubsub", NS_PUBSUB_OWNER) {
         for c in owner
@@ -621,19 +668,6 @@ async fn import_user(
             }
         }
     }
-    for archive in u.children().filter(|c| c.is("archive", NS_PIE_MAM)) {
-        let mut batch = Vec::new();
-        for res in archive.children().filter(|c| c.is("result", NS_MAM)) {
-            batch.push(archived_from(user, res)?);
-            if batch.len() == PAGE {
-                store.archive_import(&batch).await?;
-                sum.archived += batch.len();
-                batch.clear();
-            }
-        }
-        store.archive_import(&batch).await?;
-        sum.archived += batch.len();
-    }
     if let Some(p) = u.get_child("prefs", NS_MAM) {
         let list = |name: &str| -> Vec<String> {
             p.get_child(name, NS_MAM)
@@ -662,72 +696,336 @@ async fn import_user(
     Ok(())
 }
 
-/// Restore a XEP-0227 document into `store`. Every account in it must be
-/// new (restore into a fresh data directory); hosts must be in `domains`.
-pub async fn import(store: &dyn Store, text: &str, domains: &[String]) -> anyhow::Result<Summary> {
-    let root = parse_xml(text).context("the backup is not a well-formed XML document")?;
-    if !root.is("server-data", NS_PIE) && root.name != "server-data" {
-        bail!(
-            "not a XEP-0227 export: the root element is <{}/>",
-            root.name
-        );
+/// Reading limits for a backup: the document may be any size; one element
+/// built at a time (a roster, a vCard, one archived message) at most 64 MiB.
+fn backup_limits() -> natter_xml::Limits {
+    natter_xml::Limits {
+        max_stanza_bytes: 64 << 20,
+        max_depth: 256,
+        max_attrs: 256,
+        max_elements: usize::MAX,
     }
-    let ns = root.ns.clone();
-    let mut users: Vec<(String, &Element)> = Vec::new();
-    for host in root.children().filter(|c| c.name == "host" && c.ns == ns) {
-        let h = host.attr("jid").context("<host/> without jid")?;
-        if !domains.iter().any(|d| d == h) {
-            bail!("the backup has accounts of {h:?}, which this server does not serve (add it to `domains`)");
-        }
-        for u in host.children().filter(|c| c.name == "user" && c.ns == ns) {
-            let name = u.attr("name").context("<user/> without name")?;
-            let jid = jid::BareJid::new(&format!("{name}@{h}"))
-                .with_context(|| format!("invalid user {name:?} on {h}"))?;
-            users.push((jid.to_string(), u));
-        }
-    }
-    let existing = store.list_accounts(None).await?;
-    if let Some((u, _)) = users.iter().find(|(u, _)| existing.contains(u)) {
-        bail!("{u} already exists here: restore into a fresh data directory");
-    }
-    let mut sum = Summary::default();
-    for (user, el) in users {
-        // Namespaces of the older draft (…xep-0227.html#ns) have the same shape.
-        let el = if el.ns == NS_PIE {
-            el.clone()
-        } else {
-            renamespace(el, &ns)
+}
+
+/// Walks `<server-data><host><user>` of a XEP-0227 document, checking each
+/// host against the served domains; the caller reads each user's children.
+struct BackupReader<'d, R> {
+    doc: DocumentReader<R>,
+    /// Namespace of the root: `urn:xmpp:pie:0`, or that of an older draft
+    /// (…xep-0227.html#ns), whose elements have the same shape.
+    ns: String,
+    host: String,
+    domains: &'d [String],
+}
+
+impl<'d, R: BufRead> BackupReader<'d, R> {
+    fn open(input: R, domains: &'d [String]) -> anyhow::Result<Self> {
+        let mut doc = DocumentReader::new(input, backup_limits());
+        let root = loop {
+            match doc.next_event().map_err(|e| doc_error(e, doc.position()))? {
+                Some(DocEvent::Start(root)) => break root,
+                Some(_) => {}
+                None => bail!("the backup is empty"),
+            }
         };
-        import_user(store, &user, &el, &mut sum)
-            .await
-            .with_context(|| format!("restoring {user}"))?;
+        if root.name != "server-data" {
+            bail!(
+                "not a XEP-0227 export: the root element is <{}/>",
+                root.name
+            );
+        }
+        Ok(BackupReader {
+            doc,
+            ns: root.ns,
+            host: String::new(),
+            domains,
+        })
     }
-    Ok(sum)
+
+    fn next_event(&mut self) -> anyhow::Result<Option<DocEvent>> {
+        let at = self.doc.position();
+        self.doc.next_event().map_err(|e| doc_error(e, at))
+    }
+
+    fn read_subtree(&mut self, el: Element) -> anyhow::Result<Element> {
+        let at = self.doc.position();
+        self.doc.read_subtree(el).map_err(|e| doc_error(e, at))
+    }
+
+    fn skip_subtree(&mut self) -> anyhow::Result<()> {
+        let at = self.doc.position();
+        self.doc.skip_subtree().map_err(|e| doc_error(e, at))
+    }
+
+    /// Up to the next `<user/>`: its bare JID, with the reader inside it.
+    fn next_user(&mut self) -> anyhow::Result<Option<(String, Element)>> {
+        while let Some(ev) = self.next_event()? {
+            let DocEvent::Start(el) = ev else { continue };
+            let ours = el.ns == self.ns;
+            match self.doc.depth() {
+                2 if ours && el.name == "host" => {
+                    let h = el.attr("jid").context("<host/> without jid")?;
+                    if !self.domains.iter().any(|d| d == h) {
+                        bail!("the backup has accounts of {h:?}, which this server does not serve (add it to `domains`)");
+                    }
+                    self.host = h.to_string();
+                }
+                3 if ours && el.name == "user" => {
+                    let name = el.attr("name").context("<user/> without name")?;
+                    let jid = jid::BareJid::new(&format!("{name}@{}", self.host))
+                        .with_context(|| format!("invalid user {name:?} on {}", self.host))?;
+                    return Ok(Some((jid.to_string(), el)));
+                }
+                _ => self.skip_subtree()?,
+            }
+        }
+        Ok(None)
+    }
+
+    /// `el` in `urn:xmpp:pie:0` if it is in the root's (older) namespace.
+    fn pie(&self, mut el: Element) -> Element {
+        if self.ns != NS_PIE {
+            renamespace(&mut el, &self.ns);
+        }
+        el
+    }
+}
+
+fn doc_error(e: DocError, at: u64) -> anyhow::Error {
+    match e {
+        DocError::Io(e) => anyhow::Error::new(e).context("cannot read the backup"),
+        DocError::Xml(e) => {
+            anyhow::anyhow!("the backup is not a well-formed XML document (near byte {at}): {e}")
+        }
+    }
 }
 
 /// Map elements of an older XEP-0227 namespace to `urn:xmpp:pie:0`.
-fn renamespace(el: &Element, old: &str) -> Element {
-    let mut e = el.clone();
-    fn walk(e: &mut Element, old: &str) {
-        if e.ns == old {
-            e.ns = NS_PIE.to_string();
-        }
-        for c in e.children_mut() {
-            walk(c, old);
-        }
+fn renamespace(e: &mut Element, old: &str) {
+    if e.ns == old {
+        e.ns = NS_PIE.to_string();
     }
-    walk(&mut e, old);
-    e
+    for c in e.children_mut() {
+        renamespace(c, old);
+    }
 }
 
+/// Whether the `<user/>` children read so far are enough to create the account.
+fn has_credentials(u: &Element) -> bool {
+    let scram = |m: &str| {
+        u.children()
+            .any(|c| c.is("scram-credentials", NS_SCRAM) && c.attr("mechanism") == Some(m))
+    };
+    u.attr("password").is_some() || (scram("SCRAM-SHA-1") && scram("SCRAM-SHA-256"))
+}
+
+/// One account being restored as its `<user/>` streams by. Its small
+/// children collect in `rest`; offline and archived messages are written as
+/// they come, in pages, once the account exists (credentials come first in
+/// natter's and most exports; until they do, messages wait in memory).
+struct UserImport<'s> {
+    store: &'s dyn Store,
+    user: String,
+    rest: Element,
+    created: bool,
+    archive: Vec<ArchivedMessage>,
+    offline: Vec<String>,
+}
+
+impl UserImport<'_> {
+    /// Create the account if its credentials have been read (or `now`),
+    /// then write what waited for it.
+    async fn create(&mut self, now: bool, sum: &mut Summary) -> anyhow::Result<bool> {
+        if !self.created && (now || has_credentials(&self.rest)) {
+            let creds = credentials_of(&self.rest).await?;
+            self.store.create_account(&self.user, &creds).await?;
+            sum.accounts += 1;
+            self.created = true;
+            for m in std::mem::take(&mut self.offline) {
+                // Exported in queue order: keep it (`ord` grows with each).
+                self.store
+                    .offline_push(&self.user, &m, None, usize::MAX, sum.offline as i64 + 1)
+                    .await?;
+                sum.offline += 1;
+            }
+            if self.archive.len() >= PAGE {
+                self.flush_archive(sum).await?;
+            }
+        }
+        Ok(self.created)
+    }
+
+    async fn push_offline(&mut self, stanza: String, sum: &mut Summary) -> anyhow::Result<()> {
+        if self.create(false, sum).await? {
+            self.store
+                .offline_push(&self.user, &stanza, None, usize::MAX, sum.offline as i64 + 1)
+                .await?;
+            sum.offline += 1;
+        } else {
+            self.offline.push(stanza);
+        }
+        Ok(())
+    }
+
+    async fn push_archived(&mut self, m: ArchivedMessage, sum: &mut Summary) -> anyhow::Result<()> {
+        self.archive.push(m);
+        if self.archive.len() >= PAGE && self.create(false, sum).await? {
+            self.flush_archive(sum).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_archive(&mut self, sum: &mut Summary) -> anyhow::Result<()> {
+        self.store.archive_import(&self.archive).await?;
+        sum.archived += self.archive.len();
+        self.archive.clear();
+        Ok(())
+    }
+
+    async fn finish(mut self, sum: &mut Summary) -> anyhow::Result<()> {
+        self.create(true, sum).await?;
+        self.flush_archive(sum).await?;
+        import_rest(self.store, &self.user, &self.rest, sum).await
+    }
+}
+
+/// Restore one `<user/>` whose start tag `start` was just read.
+async fn import_user<R: BufRead>(
+    store: &dyn Store,
+    r: &mut BackupReader<'_, R>,
+    user: String,
+    start: Element,
+    sum: &mut Summary,
+    progress: &mut Progress,
+) -> anyhow::Result<()> {
+    let mut u = UserImport {
+        store,
+        user,
+        rest: r.pie(start),
+        created: false,
+        archive: Vec::new(),
+        offline: Vec::new(),
+    };
+    // Children of <user/> until its end tag.
+    while let Some(ev) = r.next_event()? {
+        let el = match ev {
+            DocEvent::Start(el) => r.pie(el),
+            DocEvent::End => return u.finish(sum).await,
+            DocEvent::Text(_) => continue,
+        };
+        let (item, item_ns) = if el.is("archive", NS_PIE_MAM) {
+            ("result", NS_MAM)
+        } else if el.is("offline-messages", NS_PIE) {
+            ("message", NS_CLIENT)
+        } else {
+            let el = r.read_subtree(el)?;
+            u.rest.append_child(r.pie(el));
+            continue;
+        };
+        // A container of messages: one message built at a time.
+        while let Some(ev) = r.next_event()? {
+            let el = match ev {
+                DocEvent::Start(el) if el.is(item, item_ns) => r.read_subtree(el)?,
+                DocEvent::Start(_) => {
+                    r.skip_subtree()?;
+                    continue;
+                }
+                DocEvent::End => break,
+                DocEvent::Text(_) => continue,
+            };
+            if item == "result" {
+                u.push_archived(archived_from(&u.user, &el)?, sum).await?;
+            } else {
+                u.push_offline(el.to_string(), sum).await?;
+            }
+            progress.update(r.doc.position(), || restore_detail(sum));
+        }
+    }
+    bail!("the backup ends inside a <user/>")
+}
+
+fn restore_detail(sum: &Summary) -> String {
+    format!(
+        "{} accounts, {} messages",
+        sum.accounts,
+        sum.archived + sum.offline
+    )
+}
+
+/// `natter restore FILE`: load a XEP-0227 document into `store`, streaming
+/// (memory does not grow with the file). Every account in it must be new
+/// (restore into a fresh data directory); hosts must be in `domains`.
+///
+/// Two passes: the first reads the whole file to check it is well-formed
+/// and that every account is new and of a served domain, so a bad file
+/// changes nothing; the second writes each account as it is read.
 pub async fn restore_from_file(
     store: &dyn Store,
     path: &Path,
     domains: &[String],
 ) -> anyhow::Result<Summary> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    import(store, &text, domains).await
+    let open = || -> anyhow::Result<_> {
+        let f =
+            std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(std::io::BufReader::with_capacity(1 << 16, f))
+    };
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+
+    let existing: std::collections::HashSet<String> =
+        store.list_accounts(None).await?.into_iter().collect();
+    let mut progress = Progress::new("checking", Unit::Bytes, size);
+    let r = check(open()?, domains, &existing, &mut progress);
+    progress.finish(size, String::new);
+    r?;
+
+    let mut progress = Progress::new("restoring", Unit::Bytes, size);
+    let r = import(store, open()?, domains, &mut progress).await;
+    match &r {
+        Ok(sum) => progress.finish(size, || restore_detail(sum)),
+        Err(_) => progress.abandon(),
+    }
+    r
+}
+
+/// First pass: the file is well-formed, its hosts served and its accounts
+/// new. Returns the number of accounts.
+fn check<R: BufRead>(
+    input: R,
+    domains: &[String],
+    existing: &std::collections::HashSet<String>,
+    progress: &mut Progress,
+) -> anyhow::Result<usize> {
+    let mut r = BackupReader::open(input, domains)?;
+    let mut users = 0;
+    while let Some((user, _)) = r.next_user()? {
+        if existing.contains(&user) {
+            bail!("{user} already exists here: restore into a fresh data directory");
+        }
+        r.skip_subtree()?;
+        users += 1;
+        progress.update(r.doc.position(), || format!("{users} accounts"));
+    }
+    Ok(users)
+}
+
+/// Second pass: write every account as it is read.
+async fn import<R: BufRead>(
+    store: &dyn Store,
+    input: R,
+    domains: &[String],
+    progress: &mut Progress,
+) -> anyhow::Result<Summary> {
+    let mut r = BackupReader::open(input, domains)?;
+    let mut sum = Summary::default();
+    while let Some((user, start)) = r.next_user()? {
+        import_user(store, &mut r, user.clone(), start, &mut sum, progress)
+            .await
+            .with_context(|| format!("restoring {user}"))?;
+        progress.update(r.doc.position(), || restore_detail(&sum));
+    }
+    Ok(sum)
 }
 
 #[cfg(test)]

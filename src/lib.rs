@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod modules;
 pub mod net;
 pub mod private_file;
+pub mod progress;
 pub mod router;
 pub mod state;
 

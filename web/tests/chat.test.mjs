@@ -7,7 +7,7 @@
 
 import { test, before, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
-import { startNatter, launchChromium, shot } from './harness.mjs';
+import { startNatter, launchChromium, shot, register, addContact, contact } from './harness.mjs';
 
 const STEP = 20000; // ms for any one UI expectation
 
@@ -51,7 +51,6 @@ async function openPage() {
   return { context, page };
 }
 
-const contact = (page, jid) => page.locator(`#converse-roster li.list-item:has(a[data-jid="${jid}"])`);
 const online = (page, jid) =>
   page.locator(`#converse-roster li.list-item.current-xmpp-contact[data-status="online"]:has(a[data-jid="${jid}"])`);
 const chatbox = (page, jid) => page.locator(`converse-chat[jid="${jid}"], #${CSS_escape(jid)}`).first();
@@ -71,14 +70,9 @@ test('the page is natter, configured for this server', async () => {
 for (const [name, step] of [['alice', '02'], ['bob', '03']]) {
   test(`${name} registers in her own browser context and is logged in`, async () => {
     const { context, page } = await openPage();
-    await page.getByText('Create an account').click();
-    const form = page.locator('#converse-register');
-    await form.locator('input[name=username]').fill(name);
-    await form.locator('input[name=password]').fill(`${name}-secret-pass`);
-    await shot(page, `${step}-${name}-registration-form`);
-    await form.locator('input[type=submit]').click();
-    await page.locator('#converse-roster').waitFor();
-    await page.locator('.xmpp-status, converse-user-profile').first().waitFor();
+    await register(page, name, `${name}-secret-pass`, {
+      beforeSubmit: () => shot(page, `${step}-${name}-registration-form`),
+    });
     await shot(page, `${step}-${name}-logged-in`);
     people[name] = { context, page, jid: `${name}@localhost` };
   });
@@ -89,13 +83,7 @@ test('alice adds bob, bob accepts, both see each other online', async () => {
   assert.ok(alice && bob, 'registration failed');
   const a = alice.page;
   const b = bob.page;
-  await a.locator('converse-dropdown.dropdown--contacts button.dropdown-toggle').click();
-  await a.locator('a.add-contact').click();
-  const add = a.locator('form.add-xmpp-contact');
-  await add.locator('input[name=jid]').fill(bob.jid);
-  await add.locator('input[name=name]').fill('Bob');
-  await shot(a, '04-alice-adds-bob');
-  await add.locator('button[type=submit]').click();
+  await addContact(a, bob.jid, 'Bob', { beforeSubmit: () => shot(a, '04-alice-adds-bob') });
 
   const request = b.locator('li.requesting-xmpp-contact:has(a[data-jid="alice@localhost"])');
   await request.waitFor();

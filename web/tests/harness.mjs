@@ -92,3 +92,29 @@ export function shotsDir() {
 export async function shot(page, name) {
   await page.screenshot({ path: join(shotsDir(), `${name}.png`) });
 }
+
+/** Register NAME with PASSWORD on the page's registration form; resolves once logged in. */
+export async function register(page, name, password, { beforeSubmit } = {}) {
+  await page.getByText('Create an account').click();
+  const form = page.locator('#converse-register');
+  await form.locator('input[name=username]').fill(name);
+  await form.locator('input[name=password]').fill(password);
+  if (beforeSubmit) await beforeSubmit();
+  await form.locator('input[type=submit]').click();
+  await page.locator('#converse-roster').waitFor();
+  await page.locator('.xmpp-status, converse-user-profile').first().waitFor();
+}
+
+/** Ask for JID's presence subscription through the roster's "Add a contact" form. */
+export async function addContact(page, jid, name, { beforeSubmit } = {}) {
+  await page.locator('converse-dropdown.dropdown--contacts button.dropdown-toggle').click();
+  await page.locator('a.add-contact').click();
+  const add = page.locator('form.add-xmpp-contact');
+  await add.locator('input[name=jid]').fill(jid);
+  await add.locator('input[name=name]').fill(name);
+  if (beforeSubmit) await beforeSubmit();
+  await add.locator('button[type=submit]').click();
+}
+
+/** A contact's entry in PAGE's roster. */
+export const contact = (page, jid) => page.locator(`#converse-roster li.list-item:has(a[data-jid="${jid}"])`);

@@ -7,9 +7,11 @@
 //! resource limits on top.
 #![forbid(unsafe_code)]
 
+mod document;
 mod element;
 mod stream;
 
+pub use document::{DocError, DocEvent, DocumentReader};
 pub use element::{escape_attr, escape_text, Element, Node};
 pub use stream::{parse_frame, Limits, StreamEvent, StreamParser, XmlError};
 

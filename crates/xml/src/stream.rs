@@ -82,7 +82,7 @@ impl XmlError {
     }
 }
 
-fn map_rxml_error(e: rxml::Error) -> XmlError {
+pub(crate) fn map_rxml_error(e: rxml::Error) -> XmlError {
     match e {
         // rxml's own length limits (our max_token_length) are resource limits.
         rxml::Error::RestrictedXml(m) if m == "long name or reference" || m == "event too long" => {
@@ -101,7 +101,7 @@ fn map_rxml_error(e: rxml::Error) -> XmlError {
     }
 }
 
-fn new_rxml_parser(limits: &Limits) -> Parser {
+pub(crate) fn new_rxml_parser(limits: &Limits) -> Parser {
     let mut p = Parser::with_options(Options {
         max_token_length: limits.max_stanza_bytes.clamp(1, MAX_TOKEN_CAP),
         ..Options::default()
@@ -133,7 +133,7 @@ fn is_xml_whitespace(s: &str) -> bool {
 
 /// Builds one element tree from rxml events, enforcing depth and attribute limits.
 #[derive(Debug, Default)]
-struct TreeBuilder {
+pub(crate) struct TreeBuilder {
     /// Open elements; index 0 is the top-level element being built.
     stack: Vec<Element>,
     /// Elements and text runs of the stanza being built.
@@ -141,7 +141,15 @@ struct TreeBuilder {
 }
 
 impl TreeBuilder {
-    fn start(
+    /// A builder whose top-level element `root` is already open.
+    pub(crate) fn with_root(root: Element) -> Self {
+        TreeBuilder {
+            stack: vec![root],
+            nodes: 1,
+        }
+    }
+
+    pub(crate) fn start(
         &mut self,
         ns: Namespace<'static>,
         name: rxml::NcName,
@@ -171,7 +179,7 @@ impl TreeBuilder {
     }
 
     /// Close the innermost element; returns the top-level element once complete.
-    fn end(&mut self) -> Option<Element> {
+    pub(crate) fn end(&mut self) -> Option<Element> {
         let el = self.stack.pop()?;
         match self.stack.last_mut() {
             Some(parent) => {
@@ -196,7 +204,7 @@ impl TreeBuilder {
         Ok(())
     }
 
-    fn text(&mut self, text: String, limits: &Limits) -> Result<(), XmlError> {
+    pub(crate) fn text(&mut self, text: String, limits: &Limits) -> Result<(), XmlError> {
         let Some(top) = self.stack.last_mut() else {
             return Ok(());
         };
