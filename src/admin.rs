@@ -37,7 +37,7 @@ pub fn create_token(data_dir: &Path) -> anyhow::Result<String> {
     natter_store::files::private_dir(data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let path = token_path(data_dir);
-    crate::private_file::write(data_dir, TOKEN_FILE, format!("{token}\n").as_bytes())
+    natter_store::files::write_private(data_dir, TOKEN_FILE, format!("{token}\n").as_bytes())
         .with_context(|| format!("cannot write the admin token {}", path.display()))?;
     Ok(token)
 }

@@ -858,7 +858,13 @@ impl UserImport<'_> {
     async fn push_offline(&mut self, stanza: String, sum: &mut Summary) -> anyhow::Result<()> {
         if self.create(false, sum).await? {
             self.store
-                .offline_push(&self.user, &stanza, None, usize::MAX, sum.offline as i64 + 1)
+                .offline_push(
+                    &self.user,
+                    &stanza,
+                    None,
+                    usize::MAX,
+                    sum.offline as i64 + 1,
+                )
                 .await?;
             sum.offline += 1;
         } else {

@@ -11,7 +11,6 @@ pub mod error;
 pub mod metrics;
 pub mod modules;
 pub mod net;
-pub mod private_file;
 pub mod progress;
 pub mod router;
 pub mod state;

@@ -59,7 +59,7 @@ fn parse(hex: &str) -> Option<FakeSaltKey> {
 
 fn create(data_dir: &Path, key: &FakeSaltKey) -> std::io::Result<()> {
     let hex: String = key.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
-    crate::private_file::write(data_dir, FILE, format!("{hex}\n").as_bytes())
+    natter_store::files::write_private(data_dir, FILE, format!("{hex}\n").as_bytes())
 }
 
 #[cfg(test)]

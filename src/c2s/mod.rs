@@ -150,10 +150,10 @@ struct Session {
     /// Stanzas being written without stream management: on a failed
     /// write, those that did not wholly reach the socket (`inflight`
     /// trimmed by `Transport::delivered`) are requeued at the end.
-    inflight: Vec<Outbound>,
+    inflight: Box<[Outbound]>,
     /// Bytes this session holds past its queue (unacked, held, in flight)
     /// as last added to its user's counter (`sync_bytes`).
-    charged: usize,
+    charged: u32,
 }
 
 impl Drop for Session {
@@ -161,7 +161,7 @@ impl Drop for Session {
         // Whatever ends the task (a panic too), the user's quota gets the
         // bytes back.
         if let Some(rx) = &self.rx {
-            rx.user_bytes().discharge(self.charged);
+            rx.user_bytes().discharge(self.charged as usize);
         }
     }
 }
@@ -198,7 +198,7 @@ pub fn serve<T: Transport>(
             state.config.limits.rate_bytes_per_sec,
             state.config.limits.rate_burst_bytes,
         ),
-        inflight: Vec::new(),
+        inflight: Box::default(),
         charged: 0,
         state,
     };
@@ -425,12 +425,14 @@ impl Session {
             + self.held.bytes()
             + self.inflight.iter().map(Outbound::size).sum::<usize>();
         let user = rx.user_bytes();
-        if now > self.charged {
-            user.charge(now - self.charged);
+        let charged = self.charged as usize;
+        if now > charged {
+            user.charge(now - charged);
         } else {
-            user.discharge(self.charged - now);
+            user.discharge(charged - now);
         }
-        self.charged = now;
+        // A session holds a few MiB at most (its own bounds).
+        self.charged = u32::try_from(now).unwrap_or(u32::MAX);
     }
 
     /// Under `c2s.max_unacked` stanzas and `c2s.max_queue_bytes` bytes.
@@ -726,6 +728,13 @@ impl Session {
         Ok(())
     }
 
+    /// A write failed after `delivered` stanzas of `inflight` wholly
+    /// reached the socket: keep only the others.
+    fn keep_undelivered(&mut self, delivered: usize) {
+        let delivered = delivered.min(self.inflight.len());
+        self.inflight = self.inflight[delivered..].into();
+    }
+
     /// Write stanzas of a session without stream management, keeping
     /// those not delivered in `inflight` when the write fails.
     async fn send_tracked<T: Transport>(
@@ -733,18 +742,17 @@ impl Session {
         t: &mut T,
         batch: Vec<Outbound>,
     ) -> Result<(), End> {
-        self.inflight = batch;
+        self.inflight = batch.into_boxed_slice();
         self.sync_bytes();
         let timeout = Duration::from_secs(self.cfg().c2s.write_timeout_secs);
         let r = tokio::time::timeout(timeout, t.send(&self.inflight)).await;
         if matches!(r, Ok(Ok(()))) {
-            self.inflight.clear();
+            self.inflight = Box::default();
             return Ok(());
         }
         // Cut mid-write, or the peer stopped reading: what did not wholly
         // reach the socket was not delivered.
-        let delivered = t.delivered().min(self.inflight.len());
-        self.inflight.drain(..delivered);
+        self.keep_undelivered(t.delivered());
         self.write_broken = true;
         Err(End::Lost(None))
     }
@@ -1586,12 +1594,11 @@ impl Session {
         if batch.is_empty() {
             return;
         }
-        self.inflight = batch;
+        self.inflight = batch.into_boxed_slice();
         match tokio::time::timeout(Duration::from_secs(2), t.send(&self.inflight)).await {
-            Ok(Ok(())) => self.inflight.clear(),
+            Ok(Ok(())) => self.inflight = Box::default(),
             _ => {
-                let delivered = t.delivered().min(self.inflight.len());
-                self.inflight.drain(..delivered);
+                self.keep_undelivered(t.delivered());
                 self.write_broken = true;
             }
         }
@@ -1608,7 +1615,7 @@ impl Session {
             unreachable!("only a bound, resumable session is registered for takeover");
         };
         // The new connection's task accounts for these bytes from now on.
-        rx.user_bytes().discharge(self.charged);
+        rx.user_bytes().discharge(self.charged as usize);
         let charged = std::mem::take(&mut self.charged);
         let parked = sm::Parked {
             handle,
@@ -1622,7 +1629,7 @@ impl Session {
                 true
             }
             Err(p) => {
-                p.rx.user_bytes().charge(charged);
+                p.rx.user_bytes().charge(charged as usize);
                 self.charged = charged;
                 self.phase = Phase::Bound(p.handle);
                 self.rx = Some(p.rx);
@@ -1725,7 +1732,7 @@ impl Session {
             undelivered.extend(sm.take_all());
         }
         self.takeover = None;
-        undelivered.append(&mut self.inflight);
+        undelivered.extend(std::mem::take(&mut self.inflight).into_vec());
         undelivered.extend(self.held.take_all());
         if let Some(rx) = self.rx.as_mut() {
             rx.close();

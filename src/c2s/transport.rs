@@ -93,8 +93,8 @@ pub struct TcpTransport {
     /// its new stream header (and `<resume/>`) behind its SASL response.
     split: bool,
     leftover: Vec<u8>,
-    /// See `Transport::delivered`.
-    delivered: usize,
+    /// See `Transport::delivered` (u32: packed beside the flags).
+    delivered: u32,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -250,7 +250,7 @@ impl Transport for TcpTransport {
                         return Err(io::ErrorKind::WriteZero.into());
                     }
                     pos += n;
-                    self.delivered = ends.partition_point(|&e| e <= pos);
+                    self.delivered = ends.partition_point(|&e| e <= pos) as u32;
                 }
             }
             // A client reads a TLS record whole or not at all: stanzas go
@@ -270,17 +270,17 @@ impl Transport for TcpTransport {
                     }
                     s.write_all(group.as_bytes()).await?;
                     s.flush().await?;
-                    self.delivered = i;
+                    self.delivered = i as u32;
                 }
             }
             Io::Handshake(_) | Io::Upgrading => return Err(io::ErrorKind::NotConnected.into()),
         }
-        self.delivered = stanzas.len();
+        self.delivered = stanzas.len() as u32;
         Ok(())
     }
 
     fn delivered(&self) -> usize {
-        self.delivered
+        self.delivered as usize
     }
 
     async fn close(&mut self, err: Option<&StreamError>, from: &str) -> io::Result<()> {

@@ -45,6 +45,25 @@ pub fn private_file(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Writes `contents` to `dir/name` 0600, replacing it atomically: through a temporary
+/// file, synced, then renamed, so a crash never leaves a torn or readable secret.
+pub fn write_private(dir: &Path, name: &str, contents: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    create_dir(dir)?;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(&tmp)?;
+    // The umask may have narrowed the mode; never widened it.
+    f.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    fs::rename(&tmp, dir.join(name))
+}
+
 /// Takes group and other permissions away from `path` if it exists, warning when there
 /// were any (someone may have read it meanwhile).
 pub fn tighten(path: &Path) -> io::Result<()> {

@@ -1262,8 +1262,10 @@ impl Store for SqliteStore {
                 .join(",")
         );
         Ok(sqlx::query(
-            "DELETE FROM offline_messages WHERE username = $1 \
-             AND seq IN (SELECT value FROM json_each($2))",
+            // By primary key (`+username`: not through the user's index, which would
+            // walk the whole queue).
+            "DELETE FROM offline_messages WHERE seq IN (SELECT value FROM json_each($2)) \
+             AND +username = $1",
         )
         .bind(user)
         .bind(list)
@@ -1809,11 +1811,24 @@ mod tests {
              ORDER BY ts DESC, seq DESC LIMIT 1",
             "SELECT seq FROM archive WHERE owner = $1 AND id = $2",
             "SELECT seq FROM archive WHERE owner = $1 AND ts < $2 LIMIT 5000",
-            "SELECT seq FROM offline_messages WHERE username = $1 ORDER BY seq LIMIT $2",
+            "SELECT seq FROM offline_messages WHERE username = $1 ORDER BY ord, seq LIMIT $2",
             "SELECT item_id FROM pep_items WHERE owner = $1 AND node = $2 ORDER BY seq DESC",
         ] {
             explain(format!("EXPLAIN QUERY PLAN {sql}"), false).await;
         }
+        // Deleting delivered offline messages finds each by its seq, whatever the queue
+        // holds (the list itself is scanned).
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+            "EXPLAIN QUERY PLAN DELETE FROM offline_messages \
+             WHERE seq IN (SELECT value FROM json_each('[1,2]')) AND +username = 'u'",
+        )
+        .fetch_all(store.read_pool())
+        .await
+        .unwrap();
+        assert!(
+            plan.iter().any(|p| p.3.contains("INTEGER PRIMARY KEY")),
+            "{plan:?}"
+        );
         store.close().await;
     }
 
