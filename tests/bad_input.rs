@@ -313,6 +313,47 @@ async fn oversized_stanzas_are_policy_violations_with_a_smaller_preauth_limit() 
     srv.stop().await;
 }
 
+/// Issue 9 (memory amplification): a 240 KB stanza of 60,000 empty
+/// elements fits the byte limit but would cost ~18 MB parsed. It is
+/// refused while it is parsed (at `limits.max_elements`), over TCP and
+/// WebSocket, and reaches nobody; a stanza at the limit still goes through.
+/// (Server memory under this attack is measured by bench/hostile-memory.)
+#[tokio::test]
+async fn element_heavy_stanza_is_refused_while_parsed() {
+    let srv = start_server(|_| {}).await;
+    let (mut a, mut b) = srv.logged_in_pair().await;
+    let heavy = format!(
+        "<message to='{}' type='chat'>{}</message>",
+        b.jid(),
+        "<a/>".repeat(60_000)
+    );
+    assert!(heavy.len() < srv.state().config.limits.max_stanza_bytes);
+    a.send_raw(heavy.as_bytes()).await;
+    assert_eq!(a.expect_stream_error().await, "policy-violation");
+    let wj = srv.add_user("heavy-ws", "password").await;
+    let mut w = Client::connect_ws(srv.http).await;
+    w.login(&wj, "password", "w").await;
+    w.send_raw(heavy.as_bytes()).await;
+    assert_eq!(w.expect_stream_error().await, "policy-violation");
+    assert!(b.sync().await.is_empty());
+    // At the limit (the stanza and its children) it is delivered.
+    let max = srv.state().config.limits.max_elements;
+    let mut c = logged_in(&srv, "heavy-ok").await;
+    c.send_raw(
+        format!(
+            "<message to='{}' type='chat'>{}</message>",
+            b.jid(),
+            "<a/>".repeat(max - 1)
+        )
+        .as_bytes(),
+    )
+    .await;
+    let m = b.recv_until(|e| e.name == "message").await;
+    assert_eq!(m.children().filter(|c| c.name == "a").count(), max - 1);
+    srv.assert_healthy().await;
+    srv.stop().await;
+}
+
 #[tokio::test]
 async fn too_many_attributes_and_too_deep_nesting_are_policy_violations() {
     let srv = start_server(|c| {
