@@ -1,0 +1,94 @@
+//! The TCP XML stream parser (natter_xml::StreamParser) with its limits.
+//!
+//! Input: byte 0 picks the limits (common::LIMITS), byte 1 seeds how the
+//! rest is cut into reads (and where the parser is released in between, as
+//! an idle session does); the rest is the client's byte stream.
+//!
+//! Checks, besides "no panic": any chunking and any release points give the
+//! same events and the same error as one read of everything; a failed
+//! parser stays failed; every stanza survives a serialize/parse round trip.
+#![no_main]
+
+#[path = "common/mod.rs"]
+mod common;
+
+use libfuzzer_sys::fuzz_target;
+use natter_xml::{Limits, StreamEvent, StreamParser, XmlError};
+
+struct Outcome {
+    events: Vec<StreamEvent>,
+    error: Option<XmlError>,
+}
+
+fn run(limits: Limits, chunks: &[&[u8]], release_after: &[bool]) -> Outcome {
+    let mut p = StreamParser::new(limits);
+    let mut events = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        match p.feed(chunk) {
+            Ok(evs) => events.extend(evs),
+            Err(e) => {
+                // The parser stays failed with the same error.
+                assert_eq!(p.feed(b"<x/>").unwrap_err(), e, "failed parser recovered");
+                return Outcome {
+                    events,
+                    error: Some(e),
+                };
+            }
+        }
+        if release_after.get(i).copied().unwrap_or(false) {
+            p.release();
+        }
+    }
+    Outcome {
+        events,
+        error: None,
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 2 {
+        return;
+    }
+    let limits = common::limits(data[0]);
+    let mut rng = common::Rng::new(data[1]);
+    let stream = &data[2..];
+
+    let whole = run(limits, &[stream], &[true]);
+
+    let max_chunk = 1 + (data[1] as usize % 17);
+    let mut chunks = Vec::new();
+    let mut release = Vec::new();
+    let mut rest = stream;
+    while !rest.is_empty() {
+        let n = (1 + rng.next() as usize % max_chunk).min(rest.len());
+        chunks.push(&rest[..n]);
+        release.push(rng.next() % 3 == 0);
+        rest = &rest[n..];
+    }
+    let chunked = run(limits, &chunks, &release);
+
+    match (&whole.error, &chunked.error) {
+        (None, None) => assert_eq!(
+            whole.events, chunked.events,
+            "chunking changed the events (max chunk {max_chunk})"
+        ),
+        (Some(a), Some(b)) => {
+            // One read drops the events of the read that failed; chunked
+            // reads returned those before the failing chunk. Both must fail
+            // for the same reason, except that a size limit and a syntax
+            // error found at the same byte may be reported in either order.
+            let limit = |e: &XmlError| e.condition() == "policy-violation";
+            assert!(
+                a.condition() == b.condition() || limit(a) || limit(b),
+                "one read fails with {a}, chunked reads with {b}"
+            );
+        }
+        (a, b) => panic!("one read: {a:?}; chunked reads: {b:?} (max chunk {max_chunk})"),
+    }
+
+    for ev in whole.events.iter().chain(&chunked.events) {
+        if let StreamEvent::Stanza(el) = ev {
+            common::assert_roundtrips(el);
+        }
+    }
+});
