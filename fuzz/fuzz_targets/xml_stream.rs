@@ -78,6 +78,13 @@ fuzz_target!(|data: &[u8]| {
         // first in one read and second in small ones. Either way the stream
         // ends with an error, which is what matters.
         (Some(_), Some(_)) => {}
+        // Before the stream header rxml may wait for more bytes of a
+        // garbage document start in one read and reject it in small ones:
+        // either way no stream opens (noted in bench/README.md).
+        _ if !whole
+            .events
+            .iter()
+            .any(|e| matches!(e, StreamEvent::Open { .. })) => {}
         (a, b) => panic!("one read: {a:?}; chunked reads: {b:?} (max chunk {max_chunk})"),
     }
 
