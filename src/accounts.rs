@@ -8,6 +8,11 @@ use natter_store::{AccountCredentials, Store, StoreError, StoredCredentials};
 pub enum AccountError {
     #[error("invalid JID {0:?}: it must look like user@domain")]
     BadJid(String),
+    #[error(
+        "invalid JID {0:?}: it normalizes to {1:?}, which normalizes to something else \
+         again, so it could name two accounts; choose another name"
+    )]
+    UnstableJid(String, String),
     #[error("domain {0:?} is not served by this server (see `domains` in the config)")]
     UnknownDomain(String),
     #[error("password is too short (minimum {0} characters)")]
@@ -53,6 +58,14 @@ pub fn parse_user(jid: &str, domains: &[String]) -> Result<jid::BareJid, Account
     let bare = jid::BareJid::new(jid).map_err(|_| AccountError::BadJid(jid.into()))?;
     if bare.node().is_none() {
         return Err(AccountError::BadJid(jid.into()));
+    }
+    // The jid crate's nodeprep is not idempotent for some characters ("℻"
+    // becomes "FAX", which a second pass lowercases): such a name would be
+    // stored as one account and addressed as another (found by the jid
+    // fuzz target). Only names already at a fixed point are accepted.
+    match jid::BareJid::new(bare.as_str()) {
+        Ok(again) if again == bare => {}
+        _ => return Err(AccountError::UnstableJid(jid.into(), bare.to_string())),
     }
     if !domains.iter().any(|d| d == bare.domain().as_str()) {
         return Err(AccountError::UnknownDomain(bare.domain().to_string()));
@@ -113,4 +126,27 @@ pub fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_name_that_normalizes_to_another_account_is_refused() {
+        let domains = ["localhost".to_string()];
+        // "℻" normalizes to "FAX", and "alFAX@localhost" to "alfax@localhost":
+        // creating it would make an account every reply to it misses.
+        let e = parse_user("al\u{213B}@localhost", &domains).unwrap_err();
+        assert!(matches!(e, AccountError::UnstableJid(..)), "{e}");
+        assert!(e.to_string().contains("choose another name"), "{e}");
+        assert_eq!(
+            parse_user("alfax@localhost", &domains).unwrap().as_str(),
+            "alfax@localhost"
+        );
+        assert_eq!(
+            parse_user("AlFax@LocalHost", &domains).unwrap().as_str(),
+            "alfax@localhost"
+        );
+    }
 }

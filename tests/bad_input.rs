@@ -1214,3 +1214,38 @@ async fn stream_header_errors() {
     srv.assert_healthy().await;
     srv.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// Found by fuzzing (fuzz/, bench/fuzz)
+// ---------------------------------------------------------------------------
+
+/// A child element in the reserved XML namespace (`<xml:x/>`) was written to
+/// the recipient as `<x xmlns='http://www.w3.org/XML/1998/namespace'/>`,
+/// which is not well-formed: any user could end any other user's stream
+/// with one message (found by the ws_frame fuzz target).
+#[tokio::test]
+async fn element_in_the_xml_namespace_does_not_break_the_recipients_stream() {
+    let srv = start_server(|_| {}).await;
+    let (mut a, mut b) = srv.logged_in_pair().await;
+    let to = b.jid().to_string();
+    a.send_raw(
+        format!(
+            "<message to='{to}' type='chat' id='x1'><body>one</body>\
+             <xml:x xml:lang='en'><y/></xml:x></message>"
+        )
+        .as_bytes(),
+    )
+    .await;
+    a.send(&message(&to, "two")).await;
+    let m = b.recv_until(|e| e.name == "message").await;
+    assert_eq!(m.child_text("body", NS_CLIENT).as_deref(), Some("one"));
+    let x = m
+        .get_child("x", natter_xml::NS_XML)
+        .expect("the xml:x child arrives intact");
+    assert_eq!(x.attr("xml:lang"), Some("en"));
+    assert!(x.get_child("y", NS_CLIENT).is_some());
+    // The recipient's stream still parses: the next message arrives too.
+    let m = b.recv_until(|e| e.name == "message").await;
+    assert_eq!(m.child_text("body", NS_CLIENT).as_deref(), Some("two"));
+    srv.assert_healthy().await;
+}

@@ -413,6 +413,20 @@ impl WsTransport {
     }
 }
 
+/// One RFC 7395 text frame as a stream event: `<open/>` and `<close/>` in
+/// the framing namespace open and close the stream, any other element is a
+/// stanza. Public for the `ws_frame` fuzz target (fuzz/).
+pub fn frame_event(text: &[u8], limits: &Limits) -> Result<StreamEvent, natter_xml::XmlError> {
+    let el = parse_frame(text, limits)?;
+    Ok(if el.ns == NS_FRAMING && el.name == "open" {
+        StreamEvent::Open { attrs: el.attrs }
+    } else if el.ns == NS_FRAMING && el.name == "close" {
+        StreamEvent::Close
+    } else {
+        StreamEvent::Stanza(el)
+    })
+}
+
 fn framing_open(id: &str, from: &str) -> String {
     format!("<open xmlns='{NS_FRAMING}' id='{id}' from='{from}' version='1.0' xml:lang='en'/>")
 }
@@ -436,15 +450,9 @@ impl Transport for WsTransport {
                 // Pings are answered by the WebSocket layer.
                 _ => continue,
             };
-            let el = parse_frame(text.as_bytes(), &self.limits).map_err(ReadError::Xml)?;
-            let ev = if el.ns == NS_FRAMING && el.name == "open" {
-                StreamEvent::Open { attrs: el.attrs }
-            } else if el.ns == NS_FRAMING && el.name == "close" {
-                StreamEvent::Close
-            } else {
-                StreamEvent::Stanza(el)
-            };
-            return Ok(vec![ev]);
+            return Ok(vec![
+                frame_event(text.as_bytes(), &self.limits).map_err(ReadError::Xml)?
+            ]);
         }
     }
 

@@ -42,7 +42,9 @@ fn to_stanza_error(e: AccountError) -> StanzaError {
         AccountError::WeakPassword(_) | AccountError::BadPassword(_) => {
             StanzaError::with_text(Condition::NotAcceptable, e.to_string())
         }
-        AccountError::BadJid(_) => StanzaError::with_text(Condition::JidMalformed, e.to_string()),
+        AccountError::BadJid(_) | AccountError::UnstableJid(..) => {
+            StanzaError::with_text(Condition::JidMalformed, e.to_string())
+        }
         AccountError::UnknownDomain(_) => StanzaError::new(Condition::NotAllowed),
         AccountError::NotFound(_) => StanzaError::new(Condition::ItemNotFound),
         AccountError::Store(s) => s.into(),

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::NS_STREAM;
+use crate::{NS_STREAM, NS_XML};
 
 /// An XML element with its resolved namespace.
 ///
@@ -146,17 +146,24 @@ impl Element {
     /// `<stream:error>`), adding `xmlns:stream='…'` only when `stream_prefix_declared` is false.
     pub fn write_to(&self, out: &mut String, inherited_ns: &str, stream_prefix_declared: bool) {
         // A prefixed element does not change the default namespace, so its
-        // children inherit the parent's one.
-        let prefixed = self.ns == NS_STREAM;
+        // children inherit the parent's one. Elements in the XML namespace
+        // take its reserved, always-bound `xml:` prefix: `xmlns='…/XML/1998/
+        // namespace'` is not well-formed and would end the recipient's stream.
+        let prefix = if self.ns == NS_STREAM {
+            Some("stream:")
+        } else if self.ns == NS_XML {
+            Some("xml:")
+        } else {
+            None
+        };
+        let prefixed = prefix.is_some();
         let child_ns = if prefixed { inherited_ns } else { &self.ns };
 
         out.push('<');
-        if prefixed {
-            out.push_str("stream:");
-        }
+        out.push_str(prefix.unwrap_or_default());
         out.push_str(&self.name);
         if prefixed {
-            if !stream_prefix_declared {
+            if self.ns == NS_STREAM && !stream_prefix_declared {
                 out.push_str(" xmlns:stream='");
                 escape_attr(NS_STREAM, out);
                 out.push('\'');
@@ -180,14 +187,16 @@ impl Element {
         out.push('>');
         for n in &self.children {
             match n {
-                Node::Element(e) => e.write_to(out, child_ns, stream_prefix_declared || prefixed),
+                Node::Element(e) => e.write_to(
+                    out,
+                    child_ns,
+                    stream_prefix_declared || self.ns == NS_STREAM,
+                ),
                 Node::Text(t) => escape_text(t, out),
             }
         }
         out.push_str("</");
-        if prefixed {
-            out.push_str("stream:");
-        }
+        out.push_str(prefix.unwrap_or_default());
         out.push_str(&self.name);
         out.push('>');
     }
@@ -243,6 +252,40 @@ fn escape(s: &str, out: &mut String, attr: bool) {
 mod tests {
     use super::*;
     use crate::NS_CLIENT;
+
+    /// `<xml:x/>` used to be written as `<x xmlns='…/XML/1998/namespace'/>`,
+    /// which no parser accepts (found by the ws_frame fuzz target).
+    #[test]
+    fn element_in_the_xml_namespace_is_written_as_well_formed_xml() {
+        let header = "<stream:stream xmlns='jabber:client' \
+                      xmlns:stream='http://etherx.jabber.org/streams'>";
+        let stanza = "<message><xml:x xml:lang='en'><y/></xml:x></message>";
+        let mut p = crate::StreamParser::new(crate::Limits::default());
+        p.feed(header.as_bytes()).unwrap();
+        let Some(crate::StreamEvent::Stanza(m)) = p.feed(stanza.as_bytes()).unwrap().pop() else {
+            panic!("no stanza")
+        };
+        assert_eq!(
+            m.get_child("x", NS_XML).unwrap().attr("xml:lang"),
+            Some("en")
+        );
+        // Inside a stream (TCP) ...
+        let mut tcp = String::new();
+        m.write_to(&mut tcp, NS_CLIENT, true);
+        assert_eq!(tcp, stanza);
+        let mut p = crate::StreamParser::new(crate::Limits::default());
+        p.feed(header.as_bytes()).unwrap();
+        assert_eq!(
+            p.feed(tcp.as_bytes()).unwrap(),
+            vec![crate::StreamEvent::Stanza(m.clone())]
+        );
+        // ... and as a self-contained WebSocket frame.
+        let frame = m.to_string();
+        assert_eq!(
+            crate::parse_frame(frame.as_bytes(), &crate::Limits::default()).unwrap(),
+            m
+        );
+    }
 
     #[test]
     fn attrs_and_children() {

@@ -340,6 +340,10 @@ pub struct StreamParser {
     pending: usize,
     /// First error; repeated on every later call.
     failed: Option<Box<XmlError>>,
+    /// The last byte fed ended markup or was whitespace. rxml charges the
+    /// `<` that ends a text run to the text event, so `pending == 0` alone
+    /// does not prove it holds nothing (found by the xml_stream fuzz target).
+    ends_clean: bool,
 }
 
 impl StreamParser {
@@ -352,6 +356,7 @@ impl StreamParser {
             stanza_bytes: 0,
             pending: 0,
             failed: None,
+            ends_clean: true,
         }
     }
 
@@ -375,7 +380,9 @@ impl StreamParser {
         let idle = match self.state {
             State::Header => false,
             State::Open => {
-                self.pending == 0 && self.live.as_ref().is_some_and(|l| l.tree.is_empty())
+                self.pending == 0
+                    && self.ends_clean
+                    && self.live.as_ref().is_some_and(|l| l.tree.is_empty())
             }
             State::Closed => true,
         };
@@ -387,6 +394,9 @@ impl StreamParser {
     pub fn feed(&mut self, data: &[u8]) -> Result<Vec<StreamEvent>, XmlError> {
         if let Some(e) = &self.failed {
             return Err((**e).clone());
+        }
+        if let Some(&last) = data.last() {
+            self.ends_clean = matches!(last, b'>' | b' ' | b'\t' | b'\n' | b'\r');
         }
         let mut events = Vec::new();
         let live = match self.live.take() {
@@ -782,6 +792,25 @@ mod tests {
         assert_eq!(evs[3], StreamEvent::Close);
         // Anything after the close is ignored.
         assert_eq!(p.feed(b"garbage").unwrap(), vec![]);
+    }
+
+    /// rxml charges the `<` that ends a text run to the text event, so a
+    /// read ending in "\n <" looked idle; releasing then lost the `<` and
+    /// the next read was text in the stream: a spurious bad-format close of
+    /// a client that paused mid-write (found by the xml_stream fuzz target).
+    #[test]
+    fn release_after_a_read_ending_in_lt_keeps_the_next_element() {
+        let mut p = open(Limits::default());
+        assert_eq!(stanzas(p.feed(b"<message/>\n <").unwrap()).len(), 1);
+        p.release();
+        let evs = p.feed(b"presence/>").unwrap();
+        assert_eq!(
+            evs,
+            vec![StreamEvent::Stanza(Element::new("presence", NS_CLIENT))]
+        );
+        // Idle between stanzas it is still released.
+        assert!(p.release());
+        assert_eq!(stanzas(p.feed(b"<presence/>").unwrap()).len(), 1);
     }
 
     #[test]
