@@ -21,7 +21,8 @@
 use libfuzzer_sys::fuzz_target;
 use natter_sasl::client::{ClientBinding, ScramClient};
 use natter_sasl::{
-    derive_credentials, parse_plain, verify_password, ChannelBinding, Hash, SaslError, ScramServer,
+    derive_credentials, parse_plain, verify_password, ChannelBinding, FakeSaltKey, Hash, SaslError,
+    ScramServer,
 };
 
 const PASSWORD: &str = "pencil";
@@ -70,12 +71,12 @@ fn raw_scram(flags: u8, data: &[u8]) {
     };
     if server.client_first(first).is_err() {
         // A failed exchange stays failed.
-        assert!(server.server_first(None).is_empty());
+        assert!(server.server_first(None, &FakeSaltKey::from_bytes([7; 32])).is_empty());
         assert!(server.client_final(fin).is_err());
         return;
     }
     let creds = derive_credentials(hash_of(flags), PASSWORD, SALT, 1).unwrap();
-    let sf = server.server_first(known.then_some(&creds));
+    let sf = server.server_first(known.then_some(&creds), &FakeSaltKey::from_bytes([7; 32]));
     let sf = String::from_utf8(sf).expect("server-first-message is UTF-8");
     assert!(sf.starts_with("r="), "{sf}");
     let r = server.client_final(fin);
@@ -132,7 +133,7 @@ fn exchange(flags: u8, data: &[u8]) {
     );
     assert_eq!(first.authzid.as_deref(), authzid.filter(|z| !z.is_empty()));
     let known = flags & 16 == 0;
-    let sf = server.server_first(known.then_some(&creds));
+    let sf = server.server_first(known.then_some(&creds), &FakeSaltKey::from_bytes([7; 32]));
     let Ok(mut fin) = client.client_final(&sf) else {
         // Only a password SASLprep refuses can make the client give up.
         assert!(wrong_password, "client refused server-first {sf:?}");
