@@ -15,13 +15,14 @@ use natter_store::{
     AccountCredentials, ArchivePage, ArchiveQuery, ArchivedMessage, MamPrefs, NewArchiveEntry,
     OfflineMessage, PepItem, PepNodeConfig, RosterItem, Store, StoreError,
 };
+use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 type L1 = [(&'static str, &'static str); 1];
@@ -202,7 +203,7 @@ impl Metrics {
     }
 
     pub fn session_bound(&self, id: u64, transport: &'static str) {
-        self.bound.lock().unwrap().insert(
+        self.bound.lock().insert(
             id,
             SessionMeta {
                 transport,
@@ -212,11 +213,11 @@ impl Metrics {
     }
 
     pub fn session_closed(&self, id: u64) {
-        self.bound.lock().unwrap().remove(&id);
+        self.bound.lock().remove(&id);
     }
 
     pub fn session_meta(&self, id: u64) -> Option<SessionMeta> {
-        self.bound.lock().unwrap().get(&id).cloned()
+        self.bound.lock().get(&id).cloned()
     }
 
     pub fn stanza_in(&self, name: &str) {
@@ -272,7 +273,7 @@ impl Metrics {
     /// Bound sessions per transport.
     pub fn sessions_by_transport(&self) -> BTreeMap<&'static str, u64> {
         let mut by: BTreeMap<&'static str, u64> = TRANSPORTS.iter().map(|t| (*t, 0)).collect();
-        for m in self.bound.lock().unwrap().values() {
+        for m in self.bound.lock().values() {
             *by.entry(m.transport).or_default() += 1;
         }
         by

@@ -18,8 +18,9 @@
 use crate::router::{Holdable, Outbound, QueueRx, SessionHandle};
 use jid::BareJid;
 use natter_xml::Element;
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -209,20 +210,17 @@ pub enum Lookup {
 impl Registry {
     /// Register (or, after a resumption, re-register) the task owning `id`.
     pub fn insert(&self, id: &str, owner: BareJid, tx: mpsc::Sender<Takeover>) {
-        self.live
-            .lock()
-            .unwrap()
-            .insert(id.to_string(), Slot { owner, tx });
+        self.live.lock().insert(id.to_string(), Slot { owner, tx });
     }
 
     pub fn lookup(&self, id: &str, user: &BareJid) -> Lookup {
-        if let Some(slot) = self.live.lock().unwrap().get(id) {
+        if let Some(slot) = self.live.lock().get(id) {
             if &slot.owner == user {
                 return Lookup::Live(slot.tx.clone());
             }
             return Lookup::Gone(None);
         }
-        let gone = self.gone.lock().unwrap();
+        let gone = self.gone.lock();
         Lookup::Gone(
             gone.iter()
                 .find(|(i, owner, _)| i == id && owner == user)
@@ -233,14 +231,14 @@ impl Registry {
     /// The session `id` ended with `handled` client stanzas handled. Only
     /// the task registered for it (`tx`) can remove it.
     pub fn remove(&self, id: &str, tx: &mpsc::Sender<Takeover>, handled: u32) {
-        let mut live = self.live.lock().unwrap();
+        let mut live = self.live.lock();
         let Some(slot) = live.get(id) else { return };
         if !slot.tx.same_channel(tx) {
             return;
         }
         let owner = live.remove(id).expect("checked").owner;
         drop(live);
-        let mut gone = self.gone.lock().unwrap();
+        let mut gone = self.gone.lock();
         if gone.len() >= GONE_REMEMBERED {
             gone.pop_front();
         }
@@ -248,7 +246,7 @@ impl Registry {
     }
 
     pub fn len(&self) -> usize {
-        self.live.lock().unwrap().len()
+        self.live.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -10,11 +10,12 @@
 //! Accounts are counted by name whether they exist or not (in a fixed table
 //! of hashed names), so an unknown name behaves exactly like a real one.
 
+use parking_lot::Mutex;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The address a limit is counted on: one IPv4 address, or the IPv6 /64 a
@@ -130,7 +131,7 @@ impl AuthThrottle {
     /// (and its range's) can refuse it; the account named plays no part.
     pub fn check(&self, ip: IpAddr) -> Verdict {
         let now = Instant::now();
-        let inner = self.inner.lock().unwrap();
+        let inner = self.inner.lock();
         let over = |key, limit| {
             inner
                 .addrs
@@ -150,7 +151,7 @@ impl AuthThrottle {
     /// returns how long to hold back the failure reply.
     pub fn failure(&self, ip: IpAddr, account: Option<&str>) -> Duration {
         let now = Instant::now();
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         let source = self.bump(&mut inner, (source_of(ip), false), now);
         self.bump(&mut inner, (range_of(ip), true), now);
         let mut delay = match source {
@@ -276,7 +277,7 @@ impl PreauthLimiter {
 
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<PreauthGuard, PreauthRefused> {
         let ip = source_of(ip);
-        let mut s = self.inner.lock().unwrap();
+        let mut s = self.inner.lock();
         if s.used >= self.total {
             return Err(PreauthRefused::Full);
         }
@@ -296,7 +297,7 @@ impl PreauthLimiter {
 
 impl Drop for PreauthGuard {
     fn drop(&mut self) {
-        let mut s = self.limiter.inner.lock().unwrap();
+        let mut s = self.limiter.inner.lock();
         s.used -= 1;
         if let Some(n) = s.per_ip.get_mut(&self.ip) {
             *n -= 1;
@@ -417,7 +418,7 @@ mod tests {
         );
         held.clear();
         assert!(l.try_acquire(nat).is_ok());
-        assert!(l.inner.lock().unwrap().per_ip.len() <= 1);
+        assert!(l.inner.lock().per_ip.len() <= 1);
     }
 
     #[test]

@@ -38,8 +38,9 @@ use async_trait::async_trait;
 use jid::{BareJid, Jid};
 use natter_store::Subscription;
 use natter_xml::{Element, NS_CLIENT};
+use parking_lot::Mutex;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 pub const NS: &str = "urn:xmpp:blocking";
 pub const NS_ERRORS: &str = "urn:xmpp:blocking:errors";
@@ -74,7 +75,7 @@ impl Module for Blocking {
         match (iq.kind, p.name.as_str()) {
             (IqType::Get, "blocklist") => {
                 let list = list(cx.state, &cx.session.bare).await?;
-                self.interested.lock().unwrap().insert(cx.session.id);
+                self.interested.lock().insert(cx.session.id);
                 let mut el = Element::new("blocklist", NS);
                 for j in list.iter() {
                     el.append_child(Element::new("item", NS).with_attr("jid", j.to_string()));
@@ -87,7 +88,7 @@ impl Module for Blocking {
         }
     }
     async fn session_closed(&self, cx: &Cx<'_>) {
-        self.interested.lock().unwrap().remove(&cx.session.id);
+        self.interested.lock().remove(&cx.session.id);
         self.lists
             .forget_unless_online(&cx.state.router, &cx.session.bare, cx.session.id);
     }
@@ -190,7 +191,7 @@ impl Blocking {
 
     /// §3.3–3.5: the change to every resource that fetched the list.
     fn push(&self, cx: &Cx<'_>, payload: Element) {
-        let interested = self.interested.lock().unwrap().clone();
+        let interested = self.interested.lock().clone();
         for h in cx.state.router.resources(&cx.session.bare) {
             if !interested.contains(&h.id) {
                 continue;
@@ -382,7 +383,7 @@ async fn presence_cut(state: &ServerState, user: &BareJid, item: &Jid) {
 /// On unblock: current presence again, both ways, where subscriptions allow.
 async fn presence_restore(state: &ServerState, user: &BareJid, item: &Jid) {
     let current = |h: &SessionHandle| {
-        let st = h.state.lock().unwrap();
+        let st = h.state.lock();
         st.available.then(|| st.presence.clone()).flatten()
     };
     let mine = state.router.resources(user);

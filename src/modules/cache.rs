@@ -11,8 +11,9 @@
 
 use crate::router::Router;
 use jid::BareJid;
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Entries kept for users with no session once the cache is this big.
 const SOFT_LIMIT: usize = 10_000;
@@ -41,13 +42,13 @@ impl<T> Default for UserCache<T> {
 
 impl<T> UserCache<T> {
     pub fn get(&self, user: &BareJid) -> Option<Arc<T>> {
-        self.inner.lock().unwrap().map.get(user).cloned()
+        self.inner.lock().map.get(user).cloned()
     }
 
     /// Put a freshly loaded value in unless a writer got there first;
     /// returns the value now cached.
     pub fn fill(&self, router: &Router, user: &BareJid, loaded: Arc<T>) -> Arc<T> {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         if inner.map.len() >= inner.sweep_at {
             inner.map.retain(|u, _| !router.resources(u).is_empty());
             inner.sweep_at = (2 * inner.map.len()).max(SOFT_LIMIT);
@@ -57,11 +58,11 @@ impl<T> UserCache<T> {
 
     /// Replace the value after the stored one changed.
     pub fn set(&self, user: &BareJid, value: Arc<T>) {
-        self.inner.lock().unwrap().map.insert(user.clone(), value);
+        self.inner.lock().map.insert(user.clone(), value);
     }
 
     pub fn forget(&self, user: &BareJid) {
-        self.inner.lock().unwrap().map.remove(user);
+        self.inner.lock().map.remove(user);
     }
 
     /// Drop `user`'s entry when the closing session `closing` was its last.

@@ -25,7 +25,7 @@ impl Module for Carbons {
         if iq.kind != IqType::Set || !iq.is_own_account() {
             return Err(StanzaError::new(Condition::BadRequest));
         }
-        cx.session.state.lock().unwrap().carbons = iq.payload().name == "enable";
+        cx.session.state.lock().carbons = iq.payload().name == "enable";
         Ok(None)
     }
 }

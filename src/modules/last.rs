@@ -20,8 +20,8 @@ use crate::state::ServerState;
 use async_trait::async_trait;
 use natter_store::Subscription;
 use natter_xml::{Element, NS_CLIENT};
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Instant;
 
 pub const NS: &str = "jabber:iq:last";
@@ -116,7 +116,7 @@ impl Module for Last {
     async fn session_closed(&self, cx: &Cx<'_>) {
         let user = cx.session.bare.as_str();
         if cx.state.router.resources(&cx.session.bare).len() <= 1 {
-            self.beats.lock().unwrap().remove(user);
+            self.beats.lock().remove(user);
         }
     }
 }
@@ -141,7 +141,7 @@ pub async fn heartbeat(state: &ServerState, me: &SessionHandle) {
     }
     let last = &state.modules.last;
     {
-        let mut beats = last.beats.lock().unwrap();
+        let mut beats = last.beats.lock();
         let now = Instant::now();
         match beats.get(me.bare.as_str()) {
             Some(t) if now.duration_since(*t).as_secs() < HEARTBEAT_WRITE_SECS => return,

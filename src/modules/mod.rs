@@ -315,7 +315,7 @@ async fn handle_iq(cx: &Cx<'_>, stanza: &Element) -> Result<(), StanzaError> {
         reply.append_child(p);
     }
     cx.session.send(reply);
-    let close = cx.session.state.lock().unwrap().close_after_reply.take();
+    let close = cx.session.state.lock().close_after_reply.take();
     if let Some(err) = close {
         cx.session.close(err);
     }

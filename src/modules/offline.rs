@@ -42,9 +42,10 @@ use async_trait::async_trait;
 use jid::{BareJid, FullJid, Jid};
 use natter_store::StoreError;
 use natter_xml::Element;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// XEP-0160 §5 disco feature.
@@ -66,7 +67,6 @@ impl Module for OfflineMessages {
             .offline
             .archive_queried
             .lock()
-            .unwrap()
             .remove(&cx.session.id);
     }
 }
@@ -165,7 +165,7 @@ pub async fn deliver(
     let off = &state.modules.offline;
     let ord = ord.unwrap_or_else(|| off.next_ord());
     let (live, mut queue) = {
-        let mut users = off.users.lock().unwrap();
+        let mut users = off.users.lock();
         let targets = match full {
             Some(f) => state.router.session(f).into_iter().collect(),
             None => available(state, bare),
@@ -190,12 +190,7 @@ pub async fn deliver(
         .collect();
     if sent.is_empty() && !queue {
         // Every session went away meanwhile.
-        off.users
-            .lock()
-            .unwrap()
-            .entry(bare.clone())
-            .or_default()
-            .pushing += 1;
+        off.users.lock().entry(bare.clone()).or_default().pushing += 1;
         queue = true;
     }
     if !queue {
@@ -214,7 +209,7 @@ pub async fn deliver(
         .offline_push(bare.as_str(), &queued.to_string(), archive_id, limit, ord)
         .await;
     {
-        let mut users = off.users.lock().unwrap();
+        let mut users = off.users.lock();
         if let Some(g) = users.get_mut(bare) {
             g.pushing -= 1;
             g.pushed += 1;
@@ -242,7 +237,6 @@ pub fn note_archive_query(cx: &Cx<'_>) {
         .offline
         .archive_queried
         .lock()
-        .unwrap()
         .entry(cx.session.id)
         .or_insert_with(mam::now_micros);
 }
@@ -253,13 +247,13 @@ pub fn note_archive_query(cx: &Cx<'_>) {
 /// dropped (after the presence broadcast).
 pub fn catch_up(cx: &Cx<'_>, presence: &Element) -> Option<CatchUp> {
     let coming_online = {
-        let st = cx.session.state.lock().unwrap();
+        let st = cx.session.state.lock();
         !st.available || st.priority < 0
     };
     if !coming_online || presence::priority(presence) < 0 {
         return None;
     }
-    let mut users = cx.state.modules.offline.users.lock().unwrap();
+    let mut users = cx.state.modules.offline.users.lock();
     let g = users.entry(cx.session.bare.clone()).or_default();
     if !g.catching_up.contains(&cx.session.id) {
         g.catching_up.push(cx.session.id);
@@ -287,15 +281,15 @@ async fn drain(state: ServerState, h: Arc<SessionHandle>) {
     let off = &state.modules.offline;
     let user = h.bare.clone();
     let lock = {
-        let mut users = off.users.lock().unwrap();
+        let mut users = off.users.lock();
         users.entry(user.clone()).or_default().drain.clone()
     };
     let guard = lock.lock().await;
-    let queried = off.archive_queried.lock().unwrap().remove(&h.id);
+    let queried = off.archive_queried.lock().remove(&h.id);
     let budget = (state.config.c2s.max_queue / 2).max(1);
     let (mut delivered, mut skipped) = (0usize, 0usize);
     loop {
-        let seen = off.users.lock().unwrap().get(&user).map_or(0, |g| g.pushed);
+        let seen = off.users.lock().get(&user).map_or(0, |g| g.pushed);
         let batch = match state.store.offline_fetch(user.as_str(), BATCH).await {
             Ok(b) => b,
             Err(e) => {
@@ -305,7 +299,7 @@ async fn drain(state: ServerState, h: Arc<SessionHandle>) {
         };
         if batch.is_empty() {
             let done = {
-                let mut users = off.users.lock().unwrap();
+                let mut users = off.users.lock();
                 let g = users.entry(user.clone()).or_default();
                 let done = g.pushing == 0 && g.pushed == seen;
                 if done {
@@ -364,7 +358,7 @@ async fn drain(state: ServerState, h: Arc<SessionHandle>) {
     }
     drop(guard);
     drop(lock);
-    let mut users = off.users.lock().unwrap();
+    let mut users = off.users.lock();
     if let Some(g) = users.get_mut(&user) {
         g.catching_up.retain(|id| *id != h.id);
     }
@@ -443,7 +437,7 @@ pub async fn requeue(state: &ServerState, stanzas: Vec<Outbound>) {
 pub fn resumed(state: &ServerState, h: &Arc<SessionHandle>, rx: &QueueRx) {
     let available = h.is_available() && h.priority() >= 0;
     if available {
-        let mut users = state.modules.offline.users.lock().unwrap();
+        let mut users = state.modules.offline.users.lock();
         let g = users.entry(h.bare.clone()).or_default();
         if !g.catching_up.contains(&h.id) {
             g.catching_up.push(h.id);

@@ -61,9 +61,10 @@ use base64::Engine;
 use jid::{BareJid, FullJid, Jid};
 use natter_store::{PepNodeConfig, Subscription};
 use natter_xml::{Element, Limits, NS_CLIENT};
+use parking_lot::Mutex;
 use sha1::{Digest, Sha1};
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const NS: &str = "http://jabber.org/protocol/pubsub";
@@ -195,8 +196,8 @@ impl Module for Pep {
     }
     async fn session_closed(&self, cx: &Cx<'_>) {
         let id = cx.session.id;
-        self.by_session.lock().unwrap().remove(&id);
-        self.pending.lock().unwrap().retain(|_, p| p.session != id);
+        self.by_session.lock().remove(&id);
+        self.pending.lock().retain(|_, p| p.session != id);
     }
 }
 
@@ -957,7 +958,7 @@ fn event_message(owner: &BareJid, to: &FullJid, payload: Element) -> Element {
 /// Whether session `h` has `node+notify` in its capabilities.
 pub fn wants(state: &ServerState, h: &SessionHandle, node: &str) -> bool {
     let pep = &state.modules.pep;
-    let map = pep.by_session.lock().unwrap();
+    let map = pep.by_session.lock();
     map.get(&h.id)
         .is_some_and(|(_, f)| f.contains(&format!("{node}+notify")))
 }
@@ -1026,12 +1027,7 @@ async fn send_last_items(state: &ServerState, h: &Arc<SessionHandle>, features: 
 pub fn new_subscriber(state: &ServerState, owner: &BareJid, subscriber: &BareJid) {
     let pep = &state.modules.pep;
     for h in state.router.resources(subscriber) {
-        let features = pep
-            .by_session
-            .lock()
-            .unwrap()
-            .get(&h.id)
-            .map(|(_, f)| f.clone());
+        let features = pep.by_session.lock().get(&h.id).map(|(_, f)| f.clone());
         let Some(features) = features.filter(|_| h.is_available()) else {
             continue;
         };
@@ -1113,7 +1109,7 @@ async fn send_last_items_of(
 pub async fn on_available(state: &ServerState, me: &Arc<SessionHandle>, p: &Element) {
     let pep = &state.modules.pep;
     let Some(c) = p.get_child("c", super::disco::NS_CAPS) else {
-        pep.by_session.lock().unwrap().remove(&me.id);
+        pep.by_session.lock().remove(&me.id);
         return;
     };
     let (Some(node), Some(ver)) = (c.attr("node"), c.attr("ver")) else {
@@ -1123,24 +1119,22 @@ pub async fn on_available(state: &ServerState, me: &Arc<SessionHandle>, p: &Elem
     if pep
         .by_session
         .lock()
-        .unwrap()
         .get(&me.id)
         .is_some_and(|(v, _)| v == ver)
     {
         // Same capabilities as before: a presence update, nothing new.
         return;
     }
-    let known = pep.by_ver.lock().unwrap().get(ver).cloned();
+    let known = pep.by_ver.lock().get(ver).cloned();
     if let Some(features) = known {
         pep.by_session
             .lock()
-            .unwrap()
             .insert(me.id, (ver.to_string(), features.clone()));
         spawn_last_items(state, me, features);
         return;
     }
     {
-        let mut asking = pep.asking.lock().unwrap();
+        let mut asking = pep.asking.lock();
         let now = Instant::now();
         match asking.get_mut(ver) {
             Some((at, waiting)) if now.duration_since(*at) < CAPS_QUERY_TIMEOUT => {
@@ -1168,7 +1162,7 @@ fn ask_caps(state: &ServerState, h: &SessionHandle, node: &str, ver: &str, hash:
     let pep = &state.modules.pep;
     let id = format!("caps-{}", new_id());
     {
-        let mut pending = pep.pending.lock().unwrap();
+        let mut pending = pep.pending.lock();
         if pending.len() >= MAX_PENDING {
             return;
         }
@@ -1199,7 +1193,7 @@ pub async fn caps_reply(state: &ServerState, from: &Arc<SessionHandle>, iq: &Ele
     };
     let pep = &state.modules.pep;
     let pending = {
-        let mut map = pep.pending.lock().unwrap();
+        let mut map = pep.pending.lock();
         match map.get(id) {
             Some(p) if p.jid == from.jid && p.session == from.id => map.remove(id),
             _ => None,
@@ -1228,13 +1222,13 @@ pub async fn caps_reply(state: &ServerState, from: &Arc<SessionHandle>, iq: &Ele
     let mut served = vec![from.id];
     if verified {
         {
-            let mut by_ver = pep.by_ver.lock().unwrap();
+            let mut by_ver = pep.by_ver.lock();
             if by_ver.len() >= MAX_CAPS_CACHE {
                 by_ver.clear();
             }
             by_ver.insert(pending.ver.clone(), features.clone());
         }
-        if let Some((_, waiting)) = pep.asking.lock().unwrap().remove(&pending.ver) {
+        if let Some((_, waiting)) = pep.asking.lock().remove(&pending.ver) {
             served.extend(waiting);
         }
     } else {
@@ -1249,7 +1243,6 @@ pub async fn caps_reply(state: &ServerState, from: &Arc<SessionHandle>, iq: &Ele
         };
         pep.by_session
             .lock()
-            .unwrap()
             .insert(h.id, (pending.ver.clone(), features.clone()));
         spawn_last_items(state, &h, features.clone());
     }
@@ -1264,7 +1257,7 @@ fn find_session(
     ver: &str,
 ) -> Option<Arc<SessionHandle>> {
     let has_ver = |h: &SessionHandle| {
-        let st = h.state.lock().unwrap();
+        let st = h.state.lock();
         st.available
             && st
                 .presence
@@ -1287,7 +1280,7 @@ fn find_session(
 fn ask_next(state: &ServerState, ver: &str, done: u64) {
     let pep = &state.modules.pep;
     let next = {
-        let mut asking = pep.asking.lock().unwrap();
+        let mut asking = pep.asking.lock();
         let Some((at, waiting)) = asking.get_mut(ver) else {
             return;
         };
@@ -1304,7 +1297,6 @@ fn ask_next(state: &ServerState, ver: &str, done: u64) {
         let caps = h
             .state
             .lock()
-            .unwrap()
             .presence
             .as_ref()
             .and_then(|p| p.get_child("c", super::disco::NS_CAPS).cloned());

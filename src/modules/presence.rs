@@ -205,7 +205,7 @@ fn available(state: &ServerState, bare: &BareJid) -> Vec<Arc<SessionHandle>> {
 
 /// The last available presence of a session, if it is available.
 fn current_presence(h: &SessionHandle) -> Option<Element> {
-    let st = h.state.lock().unwrap();
+    let st = h.state.lock();
     st.available.then(|| st.presence.clone()).flatten()
 }
 
@@ -266,7 +266,7 @@ async fn broadcast(cx: &Cx<'_>, mut p: Element, available: bool) -> Result<(), S
     // XEP-0160: coming online → the offline queue, delivered when this ends.
     let _offline = super::offline::catch_up(cx, &p);
     let initial = {
-        let mut st = me.state.lock().unwrap();
+        let mut st = me.state.lock();
         let initial = !st.available;
         st.available = true;
         st.priority = priority(&p);
@@ -331,7 +331,7 @@ async fn go_unavailable(
 ) -> Result<(), StanzaError> {
     p.remove_attr("to");
     let (was_available, directed) = {
-        let mut st = me.state.lock().unwrap();
+        let mut st = me.state.lock();
         let was = st.available;
         st.available = false;
         st.priority = 0;
@@ -389,7 +389,7 @@ async fn directed(cx: &Cx<'_>, p: Element, to: Jid, online: bool) -> Result<(), 
                 .await?
                 .is_some_and(|i| has_from(i.subscription));
         if !broadcast_anyway {
-            let mut st = me.state.lock().unwrap();
+            let mut st = me.state.lock();
             if !st.directed.contains(&key) && st.directed.len() >= MAX_DIRECTED {
                 return Err(StanzaError::with_text(
                     Condition::ResourceConstraint,
@@ -399,7 +399,7 @@ async fn directed(cx: &Cx<'_>, p: Element, to: Jid, online: bool) -> Result<(), 
             st.directed.insert(key);
         }
     } else {
-        me.state.lock().unwrap().directed.remove(&key);
+        me.state.lock().directed.remove(&key);
     }
     // RFC 6121 §8.5.2.1.1 / §8.5.3.1: bare → every available resource,
     // full → that resource; an unknown account or resource drops it.

@@ -169,7 +169,7 @@ fn close_all(cx: &Cx<'_>, me: &jid::BareJid) {
     let err = StreamError::with_text(StreamCondition::NotAuthorized, "account removed");
     for h in sessions {
         if h.id == cx.session.id {
-            h.state.lock().unwrap().close_after_reply = Some(err.clone());
+            h.state.lock().close_after_reply = Some(err.clone());
         } else {
             h.close(err.clone());
         }

@@ -73,7 +73,7 @@ impl Module for Roster {
 /// cached version is current.
 async fn get(cx: &Cx<'_>, iq: &Iq) -> IqResult {
     let user = &cx.session.bare;
-    cx.session.state.lock().unwrap().interested = true;
+    cx.session.state.lock().interested = true;
     let (version, items) = cx.state.store.roster(user.as_str()).await?;
     let ver = version.to_string();
     if iq.payload().attr("ver") == Some(ver.as_str()) {
@@ -316,7 +316,7 @@ fn removed_element(contact: &BareJid) -> Element {
 /// RFC 6121 §2.1.6: a roster push to every interested resource of `owner`.
 pub fn push(state: &ServerState, owner: &BareJid, item: Element, version: u64) {
     for h in state.router.resources(owner) {
-        if !h.state.lock().unwrap().interested {
+        if !h.state.lock().interested {
             continue;
         }
         let iq = Element::new("iq", NS_CLIENT)

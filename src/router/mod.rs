@@ -14,12 +14,13 @@
 use crate::error::StreamError;
 use jid::{BareJid, FullJid};
 use natter_xml::Element;
+use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 pub mod outbound;
 pub mod queue;
@@ -127,15 +128,15 @@ impl SessionHandle {
     }
 
     pub fn is_available(&self) -> bool {
-        self.state.lock().unwrap().available
+        self.state.lock().available
     }
 
     pub fn priority(&self) -> i8 {
-        self.state.lock().unwrap().priority
+        self.state.lock().priority
     }
 
     pub fn carbons(&self) -> bool {
-        self.state.lock().unwrap().carbons
+        self.state.lock().carbons
     }
 }
 
@@ -188,7 +189,7 @@ impl Router {
     ) -> Result<Bound, BindError> {
         let bare = jid.to_bare();
         let key = self.key(bare.as_str());
-        let mut map = self.sessions.write().unwrap();
+        let mut map = self.sessions.write();
         // The user's byte quota is shared by all of the user's sessions.
         let user = map
             .get(&key)
@@ -225,7 +226,7 @@ impl Router {
     /// JID stays).
     pub fn unbind(&self, handle: &SessionHandle) {
         let key = self.key(handle.bare.as_str());
-        let mut map = self.sessions.write().unwrap();
+        let mut map = self.sessions.write();
         if let Some(list) = map.get_mut(&key) {
             list.retain(|h| h.id != handle.id);
             if list.is_empty() {
@@ -237,7 +238,6 @@ impl Router {
     pub fn resources(&self, bare: &BareJid) -> Vec<Arc<SessionHandle>> {
         self.sessions
             .read()
-            .unwrap()
             .get(&self.key(bare.as_str()))
             .map(|l| {
                 l.iter()
@@ -254,7 +254,6 @@ impl Router {
         let bare = s.split_once('/').map_or(s, |(b, _)| b);
         self.sessions
             .read()
-            .unwrap()
             .get(&self.key(bare))?
             .iter()
             .find(|h| &h.jid == full && !h.is_closing())
@@ -278,13 +277,7 @@ impl Router {
 
     /// Every bound session (admin listing, shutdown).
     pub fn all(&self) -> Vec<Arc<SessionHandle>> {
-        self.sessions
-            .read()
-            .unwrap()
-            .values()
-            .flatten()
-            .cloned()
-            .collect()
+        self.sessions.read().values().flatten().cloned().collect()
     }
 
     /// The server is shutting down: every bound session closes its stream
@@ -296,12 +289,7 @@ impl Router {
     }
 
     pub fn count(&self) -> usize {
-        self.sessions
-            .read()
-            .unwrap()
-            .values()
-            .map(|l| l.len())
-            .sum()
+        self.sessions.read().values().map(|l| l.len()).sum()
     }
 }
 
@@ -352,7 +340,7 @@ mod tests {
         assert_eq!(r.resources(&j.to_bare()).len(), 1);
         r.unbind(&h2);
         assert_eq!(r.count(), 0);
-        assert!(r.sessions.read().unwrap().is_empty());
+        assert!(r.sessions.read().is_empty());
     }
 
     #[test]
@@ -362,7 +350,7 @@ mod tests {
         let (b, _rb, _) = r.bind(FullJid::new("b@x/1").unwrap(), lim(4), 2).unwrap();
         // Put b in a's slot, as if their keys collided.
         {
-            let mut map = r.sessions.write().unwrap();
+            let mut map = r.sessions.write();
             let mut moved = map.remove(&r.key("b@x")).unwrap();
             map.get_mut(&r.key("a@x")).unwrap().append(&mut moved);
         }

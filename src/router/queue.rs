@@ -18,9 +18,10 @@
 use super::Deliver;
 #[cfg(test)]
 use super::Outbound;
+use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 /// Capacity kept after draining; bigger buffers are released.
@@ -78,7 +79,7 @@ impl UserBytes {
 impl Drop for Shared {
     fn drop(&mut self) {
         // What was never taken off no longer counts against the user.
-        let bytes = self.inner.get_mut().map_or(0, |i| i.bytes);
+        let bytes = self.inner.get_mut().bytes;
         self.user.discharge(bytes);
     }
 }
@@ -125,7 +126,7 @@ pub fn queue(limits: QueueLimits, user: UserBytes) -> (QueueTx, QueueRx) {
 
 impl QueueTx {
     pub fn try_send(&self, d: Deliver) -> Result<(), PushError> {
-        let mut inner = self.0.inner.lock().unwrap();
+        let mut inner = self.0.inner.lock();
         if inner.closed {
             return Err(PushError::Closed);
         }
@@ -156,7 +157,7 @@ impl QueueTx {
     /// Flag the queue as overflowed (the session will close itself) and wake
     /// the receiver. True the first time.
     pub fn overflow(&self) -> bool {
-        let mut inner = self.0.inner.lock().unwrap();
+        let mut inner = self.0.inner.lock();
         let first = !std::mem::replace(&mut inner.overflowed, true);
         let waker = inner.waker.take();
         drop(inner);
@@ -169,7 +170,7 @@ impl QueueTx {
     /// The server is shutting down: the session closes its stream (the
     /// receiver sees this before anything else).
     pub fn shutdown(&self) {
-        let mut inner = self.0.inner.lock().unwrap();
+        let mut inner = self.0.inner.lock();
         inner.shutdown = true;
         let waker = inner.waker.take();
         drop(inner);
@@ -179,12 +180,12 @@ impl QueueTx {
     }
 
     pub fn len(&self) -> usize {
-        self.0.inner.lock().unwrap().items.len()
+        self.0.inner.lock().items.len()
     }
 
     /// Bytes queued.
     pub fn bytes(&self) -> usize {
-        self.0.inner.lock().unwrap().bytes
+        self.0.inner.lock().bytes
     }
 
     pub fn is_empty(&self) -> bool {
@@ -192,7 +193,7 @@ impl QueueTx {
     }
 
     pub fn overflowed(&self) -> bool {
-        self.0.inner.lock().unwrap().overflowed
+        self.0.inner.lock().overflowed
     }
 
     pub fn limits(&self) -> QueueLimits {
@@ -206,7 +207,7 @@ impl QueueTx {
 
 impl QueueRx {
     pub fn try_recv(&mut self) -> Option<Deliver> {
-        self.pop(&mut self.0.inner.lock().unwrap())
+        self.pop(&mut self.0.inner.lock())
     }
 
     fn pop(&self, inner: &mut Inner) -> Option<Deliver> {
@@ -230,7 +231,7 @@ impl QueueRx {
         signals: bool,
     ) -> impl std::future::Future<Output = Option<Deliver>> + Send + '_ {
         std::future::poll_fn(move |cx| {
-            let mut inner = self.0.inner.lock().unwrap();
+            let mut inner = self.0.inner.lock();
             if signals && inner.shutdown {
                 return Poll::Ready(Some(Deliver::Shutdown));
             }
@@ -255,7 +256,7 @@ impl QueueRx {
     /// items queued (the session has no room for them now).
     pub fn signal(&mut self) -> impl std::future::Future<Output = Deliver> + Send + '_ {
         std::future::poll_fn(move |cx| {
-            let mut inner = self.0.inner.lock().unwrap();
+            let mut inner = self.0.inner.lock();
             if inner.shutdown {
                 return Poll::Ready(Deliver::Shutdown);
             }
@@ -271,17 +272,17 @@ impl QueueRx {
     }
 
     pub fn overflowed(&self) -> bool {
-        self.0.inner.lock().unwrap().overflowed
+        self.0.inner.lock().overflowed
     }
 
     pub fn shutting_down(&self) -> bool {
-        self.0.inner.lock().unwrap().shutdown
+        self.0.inner.lock().shutdown
     }
 
     /// Accept pushes again after an overflow: the session was resumed and
     /// catches up on what went to offline storage meanwhile.
     pub fn clear_overflow(&self) {
-        self.0.inner.lock().unwrap().overflowed = false;
+        self.0.inner.lock().overflowed = false;
     }
 
     /// The counter of this session's user.
@@ -295,7 +296,7 @@ impl QueueRx {
 
     /// The session is idle: give the buffer back if nothing is queued.
     pub fn release(&self) {
-        let mut inner = self.0.inner.lock().unwrap();
+        let mut inner = self.0.inner.lock();
         if inner.items.is_empty() {
             inner.items = VecDeque::new();
         }
@@ -303,7 +304,7 @@ impl QueueRx {
 
     /// Refuse further pushes; what is queued can still be taken.
     pub fn close(&mut self) {
-        let mut inner = self.0.inner.lock().unwrap();
+        let mut inner = self.0.inner.lock();
         inner.closed = true;
         inner.waker = None;
     }
@@ -364,14 +365,14 @@ mod tests {
             }
         }
         let rx = waiter.await.unwrap();
-        assert!(rx.0.inner.lock().unwrap().items.capacity() <= KEEP_CAPACITY);
+        assert!(rx.0.inner.lock().items.capacity() <= KEEP_CAPACITY);
         tx.try_send(st("m")).unwrap();
         rx.release();
-        assert_eq!(rx.0.inner.lock().unwrap().items.len(), 1);
+        assert_eq!(rx.0.inner.lock().items.len(), 1);
         let mut rx = rx;
         rx.try_recv().unwrap();
         rx.release();
-        assert_eq!(rx.0.inner.lock().unwrap().items.capacity(), 0);
+        assert_eq!(rx.0.inner.lock().items.capacity(), 0);
     }
 
     #[tokio::test]

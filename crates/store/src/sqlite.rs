@@ -65,7 +65,7 @@ pub struct SqliteStore {
 /// COMMIT that crosses the threshold, stalling every message of that batch).
 struct Checkpointer {
     stop: tokio::sync::watch::Sender<bool>,
-    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Checkpointer {
@@ -102,13 +102,13 @@ impl Checkpointer {
         });
         Checkpointer {
             stop,
-            task: std::sync::Mutex::new(Some(task)),
+            task: parking_lot::Mutex::new(Some(task)),
         }
     }
 
     async fn stop(&self) {
         let _ = self.stop.send(true);
-        let task = self.task.lock().unwrap().take();
+        let task = self.task.lock().take();
         if let Some(task) = task {
             let _ = task.await;
         }

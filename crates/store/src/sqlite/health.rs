@@ -14,7 +14,7 @@
 //!
 //! Running low on space before writes fail is for the disk-space warning to tell.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::StoreError;
@@ -51,7 +51,7 @@ struct Outcome {
 
 impl WriteHealth {
     pub fn record_ok(&self) {
-        let mut last = self.last.lock().unwrap();
+        let mut last = self.last.lock();
         if last.as_ref().is_some_and(|o| o.failing.is_some()) {
             tracing::info!("SQLite writes succeed again");
         }
@@ -62,7 +62,7 @@ impl WriteHealth {
     }
 
     pub fn record_err(&self, error: &str) {
-        let mut last = self.last.lock().unwrap();
+        let mut last = self.last.lock();
         let now = Instant::now();
         let since = last
             .as_ref()
@@ -76,7 +76,7 @@ impl WriteHealth {
 
     /// Whether the recorded outcome still answers a readiness check.
     pub fn due(&self) -> Due {
-        let last = self.last.lock().unwrap();
+        let last = self.last.lock();
         match last.as_ref() {
             None => Due::Probe(0),
             Some(o) if o.failing.is_none() && o.at.elapsed() < OK_FRESH => Due::No(Ok(())),
@@ -88,11 +88,7 @@ impl WriteHealth {
 
     /// The latest outcome (Ok if nothing was written yet).
     pub fn current(&self) -> Result<(), StoreError> {
-        self.last
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map_or(Ok(()), Outcome::result)
+        self.last.lock().as_ref().map_or(Ok(()), Outcome::result)
     }
 }
 
@@ -128,7 +124,7 @@ mod tests {
             e.to_string().contains("writes failing for 0 s: still full"),
             "{e}"
         );
-        h.last.lock().unwrap().as_mut().unwrap().at -= FAILED_FRESH;
+        h.last.lock().as_mut().unwrap().at -= FAILED_FRESH;
         assert!(
             matches!(h.due(), Due::Probe(LARGE_PROBE)),
             "stale failure: large probe"
@@ -136,7 +132,7 @@ mod tests {
         h.record_ok();
         assert!(matches!(h.due(), Due::No(Ok(()))));
         assert!(h.current().is_ok());
-        h.last.lock().unwrap().as_mut().unwrap().at -= OK_FRESH;
+        h.last.lock().as_mut().unwrap().at -= OK_FRESH;
         assert!(
             matches!(h.due(), Due::Probe(0)),
             "stale success: small probe"
