@@ -116,6 +116,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let http = net::bind(&config.listen.http, "HTTP").await?;
     let admin_token = admin::create_token(&config.data_dir)?;
     let fake_salt = c2s::fake_salt::load_or_create(&config.data_dir)?;
+    let modules = Arc::new(modules::Modules::standard(&config));
     let l = &config.limits;
     let state = ServerState::new(state::Shared {
         throttle: Arc::new(c2s::throttle::AuthThrottle::new(
@@ -133,7 +134,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config: Arc::new(config),
         store,
         router: Arc::new(router::Router::new()),
-        modules: Arc::new(modules::Modules::standard()),
+        modules,
         tls,
         shutdown: CancellationToken::new(),
         metrics,
@@ -148,7 +149,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         st.router.shutdown();
     });
     // XEP-0313 retention: prune old archived messages (if configured).
-    tasks.spawn(modules::mam::retention_task(state.clone()));
+    for t in state.modules.tasks(&state) {
+        tasks.spawn(t);
+    }
     // Memory a stuck or flooded session freed goes back to the system.
     tasks.spawn(router::trim_task(state.clone()));
     tasks.spawn(disk::watch(state.clone()));

@@ -264,11 +264,16 @@ async fn requeued_stanzas_are_delivered_or_queued() {
         "<message to='{bob}/gone' type='chat'><active xmlns='http://jabber.org/protocol/chatstates'/></message>"
     )), 0);
     // Nobody online: queued.
-    natter::modules::offline::requeue(
-        srv.state(),
-        vec![unacked("one"), chat_state, unacked("two")],
-    )
-    .await;
+    let offline = srv
+        .state()
+        .modules
+        .api::<dyn natter::modules::api::OfflineQueue>();
+    offline
+        .requeue(
+            srv.state(),
+            vec![unacked("one"), chat_state, unacked("two")],
+        )
+        .await;
     let queued = srv.state().store.offline_fetch(&bob, 10).await.unwrap();
     assert_eq!(queued.len(), 2);
     assert_eq!(queued[0].archive_id.as_deref(), Some("sid1"));
@@ -278,7 +283,7 @@ async fn requeued_stanzas_are_delivered_or_queued() {
         ["one", "two"]
     );
     // Online: delivered straight away.
-    natter::modules::offline::requeue(srv.state(), vec![unacked("three")]).await;
+    offline.requeue(srv.state(), vec![unacked("three")]).await;
     let m = b.recv_until(|m| m.name == "message").await;
     assert_eq!(body(&m).as_deref(), Some("three"));
     srv.stop().await;

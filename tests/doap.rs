@@ -109,7 +109,7 @@ const FEATURE_XEP: &[(&str, &str)] = &[
 #[test]
 fn doap_lists_every_announced_feature() {
     let doap = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/doap.xml")).unwrap();
-    let modules = natter::modules::Modules::standard();
+    let modules = natter::modules::Modules::standard(&natter::config::Config::default());
     let mut features = modules.features();
     features.extend(modules.account_features());
     for f in features {

@@ -612,7 +612,10 @@ impl Session {
             ))));
         }
         // XEP-0012: the heartbeat keeps "last seen" fresh.
-        modules::last::heartbeat(&self.state, h).await;
+        self.state
+            .modules
+            .emit(&self.state, Some(h), &modules::Event::Heartbeat)
+            .await;
         // Idle: a stream-managed client answers an ack request (not
         // counted as a stanza); others get a ping.
         if self.sm.is_some() {
@@ -918,7 +921,7 @@ impl Session {
                 for e in self.state.modules.stream_features() {
                     f.append_child(e);
                 }
-                f.append_child(modules::disco::caps_element(&self.state.modules.features()));
+                f.append_child(self.state.modules.caps_element());
             }
             Phase::Bound(_) => {}
         }
@@ -1470,7 +1473,10 @@ impl Session {
         // offline storage, after everything it holds; deliver them next.
         if let (Some(h), Some(rx)) = (self.bound(), self.rx.as_ref()) {
             if rx.overflowed() {
-                modules::offline::resumed(&self.state, &h, rx);
+                self.state
+                    .modules
+                    .api::<dyn modules::api::OfflineQueue>()
+                    .resumed(&self.state, &h, rx);
             }
         }
         Ok(Step::Continue)
@@ -1518,7 +1524,7 @@ impl Session {
         };
         let originals = msgs.clone();
         let _timer = self.state.metrics.routing_timer("message");
-        let results = modules::message::route_many(&cx, msgs).await;
+        let results = modules::dispatch_messages(&cx, msgs).await;
         for (msg, r) in originals.iter().zip(results) {
             // Never answer an error with an error (RFC 6120 §8.3.1).
             if let Err(e) = r {
@@ -1714,7 +1720,10 @@ impl Session {
             state: &self.state,
             session: &h,
         };
-        self.state.modules.session_closed(&cx).await;
+        self.state
+            .modules
+            .emit(&self.state, Some(cx.session), &modules::Event::Closed)
+            .await;
         self.state.metrics.session_closed(h.id);
         self.state.router.unbind(&h);
     }
@@ -1748,7 +1757,11 @@ impl Session {
         if !undelivered.is_empty() {
             tracing::debug!(jid = %h.jid, n = undelivered.len(), "requeueing undelivered stanzas");
             self.state.router.count_requeued(undelivered.len());
-            modules::offline::requeue(&self.state, undelivered).await;
+            self.state
+                .modules
+                .api::<dyn modules::api::OfflineQueue>()
+                .requeue(&self.state, undelivered)
+                .await;
         }
     }
 }

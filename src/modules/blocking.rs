@@ -30,7 +30,9 @@
 //! domain).
 
 use super::cache::UserCache;
-use super::{Cx, Iq, IqResult, IqType, Module};
+use super::{
+    api, Cx, Event, EventKind, Flow, Hook, HookStanza, Iq, IqResult, IqType, Kind, Module, Shared,
+};
 use crate::error::{Condition, StanzaError};
 use crate::router::SessionHandle;
 use crate::state::ServerState;
@@ -61,8 +63,50 @@ pub struct Blocking {
 
 #[async_trait]
 impl Module for Blocking {
+    fn name(&self) -> &'static str {
+        "blocking"
+    }
     fn features(&self) -> &'static [&'static str] {
         &[NS]
+    }
+    /// Before anything else routes a stanza: nothing passes between a
+    /// blocker and a blocked JID.
+    fn hooks(&self) -> &'static [(Hook, i32)] {
+        &[
+            (Hook::PreRoute(Kind::Message), 100),
+            (Hook::PreRoute(Kind::Presence), 100),
+            (Hook::PreRoute(Kind::Iq), 100),
+        ]
+    }
+    fn events(&self) -> &'static [(EventKind, i32)] {
+        &[(EventKind::Closed, 0)]
+    }
+    fn provide(self: Arc<Self>, shared: &mut Shared) {
+        shared.provide::<Blocking>(self.clone());
+        shared.provide::<dyn api::Blocklist>(self);
+    }
+    async fn on_stanza(
+        &self,
+        _hook: Hook,
+        cx: &Cx<'_>,
+        s: &HookStanza<'_>,
+    ) -> Result<Flow, StanzaError> {
+        match s.to {
+            Some(to) if gate(cx, s.stanza, to).await? => Ok(Flow::Stop),
+            _ => Ok(Flow::Continue),
+        }
+    }
+    async fn on_event(
+        &self,
+        state: &ServerState,
+        session: Option<&Arc<SessionHandle>>,
+        event: &Event<'_>,
+    ) {
+        if let (Event::Closed, Some(h)) = (event, session) {
+            self.interested.lock().remove(&h.id);
+            self.lists
+                .forget_unless_online(&state.router, &h.bare, h.id);
+        }
     }
     fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
         &[(NS, "blocklist"), (NS, "block"), (NS, "unblock")]
@@ -87,10 +131,12 @@ impl Module for Blocking {
             _ => Err(StanzaError::new(Condition::BadRequest)),
         }
     }
-    async fn session_closed(&self, cx: &Cx<'_>) {
-        self.interested.lock().remove(&cx.session.id);
-        self.lists
-            .forget_unless_online(&cx.state.router, &cx.session.bare, cx.session.id);
+}
+
+#[async_trait]
+impl api::Blocklist for Blocking {
+    async fn presence_allowed(&self, state: &ServerState, from: &Jid, to: &SessionHandle) -> bool {
+        presence_allowed(state, from, to).await
     }
 }
 
@@ -219,7 +265,7 @@ async fn load(state: &ServerState, user: &BareJid) -> Result<Vec<Jid>, StanzaErr
 
 /// `user`'s block list, from the cache or loaded into it.
 pub async fn list(state: &ServerState, user: &BareJid) -> Result<Arc<Vec<Jid>>, StanzaError> {
-    let b = &state.modules.blocking;
+    let b = state.modules.api::<Blocking>();
     if let Some(l) = b.lists.get(user) {
         return Ok(l);
     }
@@ -289,7 +335,7 @@ pub fn error(b: Blocked) -> StanzaError {
 
 /// Gate for a message, IQ or addressed presence from a session: Err when it
 /// must not be routed (Ok(true) = drop silently, Ok(false) = go on).
-pub async fn gate(cx: &Cx<'_>, stanza: &Element, to: &Jid) -> Result<bool, StanzaError> {
+async fn gate(cx: &Cx<'_>, stanza: &Element, to: &Jid) -> Result<bool, StanzaError> {
     let from = Jid::from(cx.session.jid.clone());
     let Some(b) = check(cx.state, &from, to).await else {
         return Ok(false);

@@ -1,7 +1,7 @@
 //! XEP-0280: Message Carbons — every device of a user sees both sides of
 //! a conversation.
 
-use super::{Cx, Iq, IqResult, IqType, Module};
+use super::{Cx, Flow, Hook, HookStanza, Iq, IqResult, IqType, Module};
 use crate::error::{Condition, StanzaError};
 use async_trait::async_trait;
 use jid::BareJid;
@@ -15,6 +15,27 @@ pub struct Carbons;
 
 #[async_trait]
 impl Module for Carbons {
+    fn name(&self) -> &'static str {
+        "carbons"
+    }
+    fn hooks(&self) -> &'static [(Hook, i32)] {
+        &[(Hook::Delivered, 0)]
+    }
+    /// Copies of a routed message for the sender's other devices and the
+    /// recipient's other devices.
+    async fn on_stanza(
+        &self,
+        _hook: Hook,
+        cx: &Cx<'_>,
+        s: &HookStanza<'_>,
+    ) -> Result<Flow, StanzaError> {
+        let kind = s.kind();
+        copy_sent(cx, s.sent_copy.unwrap_or(s.stanza), kind);
+        if let (true, Some(owner)) = (s.to_resource, s.recipient) {
+            copy_received(cx, owner, s.delivered_to, s.stanza, kind);
+        }
+        Ok(Flow::Continue)
+    }
     fn features(&self) -> &'static [&'static str] {
         &[NS]
     }
@@ -58,7 +79,7 @@ fn wrap(direction: &str, owner: &BareJid, to: &str, msg: &Element, kind: &str) -
 }
 
 /// Copy an outgoing message to the sender's other carbon-enabled resources.
-pub fn copy_sent(cx: &Cx<'_>, msg: &Element, kind: &str) {
+fn copy_sent(cx: &Cx<'_>, msg: &Element, kind: &str) {
     if !eligible(msg, kind) {
         return;
     }
@@ -71,7 +92,7 @@ pub fn copy_sent(cx: &Cx<'_>, msg: &Element, kind: &str) {
 
 /// Copy a message delivered to one resource (`delivered_to`) of `owner` to
 /// its other carbon-enabled resources.
-pub fn copy_received(
+fn copy_received(
     cx: &Cx<'_>,
     owner: &BareJid,
     delivered_to: Option<u64>,

@@ -2,25 +2,17 @@
 //! server. Features come from each module's declaration, so disco lists
 //! exactly what is implemented.
 
-use super::{Cx, Iq, IqResult, IqType, Module, Target};
+use super::{Cx, Identity, Iq, IqResult, IqType, Module, Modules, Target};
 use crate::error::{Condition, StanzaError};
 use async_trait::async_trait;
 use base64::Engine;
 use natter_xml::Element;
 use sha1::{Digest, Sha1};
 
-pub const NS_INFO: &str = "http://jabber.org/protocol/disco#info";
-pub const NS_ITEMS: &str = "http://jabber.org/protocol/disco#items";
-pub const NS_CAPS: &str = "http://jabber.org/protocol/caps";
+pub use super::vocab::{NS_CAPS, NS_DISCO_INFO as NS_INFO, NS_DISCO_ITEMS as NS_ITEMS};
 pub const CAPS_NODE: &str = "https://github.com/natter-im/natter";
 
 pub struct Disco;
-
-type Identity = (&'static str, &'static str, &'static str);
-
-/// XEP-0223 §4 / XEP-0163 §6: the server and every account are PEP services too.
-const SERVER_IDENTITIES: &[Identity] = &[("server", "im", "natter"), super::pep::IDENTITY];
-const ACCOUNT_IDENTITIES: &[Identity] = &[("account", "registered", ""), super::pep::IDENTITY];
 
 fn info(identities: &[(&str, &str, &str)], features: &[&str], node: Option<&str>) -> Element {
     let mut q = Element::new("query", NS_INFO);
@@ -59,21 +51,38 @@ pub fn caps_ver(identities: &[(&str, &str, &str)], features: &[&str]) -> String 
     base64::engine::general_purpose::STANDARD.encode(Sha1::digest(s.as_bytes()))
 }
 
-/// The server's features including disco's own.
-fn server_features(cx: &Cx<'_>) -> Vec<&'static str> {
-    cx.state.modules.features()
-}
-
 /// `<c/>` advertised in stream features (XEP-0115 §6.3).
-pub fn caps_element(features: &[&'static str]) -> Element {
+pub fn caps_element(modules: &Modules) -> Element {
     Element::new("c", NS_CAPS)
         .with_attr("hash", "sha-1")
         .with_attr("node", CAPS_NODE)
-        .with_attr("ver", caps_ver(SERVER_IDENTITIES, features))
+        .with_attr("ver", caps_ver(&modules.identities(), &modules.features()))
+}
+
+/// XEP-0030 items of the server: the services hosted on their own domains.
+fn service_items(modules: &Modules) -> Element {
+    let mut q = Element::new("query", NS_ITEMS);
+    for s in modules.services().filter(|s| s.listed) {
+        let mut item = Element::new("item", NS_ITEMS).with_attr("jid", s.domain.clone());
+        if !s.identity.2.is_empty() {
+            item.set_attr("name", s.identity.2.clone());
+        }
+        q.append_child(item);
+    }
+    q
 }
 
 #[async_trait]
 impl Module for Disco {
+    fn name(&self) -> &'static str {
+        "disco"
+    }
+    fn identities(&self) -> &'static [Identity] {
+        &[("server", "im", "natter")]
+    }
+    fn account_identities(&self) -> &'static [Identity] {
+        &[("account", "registered", "")]
+    }
     fn features(&self) -> &'static [&'static str] {
         &[NS_INFO, NS_ITEMS]
     }
@@ -90,38 +99,46 @@ impl Module for Disco {
         let q = iq.payload();
         let node = q.attr("node");
         if q.ns == NS_ITEMS {
-            // XEP-0060 §5.2: an account's PEP nodes.
-            if let (Target::Account(bare), None) = (&iq.target, node) {
-                return super::pep::disco_items(cx.state, bare, &cx.session.bare).await;
-            }
+            let modules = &cx.state.modules;
             if node.is_some() {
                 return Err(StanzaError::new(Condition::ItemNotFound));
             }
-            return Ok(Some(Element::new("query", NS_ITEMS)));
+            return match &iq.target {
+                // XEP-0060 §5.2: e.g. an account's PEP nodes.
+                Target::Account(bare) => {
+                    let mut q = Element::new("query", NS_ITEMS);
+                    for item in modules.account_items(cx, bare).await? {
+                        q.append_child(item);
+                    }
+                    Ok(Some(q))
+                }
+                Target::Server(_) => Ok(Some(service_items(modules))),
+            };
         }
         match &iq.target {
             Target::Server(_) => {
-                let features = server_features(cx);
+                let modules = &cx.state.modules;
+                let features = modules.features();
+                let identities = modules.identities();
                 if let Some(n) = node {
                     // Only our own caps node is known.
-                    let expected =
-                        format!("{CAPS_NODE}#{}", caps_ver(SERVER_IDENTITIES, &features));
+                    let expected = format!("{CAPS_NODE}#{}", caps_ver(&identities, &features));
                     if n != expected {
                         return Err(StanzaError::new(Condition::ItemNotFound));
                     }
                 }
-                Ok(Some(info(SERVER_IDENTITIES, &features, node)))
+                Ok(Some(info(&identities, &features, node)))
             }
             Target::Account(bare) => {
                 if let Some(n) = node {
                     // XEP-0060 §5.3: one of the account's PEP nodes.
-                    return super::pep::disco_node_info(cx.state, bare, n, &cx.session.bare).await;
+                    return cx.state.modules.account_node_info(cx, bare, n).await;
                 }
                 if cx.state.store.credentials(bare.as_str()).await?.is_none() {
                     return Err(StanzaError::new(Condition::ServiceUnavailable));
                 }
                 Ok(Some(info(
-                    ACCOUNT_IDENTITIES,
+                    &cx.state.modules.account_identities(),
                     &cx.state.modules.account_features(),
                     None,
                 )))

@@ -13,7 +13,7 @@
 //! at most every [`HEARTBEAT_WRITE_SECS`], on the server's ping heartbeat,
 //! so a crash loses at most that much of "last seen".
 
-use super::{Cx, Iq, IqResult, IqType, Module, Target};
+use super::{Cx, Event, EventKind, Iq, IqResult, IqType, Module, Shared, Target};
 use crate::error::{Condition, StanzaError};
 use crate::router::SessionHandle;
 use crate::state::ServerState;
@@ -22,6 +22,7 @@ use natter_store::Subscription;
 use natter_xml::{Element, NS_CLIENT};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 pub const NS: &str = "jabber:iq:last";
@@ -52,6 +53,37 @@ fn now_unix() -> i64 {
 
 #[async_trait]
 impl Module for Last {
+    fn name(&self) -> &'static str {
+        "last"
+    }
+    fn events(&self) -> &'static [(EventKind, i32)] {
+        &[
+            (EventKind::Unavailable, 0),
+            (EventKind::Heartbeat, 0),
+            (EventKind::Closed, 0),
+        ]
+    }
+    fn provide(self: Arc<Self>, shared: &mut Shared) {
+        shared.provide::<Last>(self);
+    }
+    async fn on_event(
+        &self,
+        state: &ServerState,
+        session: Option<&Arc<SessionHandle>>,
+        event: &Event<'_>,
+    ) {
+        let Some(h) = session else { return };
+        match event {
+            Event::Unavailable { presence } => went_unavailable(state, h, presence).await,
+            Event::Heartbeat => heartbeat(state, h).await,
+            Event::Closed => {
+                if state.router.resources(&h.bare).len() <= 1 {
+                    self.beats.lock().remove(h.bare.as_str());
+                }
+            }
+            _ => {}
+        }
+    }
     fn features(&self) -> &'static [&'static str] {
         &[NS]
     }
@@ -113,16 +145,10 @@ impl Module for Last {
             )),
         }
     }
-    async fn session_closed(&self, cx: &Cx<'_>) {
-        let user = cx.session.bare.as_str();
-        if cx.state.router.resources(&cx.session.bare).len() <= 1 {
-            self.beats.lock().remove(user);
-        }
-    }
 }
 
 /// A resource that was available went unavailable with presence `p`.
-pub async fn went_unavailable(state: &ServerState, me: &SessionHandle, p: &Element) {
+async fn went_unavailable(state: &ServerState, me: &SessionHandle, p: &Element) {
     let status = p.child_text("status", NS_CLIENT).unwrap_or_default();
     if let Err(e) = state
         .store
@@ -135,11 +161,11 @@ pub async fn went_unavailable(state: &ServerState, me: &SessionHandle, p: &Eleme
 
 /// The server pinged an idle session: it is still there. Writes at most
 /// every [`HEARTBEAT_WRITE_SECS`] per account, and only for available ones.
-pub async fn heartbeat(state: &ServerState, me: &SessionHandle) {
+async fn heartbeat(state: &ServerState, me: &SessionHandle) {
     if !me.is_available() {
         return;
     }
-    let last = &state.modules.last;
+    let last = state.modules.api::<Last>();
     {
         let mut beats = last.beats.lock();
         let now = Instant::now();

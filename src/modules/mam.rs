@@ -16,8 +16,14 @@
 //! `<after>last</after>` always reach the neighbouring pages.
 
 use super::cache::UserCache;
-use super::{offline, Cx, Iq, IqResult, IqType, Module, Target};
+pub use super::vocab::{
+    delay, has_content, is_wrapper, now_micros, parse_stamp, stamp, stanza_id, stanza_id_of,
+};
+use super::vocab::{has_hint, NS_FORWARD, NS_SID};
+use super::{api, Event, EventKind, Shared, Task};
+use super::{Cx, Iq, IqResult, IqType, Module, Target};
 use crate::error::{Condition, StanzaError};
+use crate::router::SessionHandle;
 use crate::state::ServerState;
 use async_trait::async_trait;
 use jid::{BareJid, Jid};
@@ -29,14 +35,7 @@ use std::time::Duration;
 pub const NS: &str = "urn:xmpp:mam:2";
 pub const NS_EXTENDED: &str = "urn:xmpp:mam:2#extended";
 pub const NS_RSM: &str = "http://jabber.org/protocol/rsm";
-pub const NS_SID: &str = "urn:xmpp:sid:0";
-pub const NS_DELAY: &str = "urn:xmpp:delay";
-pub const NS_FORWARD: &str = "urn:xmpp:forward:0";
 pub const NS_DATA: &str = "jabber:x:data";
-pub const NS_HINTS: &str = "urn:xmpp:hints";
-const NS_CHATSTATES: &str = "http://jabber.org/protocol/chatstates";
-const NS_IBB: &str = "http://jabber.org/protocol/ibb";
-const NS_CARBONS: &str = "urn:xmpp:carbons:2";
 
 /// Page size when the client gives no `<max/>`.
 pub const DEFAULT_PAGE: usize = 50;
@@ -56,9 +55,23 @@ pub struct Mam {
 
 #[async_trait]
 impl Module for Mam {
+    fn name(&self) -> &'static str {
+        "mam"
+    }
     fn features(&self) -> &'static [&'static str] {
-        // XEP-0359: the server stamps stanza-ids.
-        &[NS_SID]
+        // XEP-0359: the server stamps stanza-ids. The archive is the
+        // account's, but profanity looks for mam:2 on the domain only.
+        &[NS, NS_SID]
+    }
+    fn events(&self) -> &'static [(EventKind, i32)] {
+        &[(EventKind::Closed, 0)]
+    }
+    fn provide(self: Arc<Self>, shared: &mut Shared) {
+        shared.provide::<Mam>(self.clone());
+        shared.provide::<dyn api::Archive>(self);
+    }
+    fn tasks(&self, state: &ServerState) -> Vec<Task> {
+        vec![Box::pin(retention_task(state.clone()))]
     }
     fn account_features(&self) -> &'static [&'static str] {
         &[NS, NS_EXTENDED, NS_SID]
@@ -90,15 +103,45 @@ impl Module for Mam {
             _ => Err(StanzaError::new(Condition::BadRequest)),
         }
     }
-    async fn session_closed(&self, cx: &Cx<'_>) {
-        self.prefs
-            .forget_unless_online(&cx.state.router, &cx.session.bare, cx.session.id);
+    async fn on_event(
+        &self,
+        state: &ServerState,
+        session: Option<&Arc<SessionHandle>>,
+        event: &Event<'_>,
+    ) {
+        if let (Event::Closed, Some(h)) = (event, session) {
+            self.prefs
+                .forget_unless_online(&state.router, &h.bare, h.id);
+        }
+    }
+}
+
+#[async_trait]
+impl api::Archive for Mam {
+    fn has_content(&self, msg: &Element) -> bool {
+        has_content(msg)
+    }
+    fn archivable(&self, msg: &Element, kind: &str) -> bool {
+        archivable(msg, kind)
+    }
+    async fn entries(
+        &self,
+        state: &ServerState,
+        from: &BareJid,
+        to: &BareJid,
+        xml: &str,
+    ) -> Result<(Vec<NewArchiveEntry>, Option<usize>, Option<usize>), StanzaError> {
+        Ok(archive_entries(state, from, to, xml).await?)
+    }
+    fn stanza_id(&self, id: &str, by: &BareJid) -> Element {
+        stanza_id(id, by)
     }
 }
 
 /// `user`'s archive preferences, from the cache or loaded into it.
 async fn prefs_of(state: &ServerState, user: &BareJid) -> Result<Arc<MamPrefs>, StoreError> {
-    let cache = &state.modules.mam.prefs;
+    let mam = state.modules.api::<Mam>();
+    let cache = &mam.prefs;
     if let Some(p) = cache.get(user) {
         return Ok(p);
     }
@@ -110,29 +153,6 @@ async fn prefs_of(state: &ServerState, user: &BareJid) -> Result<Arc<MamPrefs>, 
 // What is archived
 // ---------------------------------------------------------------------------
 
-fn has_hint(msg: &Element, hint: &str) -> bool {
-    msg.get_child(hint, NS_HINTS).is_some()
-}
-
-/// The message carries something a client needs to rebuild a conversation:
-/// any payload other than chat states (XEP-0085), hints (XEP-0334), a
-/// thread, origin-id (XEP-0359) or in-band bytestream data. That covers
-/// bodies, receipts (XEP-0184), markers (XEP-0333), corrections (XEP-0308),
-/// reactions (XEP-0444), retractions (XEP-0424), OMEMO key transport
-/// messages, call (jingle message) signalling, invitations, …
-/// A `<store/>` hint counts as content.
-pub fn has_content(msg: &Element) -> bool {
-    has_hint(msg, "store")
-        || msg.children().any(|c| {
-            !(c.ns == NS_CHATSTATES
-                || c.ns == NS_HINTS
-                || c.ns == NS_IBB
-                || (c.ns == NS_SID && c.name == "origin-id")
-                || (c.ns == NS_CLIENT && c.name == "thread")
-                || (c.ns == NS_CLIENT && c.name == "error"))
-        })
-}
-
 /// Messages kept in both parties' archives: chat/normal with content, not
 /// hinted `<no-store/>`/`<no-permanent-store/>`, and not a carbon or an
 /// archive result someone sends around.
@@ -142,13 +162,6 @@ pub fn archivable(msg: &Element, kind: &str) -> bool {
         && !has_hint(msg, "no-permanent-store")
         && !is_wrapper(msg)
         && has_content(msg)
-}
-
-/// A carbon copy or an archive result (never archived or queued again).
-pub fn is_wrapper(msg: &Element) -> bool {
-    msg.children().any(|c| {
-        (c.ns == NS_CARBONS && (c.name == "sent" || c.name == "received")) || c.is("result", NS)
-    })
 }
 
 /// Whether `owner`'s preferences keep messages exchanged with `other`.
@@ -209,52 +222,6 @@ pub async fn archive_entries(
         });
     }
     Ok((entries, sent, received))
-}
-
-/// `<stanza-id xmlns='urn:xmpp:sid:0' id by/>` (XEP-0359).
-pub fn stanza_id(id: &str, by: &BareJid) -> Element {
-    Element::new("stanza-id", NS_SID)
-        .with_attr("id", id)
-        .with_attr("by", by.to_string())
-}
-
-/// The stanza-id a message got from `by`'s archive, if any.
-pub fn stanza_id_of<'a>(msg: &'a Element, by: &BareJid) -> Option<&'a str> {
-    msg.children()
-        .find(|c| c.is("stanza-id", NS_SID) && c.attr("by") == Some(by.as_str()))
-        .and_then(|c| c.attr("id"))
-}
-
-// ---------------------------------------------------------------------------
-// Time stamps (XEP-0082)
-// ---------------------------------------------------------------------------
-
-/// XEP-0082 DateTime in UTC with microseconds, e.g. `2024-05-01T10:00:00.123456Z`.
-pub fn stamp(micros: i64) -> String {
-    chrono::DateTime::from_timestamp_micros(micros)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-}
-
-/// Current time as unix microseconds.
-pub fn now_micros() -> i64 {
-    chrono::Utc::now().timestamp_micros()
-}
-
-/// Parse a XEP-0082 DateTime (any offset, optional fraction) to unix µs.
-pub fn parse_stamp(s: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(s.trim())
-        .ok()
-        .map(|d| d.timestamp_micros())
-}
-
-/// `<delay xmlns='urn:xmpp:delay' stamp/>` (XEP-0203), `from` if given.
-pub fn delay(micros: i64, from: Option<&str>) -> Element {
-    let mut d = Element::new("delay", NS_DELAY).with_attr("stamp", stamp(micros));
-    if let Some(f) = from {
-        d.set_attr("from", f);
-    }
-    d
 }
 
 // ---------------------------------------------------------------------------
@@ -582,7 +549,10 @@ async fn query(cx: &Cx<'_>, q: &Element, archive: Option<&str>) -> IqResult {
     let flip = r.flip;
     // XEP-0313 business rules (user archives): a client that catches up from the archive before it
     // comes online does not need the offline queue as well.
-    offline::note_archive_query(cx);
+    cx.state
+        .modules
+        .emit(cx.state, Some(cx.session), &Event::ArchiveQueried)
+        .await;
     let owner = cx.session.bare.as_str();
     let page = run_query(cx.state, owner, r).await?;
     let to = cx.session.jid.to_string();
@@ -665,7 +635,7 @@ async fn set_prefs(cx: &Cx<'_>, p: &Element) -> IqResult {
         never: jid_list(p, "never")?,
     };
     let user = &cx.session.bare;
-    let mam = &cx.state.modules.mam;
+    let mam = cx.state.modules.api::<Mam>();
     let _w = mam.write.lock().await;
     cx.state.store.set_mam_prefs(user.as_str(), &prefs).await?;
     let stored = Arc::new(cx.state.store.mam_prefs(user.as_str()).await?);
@@ -702,7 +672,7 @@ async fn metadata(cx: &Cx<'_>) -> IqResult {
 /// Delete archived messages older than `store.archive_retention_days`, at
 /// start and then hourly, until shutdown. Returns at once when retention
 /// is 0 (keep forever).
-pub async fn retention_task(state: ServerState) {
+async fn retention_task(state: ServerState) {
     let days = state.config.store.archive_retention_days;
     if days == 0 {
         return;
@@ -729,6 +699,7 @@ pub async fn retention_task(state: ServerState) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::modules::vocab::{NS_CHATSTATES, NS_HINTS};
 
     fn msg(children: &[Element]) -> Element {
         let mut m = Element::new("message", NS_CLIENT).with_attr("type", "chat");

@@ -18,16 +18,64 @@
 //! with `service-unavailable` (RFC 6121 §8.5.2.2.1) when nobody is there —
 //! except chat states, which are dropped (XEP-0160 §4).
 
-use super::{carbons, mam, offline, parse_to, Cx, Module};
+use super::{api, parse_to, vocab, Cx, Flow, Hook, HookStanza, Kind, Module, Shared};
 use crate::error::{Condition, StanzaError};
 use async_trait::async_trait;
 use jid::{BareJid, Jid};
 use natter_xml::Element;
+use std::sync::Arc;
 
 pub struct Messages;
 
 #[async_trait]
-impl Module for Messages {}
+impl Module for Messages {
+    fn name(&self) -> &'static str {
+        "message"
+    }
+    fn depends(&self) -> &'static [&'static str] {
+        &["offline"]
+    }
+    fn hooks(&self) -> &'static [(Hook, i32)] {
+        &[(Hook::Route(Kind::Message), 0)]
+    }
+    fn provide(self: Arc<Self>, shared: &mut Shared) {
+        shared.provide::<dyn api::MessageBatch>(self);
+    }
+    async fn on_stanza(
+        &self,
+        _hook: Hook,
+        cx: &Cx<'_>,
+        s: &HookStanza<'_>,
+    ) -> Result<Flow, StanzaError> {
+        route(cx, s.stanza.clone()).await?;
+        Ok(Flow::Stop)
+    }
+}
+
+#[async_trait]
+impl api::MessageBatch for Messages {
+    async fn route_many(&self, cx: &Cx<'_>, msgs: Vec<Element>) -> Vec<Result<(), StanzaError>> {
+        route_many(cx, msgs).await
+    }
+}
+
+/// Tell the `Delivered` hooks (carbons) where a message went.
+async fn delivered(
+    cx: &Cx<'_>,
+    msg: &Element,
+    sent_copy: Option<&Element>,
+    recipient: &BareJid,
+    to_resource: bool,
+    delivered_to: Option<u64>,
+) -> Result<(), StanzaError> {
+    let mut s = HookStanza::new(msg, None);
+    s.sent_copy = sent_copy;
+    s.recipient = Some(recipient);
+    s.to_resource = to_resource;
+    s.delivered_to = delivered_to;
+    cx.state.modules.run(Hook::Delivered, cx, &s).await?;
+    Ok(())
+}
 
 /// What routing decided for one message before anything was written.
 enum Plan {
@@ -43,13 +91,12 @@ struct Accept {
     bare: BareJid,
     full: Option<jid::FullJid>,
     msg: Element,
-    kind: String,
     entries: Vec<natter_store::NewArchiveEntry>,
     sent_ix: Option<usize>,
     recv_ix: Option<usize>,
 }
 
-pub async fn route(cx: &Cx<'_>, msg: Element) -> Result<(), StanzaError> {
+async fn route(cx: &Cx<'_>, msg: Element) -> Result<(), StanzaError> {
     match plan(cx, msg).await? {
         Plan::Done => Ok(()),
         Plan::Direct { to, msg, kind } => direct(cx, &to, msg, &kind).await,
@@ -64,7 +111,7 @@ pub async fn route(cx: &Cx<'_>, msg: Element) -> Result<(), StanzaError> {
 /// archive write for all of them (one group commit instead of one per
 /// message: a session's throughput is not bound by commit latency).
 /// Returns each message's outcome, in order.
-pub async fn route_many(cx: &Cx<'_>, msgs: Vec<Element>) -> Vec<Result<(), StanzaError>> {
+async fn route_many(cx: &Cx<'_>, msgs: Vec<Element>) -> Vec<Result<(), StanzaError>> {
     let mut plans = Vec::with_capacity(msgs.len());
     for m in msgs {
         plans.push(plan(cx, m).await);
@@ -128,11 +175,8 @@ async fn plan(cx: &Cx<'_>, msg: Element) -> Result<Plan, StanzaError> {
         // Messages to the server itself carry nothing we act on.
         return Ok(Plan::Done);
     }
-    // XEP-0191: blocked either way → an error (or dropped, for errors).
-    if super::blocking::gate(cx, &msg, &to).await? {
-        return Ok(Plan::Done);
-    }
-    if !offline::storable(&msg, &kind) {
+    let offline = cx.state.modules.api::<dyn api::OfflineQueue>();
+    if !offline.storable(&msg, &kind) {
         return Ok(Plan::Direct { to, msg, kind });
     }
     let state = cx.state;
@@ -142,26 +186,27 @@ async fn plan(cx: &Cx<'_>, msg: Element) -> Result<Plan, StanzaError> {
         .ok()
         .filter(|f| state.router.session(f).is_some())
         .cloned();
-    if full.is_none() && !offline::online(state, &bare) {
+    if full.is_none() && !offline.online(state, &bare) {
         // It would be queued: refuse early (before archiving) when it can't be.
         if state.store.credentials(bare.as_str()).await?.is_none() {
             return Err(StanzaError::new(Condition::ServiceUnavailable));
         }
         let limit = state.config.store.offline_limit;
         if state.store.offline_count(bare.as_str()).await? >= limit as u64 {
-            return Err(offline::queue_full());
+            return Err(offline.queue_full());
         }
     }
-    let (entries, sent_ix, recv_ix) = if mam::archivable(&msg, &kind) {
-        mam::archive_entries(state, &cx.session.bare, &bare, &msg.to_string()).await?
-    } else {
-        (Vec::new(), None, None)
+    let (entries, sent_ix, recv_ix) = match state.modules.try_api::<dyn api::Archive>() {
+        Some(a) if a.archivable(&msg, &kind) => {
+            a.entries(state, &cx.session.bare, &bare, &msg.to_string())
+                .await?
+        }
+        _ => (Vec::new(), None, None),
     };
     Ok(Plan::Accept(Box::new(Accept {
         bare,
         full,
         msg,
-        kind,
         entries,
         sent_ix,
         recv_ix,
@@ -191,9 +236,7 @@ async fn direct(cx: &Cx<'_>, to: &Jid, msg: Element, kind: &str) -> Result<(), S
     if let Ok(full) = to.try_as_full() {
         if let Some(h) = cx.state.router.session(full) {
             h.send(msg.clone());
-            carbons::copy_sent(cx, &msg, kind);
-            carbons::copy_received(cx, &bare, Some(h.id), &msg, kind);
-            return Ok(());
+            return delivered(cx, &msg, None, &bare, true, Some(h.id)).await;
         }
         // RFC 6121 §8.5.3.2: resource gone.
         match kind {
@@ -216,30 +259,36 @@ async fn finish(cx: &Cx<'_>, a: Accept, ids: &[String]) -> Result<(), StanzaErro
     let mut sent_copy = a.msg;
     let mut archive_id = None;
     if let Some(id) = a.recv_ix.and_then(|i| ids.get(i)) {
-        delivered.append_child(mam::stanza_id(id, &a.bare));
+        delivered.append_child(vocab::stanza_id(id, &a.bare));
         archive_id = Some(id.clone());
     }
     // XEP-0313 "Communicating the archive ID": the sender's id goes only to
     // the sender's own devices (in the sent carbon), never to the recipient.
     if let Some(id) = a.sent_ix.and_then(|i| ids.get(i)) {
-        sent_copy.append_child(mam::stanza_id(id, sender));
+        sent_copy.append_child(vocab::stanza_id(id, sender));
     }
-    let got = offline::deliver(
-        state,
-        &a.bare,
-        a.full.as_ref(),
+    let offline = state.modules.api::<dyn api::OfflineQueue>();
+    let got = offline
+        .deliver(
+            state,
+            &a.bare,
+            a.full.as_ref(),
+            &delivered,
+            archive_id.as_deref(),
+            limit,
+            None,
+        )
+        .await?;
+    let to_id = got.first().map(|h| h.id);
+    self::delivered(
+        cx,
         &delivered,
-        archive_id.as_deref(),
-        limit,
-        None,
+        Some(&sent_copy),
+        &a.bare,
+        a.full.is_some(),
+        to_id,
     )
-    .await?;
-    carbons::copy_sent(cx, &sent_copy, &a.kind);
-    if a.full.is_some() {
-        let to_id = got.first().map(|h| h.id);
-        carbons::copy_received(cx, &a.bare, to_id, &delivered, &a.kind);
-    }
-    Ok(())
+    .await
 }
 
 /// RFC 6121 §8.5.2: all available resources with non-negative priority get
@@ -264,14 +313,13 @@ async fn deliver_to_bare(
         for h in &targets {
             h.send(msg.clone());
         }
-        carbons::copy_sent(cx, &msg, kind);
-        return Ok(());
+        return delivered(cx, &msg, None, bare, false, None).await;
     }
     if kind == "error" || kind == "headline" {
         return Ok(());
     }
     let exists = cx.state.store.credentials(bare.as_str()).await?.is_some();
-    if exists && !mam::has_content(&msg) {
+    if exists && !vocab::has_content(&msg) {
         // Chat states alone are not worth an error (XEP-0160 §4).
         return Ok(());
     }

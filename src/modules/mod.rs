@@ -5,10 +5,12 @@
 //! Invariant: every stanza reaching a module has a `from` stamped by the
 //! c2s session (the sender's full JID) and a syntactically valid `to`.
 
+pub mod api;
 pub mod blocking;
 mod cache;
 pub mod carbons;
 pub mod disco;
+pub mod hooks;
 pub mod last;
 pub mod mam;
 pub mod message;
@@ -20,7 +22,9 @@ pub mod register;
 pub mod roster;
 pub mod vcard;
 pub mod version;
+pub mod vocab;
 
+use crate::config::Config;
 use crate::error::{Condition, StanzaError};
 use crate::router::SessionHandle;
 use crate::state::ServerState;
@@ -28,6 +32,8 @@ use async_trait::async_trait;
 use jid::{BareJid, FullJid, Jid};
 use natter_xml::{Element, NS_CLIENT};
 use std::sync::Arc;
+
+pub use hooks::{Event, EventKind, Flow, Hook, HookStanza, Kind, Service, Shared};
 
 /// Who an IQ is for, once routing decided the server answers it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,14 +89,37 @@ pub type PayloadKey = (&'static str, &'static str);
 
 pub type IqResult = Result<Option<Element>, StanzaError>;
 
+/// XEP-0030 identity: category, type, name.
+pub type Identity = (&'static str, &'static str, &'static str);
+
+/// A background task a module runs for the server's lifetime.
+pub type Task = futures::future::BoxFuture<'static, ()>;
+
+/// A capability. Everything it adds to the server is declared by the
+/// methods below (all optional) and read once when `Modules` is built:
+/// the core never names a module.
 #[async_trait]
 pub trait Module: Send + Sync + 'static {
+    /// Names the module in logs and `depends` lists.
+    fn name(&self) -> &'static str;
+    /// Modules that must be registered too (checked at start).
+    fn depends(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// disco#info features this module adds to the server.
     fn features(&self) -> &'static [&'static str] {
         &[]
     }
     /// disco#info features this module adds to each account (bare JID).
     fn account_features(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// disco#info identities this module adds to the server.
+    fn identities(&self) -> &'static [Identity] {
+        &[]
+    }
+    /// disco#info identities this module adds to each account.
+    fn account_identities(&self) -> &'static [Identity] {
         &[]
     }
     /// IQ payloads this module answers: (namespace, element name).
@@ -101,135 +130,414 @@ pub trait Module: Send + Sync + 'static {
     fn stream_features(&self) -> Vec<Element> {
         Vec::new()
     }
+    /// Stanza hooks this module runs at, with priorities (higher first).
+    fn hooks(&self) -> &'static [(Hook, i32)] {
+        &[]
+    }
+    /// Events this module listens to, with priorities (higher first).
+    fn events(&self) -> &'static [(EventKind, i32)] {
+        &[]
+    }
+    /// Services on their own domains that this module answers for.
+    fn services(&self, _config: &Config) -> Vec<Service> {
+        Vec::new()
+    }
+    /// HTTP routes this module serves (merged into the HTTP listener).
+    fn http(&self) -> Option<axum::Router<ServerState>> {
+        None
+    }
+    /// Interfaces this module offers other modules (`Modules::api`), and
+    /// its own state for its free functions (by its concrete type).
+    fn provide(self: Arc<Self>, _shared: &mut Shared) {}
+    /// Background tasks, spawned at start and ended at shutdown.
+    fn tasks(&self, _state: &ServerState) -> Vec<Task> {
+        Vec::new()
+    }
     async fn handle_iq(&self, _cx: &Cx<'_>, _iq: &Iq) -> IqResult {
         Err(StanzaError::new(Condition::FeatureNotImplemented))
     }
-    /// Called once when a bound session ends, before it leaves the router.
-    async fn session_closed(&self, _cx: &Cx<'_>) {}
+    /// A stanza at one of the hooks this module declared.
+    async fn on_stanza(
+        &self,
+        _hook: Hook,
+        _cx: &Cx<'_>,
+        _s: &HookStanza<'_>,
+    ) -> Result<Flow, StanzaError> {
+        Ok(Flow::Continue)
+    }
+    /// An event this module declared; `session` is the session it is about
+    /// (None for events that belong to no session).
+    async fn on_event(
+        &self,
+        _state: &ServerState,
+        _session: Option<&Arc<SessionHandle>>,
+        _event: &Event<'_>,
+    ) {
+    }
+    /// A stanza addressed to one of this module's services (`from` is
+    /// stamped). An error is returned to the sender.
+    async fn service_stanza(
+        &self,
+        _state: &ServerState,
+        _stanza: Element,
+    ) -> Result<(), StanzaError> {
+        Err(StanzaError::new(Condition::ServiceUnavailable))
+    }
+    /// XEP-0030 items this module lists for an account (`owner`), as seen
+    /// by the requesting session.
+    async fn account_items(
+        &self,
+        _cx: &Cx<'_>,
+        _owner: &BareJid,
+    ) -> Result<Vec<Element>, StanzaError> {
+        Ok(Vec::new())
+    }
+    /// disco#info of a node of an account, if this module owns `node`.
+    async fn account_node_info(
+        &self,
+        _cx: &Cx<'_>,
+        _owner: &BareJid,
+        _node: &str,
+    ) -> Option<IqResult> {
+        None
+    }
 }
 
 pub struct Modules {
     list: Vec<Arc<dyn Module>>,
     /// (namespace, element) → module; a handful of entries, scanned linearly.
-    iq: Vec<(PayloadKey, Arc<dyn Module>)>,
-    /// Modules whose in-memory state other modules consult (also in `list`
-    /// when registered by `standard`).
-    pub blocking: Arc<blocking::Blocking>,
-    pub pep: Arc<pep::Pep>,
-    pub last: Arc<last::Last>,
-    pub mam: Arc<mam::Mam>,
-    /// Offline-queue coordination (XEP-0160): catch-ups and pushes per user.
-    pub offline: offline::Offline,
+    iq: Vec<(PayloadKey, usize)>,
+    hooks: hooks::Table<Hook>,
+    events: hooks::Table<EventKind>,
+    /// Service domain → module.
+    services: Vec<(Service, usize)>,
+    shared: Shared,
 }
 
 impl Modules {
-    pub fn new(list: Vec<Arc<dyn Module>>) -> Self {
-        let mut iq: Vec<(PayloadKey, Arc<dyn Module>)> = Vec::new();
-        for m in &list {
+    /// Register `list`. Panics on a conflict (two modules claiming one IQ
+    /// payload or service domain, a missing dependency): a programming
+    /// error found at start.
+    pub fn new(config: &Config, list: Vec<Arc<dyn Module>>) -> Self {
+        let mut iq: Vec<(PayloadKey, usize)> = Vec::new();
+        let mut hooks = hooks::Table::default();
+        let mut events = hooks::Table::default();
+        let mut services: Vec<(Service, usize)> = Vec::new();
+        let mut shared = Shared::default();
+        for (i, m) in list.iter().enumerate() {
             for key in m.iq_payloads() {
                 assert!(
                     iq.iter().all(|(k, _)| k != key),
                     "two modules claim IQ payload {key:?}"
                 );
-                iq.push((*key, m.clone()));
+                iq.push((*key, i));
             }
+            for (h, prio) in m.hooks() {
+                hooks.add(*h, *prio, i);
+            }
+            for (e, prio) in m.events() {
+                events.add(*e, *prio, i);
+            }
+            for s in m.services(config) {
+                assert!(
+                    services.iter().all(|(t, _)| t.domain != s.domain),
+                    "two services on {}",
+                    s.domain
+                );
+                services.push((s, i));
+            }
+            for d in m.depends() {
+                assert!(
+                    list.iter().any(|o| o.name() == *d),
+                    "module {} needs module {d}",
+                    m.name()
+                );
+            }
+            m.clone().provide(&mut shared);
         }
         Modules {
             list,
             iq,
-            blocking: Arc::default(),
-            pep: Arc::default(),
-            last: Arc::default(),
-            mam: Arc::default(),
-            offline: offline::Offline::default(),
+            hooks,
+            events,
+            services,
+            shared,
         }
     }
 
     /// The modules natter runs.
-    pub fn standard() -> Self {
-        let blocking = Arc::new(blocking::Blocking::default());
-        let pep = Arc::new(pep::Pep::default());
-        let last = Arc::new(last::Last::default());
-        let mam = Arc::new(mam::Mam::default());
-        let mut m = Self::new(vec![
+    pub fn standard(config: &Config) -> Self {
+        Self::with(config, Vec::new())
+    }
+
+    /// The standard modules and `extra` (tests, embedders).
+    pub fn with(config: &Config, extra: Vec<Arc<dyn Module>>) -> Self {
+        let mut list: Vec<Arc<dyn Module>> = vec![
             Arc::new(disco::Disco),
             Arc::new(ping::Ping),
-            Arc::new(roster::Roster),
+            Arc::new(roster::Roster::default()),
             Arc::new(presence::Presence),
             Arc::new(message::Messages),
-            mam.clone(),
-            Arc::new(offline::OfflineMessages),
+            Arc::new(mam::Mam::default()),
+            Arc::new(offline::Offline::default()),
             Arc::new(carbons::Carbons),
             Arc::new(vcard::VCard),
             Arc::new(register::Register),
             Arc::new(version::Version),
-            blocking.clone(),
-            pep.clone(),
-            last.clone(),
-        ]);
-        m.blocking = blocking;
-        m.pep = pep;
-        m.last = last;
-        m.mam = mam;
-        m
+            Arc::new(blocking::Blocking::default()),
+            Arc::new(pep::Pep::default()),
+            Arc::new(last::Last::default()),
+        ];
+        list.extend(extra);
+        Self::new(config, list)
+    }
+
+    /// An interface some module provides (see `api`).
+    pub fn api<T: ?Sized + Send + Sync + 'static>(&self) -> Arc<T> {
+        self.shared.get::<T>().unwrap_or_else(|| {
+            panic!(
+                "no module provides {} (a missing module in Modules::with)",
+                std::any::type_name::<T>()
+            )
+        })
+    }
+
+    /// The same, when the interface is optional.
+    pub fn try_api<T: ?Sized + Send + Sync + 'static>(&self) -> Option<Arc<T>> {
+        self.shared.get::<T>()
+    }
+
+    fn sorted<T: Ord + Copy + 'static>(
+        &self,
+        f: impl Fn(&Arc<dyn Module>) -> &'static [T],
+    ) -> Vec<T> {
+        let mut v: Vec<T> = self.list.iter().flat_map(|m| f(m)).copied().collect();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     pub fn features(&self) -> Vec<&'static str> {
-        let mut f: Vec<_> = self
-            .list
-            .iter()
-            .flat_map(|m| m.features())
-            .copied()
-            .collect();
-        f.sort_unstable();
-        f.dedup();
-        f
+        self.sorted(|m| m.features())
     }
 
     pub fn account_features(&self) -> Vec<&'static str> {
-        let mut f: Vec<_> = self
-            .list
-            .iter()
-            .flat_map(|m| m.account_features())
-            .copied()
-            .collect();
-        f.sort_unstable();
-        f.dedup();
-        f
+        self.sorted(|m| m.account_features())
+    }
+
+    pub fn identities(&self) -> Vec<Identity> {
+        self.sorted(|m| m.identities())
+    }
+
+    pub fn account_identities(&self) -> Vec<Identity> {
+        self.sorted(|m| m.account_identities())
+    }
+
+    /// XEP-0115 `<c/>` of the server, for stream features.
+    pub fn caps_element(&self) -> Element {
+        disco::caps_element(self)
     }
 
     pub fn stream_features(&self) -> Vec<Element> {
         self.list.iter().flat_map(|m| m.stream_features()).collect()
     }
 
-    pub async fn session_closed(&self, cx: &Cx<'_>) {
-        for m in &self.list {
-            m.session_closed(cx).await;
+    /// Every module's HTTP routes, merged.
+    pub fn http(&self) -> axum::Router<ServerState> {
+        self.list
+            .iter()
+            .filter_map(|m| m.http())
+            .fold(axum::Router::new(), |r, m| r.merge(m))
+    }
+
+    /// Every module's background tasks.
+    pub fn tasks(&self, state: &ServerState) -> Vec<Task> {
+        self.list.iter().flat_map(|m| m.tasks(state)).collect()
+    }
+
+    /// The services hosted here (server disco#items).
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.iter().map(|(s, _)| s)
+    }
+
+    /// The module serving `domain`, if it is a service domain.
+    fn service(&self, domain: &str) -> Option<&Arc<dyn Module>> {
+        self.services
+            .iter()
+            .find(|(s, _)| s.domain == domain)
+            .map(|(_, i)| &self.list[*i])
+    }
+
+    /// Whether `domain` is a service hosted here.
+    pub fn is_service(&self, domain: &str) -> bool {
+        self.service(domain).is_some()
+    }
+
+    /// Run the stanza hooks at `hook`, in priority order, until one stops.
+    pub async fn run(
+        &self,
+        hook: Hook,
+        cx: &Cx<'_>,
+        s: &HookStanza<'_>,
+    ) -> Result<Flow, StanzaError> {
+        for i in self.hooks.at(hook) {
+            if self.list[i].on_stanza(hook, cx, s).await? == Flow::Stop {
+                return Ok(Flow::Stop);
+            }
         }
+        Ok(Flow::Continue)
+    }
+
+    /// Tell every listener of `event`'s kind, in priority order.
+    pub async fn emit(
+        &self,
+        state: &ServerState,
+        session: Option<&Arc<SessionHandle>>,
+        event: &Event<'_>,
+    ) {
+        for i in self.events.at(event.kind()) {
+            self.list[i].on_event(state, session, event).await;
+        }
+    }
+
+    /// Every module's disco#items for an account.
+    pub async fn account_items(
+        &self,
+        cx: &Cx<'_>,
+        owner: &BareJid,
+    ) -> Result<Vec<Element>, StanzaError> {
+        let mut items = Vec::new();
+        for m in &self.list {
+            items.extend(m.account_items(cx, owner).await?);
+        }
+        Ok(items)
+    }
+
+    /// disco#info of an account's node, from the module that owns it.
+    pub async fn account_node_info(&self, cx: &Cx<'_>, owner: &BareJid, node: &str) -> IqResult {
+        for m in &self.list {
+            if let Some(r) = m.account_node_info(cx, owner, node).await {
+                return r;
+            }
+        }
+        Err(StanzaError::new(Condition::ItemNotFound))
     }
 
     fn iq_module(&self, payload: &Element) -> Option<&Arc<dyn Module>> {
         self.iq
             .iter()
             .find(|((ns, name), _)| *ns == payload.ns && *name == payload.name)
-            .map(|(_, m)| m)
+            .map(|(_, i)| &self.list[*i])
     }
 }
 
 /// Handle one stanza from a bound session. `from` is already stamped.
 pub async fn dispatch(cx: &Cx<'_>, stanza: Element) {
-    let result = match stanza.name.as_str() {
-        "iq" => handle_iq(cx, &stanza).await,
-        "message" => message::route(cx, stanza.clone()).await,
-        "presence" => presence::handle(cx, stanza.clone()).await,
-        _ => Ok(()),
-    };
-    if let Err(e) = result {
+    if let Err(e) = route(cx, &stanza).await {
         cx.state.metrics.stanza_error(&e);
         // Never answer an error with an error (RFC 6120 §8.3.1).
         if stanza.attr("type") != Some("error") {
             cx.session.send(e.reply_to(&stanza));
         }
+    }
+}
+
+/// Pre-route hooks, then services, then the core routes by kind.
+async fn route(cx: &Cx<'_>, stanza: &Element) -> Result<(), StanzaError> {
+    let Some(kind) = Kind::of(stanza) else {
+        return Ok(());
+    };
+    let modules = &cx.state.modules;
+    if kind == Kind::Iq && matches!(stanza.attr("type"), Some("result" | "error")) {
+        // Answers to the server's own requests are consumed here.
+        let s = HookStanza::new(stanza, None);
+        if modules.run(Hook::IqReply, cx, &s).await? == Flow::Stop {
+            return Ok(());
+        }
+    }
+    let to = parse_to(stanza)?;
+    if pre_route(cx, kind, stanza, to.as_ref()).await? == Flow::Stop {
+        return Ok(());
+    }
+    if let Some(m) = to
+        .as_ref()
+        .and_then(|t| modules.service(t.domain().as_str()))
+    {
+        return m.service_stanza(cx.state, stanza.clone()).await;
+    }
+    match kind {
+        Kind::Iq => handle_iq(cx, stanza, to).await,
+        Kind::Message | Kind::Presence => {
+            modules
+                .run(Hook::Route(kind), cx, &HookStanza::new(stanza, to.as_ref()))
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+async fn pre_route(
+    cx: &Cx<'_>,
+    kind: Kind,
+    stanza: &Element,
+    to: Option<&Jid>,
+) -> Result<Flow, StanzaError> {
+    let s = HookStanza::new(stanza, to);
+    cx.state.modules.run(Hook::PreRoute(kind), cx, &s).await
+}
+
+/// Route messages from one session in order, as `dispatch` would one by
+/// one, but letting the message router write them durably together (one
+/// group commit). Returns each message's outcome, in order.
+pub async fn dispatch_messages(cx: &Cx<'_>, msgs: Vec<Element>) -> Vec<Result<(), StanzaError>> {
+    let modules = &cx.state.modules;
+    let Some(batch) = modules.try_api::<dyn api::MessageBatch>() else {
+        let mut out = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            out.push(route(cx, &m).await);
+        }
+        return out;
+    };
+    // Pre-route and services first; what is left goes as one batch.
+    let mut out: Vec<Option<Result<(), StanzaError>>> = Vec::with_capacity(msgs.len());
+    let mut rest = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        let to = match parse_to(&m) {
+            Ok(t) => t,
+            Err(e) => {
+                out.push(Some(Err(e)));
+                continue;
+            }
+        };
+        match pre_route(cx, Kind::Message, &m, to.as_ref()).await {
+            Err(e) => out.push(Some(Err(e))),
+            Ok(Flow::Stop) => out.push(Some(Ok(()))),
+            Ok(Flow::Continue) => {
+                match to
+                    .as_ref()
+                    .and_then(|t| modules.service(t.domain().as_str()))
+                {
+                    Some(s) => out.push(Some(s.service_stanza(cx.state, m).await)),
+                    None => {
+                        out.push(None);
+                        rest.push(m);
+                    }
+                }
+            }
+        }
+    }
+    let mut routed = batch.route_many(cx, rest).await.into_iter();
+    out.into_iter()
+        .map(|r| r.unwrap_or_else(|| routed.next().expect("one result per message")))
+        .collect()
+}
+
+/// XEP-0191: whether presence (or a PEP notification) from `from` may
+/// reach session `to` (always, when no block list module is loaded).
+pub async fn presence_allowed(state: &ServerState, from: &Jid, to: &SessionHandle) -> bool {
+    match state.modules.try_api::<dyn api::Blocklist>() {
+        Some(b) => b.presence_allowed(state, from, to).await,
+        None => true,
     }
 }
 
@@ -241,20 +549,15 @@ pub fn parse_to(stanza: &Element) -> Result<Option<Jid>, StanzaError> {
         .transpose()
 }
 
-async fn handle_iq(cx: &Cx<'_>, stanza: &Element) -> Result<(), StanzaError> {
+async fn handle_iq(cx: &Cx<'_>, stanza: &Element, to: Option<Jid>) -> Result<(), StanzaError> {
     let kind = match stanza.attr("type") {
         Some("get") => IqType::Get,
         Some("set") => IqType::Set,
-        // Replies to the server's own IQs (pings) are consumed by the session;
+        // Replies to the server's own IQs were consumed by `Hook::IqReply`;
         // replies addressed to another entity are routed like any IQ.
         Some("result") | Some("error") => {
-            if pep::caps_reply(cx.state, cx.session, stanza).await {
-                return Ok(());
-            }
-            if let Some(Ok(to)) = parse_to(stanza)?.map(Jid::try_into_full) {
-                if cx.state.serves(to.domain().as_str())
-                    && !blocking::gate(cx, stanza, &Jid::from(to.clone())).await?
-                {
+            if let Some(Ok(to)) = to.map(Jid::try_into_full) {
+                if cx.state.serves(to.domain().as_str()) {
                     route_to_full(cx, &to, stanza.clone());
                 }
             }
@@ -274,13 +577,11 @@ async fn handle_iq(cx: &Cx<'_>, stanza: &Element) -> Result<(), StanzaError> {
         ));
     }
     let from = cx.session.jid.clone();
-    let target = match parse_to(stanza)? {
+    let target = match to {
         None => Target::Server(from.domain().to_string()),
         Some(to) if !cx.state.serves(to.domain().as_str()) => {
             return Err(StanzaError::new(Condition::RemoteServerNotFound))
         }
-        // XEP-0191: nothing between a blocker and a blocked JID.
-        Some(to) if blocking::gate(cx, stanza, &to).await? => return Ok(()),
         Some(to) => match to.try_into_full() {
             Ok(full) => {
                 // Only the addressed resource can answer; the server relays.

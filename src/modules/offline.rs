@@ -34,7 +34,8 @@
 //! archive). Messages queued after the query, or not archived (MAM
 //! preferences), are still delivered.
 
-use super::{mam, presence, Cx, Module};
+use super::vocab::{self as mam, priority};
+use super::{api, Event, EventKind, Module, Shared};
 use crate::error::{Condition, StanzaError};
 use crate::router::{Outbound, QueueRx, SessionHandle};
 use crate::state::ServerState;
@@ -53,21 +54,78 @@ pub const FEATURE: &str = "msgoffline";
 /// Messages taken off the queue at a time.
 const BATCH: usize = 100;
 
-/// The XEP-0160 module: its disco feature and per-session clean-up.
-pub struct OfflineMessages;
-
+/// The XEP-0160 module: its disco feature, the catch-up when a session
+/// comes online, and the queue other modules deliver through
+/// (`api::OfflineQueue`).
 #[async_trait]
-impl Module for OfflineMessages {
+impl Module for Offline {
+    fn name(&self) -> &'static str {
+        "offline"
+    }
     fn features(&self) -> &'static [&'static str] {
         &[FEATURE]
     }
-    async fn session_closed(&self, cx: &Cx<'_>) {
-        cx.state
-            .modules
-            .offline
-            .archive_queried
-            .lock()
-            .remove(&cx.session.id);
+    fn events(&self) -> &'static [(EventKind, i32)] {
+        &[
+            (EventKind::ComingOnline, 0),
+            (EventKind::ArchiveQueried, 0),
+            (EventKind::Closed, 0),
+        ]
+    }
+    fn provide(self: Arc<Self>, shared: &mut Shared) {
+        shared.provide::<Offline>(self.clone());
+        shared.provide::<dyn api::OfflineQueue>(self);
+    }
+    async fn on_event(
+        &self,
+        state: &ServerState,
+        session: Option<&Arc<SessionHandle>>,
+        event: &Event<'_>,
+    ) {
+        let Some(h) = session else { return };
+        match event {
+            Event::ComingOnline { presence, hold } => {
+                if let Some(g) = catch_up(state, h, presence) {
+                    hold.keep(g);
+                }
+            }
+            Event::ArchiveQueried => note_archive_query(self, h),
+            Event::Closed => {
+                self.archive_queried.lock().remove(&h.id);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[async_trait]
+impl api::OfflineQueue for Offline {
+    fn storable(&self, msg: &Element, kind: &str) -> bool {
+        storable(msg, kind)
+    }
+    fn online(&self, state: &ServerState, bare: &BareJid) -> bool {
+        online(state, bare)
+    }
+    fn queue_full(&self) -> StanzaError {
+        queue_full()
+    }
+    async fn deliver(
+        &self,
+        state: &ServerState,
+        bare: &BareJid,
+        full: Option<&FullJid>,
+        msg: &Element,
+        archive_id: Option<&str>,
+        limit: usize,
+        ord: Option<i64>,
+    ) -> Result<Vec<Arc<SessionHandle>>, StanzaError> {
+        deliver(state, bare, full, msg, archive_id, limit, ord).await
+    }
+    async fn requeue(&self, state: &ServerState, stanzas: Vec<Outbound>) {
+        requeue(state, stanzas).await
+    }
+    fn resumed(&self, state: &ServerState, h: &Arc<SessionHandle>, rx: &QueueRx) {
+        resumed(state, h, rx)
     }
 }
 
@@ -120,7 +178,7 @@ impl Offline {
 
 /// Chat/normal messages with content are kept for offline users (XEP-0160
 /// §4), unless hinted `<no-store/>` (XEP-0334); chat states alone are not.
-pub fn storable(msg: &Element, kind: &str) -> bool {
+fn storable(msg: &Element, kind: &str) -> bool {
     matches!(kind, "chat" | "normal")
         && msg.get_child("no-store", mam::NS_HINTS).is_none()
         && !mam::is_wrapper(msg)
@@ -138,12 +196,12 @@ fn available(state: &ServerState, bare: &BareJid) -> Vec<Arc<SessionHandle>> {
 }
 
 /// Whether `bare` has a resource that would get a message to the bare JID now.
-pub fn online(state: &ServerState, bare: &BareJid) -> bool {
+fn online(state: &ServerState, bare: &BareJid) -> bool {
     !available(state, bare).is_empty()
 }
 
 /// The error a sender gets when the recipient's queue is full.
-pub fn queue_full() -> StanzaError {
+fn queue_full() -> StanzaError {
     StanzaError::with_text(Condition::ServiceUnavailable, "offline queue full")
 }
 
@@ -153,7 +211,7 @@ pub fn queue_full() -> StanzaError {
 /// directly (empty: queued). `limit` caps the queue; `archive_id` is the
 /// recipient's stanza-id of it, if archived; `ord` its acceptance position
 /// (None: accepted now).
-pub async fn deliver(
+async fn deliver(
     state: &ServerState,
     bare: &BareJid,
     full: Option<&FullJid>,
@@ -162,7 +220,7 @@ pub async fn deliver(
     limit: usize,
     ord: Option<i64>,
 ) -> Result<Vec<Arc<SessionHandle>>, StanzaError> {
-    let off = &state.modules.offline;
+    let off = state.modules.api::<Offline>();
     let ord = ord.unwrap_or_else(|| off.next_ord());
     let (live, mut queue) = {
         let mut users = off.users.lock();
@@ -226,18 +284,14 @@ pub async fn deliver(
     }
 }
 
-/// Remember that this session queried its archive before coming online
-/// (called by the MAM module).
-pub fn note_archive_query(cx: &Cx<'_>) {
-    if cx.session.is_available() {
+/// Remember that this session queried its archive before coming online.
+fn note_archive_query(off: &Offline, h: &SessionHandle) {
+    if h.is_available() {
         return;
     }
-    cx.state
-        .modules
-        .offline
-        .archive_queried
+    off.archive_queried
         .lock()
-        .entry(cx.session.id)
+        .entry(h.id)
         .or_insert_with(mam::now_micros);
 }
 
@@ -245,22 +299,23 @@ pub fn note_archive_query(cx: &Cx<'_>) {
 /// it online with a non-negative priority. Call it *before* the session is
 /// marked available; the queue is delivered when the returned guard is
 /// dropped (after the presence broadcast).
-pub fn catch_up(cx: &Cx<'_>, presence: &Element) -> Option<CatchUp> {
+fn catch_up(state: &ServerState, h: &Arc<SessionHandle>, presence: &Element) -> Option<CatchUp> {
     let coming_online = {
-        let st = cx.session.state.lock();
+        let st = h.state.lock();
         !st.available || st.priority < 0
     };
-    if !coming_online || presence::priority(presence) < 0 {
+    if !coming_online || priority(presence) < 0 {
         return None;
     }
-    let mut users = cx.state.modules.offline.users.lock();
-    let g = users.entry(cx.session.bare.clone()).or_default();
-    if !g.catching_up.contains(&cx.session.id) {
-        g.catching_up.push(cx.session.id);
+    let off = state.modules.api::<Offline>();
+    let mut users = off.users.lock();
+    let g = users.entry(h.bare.clone()).or_default();
+    if !g.catching_up.contains(&h.id) {
+        g.catching_up.push(h.id);
     }
     Some(CatchUp {
-        state: cx.state.clone(),
-        session: cx.session.clone(),
+        state: state.clone(),
+        session: h.clone(),
     })
 }
 
@@ -278,7 +333,7 @@ impl Drop for CatchUp {
 
 /// Hand `h` its queued messages, batch by batch, then end its catch-up.
 async fn drain(state: ServerState, h: Arc<SessionHandle>) {
-    let off = &state.modules.offline;
+    let off = state.modules.api::<Offline>();
     let user = h.bare.clone();
     let lock = {
         let mut users = off.users.lock();
@@ -394,7 +449,7 @@ async fn room(state: &ServerState, h: &Arc<SessionHandle>, budget: usize, size: 
 /// dropped (the archive holds the originals); so is everything else
 /// (presence, IQs, chat states, headlines). Call it after the session left
 /// the router.
-pub async fn requeue(state: &ServerState, stanzas: Vec<Outbound>) {
+async fn requeue(state: &ServerState, stanzas: Vec<Outbound>) {
     for out in stanzas {
         if !out.is_message() {
             continue;
@@ -434,10 +489,11 @@ pub async fn requeue(state: &ServerState, stanzas: Vec<Outbound>) {
 /// to offline storage, after everything the session still holds): it
 /// catches up on the offline queue now, as a session coming online does,
 /// so those come next and nothing newer overtakes them.
-pub fn resumed(state: &ServerState, h: &Arc<SessionHandle>, rx: &QueueRx) {
+fn resumed(state: &ServerState, h: &Arc<SessionHandle>, rx: &QueueRx) {
     let available = h.is_available() && h.priority() >= 0;
     if available {
-        let mut users = state.modules.offline.users.lock();
+        let off = state.modules.api::<Offline>();
+        let mut users = off.users.lock();
         let g = users.entry(h.bare.clone()).or_default();
         if !g.catching_up.contains(&h.id) {
             g.catching_up.push(h.id);

@@ -52,7 +52,11 @@
 //! the store's free-form `publish_model` text as `publishers;key=value;…`
 //! (only non-default values).
 
-use super::{blocking, new_id, Cx, Iq, IqResult, IqType, Module, Target};
+use super::vocab::{NS_CAPS, NS_DISCO_INFO, NS_DISCO_ITEMS};
+use super::{
+    api, new_id, presence_allowed, Cx, Event, EventKind, Flow, Hook, HookStanza, Identity, Iq,
+    IqResult, IqType, Module, Shared, Target,
+};
 use crate::error::{Condition, StanzaError};
 use crate::router::SessionHandle;
 use crate::state::ServerState;
@@ -117,7 +121,7 @@ const FEATURES: &[&str] = &[
 ];
 
 /// XEP-0163 §6: the account's identity as a PEP service.
-pub const IDENTITY: (&str, &str, &str) = ("pubsub", "pep", "");
+pub const IDENTITY: Identity = ("pubsub", "pep", "");
 
 /// The disco#info features of a client.
 type Features = Arc<HashSet<String>>;
@@ -146,6 +150,27 @@ struct PendingCaps {
 
 #[async_trait]
 impl Module for Pep {
+    fn name(&self) -> &'static str {
+        "pep"
+    }
+    /// XEP-0223 §4 / XEP-0163 §6: the server and every account are PEP
+    /// services too.
+    fn identities(&self) -> &'static [Identity] {
+        &[IDENTITY]
+    }
+    fn account_identities(&self) -> &'static [Identity] {
+        &[IDENTITY]
+    }
+    fn hooks(&self) -> &'static [(Hook, i32)] {
+        &[(Hook::IqReply, 0)]
+    }
+    fn events(&self) -> &'static [(EventKind, i32)] {
+        &[(EventKind::Available, 0), (EventKind::Closed, 0)]
+    }
+    fn provide(self: Arc<Self>, shared: &mut Shared) {
+        shared.provide::<Pep>(self.clone());
+        shared.provide::<dyn api::Pep>(self);
+    }
     fn features(&self) -> &'static [&'static str] {
         FEATURES
     }
@@ -194,10 +219,54 @@ impl Module for Pep {
             })),
         }
     }
-    async fn session_closed(&self, cx: &Cx<'_>) {
-        let id = cx.session.id;
-        self.by_session.lock().remove(&id);
-        self.pending.lock().retain(|_, p| p.session != id);
+    async fn on_stanza(
+        &self,
+        _hook: Hook,
+        cx: &Cx<'_>,
+        s: &HookStanza<'_>,
+    ) -> Result<Flow, StanzaError> {
+        Ok(if caps_reply(cx.state, cx.session, s.stanza).await {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        })
+    }
+    async fn on_event(
+        &self,
+        state: &ServerState,
+        session: Option<&Arc<SessionHandle>>,
+        event: &Event<'_>,
+    ) {
+        let Some(h) = session else { return };
+        match event {
+            Event::Available { presence, .. } => on_available(state, h, presence).await,
+            Event::Closed => {
+                self.by_session.lock().remove(&h.id);
+                self.pending.lock().retain(|_, p| p.session != h.id);
+            }
+            _ => {}
+        }
+    }
+    async fn account_items(
+        &self,
+        cx: &Cx<'_>,
+        owner: &BareJid,
+    ) -> Result<Vec<Element>, StanzaError> {
+        disco_items(cx.state, owner, &cx.session.bare).await
+    }
+    async fn account_node_info(
+        &self,
+        cx: &Cx<'_>,
+        owner: &BareJid,
+        node: &str,
+    ) -> Option<IqResult> {
+        Some(disco_node_info(cx.state, owner, node, &cx.session.bare).await)
+    }
+}
+
+impl api::Pep for Pep {
+    fn new_subscriber(&self, state: &ServerState, owner: &BareJid, subscriber: &BareJid) {
+        new_subscriber(state, owner, subscriber)
     }
 }
 
@@ -957,7 +1026,7 @@ fn event_message(owner: &BareJid, to: &FullJid, payload: Element) -> Element {
 
 /// Whether session `h` has `node+notify` in its capabilities.
 pub fn wants(state: &ServerState, h: &SessionHandle, node: &str) -> bool {
-    let pep = &state.modules.pep;
+    let pep = state.modules.api::<Pep>();
     let map = pep.by_session.lock();
     map.get(&h.id)
         .is_some_and(|(_, f)| f.contains(&format!("{node}+notify")))
@@ -990,7 +1059,7 @@ async fn notify(
         if !h.is_available() || !wants(state, &h, node) {
             continue;
         }
-        if !blocking::presence_allowed(state, &from, &h).await {
+        if !presence_allowed(state, &from, &h).await {
             continue;
         }
         h.send(event_message(owner, &h.jid, payload.clone()));
@@ -1024,8 +1093,8 @@ async fn send_last_items(state: &ServerState, h: &Arc<SessionHandle>, features: 
 
 /// `subscriber` was just subscribed to `owner`'s presence (RFC 6121 §3.1.5):
 /// its available resources get `owner`'s last items (XEP-0163 §4.3.1).
-pub fn new_subscriber(state: &ServerState, owner: &BareJid, subscriber: &BareJid) {
-    let pep = &state.modules.pep;
+fn new_subscriber(state: &ServerState, owner: &BareJid, subscriber: &BareJid) {
+    let pep = state.modules.api::<Pep>();
     for h in state.router.resources(subscriber) {
         let features = pep.by_session.lock().get(&h.id).map(|(_, f)| f.clone());
         let Some(features) = features.filter(|_| h.is_available()) else {
@@ -1050,9 +1119,7 @@ async fn send_last_items_of(
         return;
     }
     for owner in owners {
-        if *owner != h.bare
-            && !blocking::presence_allowed(state, &Jid::from(owner.clone()), h).await
-        {
+        if *owner != h.bare && !presence_allowed(state, &Jid::from(owner.clone()), h).await {
             continue;
         }
         let Ok(nodes) = state.store.pep_nodes(owner.as_str()).await else {
@@ -1106,9 +1173,9 @@ async fn send_last_items_of(
 
 /// Session `me` broadcast available presence `p`: learn its capabilities
 /// and, when they are new for the session, send it the last items.
-pub async fn on_available(state: &ServerState, me: &Arc<SessionHandle>, p: &Element) {
-    let pep = &state.modules.pep;
-    let Some(c) = p.get_child("c", super::disco::NS_CAPS) else {
+async fn on_available(state: &ServerState, me: &Arc<SessionHandle>, p: &Element) {
+    let pep = state.modules.api::<Pep>();
+    let Some(c) = p.get_child("c", NS_CAPS) else {
         pep.by_session.lock().remove(&me.id);
         return;
     };
@@ -1159,7 +1226,7 @@ pub async fn on_available(state: &ServerState, me: &Arc<SessionHandle>, p: &Elem
 
 /// Send `h` a disco#info query for `node#ver`.
 fn ask_caps(state: &ServerState, h: &SessionHandle, node: &str, ver: &str, hash: &str) {
-    let pep = &state.modules.pep;
+    let pep = state.modules.api::<Pep>();
     let id = format!("caps-{}", new_id());
     {
         let mut pending = pep.pending.lock();
@@ -1180,18 +1247,18 @@ fn ask_caps(state: &ServerState, h: &SessionHandle, node: &str, ver: &str, hash:
     let domain = h.jid.domain().to_string();
     h.send(
         super::iq("get", &id, &domain, &h.jid.to_string()).with_child(
-            Element::new("query", super::disco::NS_INFO).with_attr("node", format!("{node}#{ver}")),
+            Element::new("query", NS_DISCO_INFO).with_attr("node", format!("{node}#{ver}")),
         ),
     );
 }
 
 /// An IQ result/error from a client: if it answers one of our caps
 /// queries, use it and return true (dispatch then drops it).
-pub async fn caps_reply(state: &ServerState, from: &Arc<SessionHandle>, iq: &Element) -> bool {
+async fn caps_reply(state: &ServerState, from: &Arc<SessionHandle>, iq: &Element) -> bool {
     let Some(id) = iq.attr("id").filter(|i| i.starts_with("caps-")) else {
         return false;
     };
-    let pep = &state.modules.pep;
+    let pep = state.modules.api::<Pep>();
     let pending = {
         let mut map = pep.pending.lock();
         match map.get(id) {
@@ -1203,7 +1270,7 @@ pub async fn caps_reply(state: &ServerState, from: &Arc<SessionHandle>, iq: &Ele
         return false;
     };
     let query = iq
-        .get_child("query", super::disco::NS_INFO)
+        .get_child("query", NS_DISCO_INFO)
         .filter(|_| iq.attr("type") == Some("result"));
     let Some(query) = query else {
         // An error: the next waiting session may answer instead.
@@ -1213,7 +1280,7 @@ pub async fn caps_reply(state: &ServerState, from: &Arc<SessionHandle>, iq: &Ele
     let features: Arc<HashSet<String>> = Arc::new(
         query
             .children()
-            .filter(|c| c.is("feature", super::disco::NS_INFO))
+            .filter(|c| c.is("feature", NS_DISCO_INFO))
             .filter_map(|c| c.attr("var").map(str::to_string))
             .collect(),
     );
@@ -1262,7 +1329,7 @@ fn find_session(
             && st
                 .presence
                 .as_ref()
-                .and_then(|p| p.get_child("c", super::disco::NS_CAPS))
+                .and_then(|p| p.get_child("c", NS_CAPS))
                 .and_then(|c| c.attr("ver"))
                 == Some(ver)
     };
@@ -1278,7 +1345,7 @@ fn find_session(
 /// Ask the next session waiting for `ver` (after `done` failed to give a
 /// verifiable answer).
 fn ask_next(state: &ServerState, ver: &str, done: u64) {
-    let pep = &state.modules.pep;
+    let pep = state.modules.api::<Pep>();
     let next = {
         let mut asking = pep.asking.lock();
         let Some((at, waiting)) = asking.get_mut(ver) else {
@@ -1299,7 +1366,7 @@ fn ask_next(state: &ServerState, ver: &str, done: u64) {
             .lock()
             .presence
             .as_ref()
-            .and_then(|p| p.get_child("c", super::disco::NS_CAPS).cloned());
+            .and_then(|p| p.get_child("c", NS_CAPS).cloned());
         if let Some(c) = caps {
             if c.attr("ver") == Some(ver) {
                 ask_caps(
@@ -1325,7 +1392,7 @@ fn spawn_last_items(state: &ServerState, h: &Arc<SessionHandle>, features: Arc<H
 /// result is malformed (duplicate identities or features, a form without
 /// a FORM_TYPE, …), which §5.4 says must not be cached.
 pub fn caps_verification_string(query: &Element) -> Option<String> {
-    use super::disco::NS_INFO;
+    const NS_INFO: &str = NS_DISCO_INFO;
     let mut identities: Vec<String> = query
         .children()
         .filter(|c| c.is("identity", NS_INFO))
@@ -1411,26 +1478,30 @@ pub fn caps_verification_string(query: &Element) -> Option<String> {
 // ---------------------------------------------------------------------------
 
 /// disco#items of an account: its nodes that `who` may read.
-pub async fn disco_items(state: &ServerState, owner: &BareJid, who: &BareJid) -> IqResult {
-    let mut q = Element::new("query", super::disco::NS_ITEMS);
+async fn disco_items(
+    state: &ServerState,
+    owner: &BareJid,
+    who: &BareJid,
+) -> Result<Vec<Element>, StanzaError> {
+    let mut q = Vec::new();
     for node in state.store.pep_nodes(owner.as_str()).await? {
         let Some(cfg) = node_config(state, owner, &node).await? else {
             continue;
         };
         if authorize(state, owner, &cfg, who).await.is_ok() {
-            q.append_child(
-                Element::new("item", super::disco::NS_ITEMS)
+            q.push(
+                Element::new("item", NS_DISCO_ITEMS)
                     .with_attr("jid", owner.to_string())
                     .with_attr("node", node),
             );
         }
     }
-    Ok(Some(q))
+    Ok(q)
 }
 
 /// disco#info of one node (XEP-0060 §5.3); item-not-found when it doesn't
 /// exist or `who` may not read it.
-pub async fn disco_node_info(
+async fn disco_node_info(
     state: &ServerState,
     owner: &BareJid,
     node: &str,
@@ -1443,14 +1514,14 @@ pub async fn disco_node_info(
         return Err(StanzaError::new(Condition::ItemNotFound));
     }
     Ok(Some(
-        Element::new("query", super::disco::NS_INFO)
+        Element::new("query", NS_DISCO_INFO)
             .with_attr("node", node)
             .with_child(
-                Element::new("identity", super::disco::NS_INFO)
+                Element::new("identity", NS_DISCO_INFO)
                     .with_attr("category", "pubsub")
                     .with_attr("type", "leaf"),
             )
-            .with_child(Element::new("feature", super::disco::NS_INFO).with_attr("var", NS)),
+            .with_child(Element::new("feature", NS_DISCO_INFO).with_attr("var", NS)),
     ))
 }
 

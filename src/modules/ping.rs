@@ -10,6 +10,9 @@ pub struct Ping;
 
 #[async_trait]
 impl Module for Ping {
+    fn name(&self) -> &'static str {
+        "ping"
+    }
     fn features(&self) -> &'static [&'static str] {
         &[NS]
     }

@@ -21,8 +21,12 @@
 //! Invariant: presence reaches only subscribers, the user's own resources,
 //! or the addressee of a directed presence — never anyone else.
 
+use super::hooks::Hold;
 use super::roster;
-use super::{parse_to, Cx, Module};
+use super::vocab::priority;
+use super::{
+    api, parse_to, presence_allowed, Cx, Event, EventKind, Flow, Hook, HookStanza, Kind, Module,
+};
 use crate::error::{Condition, StanzaError};
 use crate::router::SessionHandle;
 use crate::state::ServerState;
@@ -42,24 +46,55 @@ pub struct Presence;
 
 #[async_trait]
 impl Module for Presence {
+    fn name(&self) -> &'static str {
+        "presence"
+    }
+    // Roster and presence are one RFC (6121): they share subscription
+    // handling and roster locks, so they call each other directly.
+    fn depends(&self) -> &'static [&'static str] {
+        &["roster"]
+    }
     /// RFC 6121 §3.4: pre-approvals are supported.
     fn stream_features(&self) -> Vec<Element> {
         vec![Element::new("sub", NS_PREAPPROVAL)]
     }
+    fn hooks(&self) -> &'static [(Hook, i32)] {
+        &[(Hook::Route(Kind::Presence), 0)]
+    }
+    /// First at the end of a session: contacts see it go before other
+    /// modules forget it.
+    fn events(&self) -> &'static [(EventKind, i32)] {
+        &[(EventKind::Closed, 100)]
+    }
+    async fn on_stanza(
+        &self,
+        _hook: Hook,
+        cx: &Cx<'_>,
+        s: &HookStanza<'_>,
+    ) -> Result<Flow, StanzaError> {
+        handle(cx, s.stanza.clone()).await?;
+        Ok(Flow::Stop)
+    }
 
-    async fn session_closed(&self, cx: &Cx<'_>) {
-        let me = cx.session;
+    async fn on_event(
+        &self,
+        state: &ServerState,
+        session: Option<&Arc<SessionHandle>>,
+        event: &Event<'_>,
+    ) {
+        let (Event::Closed, Some(me)) = (event, session) else {
+            return;
+        };
         // Replaced by a new session under the same full JID that is already
         // online: contacts must not see that resource go away.
-        let replaced = cx
-            .state
+        let replaced = state
             .router
             .session(&me.jid)
             .is_some_and(|h| h.id != me.id && h.is_available());
         let p = Element::new("presence", NS_CLIENT)
             .with_attr("from", me.jid.to_string())
             .with_attr("type", "unavailable");
-        if let Err(e) = go_unavailable(cx.state, me, p, false, !replaced).await {
+        if let Err(e) = go_unavailable(state, me, p, false, !replaced).await {
             tracing::warn!(jid = %me.jid, error = ?e, "unavailable broadcast at logout failed");
         }
     }
@@ -95,16 +130,11 @@ impl Sub {
     }
 }
 
-/// A presence stanza from a bound session (`from` already stamped).
-pub async fn handle(cx: &Cx<'_>, stanza: Element) -> Result<(), StanzaError> {
+/// A presence stanza from a bound session (`from` already stamped; the
+/// pre-route hooks, blocking among them, let it through).
+async fn handle(cx: &Cx<'_>, stanza: Element) -> Result<(), StanzaError> {
     let to = parse_to(&stanza)?;
     let own = &cx.session.bare;
-    // XEP-0191: presence between a blocker and a blocked JID is dropped.
-    if let Some(t) = &to {
-        if super::blocking::gate(cx, &stanza, t).await? {
-            return Ok(());
-        }
-    }
     match stanza.attr("type") {
         None | Some("unavailable") => {
             let available = stanza.attr("type").is_none();
@@ -186,13 +216,6 @@ fn with_from(s: Subscription, on: bool) -> Subscription {
     }
 }
 
-/// RFC 6121 §4.7.2.3: -128..127; out of range is clamped, garbage is 0.
-pub fn priority(p: &Element) -> i8 {
-    p.child_text("priority", NS_CLIENT)
-        .and_then(|t| t.trim().parse::<i64>().ok())
-        .map_or(0, |v| v.clamp(i8::MIN.into(), i8::MAX.into()) as i8)
-}
-
 /// Resources of `bare` that sent initial presence.
 fn available(state: &ServerState, bare: &BareJid) -> Vec<Arc<SessionHandle>> {
     state
@@ -244,7 +267,7 @@ impl Targets {
         let from = p.attr("from").and_then(|f| Jid::new(f).ok());
         for h in &self.list {
             if let Some(f) = &from {
-                if !super::blocking::presence_allowed(state, f, h).await {
+                if !presence_allowed(state, f, h).await {
                     continue;
                 }
             }
@@ -263,8 +286,20 @@ async fn broadcast(cx: &Cx<'_>, mut p: Element, available: bool) -> Result<(), S
     if !available {
         return go_unavailable(state, me, p, true, true).await;
     }
-    // XEP-0160: coming online → the offline queue, delivered when this ends.
-    let _offline = super::offline::catch_up(cx, &p);
+    // Listeners (the offline queue) act before the broadcast and may hold
+    // a guard until it is done.
+    let hold = Hold::default();
+    let coming_online = {
+        let st = me.state.lock();
+        !st.available || st.priority < 0
+    };
+    if coming_online {
+        let ev = Event::ComingOnline {
+            presence: &p,
+            hold: &hold,
+        };
+        state.modules.emit(state, Some(me), &ev).await;
+    }
     let initial = {
         let mut st = me.state.lock();
         let initial = !st.available;
@@ -280,7 +315,11 @@ async fn broadcast(cx: &Cx<'_>, mut p: Element, available: bool) -> Result<(), S
     targets.add_available(state, &me.bare);
     targets.send(state, &p).await;
     // XEP-0163: learn the resource's caps, send it the last PEP items.
-    super::pep::on_available(state, me, &p).await;
+    let ev = Event::Available {
+        presence: &p,
+        initial,
+    };
+    state.modules.emit(state, Some(me), &ev).await;
     if !initial {
         return Ok(());
     }
@@ -295,7 +334,7 @@ async fn broadcast(cx: &Cx<'_>, mut p: Element, available: bool) -> Result<(), S
     for item in items.iter().filter(|i| has_to(i.subscription)) {
         if let Ok(contact) = BareJid::new(&item.jid) {
             for h in state.router.resources(&contact) {
-                if super::blocking::presence_allowed(state, &Jid::from(h.jid.clone()), me).await {
+                if presence_allowed(state, &Jid::from(h.jid.clone()), me).await {
                     deliver(&h);
                 }
             }
@@ -349,7 +388,8 @@ async fn go_unavailable(
     }
     if was_available {
         // XEP-0012: last seen = now, with this presence's status.
-        super::last::went_unavailable(state, me, &p).await;
+        let ev = Event::Unavailable { presence: &p };
+        state.modules.emit(state, Some(me), &ev).await;
     }
     for d in directed {
         match Jid::new(&d).map(Jid::try_into_full) {
@@ -466,7 +506,9 @@ async fn probe(cx: &Cx<'_>, to: Jid) -> Result<(), StanzaError> {
 /// available resource of `to` (a new subscriber, §3.1.5).
 pub(crate) fn send_presences(state: &ServerState, from: &BareJid, to: &BareJid) {
     // XEP-0163 §4.3.1: the new subscriber also gets `from`'s last PEP items.
-    super::pep::new_subscriber(state, from, to);
+    if let Some(pep) = state.modules.try_api::<dyn api::Pep>() {
+        pep.new_subscriber(state, from, to);
+    }
     let recipients = available(state, to);
     for h in state.router.resources(from) {
         if let Some(p) = current_presence(&h) {
@@ -521,7 +563,7 @@ async fn outbound(
     kind: Sub,
     original: &Element,
 ) -> Result<(), StanzaError> {
-    let _guard = roster::lock(&[user, contact]).await;
+    let _guard = roster::lock(state, &[user, contact]).await;
     let old = state
         .store
         .roster_item(user.as_str(), contact.as_str())

@@ -115,6 +115,9 @@ async fn preauth(state: &ServerState, domain: &str, stanza: &Element) -> IqResul
 
 #[async_trait]
 impl Module for Register {
+    fn name(&self) -> &'static str {
+        "register"
+    }
     fn features(&self) -> &'static [&'static str] {
         &[NS]
     }

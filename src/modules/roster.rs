@@ -18,7 +18,7 @@
 //! - Roster writes of one account are serialized by [`lock`], so a
 //!   read-modify-write of an item never loses a concurrent change.
 
-use super::{new_id, Cx, Iq, IqResult, IqType, Module, Target};
+use super::{new_id, Cx, Iq, IqResult, IqType, Module, Shared, Target};
 use crate::error::{Condition, StanzaError};
 use crate::state::ServerState;
 use async_trait::async_trait;
@@ -26,7 +26,7 @@ use jid::BareJid;
 use natter_store::{RosterItem, StoreError, Subscription};
 use natter_xml::{Element, NS_CLIENT};
 use std::hash::{Hash, Hasher};
-use std::sync::LazyLock;
+use std::sync::Arc;
 
 pub const NS: &str = "jabber:iq:roster";
 pub const NS_VER: &str = "urn:xmpp:features:rosterver";
@@ -38,10 +38,28 @@ pub const MAX_GROUPS: usize = 64;
 /// Most items one roster may hold (request-only items included).
 pub const MAX_ITEMS: usize = 5000;
 
-pub struct Roster;
+/// Striped locks serializing roster changes per account in this process
+/// (on N nodes the user's owner node takes them: see ARCHITECTURE.md).
+pub struct Roster {
+    locks: Vec<Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl Default for Roster {
+    fn default() -> Self {
+        Roster {
+            locks: (0..64).map(|_| Arc::default()).collect(),
+        }
+    }
+}
 
 #[async_trait]
 impl Module for Roster {
+    fn name(&self) -> &'static str {
+        "roster"
+    }
+    fn provide(self: Arc<Self>, shared: &mut Shared) {
+        shared.provide::<Roster>(self);
+    }
     // Prosody and Tigase advertise the roster namespace; the versioning
     // feature is a stream feature only (XEP-0237 §3).
     fn features(&self) -> &'static [&'static str] {
@@ -145,7 +163,7 @@ async fn set(cx: &Cx<'_>, iq: &Iq) -> IqResult {
             "too many groups",
         ));
     }
-    let _guard = lock(&[&user]).await;
+    let _guard = lock(cx.state, &[&user]).await;
     let old = cx
         .state
         .store
@@ -164,7 +182,7 @@ async fn set(cx: &Cx<'_>, iq: &Iq) -> IqResult {
 /// RFC 6121 §2.5.2 / §3.5: remove the item, push the removal, and cancel
 /// the subscriptions in both directions.
 async fn remove(cx: &Cx<'_>, user: &BareJid, contact: &BareJid) -> Result<(), StanzaError> {
-    let _guard = lock(&[user, contact]).await;
+    let _guard = lock(cx.state, &[user, contact]).await;
     let store = &cx.state.store;
     let Some(old) = store.roster_item(user.as_str(), contact.as_str()).await? else {
         return Err(StanzaError::new(Condition::ItemNotFound));
@@ -333,31 +351,27 @@ pub fn push(state: &ServerState, owner: &BareJid, item: Element, version: u64) {
     }
 }
 
-/// Striped locks serializing roster changes per account in this process.
-/// (Cluster mode will need the store to do this.)
-static LOCKS: LazyLock<Vec<tokio::sync::Mutex<()>>> =
-    LazyLock::new(|| (0..64).map(|_| tokio::sync::Mutex::new(())).collect());
-
 pub(crate) struct RosterGuard {
-    _guards: Vec<tokio::sync::MutexGuard<'static, ()>>,
+    _guards: Vec<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 /// Lock the rosters of `users` (taken in a fixed order, so two tasks
 /// locking the same pair cannot deadlock). Never lock twice in one task.
-pub(crate) async fn lock(users: &[&BareJid]) -> RosterGuard {
+pub(crate) async fn lock(state: &ServerState, users: &[&BareJid]) -> RosterGuard {
+    let locks = &state.modules.api::<Roster>().locks;
     let mut idx: Vec<usize> = users
         .iter()
         .map(|u| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             u.as_str().hash(&mut h);
-            (h.finish() % LOCKS.len() as u64) as usize
+            (h.finish() % locks.len() as u64) as usize
         })
         .collect();
     idx.sort_unstable();
     idx.dedup();
     let mut guards = Vec::with_capacity(idx.len());
     for i in idx {
-        guards.push(LOCKS[i].lock().await);
+        guards.push(locks[i].clone().lock_owned().await);
     }
     RosterGuard { _guards: guards }
 }

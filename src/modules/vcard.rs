@@ -12,6 +12,9 @@ pub struct VCard;
 
 #[async_trait]
 impl Module for VCard {
+    fn name(&self) -> &'static str {
+        "vcard"
+    }
     fn features(&self) -> &'static [&'static str] {
         &[NS]
     }

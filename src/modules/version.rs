@@ -11,6 +11,9 @@ pub struct Version;
 
 #[async_trait]
 impl Module for Version {
+    fn name(&self) -> &'static str {
+        "version"
+    }
     fn features(&self) -> &'static [&'static str] {
         &[NS]
     }

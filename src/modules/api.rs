@@ -1,0 +1,85 @@
+//! The interfaces modules offer each other — the only way one module
+//! reaches another (Prosody's `module:depends` + `module:shared`). A
+//! module provides an implementation in `Module::provide`; users look it
+//! up with `Modules::api::<dyn Trait>()`, never by the provider's name.
+
+use super::Cx;
+use crate::error::StanzaError;
+use crate::router::{Outbound, QueueRx, SessionHandle};
+use crate::state::ServerState;
+use async_trait::async_trait;
+use jid::{BareJid, FullJid, Jid};
+use natter_store::NewArchiveEntry;
+use natter_xml::Element;
+use std::sync::Arc;
+
+/// Routing several messages from one session with one durable write.
+#[async_trait]
+pub trait MessageBatch: Send + Sync {
+    /// Each message's outcome, in order. Pre-route hooks already ran.
+    async fn route_many(&self, cx: &Cx<'_>, msgs: Vec<Element>) -> Vec<Result<(), StanzaError>>;
+}
+
+/// XEP-0160 offline storage and the live/offline hand-over.
+#[async_trait]
+pub trait OfflineQueue: Send + Sync {
+    /// Whether a message of this type is kept for an offline recipient.
+    fn storable(&self, msg: &Element, kind: &str) -> bool;
+    /// Whether `bare` has a resource that takes messages live.
+    fn online(&self, state: &ServerState, bare: &BareJid) -> bool;
+    /// The error for a full offline queue.
+    fn queue_full(&self) -> StanzaError;
+    /// Deliver `msg` to `full` (or the user's available resources) or queue
+    /// it offline, durably, in acceptance order (`ord`: None = now).
+    /// Returns the sessions that got it live.
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver(
+        &self,
+        state: &ServerState,
+        bare: &BareJid,
+        full: Option<&FullJid>,
+        msg: &Element,
+        archive_id: Option<&str>,
+        limit: usize,
+        ord: Option<i64>,
+    ) -> Result<Vec<Arc<SessionHandle>>, StanzaError>;
+    /// Messages an ending session held and did not deliver: back to the
+    /// offline queue, at their acceptance position.
+    async fn requeue(&self, state: &ServerState, stanzas: Vec<Outbound>);
+    /// A parked session was resumed after its queue refused stanzas.
+    fn resumed(&self, state: &ServerState, h: &Arc<SessionHandle>, rx: &QueueRx);
+}
+
+/// XEP-0313 archiving decisions for the message router.
+#[async_trait]
+pub trait Archive: Send + Sync {
+    /// Whether a message has content worth keeping (not chat states alone).
+    fn has_content(&self, msg: &Element) -> bool;
+    /// Whether a message of this type is archived at all.
+    fn archivable(&self, msg: &Element, kind: &str) -> bool;
+    /// The archive rows for a message from `from` to `to` (per their
+    /// preferences) and which of them is the sender's and the recipient's.
+    async fn entries(
+        &self,
+        state: &ServerState,
+        from: &BareJid,
+        to: &BareJid,
+        xml: &str,
+    ) -> Result<(Vec<NewArchiveEntry>, Option<usize>, Option<usize>), StanzaError>;
+    /// The `<stanza-id/>` element for an archive id in `by`'s archive.
+    fn stanza_id(&self, id: &str, by: &BareJid) -> Element;
+}
+
+/// XEP-0191 block lists, for modules that fan out on the user's behalf.
+#[async_trait]
+pub trait Blocklist: Send + Sync {
+    /// Whether presence (or a PEP notification) from `from` may reach `to`.
+    async fn presence_allowed(&self, state: &ServerState, from: &Jid, to: &SessionHandle) -> bool;
+}
+
+/// XEP-0163 PEP: what presence handling tells it.
+#[async_trait]
+pub trait Pep: Send + Sync {
+    /// `subscriber` now has a presence subscription to `owner`.
+    fn new_subscriber(&self, state: &ServerState, owner: &BareJid, subscriber: &BareJid);
+}
