@@ -311,7 +311,7 @@ impl Modules {
         &self,
         f: impl Fn(&Arc<dyn Module>) -> &'static [T],
     ) -> Vec<T> {
-        let mut v: Vec<T> = self.list.iter().flat_map(|m| f(m)).copied().collect();
+        let mut v: Vec<T> = self.list.iter().flat_map(&f).copied().collect();
         v.sort_unstable();
         v.dedup();
         v
@@ -325,12 +325,26 @@ impl Modules {
         self.sorted(|m| m.account_features())
     }
 
+    /// In registration order (clients take the first as the main one).
     pub fn identities(&self) -> Vec<Identity> {
-        self.sorted(|m| m.identities())
+        self.in_order(|m| m.identities())
     }
 
     pub fn account_identities(&self) -> Vec<Identity> {
-        self.sorted(|m| m.account_identities())
+        self.in_order(|m| m.account_identities())
+    }
+
+    fn in_order<T: PartialEq + Copy + 'static>(
+        &self,
+        f: impl Fn(&Arc<dyn Module>) -> &'static [T],
+    ) -> Vec<T> {
+        let mut v: Vec<T> = Vec::new();
+        for x in self.list.iter().flat_map(&f) {
+            if !v.contains(x) {
+                v.push(*x);
+            }
+        }
+        v
     }
 
     /// XEP-0115 `<c/>` of the server, for stream features.

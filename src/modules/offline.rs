@@ -274,6 +274,13 @@ async fn deliver(
         }
         off.release(&mut users, bare);
     }
+    if r.is_ok() {
+        let ev = Event::OfflineQueued {
+            user: bare,
+            stanza: &queued,
+        };
+        state.modules.emit(state, None, &ev).await;
+    }
     match r {
         Ok(_) => Ok(sent),
         // A device got it: the queue was for another one.
