@@ -117,6 +117,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let admin_token = admin::create_token(&config.data_dir)?;
     let fake_salt = c2s::fake_salt::load_or_create(&config.data_dir)?;
     let modules = Arc::new(modules::Modules::standard(&config));
+    let router = Arc::new(router::Router::new());
     let l = &config.limits;
     let state = ServerState::new(state::Shared {
         throttle: Arc::new(c2s::throttle::AuthThrottle::new(
@@ -133,7 +134,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         fake_salt,
         config: Arc::new(config),
         store,
-        router: Arc::new(router::Router::new()),
+        routing: router.clone(),
+        router,
         modules,
         tls,
         shutdown: CancellationToken::new(),

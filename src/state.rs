@@ -5,7 +5,7 @@ use crate::c2s::throttle::{AuthThrottle, PreauthLimiter};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::modules::Modules;
-use crate::router::Router;
+use crate::router::{Router, Routing};
 use natter_store::Store;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -31,7 +31,10 @@ impl std::ops::Deref for ServerState {
 pub struct Shared {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
+    /// This process's session table (c2s binds, parks and unbinds here).
     pub router: Arc<Router>,
+    /// How modules reach sessions (the same table in embedded mode).
+    pub routing: Arc<dyn Routing>,
     pub modules: Arc<Modules>,
     pub tls: Arc<rustls::ServerConfig>,
     pub throttle: Arc<AuthThrottle>,

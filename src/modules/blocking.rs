@@ -105,7 +105,7 @@ impl Module for Blocking {
         if let (Event::Closed, Some(h)) = (event, session) {
             self.interested.lock().remove(&h.id);
             self.lists
-                .forget_unless_online(&state.router, &h.bare, h.id);
+                .forget_unless_online(&*state.routing, &h.bare, h.id);
         }
     }
     fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
@@ -238,7 +238,7 @@ impl Blocking {
     /// §3.3–3.5: the change to every resource that fetched the list.
     fn push(&self, cx: &Cx<'_>, payload: Element) {
         let interested = self.interested.lock().clone();
-        for h in cx.state.router.resources(&cx.session.bare) {
+        for h in cx.state.routing.resources(&cx.session.bare) {
             if !interested.contains(&h.id) {
                 continue;
             }
@@ -271,7 +271,7 @@ pub async fn list(state: &ServerState, user: &BareJid) -> Result<Arc<Vec<Jid>>, 
     }
     let loaded = Arc::new(load(state, user).await?);
     // A block/unblock that raced this load has put the newer list in.
-    Ok(b.lists.fill(&state.router, user, loaded))
+    Ok(b.lists.fill(&*state.routing, user, loaded))
 }
 
 /// XEP-0016 §2.1 matching of one block-list item against an entity.
@@ -428,11 +428,8 @@ async fn presence_cut(state: &ServerState, user: &BareJid, item: &Jid) {
 
 /// On unblock: current presence again, both ways, where subscriptions allow.
 async fn presence_restore(state: &ServerState, user: &BareJid, item: &Jid) {
-    let current = |h: &SessionHandle| {
-        let st = h.state.lock();
-        st.available.then(|| st.presence.clone()).flatten()
-    };
-    let mine = state.router.resources(user);
+    let current = |h: &SessionHandle| h.available_presence();
+    let mine = state.routing.resources(user);
     for theirs in sessions_matching(state, item) {
         if theirs.bare == *user {
             continue;

@@ -9,7 +9,7 @@
 //! session are dropped when the user's last session closes and, as a bound,
 //! when the cache grows past its soft limit.
 
-use crate::router::Router;
+use crate::router::Routing;
 use jid::BareJid;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -47,7 +47,7 @@ impl<T> UserCache<T> {
 
     /// Put a freshly loaded value in unless a writer got there first;
     /// returns the value now cached.
-    pub fn fill(&self, router: &Router, user: &BareJid, loaded: Arc<T>) -> Arc<T> {
+    pub fn fill(&self, router: &dyn Routing, user: &BareJid, loaded: Arc<T>) -> Arc<T> {
         let mut inner = self.inner.lock();
         if inner.map.len() >= inner.sweep_at {
             inner.map.retain(|u, _| !router.resources(u).is_empty());
@@ -66,7 +66,7 @@ impl<T> UserCache<T> {
     }
 
     /// Drop `user`'s entry when the closing session `closing` was its last.
-    pub fn forget_unless_online(&self, router: &Router, user: &BareJid, closing: u64) {
+    pub fn forget_unless_online(&self, router: &dyn Routing, user: &BareJid, closing: u64) {
         if !router.resources(user).iter().any(|h| h.id != closing) {
             self.forget(user);
         }
@@ -76,6 +76,7 @@ impl<T> UserCache<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::router::Router;
 
     fn user(i: usize) -> BareJid {
         BareJid::new(&format!("u{i}@example.org")).unwrap()

@@ -46,7 +46,7 @@ impl Module for Carbons {
         if iq.kind != IqType::Set || !iq.is_own_account() {
             return Err(StanzaError::new(Condition::BadRequest));
         }
-        cx.session.state.lock().carbons = iq.payload().name == "enable";
+        cx.session.set_carbons(iq.payload().name == "enable");
         Ok(None)
     }
 }
@@ -83,7 +83,7 @@ fn copy_sent(cx: &Cx<'_>, msg: &Element, kind: &str) {
     if !eligible(msg, kind) {
         return;
     }
-    for h in cx.state.router.resources(&cx.session.bare) {
+    for h in cx.state.routing.resources(&cx.session.bare) {
         if h.id != cx.session.id && h.carbons() {
             h.send(wrap("sent", &h.bare, &h.jid.to_string(), msg, kind));
         }
@@ -102,7 +102,7 @@ fn copy_received(
     if !eligible(msg, kind) {
         return;
     }
-    for h in cx.state.router.resources(owner) {
+    for h in cx.state.routing.resources(owner) {
         // The sender's own session never gets a received-carbon of its message.
         if Some(h.id) != delivered_to && h.id != cx.session.id && h.carbons() {
             h.send(wrap("received", owner, &h.jid.to_string(), msg, kind));

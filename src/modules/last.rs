@@ -76,7 +76,7 @@ impl Module for Last {
         match event {
             Event::Unavailable { presence } => went_unavailable(state, h, presence).await,
             Event::Heartbeat => heartbeat(state, h).await,
-            Event::Closed if state.router.resources(&h.bare).len() <= 1 => {
+            Event::Closed if state.routing.resources(&h.bare).len() <= 1 => {
                 self.beats.lock().remove(h.bare.as_str());
             }
             _ => {}

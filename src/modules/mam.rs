@@ -111,7 +111,7 @@ impl Module for Mam {
     ) {
         if let (Event::Closed, Some(h)) = (event, session) {
             self.prefs
-                .forget_unless_online(&state.router, &h.bare, h.id);
+                .forget_unless_online(&*state.routing, &h.bare, h.id);
         }
     }
 }
@@ -146,7 +146,7 @@ async fn prefs_of(state: &ServerState, user: &BareJid) -> Result<Arc<MamPrefs>, 
         return Ok(p);
     }
     let loaded = Arc::new(state.store.mam_prefs(user.as_str()).await?);
-    Ok(cache.fill(&state.router, user, loaded))
+    Ok(cache.fill(&*state.routing, user, loaded))
 }
 
 // ---------------------------------------------------------------------------

@@ -184,7 +184,7 @@ async fn plan(cx: &Cx<'_>, msg: Element) -> Result<Plan, StanzaError> {
     let full = to
         .try_as_full()
         .ok()
-        .filter(|f| state.router.session(f).is_some())
+        .filter(|f| state.routing.session(f).is_some())
         .cloned();
     if full.is_none() && !offline.online(state, &bare) {
         // It would be queued: refuse early (before archiving) when it can't be.
@@ -234,7 +234,7 @@ async fn append(
 async fn direct(cx: &Cx<'_>, to: &Jid, msg: Element, kind: &str) -> Result<(), StanzaError> {
     let bare = to.to_bare();
     if let Ok(full) = to.try_as_full() {
-        if let Some(h) = cx.state.router.session(full) {
+        if let Some(h) = cx.state.routing.session(full) {
             h.send(msg.clone());
             return delivered(cx, &msg, None, &bare, true, Some(h.id)).await;
         }

@@ -630,7 +630,7 @@ async fn handle_iq(cx: &Cx<'_>, stanza: &Element, to: Option<Jid>) -> Result<(),
         reply.append_child(p);
     }
     cx.session.send(reply);
-    let close = cx.session.state.lock().close_after_reply.take();
+    let close = cx.session.take_close_after_reply();
     if let Some(err) = close {
         cx.session.close(err);
     }
@@ -639,7 +639,7 @@ async fn handle_iq(cx: &Cx<'_>, stanza: &Element, to: Option<Jid>) -> Result<(),
 
 /// Deliver to one connected resource, if it is here.
 pub fn route_to_full(cx: &Cx<'_>, to: &FullJid, stanza: Element) -> bool {
-    match cx.state.router.session(to) {
+    match cx.state.routing.session(to) {
         Some(h) => h.send(stanza),
         None => false,
     }

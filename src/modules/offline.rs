@@ -225,7 +225,7 @@ async fn deliver(
     let (live, mut queue) = {
         let mut users = off.users.lock();
         let targets = match full {
-            Some(f) => state.router.session(f).into_iter().collect(),
+            Some(f) => state.routing.session(f).into_iter().collect(),
             None => available(state, bare),
         };
         let catching: &[u64] = users.get(bare).map_or(&[], |g| &g.catching_up);
@@ -307,11 +307,7 @@ fn note_archive_query(off: &Offline, h: &SessionHandle) {
 /// marked available; the queue is delivered when the returned guard is
 /// dropped (after the presence broadcast).
 fn catch_up(state: &ServerState, h: &Arc<SessionHandle>, presence: &Element) -> Option<CatchUp> {
-    let coming_online = {
-        let st = h.state.lock();
-        !st.available || st.priority < 0
-    };
-    if !coming_online || priority(presence) < 0 {
+    if !h.offline_for_messages() || priority(presence) < 0 {
         return None;
     }
     let off = state.modules.api::<Offline>();
@@ -435,7 +431,7 @@ async fn drain(state: ServerState, h: Arc<SessionHandle>) {
 async fn room(state: &ServerState, h: &Arc<SessionHandle>, budget: usize, size: usize) -> bool {
     let bytes = h.queue_limits().bytes / 2;
     loop {
-        let here = state.router.session(&h.jid).is_some_and(|s| s.id == h.id);
+        let here = state.routing.session(&h.jid).is_some_and(|s| s.id == h.id);
         if !here {
             return false;
         }

@@ -137,8 +137,11 @@ pub struct Pep {
     /// Outstanding caps queries: iq id → what was asked.
     pending: Mutex<HashMap<String, PendingCaps>>,
     /// ver → when it was last asked and which sessions wait for it.
-    asking: Mutex<HashMap<String, (Instant, Vec<u64>)>>,
+    asking: Mutex<HashMap<String, (Instant, Vec<Waiting>)>>,
 }
+
+/// A session (id, account) waiting for a caps answer.
+type Waiting = (u64, BareJid);
 
 struct PendingCaps {
     jid: FullJid,
@@ -1041,13 +1044,13 @@ async fn notify(
     cfg: &NodeConfig,
     payload: Element,
 ) {
-    let mut targets: Vec<Arc<SessionHandle>> = state.router.resources(owner);
+    let mut targets: Vec<Arc<SessionHandle>> = state.routing.resources(owner);
     if cfg.access != Access::Whitelist {
         match state.store.roster(owner.as_str()).await {
             Ok((_, roster)) => {
                 for item in roster.iter().filter(|i| has_from(i.subscription)) {
                     if let Ok(b) = BareJid::new(&item.jid) {
-                        targets.extend(state.router.resources(&b));
+                        targets.extend(state.routing.resources(&b));
                     }
                 }
             }
@@ -1095,7 +1098,7 @@ async fn send_last_items(state: &ServerState, h: &Arc<SessionHandle>, features: 
 /// its available resources get `owner`'s last items (XEP-0163 §4.3.1).
 fn new_subscriber(state: &ServerState, owner: &BareJid, subscriber: &BareJid) {
     let pep = state.modules.api::<Pep>();
-    for h in state.router.resources(subscriber) {
+    for h in state.routing.resources(subscriber) {
         let features = pep.by_session.lock().get(&h.id).map(|(_, f)| f.clone());
         let Some(features) = features.filter(|_| h.is_available()) else {
             continue;
@@ -1205,8 +1208,8 @@ async fn on_available(state: &ServerState, me: &Arc<SessionHandle>, p: &Element)
         let now = Instant::now();
         match asking.get_mut(ver) {
             Some((at, waiting)) if now.duration_since(*at) < CAPS_QUERY_TIMEOUT => {
-                if !waiting.contains(&me.id) {
-                    waiting.push(me.id);
+                if !waiting.iter().any(|(id, _)| *id == me.id) {
+                    waiting.push((me.id, me.bare.clone()));
                 }
                 return;
             }
@@ -1217,7 +1220,7 @@ async fn on_available(state: &ServerState, me: &Arc<SessionHandle>, p: &Element)
                         return;
                     }
                 }
-                asking.insert(ver.to_string(), (now, vec![me.id]));
+                asking.insert(ver.to_string(), (now, vec![(me.id, me.bare.clone())]));
             }
         }
     }
@@ -1286,7 +1289,7 @@ async fn caps_reply(state: &ServerState, from: &Arc<SessionHandle>, iq: &Element
     );
     let verified =
         pending.hash == "sha-1" && caps_verification_string(query).as_deref() == Some(&pending.ver);
-    let mut served = vec![from.id];
+    let mut served = vec![(from.id, from.bare.clone())];
     if verified {
         {
             let mut by_ver = pep.by_ver.lock();
@@ -1302,10 +1305,10 @@ async fn caps_reply(state: &ServerState, from: &Arc<SessionHandle>, iq: &Element
         tracing::debug!(jid = %from.jid, node = %pending.node, "caps answer does not verify; used for this session only");
         ask_next(state, &pending.ver, from.id);
     }
-    served.sort_unstable();
-    served.dedup();
-    for sid in served {
-        let Some(h) = find_session(state, sid, &from.bare, &pending.ver) else {
+    served.sort_unstable_by_key(|(id, _)| *id);
+    served.dedup_by_key(|(id, _)| *id);
+    for (sid, bare) in served {
+        let Some(h) = find_session(state, sid, &bare, &pending.ver) else {
             continue;
         };
         pep.by_session
@@ -1320,25 +1323,16 @@ async fn caps_reply(state: &ServerState, from: &Arc<SessionHandle>, iq: &Element
 fn find_session(
     state: &ServerState,
     sid: u64,
-    hint: &BareJid,
+    bare: &BareJid,
     ver: &str,
 ) -> Option<Arc<SessionHandle>> {
     let has_ver = |h: &SessionHandle| {
-        let st = h.state.lock();
-        st.available
-            && st
-                .presence
-                .as_ref()
-                .and_then(|p| p.get_child("c", NS_CAPS))
-                .and_then(|c| c.attr("ver"))
-                == Some(ver)
+        h.available_presence()
+            .is_some_and(|p| p.get_child("c", NS_CAPS).and_then(|c| c.attr("ver")) == Some(ver))
     };
     state
-        .router
-        .resources(hint)
-        .into_iter()
-        .find(|h| h.id == sid)
-        .or_else(|| state.router.all().into_iter().find(|h| h.id == sid))
+        .routing
+        .session_by_id(bare, sid)
         .filter(|h| has_ver(h))
 }
 
@@ -1351,21 +1345,18 @@ fn ask_next(state: &ServerState, ver: &str, done: u64) {
         let Some((at, waiting)) = asking.get_mut(ver) else {
             return;
         };
-        waiting.retain(|s| *s != done);
+        waiting.retain(|(s, _)| *s != done);
         *at = Instant::now();
-        let next = waiting.first().copied();
+        let next = waiting.first().cloned();
         if next.is_none() {
             asking.remove(ver);
         }
         next
     };
-    let Some(sid) = next else { return };
-    if let Some(h) = state.router.all().into_iter().find(|h| h.id == sid) {
+    let Some((sid, bare)) = next else { return };
+    if let Some(h) = state.routing.session_by_id(&bare, sid) {
         let caps = h
-            .state
-            .lock()
-            .presence
-            .as_ref()
+            .available_presence()
             .and_then(|p| p.get_child("c", NS_CAPS).cloned());
         if let Some(c) = caps {
             if c.attr("ver") == Some(ver) {

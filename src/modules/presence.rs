@@ -177,7 +177,7 @@ async fn handle(cx: &Cx<'_>, stanza: Element) -> Result<(), StanzaError> {
         // that caused them; anything else is dropped.
         Some("error") => {
             if let Some(Ok(full)) = to.map(Jid::try_into_full) {
-                if let Some(h) = cx.state.router.session(&full) {
+                if let Some(h) = cx.state.routing.session(&full) {
                     h.send(stanza);
                 }
             }
@@ -228,8 +228,7 @@ fn available(state: &ServerState, bare: &BareJid) -> Vec<Arc<SessionHandle>> {
 
 /// The last available presence of a session, if it is available.
 fn current_presence(h: &SessionHandle) -> Option<Element> {
-    let st = h.state.lock();
-    st.available.then(|| st.presence.clone()).flatten()
+    h.available_presence()
 }
 
 /// Sessions to send one presence to, each once.
@@ -289,25 +288,14 @@ async fn broadcast(cx: &Cx<'_>, mut p: Element, available: bool) -> Result<(), S
     // Listeners (the offline queue) act before the broadcast and may hold
     // a guard until it is done.
     let hold = Hold::default();
-    let coming_online = {
-        let st = me.state.lock();
-        !st.available || st.priority < 0
-    };
-    if coming_online {
+    if me.offline_for_messages() {
         let ev = Event::ComingOnline {
             presence: &p,
             hold: &hold,
         };
         state.modules.emit(state, Some(me), &ev).await;
     }
-    let initial = {
-        let mut st = me.state.lock();
-        let initial = !st.available;
-        st.available = true;
-        st.priority = priority(&p);
-        st.presence = Some(p.clone());
-        initial
-    };
+    let initial = me.set_available(priority(&p), p.clone());
     let (_, items) = state.store.roster(me.bare.as_str()).await?;
     let mut targets = Targets::default();
     targets.add_subscribers(state, &items);
@@ -333,7 +321,7 @@ async fn broadcast(cx: &Cx<'_>, mut p: Element, available: bool) -> Result<(), S
     };
     for item in items.iter().filter(|i| has_to(i.subscription)) {
         if let Ok(contact) = BareJid::new(&item.jid) {
-            for h in state.router.resources(&contact) {
+            for h in state.routing.resources(&contact) {
                 if presence_allowed(state, &Jid::from(h.jid.clone()), me).await {
                     deliver(&h);
                 }
@@ -341,7 +329,7 @@ async fn broadcast(cx: &Cx<'_>, mut p: Element, available: bool) -> Result<(), S
         }
     }
     // ... and of the user's other resources.
-    for h in state.router.resources(&me.bare) {
+    for h in state.routing.resources(&me.bare) {
         if h.id != me.id {
             deliver(&h);
         }
@@ -369,14 +357,7 @@ async fn go_unavailable(
     to_contacts: bool,
 ) -> Result<(), StanzaError> {
     p.remove_attr("to");
-    let (was_available, directed) = {
-        let mut st = me.state.lock();
-        let was = st.available;
-        st.available = false;
-        st.priority = 0;
-        st.presence = None;
-        (was, std::mem::take(&mut st.directed))
-    };
+    let (was_available, directed) = me.set_unavailable();
     let mut targets = Targets::default();
     if was_available && to_contacts {
         let (_, items) = state.store.roster(me.bare.as_str()).await?;
@@ -394,7 +375,7 @@ async fn go_unavailable(
     for d in directed {
         match Jid::new(&d).map(Jid::try_into_full) {
             Ok(Ok(full)) => {
-                if let Some(h) = state.router.session(&full) {
+                if let Some(h) = state.routing.session(&full) {
                     targets.add(h);
                 }
             }
@@ -428,24 +409,20 @@ async fn directed(cx: &Cx<'_>, p: Element, to: Jid, online: bool) -> Result<(), 
                 .roster_item(me.bare.as_str(), bare.as_str())
                 .await?
                 .is_some_and(|i| has_from(i.subscription));
-        if !broadcast_anyway {
-            let mut st = me.state.lock();
-            if !st.directed.contains(&key) && st.directed.len() >= MAX_DIRECTED {
-                return Err(StanzaError::with_text(
-                    Condition::ResourceConstraint,
-                    "too many directed presences",
-                ));
-            }
-            st.directed.insert(key);
+        if !broadcast_anyway && me.add_directed(key, MAX_DIRECTED).is_err() {
+            return Err(StanzaError::with_text(
+                Condition::ResourceConstraint,
+                "too many directed presences",
+            ));
         }
     } else {
-        me.state.lock().directed.remove(&key);
+        me.remove_directed(&key);
     }
     // RFC 6121 §8.5.2.1.1 / §8.5.3.1: bare → every available resource,
     // full → that resource; an unknown account or resource drops it.
     match to.try_as_full() {
         Ok(full) => {
-            if let Some(h) = state.router.session(full) {
+            if let Some(h) = state.routing.session(full) {
                 h.send(p);
             }
         }
@@ -480,8 +457,8 @@ async fn probe(cx: &Cx<'_>, to: Jid) -> Result<(), StanzaError> {
         return Ok(());
     }
     let sessions = match to.try_as_full() {
-        Ok(full) => state.router.session(full).into_iter().collect(),
-        Err(_) => state.router.resources(&contact),
+        Ok(full) => state.routing.session(full).into_iter().collect(),
+        Err(_) => state.routing.resources(&contact),
     };
     let mut sent = false;
     for h in sessions {
@@ -510,7 +487,7 @@ pub(crate) fn send_presences(state: &ServerState, from: &BareJid, to: &BareJid) 
         pep.new_subscriber(state, from, to);
     }
     let recipients = available(state, to);
-    for h in state.router.resources(from) {
+    for h in state.routing.resources(from) {
         if let Some(p) = current_presence(&h) {
             for r in &recipients {
                 let mut p = p.clone();

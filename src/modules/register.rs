@@ -168,11 +168,11 @@ impl Module for Register {
 
 fn close_all(cx: &Cx<'_>, me: &jid::BareJid) {
     use crate::error::{StreamCondition, StreamError};
-    let sessions: Vec<std::sync::Arc<SessionHandle>> = cx.state.router.resources(me);
+    let sessions: Vec<std::sync::Arc<SessionHandle>> = cx.state.routing.resources(me);
     let err = StreamError::with_text(StreamCondition::NotAuthorized, "account removed");
     for h in sessions {
         if h.id == cx.session.id {
-            h.state.lock().close_after_reply = Some(err.clone());
+            h.close_after_reply(err.clone());
         } else {
             h.close(err.clone());
         }

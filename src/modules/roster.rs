@@ -91,7 +91,7 @@ impl Module for Roster {
 /// cached version is current.
 async fn get(cx: &Cx<'_>, iq: &Iq) -> IqResult {
     let user = &cx.session.bare;
-    cx.session.state.lock().interested = true;
+    cx.session.set_interested();
     let (version, items) = cx.state.store.roster(user.as_str()).await?;
     let ver = version.to_string();
     if iq.payload().attr("ver") == Some(ver.as_str()) {
@@ -333,8 +333,8 @@ fn removed_element(contact: &BareJid) -> Element {
 
 /// RFC 6121 §2.1.6: a roster push to every interested resource of `owner`.
 pub fn push(state: &ServerState, owner: &BareJid, item: Element, version: u64) {
-    for h in state.router.resources(owner) {
-        if !h.state.lock().interested {
+    for h in state.routing.resources(owner) {
+        if !h.interested() {
             continue;
         }
         let iq = Element::new("iq", NS_CLIENT)

@@ -42,7 +42,7 @@ pub enum Deliver {
 /// Presence-related state of one bound resource, changed by its own session
 /// and read by others when they route to it.
 #[derive(Debug, Default)]
-pub struct SessionState {
+struct SessionState {
     /// Sent initial presence and not yet unavailable (RFC 6121 §4.2).
     pub available: bool,
     pub priority: i8,
@@ -67,8 +67,26 @@ pub struct SessionHandle {
     tx: QueueTx,
     /// The session is ending: routing no longer finds it.
     closing: AtomicBool,
-    pub state: Mutex<SessionState>,
+    /// Private: other tasks read a snapshot or change one field through
+    /// the methods below, never hold the lock across anything.
+    state: Mutex<SessionState>,
 }
+
+/// What the rest of the server sees of a bound resource (a copy).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resource {
+    pub id: u64,
+    pub jid: FullJid,
+    pub available: bool,
+    pub priority: i8,
+    pub carbons: bool,
+    /// Requested the roster (gets roster pushes).
+    pub interested: bool,
+}
+
+/// A directed presence could not be recorded: the session holds too many.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TooManyDirected;
 
 impl SessionHandle {
     /// Queue a stanza. Returns false when the session is gone or stuck; a
@@ -131,12 +149,141 @@ impl SessionHandle {
         self.state.lock().available
     }
 
+    /// A copy of the resource's routing attributes.
+    pub fn snapshot(&self) -> Resource {
+        let st = self.state.lock();
+        Resource {
+            id: self.id,
+            jid: self.jid.clone(),
+            available: st.available,
+            priority: st.priority,
+            carbons: st.carbons,
+            interested: st.interested,
+        }
+    }
+
+    /// The last available presence it broadcast, while it is available.
+    pub fn available_presence(&self) -> Option<Element> {
+        let st = self.state.lock();
+        st.available.then(|| st.presence.clone()).flatten()
+    }
+
+    /// Not yet available, or only with a negative priority: an available
+    /// presence now brings it online (XEP-0160 catch-up).
+    pub fn offline_for_messages(&self) -> bool {
+        let st = self.state.lock();
+        !st.available || st.priority < 0
+    }
+
+    /// It broadcast available presence `p`. True when it was unavailable
+    /// (initial presence).
+    pub fn set_available(&self, priority: i8, p: Element) -> bool {
+        let mut st = self.state.lock();
+        let initial = !st.available;
+        st.available = true;
+        st.priority = priority;
+        st.presence = Some(p);
+        initial
+    }
+
+    /// It went unavailable: whether it was available, and the entities it
+    /// had sent directed presence to.
+    pub fn set_unavailable(&self) -> (bool, HashSet<String>) {
+        let mut st = self.state.lock();
+        let was = st.available;
+        st.available = false;
+        st.priority = 0;
+        st.presence = None;
+        (was, std::mem::take(&mut st.directed))
+    }
+
+    /// Record a directed presence to `to` (at most `max` entities).
+    pub fn add_directed(&self, to: String, max: usize) -> Result<(), TooManyDirected> {
+        let mut st = self.state.lock();
+        if !st.directed.contains(&to) && st.directed.len() >= max {
+            return Err(TooManyDirected);
+        }
+        st.directed.insert(to);
+        Ok(())
+    }
+
+    pub fn remove_directed(&self, to: &str) {
+        self.state.lock().directed.remove(to);
+    }
+
+    pub fn set_carbons(&self, on: bool) {
+        self.state.lock().carbons = on;
+    }
+
+    /// It requested the roster (RFC 6121 §2.1.3).
+    pub fn set_interested(&self) {
+        self.state.lock().interested = true;
+    }
+
+    pub fn interested(&self) -> bool {
+        self.state.lock().interested
+    }
+
+    /// Close the stream with `err` once the reply to the IQ being handled
+    /// is queued.
+    pub fn close_after_reply(&self, err: StreamError) {
+        self.state.lock().close_after_reply = Some(err);
+    }
+
+    pub fn take_close_after_reply(&self) -> Option<StreamError> {
+        self.state.lock().close_after_reply.take()
+    }
+
     pub fn priority(&self) -> i8 {
         self.state.lock().priority
     }
 
     pub fn carbons(&self) -> bool {
         self.state.lock().carbons
+    }
+}
+
+/// How modules reach users' sessions: the routing seam. `Router` (this
+/// process's session table) is the implementation today; the cluster
+/// issue adds one over NATS that answers the same calls for sessions on
+/// other nodes. Modules hold an `Arc<dyn Routing>` (`ServerState::routing`)
+/// and never lock a session: they read `Resource` snapshots and change a
+/// resource's attributes through `SessionHandle`'s methods.
+pub trait Routing: Send + Sync {
+    /// The session bound to `full`, unless it is ending.
+    fn session(&self, full: &FullJid) -> Option<Arc<SessionHandle>>;
+    /// The user's bound sessions that are not ending.
+    fn resources(&self, bare: &BareJid) -> Vec<Arc<SessionHandle>>;
+    /// Snapshots of the user's resources.
+    fn resource_list(&self, bare: &BareJid) -> Vec<Resource> {
+        self.resources(bare).iter().map(|h| h.snapshot()).collect()
+    }
+    /// Queue `stanza` for the session bound to `to`; false when there is
+    /// none or it refuses.
+    fn deliver(&self, to: &FullJid, stanza: &Outbound) -> bool {
+        self.session(to).is_some_and(|h| h.send_out(stanza))
+    }
+    /// Queue `stanza` for every available resource of `to` with a
+    /// non-negative priority (RFC 6121 §8.5.2.1); the sessions it reached.
+    fn deliver_available(&self, to: &BareJid, stanza: &Outbound) -> Vec<u64> {
+        self.resources(to)
+            .iter()
+            .filter(|h| h.is_available() && h.priority() >= 0 && h.send_out(stanza))
+            .map(|h| h.id)
+            .collect()
+    }
+    /// The session with id `id` among `bare`'s.
+    fn session_by_id(&self, bare: &BareJid, id: u64) -> Option<Arc<SessionHandle>> {
+        self.resources(bare).into_iter().find(|h| h.id == id)
+    }
+}
+
+impl Routing for Router {
+    fn session(&self, full: &FullJid) -> Option<Arc<SessionHandle>> {
+        Router::session(self, full)
+    }
+    fn resources(&self, bare: &BareJid) -> Vec<Arc<SessionHandle>> {
+        Router::resources(self, bare)
     }
 }
 
