@@ -54,12 +54,24 @@ impl Session {
                     r = t.read() => Wake::Read(r),
                     _ = tokio::time::sleep_until(timer) => Wake::Timer,
                 };
-                let r = Box::pin(self.on_wake(t, w)).await;
+                let r = Box::pin(self.on_wake_caught(t, w)).await;
                 self.sync_bytes();
                 if let Err(end) = r {
                     return end;
                 }
             }
+        }
+    }
+
+    /// `on_wake`, with a handler's panic caught: the session's own state
+    /// is intact (the panic unwound only the handler), so it ends as after
+    /// an internal error and the ordinary teardown requeues what it held.
+    /// (Caught in here so the catch lives in the boxed future, not in the
+    /// long-lived loop.)
+    async fn on_wake_caught<T: Transport>(&mut self, t: &mut T, wake: Wake) -> Result<(), End> {
+        match AssertUnwindSafe(self.on_wake(t, wake)).catch_unwind().await {
+            Ok(r) => r,
+            Err(panic) => Err(panicked(panic)),
         }
     }
 

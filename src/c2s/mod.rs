@@ -17,7 +17,10 @@
 //!   session, and they end only this session;
 //! - SM `h` counts client stanzas whose dispatch returned; a stanza queued
 //!   for a session is written, resent on resumption, or handed to
-//!   `modules::offline::requeue` when the session ends — never dropped.
+//!   `modules::offline::requeue` when the session ends — never dropped;
+//! - a handler's panic ends only its session, which still leaves routing
+//!   and gives back what it held (caught per wake-up; else the drop guard
+//!   in `teardown.rs`).
 
 pub mod fake_salt;
 pub mod sm;
@@ -39,9 +42,11 @@ use crate::modules::{self, Cx};
 use crate::router::{BindError, Deliver, Outbound, QueueLimits, SessionHandle};
 use crate::state::ServerState;
 use base64::Engine;
+use futures::FutureExt;
 use jid::BareJid;
 use natter_sasl::{Hash, Mechanism, SaslError, ScramServer};
 use natter_xml::{Element, Limits, StreamEvent, NS_CLIENT};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use throttle::{PreauthGuard, TokenBucket};
@@ -60,6 +65,8 @@ enum Phase {
     /// Boxed: the variant only lives between SASL and bind.
     Authenticated(Box<BareJid>),
     Bound(Arc<SessionHandle>),
+    /// Torn down, or handed to a resuming connection: nothing left to end.
+    Ended,
 }
 
 /// What the loop does after an event.
@@ -130,16 +137,6 @@ struct Session {
     /// Bytes this session holds past its queue (unacked, held, in flight)
     /// as last added to its user's counter (`sync_bytes`).
     charged: u32,
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        // Whatever ends the task (a panic too), the user's quota gets the
-        // bytes back.
-        if let Some(rx) = &self.rx {
-            rx.user_bytes().discharge(self.charged as usize);
-        }
-    }
 }
 
 /// Serve one connection until it ends.
@@ -256,6 +253,21 @@ impl Session {
 
 fn shutting_down() -> End {
     End::Error(StreamError::new(StreamCondition::SystemShutdown))
+}
+
+/// A handler panicked: log it; the session ends with
+/// `internal-server-error`.
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> End {
+    let what = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)");
+    tracing::error!(panic = what, "a stanza handler panicked; session ended");
+    End::Error(StreamError::with_text(
+        StreamCondition::InternalServerError,
+        "internal error",
+    ))
 }
 
 /// Rough byte size of a stanza for the rate limit (serializing it exactly

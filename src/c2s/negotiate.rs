@@ -8,7 +8,16 @@ impl Session {
     /// STARTTLS, SASL, bind; then what the client sent after the element
     /// that bound it, in the same read.
     pub(super) async fn negotiate<T: Transport>(&mut self, t: &mut T) -> Result<(), Box<End>> {
-        self.negotiate_inner(t).await.map_err(Box::new)
+        // A handler's panic (a pipelined stanza's, after binding) ends the
+        // session like an internal error, through the ordinary teardown.
+        let r = match AssertUnwindSafe(self.negotiate_inner(t))
+            .catch_unwind()
+            .await
+        {
+            Ok(r) => r,
+            Err(panic) => Err(panicked(panic)),
+        };
+        r.map_err(Box::new)
     }
 
     async fn negotiate_inner<T: Transport>(&mut self, t: &mut T) -> Result<(), End> {
@@ -181,7 +190,7 @@ impl Session {
                 }
                 f.append_child(modules::disco::caps_element(&self.state.modules.features()));
             }
-            Phase::Bound(_) => {}
+            Phase::Bound(_) | Phase::Ended => {}
         }
         f
     }

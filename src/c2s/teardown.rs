@@ -84,7 +84,7 @@ impl Session {
     /// changed) when that connection gave up waiting.
     pub(super) fn hand_over(&mut self, reply: sm::Takeover) -> bool {
         let (Phase::Bound(handle), Some(rx), Some(sm)) = (
-            std::mem::replace(&mut self.phase, Phase::Connected),
+            std::mem::replace(&mut self.phase, Phase::Ended),
             self.rx.take(),
             self.sm.take(),
         ) else {
@@ -185,20 +185,27 @@ impl Session {
     /// modules see it close (unavailable presence) and it is unbound.
     pub(super) async fn teardown(&mut self) {
         self.give_back().await;
-        let Some(h) = self.bound() else { return };
-        let cx = Cx {
-            state: &self.state,
-            session: &h,
-        };
-        self.state.modules.session_closed(&cx).await;
-        self.state.metrics.session_closed(h.id);
-        self.state.router.unbind(&h);
+        if let Some(leave) = self.leave() {
+            leave.run().await;
+        }
     }
 
     /// The session leaves routing and requeues everything it was given and
     /// did not deliver, in acceptance order (again: nothing, when done).
     async fn give_back(&mut self) {
-        let Some(h) = self.bound() else { return };
+        let undelivered = self.take_undelivered();
+        if !undelivered.is_empty() {
+            modules::offline::requeue(&self.state, undelivered).await;
+        }
+    }
+
+    /// Everything the session was given and did not deliver, taken out of
+    /// it, in acceptance order; the session is marked closing first, so
+    /// nothing is routed to it any more, and its queue refuses pushes.
+    fn take_undelivered(&mut self) -> Vec<Outbound> {
+        let Some(h) = self.bound() else {
+            return Vec::new();
+        };
         h.mark_closing();
         let mut undelivered = Vec::new();
         if let Some(sm) = self.sm.as_mut() {
@@ -224,7 +231,85 @@ impl Session {
         if !undelivered.is_empty() {
             tracing::debug!(jid = %h.jid, n = undelivered.len(), "requeueing undelivered stanzas");
             self.state.router.count_requeued(undelivered.len());
-            modules::offline::requeue(&self.state, undelivered).await;
         }
+        undelivered
+    }
+
+    /// The session stops being bound; whoever gets the `Leave` takes it
+    /// out of the router (once).
+    fn leave(&mut self) -> Option<Leave> {
+        match std::mem::replace(&mut self.phase, Phase::Ended) {
+            Phase::Bound(handle) => Some(Leave {
+                state: self.state.clone(),
+                handle,
+            }),
+            other => {
+                self.phase = other;
+                None
+            }
+        }
+    }
+
+    /// The drop guard (`Session`'s `Drop`): a session dropped while still
+    /// bound — a panic that escaped the catch in `negotiate` and
+    /// `on_wake_caught`,
+    /// or its task dropped — would otherwise stay routable with what it
+    /// held lost. It ends like `teardown`: leaves routing now, and a
+    /// tracked task (which `Running::shutdown` waits for) requeues what it
+    /// held and then lets the modules see it close.
+    fn abandon(&mut self) {
+        let undelivered = self.take_undelivered();
+        let Some(leave) = self.leave() else { return };
+        tracing::warn!(jid = %leave.handle.jid, n = undelivered.len(), "session ended abnormally");
+        let state = self.state.clone();
+        let end = async move {
+            if !undelivered.is_empty() {
+                modules::offline::requeue(&state, undelivered).await;
+            }
+            leave.run().await;
+        };
+        // Outside a runtime (never, while the server runs) the future is
+        // dropped unrun: its `Leave` still unbinds the session.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            self.state.tasks.spawn_on(end, &rt);
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.abandon();
+        // Whatever ends the task (a panic too), the user's quota gets the
+        // bytes back.
+        if let Some(rx) = &self.rx {
+            rx.user_bytes().discharge(self.charged as usize);
+        }
+    }
+}
+
+/// A bound session's exit from the router, done exactly once however the
+/// session ends: `run` lets the modules see it close (unavailable
+/// presence, last activity), and dropping it — after `run`, or instead of
+/// it when a panic cut that short — unbinds the session.
+struct Leave {
+    state: ServerState,
+    handle: Arc<SessionHandle>,
+}
+
+impl Leave {
+    async fn run(self) {
+        let cx = Cx {
+            state: &self.state,
+            session: &self.handle,
+        };
+        self.state.modules.session_closed(&cx).await;
+    }
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.handle.mark_closing();
+        self.state.metrics.session_closed(self.handle.id);
+        self.state.router.unbind(&self.handle);
     }
 }

@@ -147,11 +147,16 @@ impl Modules {
 
     /// The modules natter runs.
     pub fn standard() -> Self {
+        Self::standard_with(Vec::new())
+    }
+
+    /// The standard modules, then `extra`.
+    pub fn standard_with(extra: Vec<Arc<dyn Module>>) -> Self {
         let blocking = Arc::new(blocking::Blocking::default());
         let pep = Arc::new(pep::Pep::default());
         let last = Arc::new(last::Last::default());
         let mam = Arc::new(mam::Mam::default());
-        let mut m = Self::new(vec![
+        let mut list: Vec<Arc<dyn Module>> = vec![
             Arc::new(disco::Disco),
             Arc::new(ping::Ping),
             Arc::new(roster::Roster),
@@ -166,7 +171,9 @@ impl Modules {
             blocking.clone(),
             pep.clone(),
             last.clone(),
-        ]);
+        ];
+        list.extend(extra);
+        let mut m = Self::new(list);
         m.blocking = blocking;
         m.pep = pep;
         m.last = last;
