@@ -20,7 +20,7 @@ impl Session {
         err: SaslError,
         user: Option<&BareJid>,
     ) -> Result<Step, StreamError> {
-        self.scram = None;
+        self.neg()?.scram = None;
         self.state.metrics.auth_failure(err.condition());
         if matches!(err, SaslError::NotAuthorized) {
             let delay = self
@@ -29,12 +29,12 @@ impl Session {
                 .failure(t.peer().ip(), user.map(|u| u.as_str()));
             // Slows the guesser; a right password is never held back.
             tokio::time::sleep(delay).await;
-            self.sasl_failures += 1;
+            self.neg()?.sasl_failures += 1;
             tracing::info!(peer = %t.peer(), user = user.map(|u| u.to_string()), "authentication failed");
         }
         let f = Element::new("failure", NS_SASL).with_child(Element::new(err.condition(), NS_SASL));
         self.send_or_close(t, f).await?;
-        if self.sasl_failures >= MAX_SASL_FAILURES {
+        if self.neg()?.sasl_failures >= MAX_SASL_FAILURES {
             return Err(StreamError::with_text(
                 StreamCondition::PolicyViolation,
                 "too many failed authentication attempts",
@@ -49,17 +49,19 @@ impl Session {
         el: Element,
     ) -> Result<Step, StreamError> {
         let ip = t.peer().ip();
-        match el.name.as_str() {
-            "abort" => {
+        // Whatever comes, a SCRAM exchange in progress goes on only with it.
+        let scram = self.neg()?.scram.take();
+        match (el.name.as_str(), scram) {
+            ("abort", _) => {
                 return self.sasl_failure(t, SaslError::Aborted, None).await;
             }
-            "auth" if self.scram.is_none() => {}
-            "response" if self.scram.is_some() => {
+            ("auth", None) => {}
+            ("response", Some(scram)) => {
                 let Scram {
                     mut server,
                     user,
                     known,
-                } = *self.scram.take().expect("checked");
+                } = scram;
                 let data = match decode_sasl(&el.text()) {
                     Ok(d) => d,
                     Err(e) => return self.sasl_failure(t, e, Some(&user)).await,
@@ -118,11 +120,11 @@ impl Session {
                 };
                 let creds = self.load_creds(&user, hash).await?;
                 let challenge = server.server_first(creds.as_ref(), &self.state.fake_salt);
-                self.scram = Some(Box::new(Scram {
+                self.neg()?.scram = Some(Scram {
                     server,
                     user,
                     known: creds.is_some(),
-                }));
+                });
                 let c = Element::new("challenge", NS_SASL)
                     .with_text(base64::engine::general_purpose::STANDARD.encode(challenge));
                 self.send_or_close(t, c).await
@@ -219,7 +221,7 @@ impl Session {
         t.reset();
         t.authenticated();
         t.set_limits(self.limits(true));
-        self.awaiting_open = true;
+        self.neg()?.awaiting_open = true;
         Ok(Step::Restart)
     }
 }

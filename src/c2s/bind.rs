@@ -58,7 +58,7 @@ impl Session {
         self.state.metrics.session_bound(handle.id, t.kind());
         self.phase = Phase::Bound(handle);
         self.rx = Some(rx);
-        self.preauth = None;
+        self.neg = None;
         self.send_or_close(t, reply).await
     }
 
@@ -167,7 +167,7 @@ impl Session {
         self.phase = Phase::Bound(p.handle);
         self.rx = Some(p.rx);
         self.held = p.held;
-        self.preauth = None;
+        self.neg = None;
         let sm = self.sm.insert(p.sm);
         if let Err((n, sent)) = sm.ack(h) {
             tracing::info!(%jid, "resumption with a wrong h; session closed");

@@ -98,19 +98,26 @@ impl From<StreamError> for End {
     }
 }
 
+/// The state of negotiation (before a resource is bound or a session
+/// resumed).
+struct Negotiation {
+    awaiting_open: bool,
+    /// A SCRAM exchange between its messages.
+    scram: Option<auth::Scram>,
+    sasl_failures: u32,
+    /// The unauthenticated-connection slot.
+    _preauth: PreauthGuard,
+}
+
 struct Session {
     state: ServerState,
     phase: Phase,
     /// This stream's domain: its index in `config.domains`.
     domain: usize,
-    awaiting_open: bool,
-    /// A SCRAM exchange between its messages.
-    scram: Option<Box<auth::Scram>>,
-    sasl_failures: u32,
+    /// What only negotiation needs, until bound (boxed: a bound session
+    /// keeps only the pointer's room).
+    neg: Option<Box<Negotiation>>,
     rx: Option<crate::router::QueueRx>,
-    /// The unauthenticated-connection slot, until bound (boxed: a bound
-    /// session keeps only the pointer's room).
-    preauth: Option<Box<PreauthGuard>>,
     last_heard: Instant,
     ping_id: Option<String>,
     /// The queue overflowed: its contents are not flushed at close.
@@ -154,11 +161,13 @@ pub fn serve<T: Transport>(
     let mut s = Session {
         phase: Phase::Connected,
         domain: 0,
-        awaiting_open: true,
-        scram: None,
-        sasl_failures: 0,
+        neg: Some(Box::new(Negotiation {
+            awaiting_open: true,
+            scram: None,
+            sasl_failures: 0,
+            _preauth: guard,
+        })),
         rx: None,
-        preauth: Some(Box::new(guard)),
         last_heard: Instant::now(),
         ping_id: None,
         drop_queue: false,
@@ -237,6 +246,15 @@ impl Session {
             max_attrs: l.max_attrs,
             max_elements: l.max_elements,
         }
+    }
+
+    /// Negotiation's state; gone once bound, when nothing negotiates.
+    // The error is the negotiation steps' own (`?` there); not worth a box.
+    #[allow(clippy::result_large_err)]
+    fn neg(&mut self) -> Result<&mut Negotiation, StreamError> {
+        self.neg
+            .as_deref_mut()
+            .ok_or_else(|| StreamError::new(StreamCondition::InternalServerError))
     }
 
     fn bound(&self) -> Option<Arc<SessionHandle>> {

@@ -79,7 +79,7 @@ impl Session {
         match ev {
             StreamEvent::Open { attrs } => Ok(self.on_open(t, attrs).await?),
             StreamEvent::Close => Ok(Step::Close),
-            StreamEvent::Stanza(_) if self.awaiting_open => {
+            StreamEvent::Stanza(_) if self.neg.as_ref().is_none_or(|n| n.awaiting_open) => {
                 Err(End::Error(StreamError::with_text(
                     StreamCondition::NotAuthorized,
                     "stanza before stream header",
@@ -114,7 +114,7 @@ impl Session {
         t: &mut T,
         attrs: Vec<(String, String)>,
     ) -> Result<Step, StreamError> {
-        if !self.awaiting_open {
+        if !self.neg()?.awaiting_open {
             return Err(StreamError::with_text(
                 StreamCondition::BadFormat,
                 "unexpected stream header",
@@ -147,7 +147,7 @@ impl Session {
                 "XMPP 1.0 streams only",
             ));
         }
-        self.awaiting_open = false;
+        self.neg()?.awaiting_open = false;
         let features = self.features(t);
         t.send(&[Outbound::new(&features, 0)])
             .await
@@ -227,7 +227,7 @@ impl Session {
                     // The TLS layer is broken: nothing more can be said on it.
                     _ => return Ok(Step::Close),
                 }
-                self.awaiting_open = true;
+                self.neg()?.awaiting_open = true;
                 Ok(Step::Restart)
             }
             (Phase::Connected, NS_SASL, _) => self.on_sasl(t, el).await,

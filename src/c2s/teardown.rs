@@ -46,7 +46,7 @@ impl Session {
         }
         // Release the unauthenticated slot before the peer can see the close,
         // so a client that reconnects right after it is not refused.
-        self.preauth = None;
+        self.neg = None;
         let lost = matches!(end, End::Lost(_));
         if !self.write_broken {
             let wait = if lost { 2 } else { 5 };
