@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub fn c2s_limits(config: &Config, authed: bool) -> natter_xml::Limits {
     natter_xml::Limits {
@@ -84,20 +85,28 @@ pub struct Running {
 }
 
 impl Running {
-    /// Close every session with `</stream>`, stop listeners, flush the store.
+    /// Close every session with `</stream>`, stop listeners, wait for the
+    /// connection tasks (and the requeues of sessions that ended
+    /// abnormally), flush the store.
     pub async fn shutdown(mut self) {
         self.state.shutdown.cancel();
+        let sessions = self.state.tasks.clone();
         let wait = async {
             while self.tasks.join_next().await.is_some() {}
-            // Sessions end on the token too; give them a moment to write.
-            for _ in 0..50 {
-                if self.state.router.count() == 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            // No listener is left to add connections; a session's end may
+            // still add its requeue, which `wait` covers too.
+            sessions.close();
+            sessions.wait().await;
         };
-        let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+        if tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = sessions.len(),
+                "sessions still ending 10 s after shutdown began"
+            );
+        }
         self.state.store.close().await;
     }
 }
@@ -105,6 +114,15 @@ impl Running {
 /// Start everything the config describes. Fails fast, naming the cause:
 /// bad certificate, port in use, unreachable store.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    start_with(config, Vec::new()).await
+}
+
+/// `start`, with `extra` modules after the standard ones (tests use it to
+/// add handlers of their own).
+pub async fn start_with(
+    config: Config,
+    extra: Vec<Arc<dyn modules::Module>>,
+) -> anyhow::Result<Running> {
     let metrics = Arc::new(metrics::Metrics::new());
     let store: Arc<dyn Store> = Arc::new(metrics::MeteredStore::new(
         open_store(&config).await?,
@@ -116,7 +134,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let http = net::bind(&config.listen.http, "HTTP").await?;
     let admin_token = admin::create_token(&config.data_dir)?;
     let fake_salt = c2s::fake_salt::load_or_create(&config.data_dir)?;
-    let modules = Arc::new(modules::Modules::standard(&config));
+    let modules = Arc::new(modules::Modules::with(&config, extra));
     let router = Arc::new(router::Router::new());
     let l = &config.limits;
     let state = ServerState::new(state::Shared {
@@ -139,6 +157,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         modules,
         tls,
         shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
         metrics,
         admin_token: Arc::new(admin_token),
     });

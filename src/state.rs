@@ -9,6 +9,7 @@ use crate::router::{Router, Routing};
 use natter_store::Store;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// One pointer, so every session and task holds 8 bytes of it.
 #[derive(Clone)]
@@ -44,6 +45,9 @@ pub struct Shared {
     pub fake_salt: natter_sasl::FakeSaltKey,
     /// Cancelled on SIGTERM/SIGINT: sessions close their streams and exit.
     pub shutdown: CancellationToken,
+    /// Connection tasks and the requeues of sessions that ended abnormally;
+    /// `Running::shutdown` waits for them before closing the store.
+    pub tasks: TaskTracker,
     /// Prometheus metrics (`/metrics`), also read by the admin endpoint.
     pub metrics: Arc<Metrics>,
     /// Bearer token of the admin endpoint (`data_dir/admin.token`).

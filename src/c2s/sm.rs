@@ -8,7 +8,7 @@
 //!   (dispatch awaits durable writes, so an ack means durable);
 //! - every stanza written to a stream-managed client stays in `unacked`
 //!   until acknowledged; on the session's end what is left is resent on
-//!   resumption or handed to `modules::offline::requeue`, never dropped;
+//!   resumption or handed to `api::OfflineQueue::requeue`, never dropped;
 //! - the unacked queue and the CSI hold-back queue are bounded, in
 //!   stanzas (`c2s.max_unacked`) and in bytes (`c2s.max_queue_bytes`): a
 //!   connected session past them is treated as a dead connection (parked

@@ -269,9 +269,11 @@ pub async fn list(state: &ServerState, user: &BareJid) -> Result<Arc<Vec<Jid>>, 
     if let Some(l) = b.lists.get(user) {
         return Ok(l);
     }
+    let pending = b.lists.load(user);
     let loaded = Arc::new(load(state, user).await?);
-    // A block/unblock that raced this load has put the newer list in.
-    Ok(b.lists.fill(&*state.routing, user, loaded))
+    // A block/unblock that raced this load has put the newer list in (or
+    // it was dropped since): the old one read here is not cached.
+    Ok(pending.fill(&*state.routing, loaded))
 }
 
 /// XEP-0016 §2.1 matching of one block-list item against an entity.

@@ -145,8 +145,9 @@ async fn prefs_of(state: &ServerState, user: &BareJid) -> Result<Arc<MamPrefs>, 
     if let Some(p) = cache.get(user) {
         return Ok(p);
     }
+    let load = cache.load(user);
     let loaded = Arc::new(state.store.mam_prefs(user.as_str()).await?);
-    Ok(cache.fill(&*state.routing, user, loaded))
+    Ok(load.fill(&*state.routing, loaded))
 }
 
 // ---------------------------------------------------------------------------

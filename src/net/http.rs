@@ -125,7 +125,10 @@ async fn websocket(
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
             let limits = crate::c2s_limits(&state.config, false);
-            crate::c2s::serve(WsTransport::new(socket, peer, limits), state, guard).await;
+            // axum spawned this task; shutdown waits for it like any session.
+            let tasks = state.tasks.clone();
+            let serve = crate::c2s::serve(WsTransport::new(socket, peer, limits), state, guard);
+            tasks.track_future(serve).await;
         })
 }
 

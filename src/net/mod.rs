@@ -37,7 +37,7 @@ pub async fn accept_c2s(listener: TcpListener, state: ServerState, direct_tls: b
             },
         };
         if let Some(conn) = connection(sock, peer, state.clone(), direct_tls) {
-            tokio::spawn(conn);
+            state.tasks.spawn(conn);
         }
     }
 }

@@ -93,12 +93,22 @@ pub fn test_config(dir: &std::path::Path) -> Config {
 /// Start a server on 127.0.0.1:0 (all three listeners) with a fresh data
 /// directory; `tweak` adjusts the configuration first.
 pub async fn start_server(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    start_server_with(tweak, Vec::new()).await
+}
+
+/// `start_server`, with extra modules after the standard ones.
+pub async fn start_server_with(
+    tweak: impl FnOnce(&mut Config),
+    extra: Vec<Arc<dyn natter::modules::Module>>,
+) -> TestServer {
     init_tracing();
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = test_config(dir.path());
     tweak(&mut config);
     let domain = config.domains[0].clone();
-    let running = natter::start(config).await.expect("server starts");
+    let running = natter::start_with(config, extra)
+        .await
+        .expect("server starts");
     let b = running.bound.clone();
     TestServer {
         c2s: b.c2s.expect("c2s listener bound"),
