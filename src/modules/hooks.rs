@@ -226,7 +226,7 @@ impl<K: PartialEq + Copy> Table<K> {
     pub(crate) fn add(&mut self, key: K, prio: i32, module: usize) {
         self.entries.push((key, prio, module));
         // Stable: equal priorities keep registration order.
-        self.entries.sort_by(|a, b| b.1.cmp(&a.1));
+        self.entries.sort_by_key(|e| std::cmp::Reverse(e.1));
     }
 
     pub(crate) fn at(&self, key: K) -> impl Iterator<Item = usize> + '_ {

@@ -76,10 +76,8 @@ impl Module for Last {
         match event {
             Event::Unavailable { presence } => went_unavailable(state, h, presence).await,
             Event::Heartbeat => heartbeat(state, h).await,
-            Event::Closed => {
-                if state.router.resources(&h.bare).len() <= 1 {
-                    self.beats.lock().remove(h.bare.as_str());
-                }
+            Event::Closed if state.router.resources(&h.bare).len() <= 1 => {
+                self.beats.lock().remove(h.bare.as_str());
             }
             _ => {}
         }

@@ -311,7 +311,7 @@ impl Modules {
         &self,
         f: impl Fn(&Arc<dyn Module>) -> &'static [T],
     ) -> Vec<T> {
-        let mut v: Vec<T> = self.list.iter().flat_map(|m| f(m)).copied().collect();
+        let mut v: Vec<T> = self.list.iter().flat_map(f).copied().collect();
         v.sort_unstable();
         v.dedup();
         v
