@@ -6,6 +6,7 @@
 const FEATURE_XEP: &[(&str, &str)] = &[
     ("http://jabber.org/protocol/disco#info", "xep-0030.html"),
     ("http://jabber.org/protocol/disco#items", "xep-0030.html"),
+    ("jabber:iq:private", "xep-0049.html"),
     ("vcard-temp", "xep-0054.html"),
     ("jabber:iq:register", "xep-0077.html"),
     ("jabber:iq:version", "xep-0092.html"),

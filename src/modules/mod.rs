@@ -18,6 +18,7 @@ pub mod offline;
 pub mod pep;
 pub mod ping;
 pub mod presence;
+pub mod private;
 pub mod register;
 pub mod roster;
 pub mod vcard;
@@ -287,6 +288,7 @@ impl Modules {
             Arc::new(blocking::Blocking::default()),
             Arc::new(pep::Pep::default()),
             Arc::new(last::Last::default()),
+            Arc::new(private::Private),
         ];
         list.extend(extra);
         Self::new(config, list)
