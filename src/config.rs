@@ -42,6 +42,10 @@ pub struct Http {
     /// Converse.js assets are served from `<web_root>/node_modules/converse.js/dist`.
     /// Relative paths are relative to the working directory.
     pub web_root: PathBuf,
+    /// The URL clients reach this listener at (through a TLS proxy), e.g.
+    /// `https://chat.example.org`: XEP-0156 host-meta then points to its
+    /// `/xmpp-websocket` over wss. Empty: taken from each request's Host header.
+    pub public_url: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -195,6 +199,7 @@ impl Default for Http {
     fn default() -> Self {
         Http {
             web_root: PathBuf::from("web"),
+            public_url: String::new(),
         }
     }
 }
@@ -371,6 +376,10 @@ impl Config {
                 "log.format must be \"text\" or \"json\", not {:?}",
                 self.log.format
             );
+        }
+        let url = &self.http.public_url;
+        if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
+            anyhow::bail!("http.public_url must start with https:// or http://, not {url:?}");
         }
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {
             anyhow::bail!("tls.cert and tls.key must be given together");

@@ -11,6 +11,7 @@ mod cache;
 pub mod carbons;
 pub mod disco;
 pub mod hooks;
+pub mod host_meta;
 pub mod last;
 pub mod mam;
 pub mod message;
@@ -289,6 +290,7 @@ impl Modules {
             Arc::new(pep::Pep::default()),
             Arc::new(last::Last::default()),
             Arc::new(private::Private),
+            Arc::new(host_meta::HostMeta),
         ];
         list.extend(extra);
         Self::new(config, list)

@@ -23,6 +23,8 @@ pub fn router(state: ServerState) -> Router {
         .route("/metrics", get(metrics))
         .nest_service("/dist", tower_http::services::ServeDir::new(dist))
         .merge(crate::admin::router(state.clone()))
+        // Routes modules declare (`Module::http`).
+        .merge(state.modules.http())
         .with_state(state)
 }
 
