@@ -22,6 +22,7 @@ pub struct Config {
     pub limits: Limits,
     pub store: StoreConfig,
     pub log: Log,
+    pub contact: Contact,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -159,6 +160,33 @@ pub struct StoreConfig {
     pub disk_free_warn_percent: u8,
 }
 
+/// XEP-0157 contact addresses (URIs: `mailto:…`, `xmpp:…`, `https://…`),
+/// published in the server's disco#info.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Contact {
+    pub abuse: Vec<String>,
+    pub admin: Vec<String>,
+    pub feedback: Vec<String>,
+    pub sales: Vec<String>,
+    pub security: Vec<String>,
+    pub support: Vec<String>,
+}
+
+impl Contact {
+    /// (kind, addresses) for each kind, in XEP-0157's field order.
+    pub fn all(&self) -> [(&'static str, &[String]); 6] {
+        [
+            ("abuse", &self.abuse),
+            ("admin", &self.admin),
+            ("feedback", &self.feedback),
+            ("sales", &self.sales),
+            ("security", &self.security),
+            ("support", &self.support),
+        ]
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Log {
@@ -181,6 +209,7 @@ impl Default for Config {
             limits: Limits::default(),
             store: StoreConfig::default(),
             log: Log::default(),
+            contact: Contact::default(),
         }
     }
 }
@@ -284,6 +313,7 @@ const SECTIONS: &[&str] = &[
     "limits",
     "store",
     "log",
+    "contact",
 ];
 
 impl Config {
@@ -380,6 +410,11 @@ impl Config {
         let url = &self.http.public_url;
         if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
             anyhow::bail!("http.public_url must start with https:// or http://, not {url:?}");
+        }
+        for (kind, addresses) in self.contact.all() {
+            if let Some(a) = addresses.iter().find(|a| !a.contains(':')) {
+                anyhow::bail!("contact.{kind}: {a:?} is not a URI (mailto:…, xmpp:…, https://…)");
+            }
         }
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {
             anyhow::bail!("tls.cert and tls.key must be given together");

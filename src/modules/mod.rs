@@ -9,6 +9,7 @@ pub mod api;
 pub mod blocking;
 mod cache;
 pub mod carbons;
+pub mod contact;
 pub mod disco;
 pub mod hooks;
 pub mod host_meta;
@@ -128,6 +129,12 @@ pub trait Module: Send + Sync + 'static {
     fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
         &[]
     }
+    /// XEP-0128 extended disco#info forms (`jabber:x:data`, type result)
+    /// this module adds to the server, from the configuration; they count
+    /// in the server's XEP-0115 verification string.
+    fn server_info_forms(&self, _config: &Config) -> Vec<Element> {
+        Vec::new()
+    }
     /// Stream features offered after authentication.
     fn stream_features(&self) -> Vec<Element> {
         Vec::new()
@@ -213,6 +220,8 @@ pub struct Modules {
     events: hooks::Table<EventKind>,
     /// Service domain → module.
     services: Vec<(Service, usize)>,
+    /// Every module's server disco#info forms (fixed by the configuration).
+    forms: Vec<Element>,
     shared: Shared,
 }
 
@@ -226,7 +235,9 @@ impl Modules {
         let mut events = hooks::Table::default();
         let mut services: Vec<(Service, usize)> = Vec::new();
         let mut shared = Shared::default();
+        let mut forms = Vec::new();
         for (i, m) in list.iter().enumerate() {
+            forms.extend(m.server_info_forms(config));
             for key in m.iq_payloads() {
                 assert!(
                     iq.iter().all(|(k, _)| k != key),
@@ -263,6 +274,7 @@ impl Modules {
             hooks,
             events,
             services,
+            forms,
             shared,
         }
     }
@@ -291,6 +303,7 @@ impl Modules {
             Arc::new(last::Last::default()),
             Arc::new(private::Private),
             Arc::new(host_meta::HostMeta),
+            Arc::new(contact::ContactAddresses),
         ];
         list.extend(extra);
         Self::new(config, list)
@@ -335,6 +348,11 @@ impl Modules {
 
     pub fn account_identities(&self) -> Vec<Identity> {
         self.sorted(|m| m.account_identities())
+    }
+
+    /// XEP-0128 forms in the server's disco#info.
+    pub fn server_info_forms(&self) -> &[Element] {
+        &self.forms
     }
 
     /// XEP-0115 `<c/>` of the server, for stream features.
