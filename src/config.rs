@@ -23,6 +23,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub log: Log,
     pub contact: Contact,
+    /// XEP-0215 external services (STUN/TURN servers, …) offered to users.
+    pub external_services: Vec<ExternalService>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -160,6 +162,25 @@ pub struct StoreConfig {
     pub disk_free_warn_percent: u8,
 }
 
+/// One `[[external_services]]` entry (XEP-0215 `<service/>` attributes).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExternalService {
+    /// "stun", "turn", "turns", …
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub host: String,
+    pub port: Option<u16>,
+    /// "udp" or "tcp".
+    pub transport: Option<String>,
+    /// A human-readable name.
+    pub name: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Credentials are handed out only on a `<credentials/>` request.
+    pub restricted: bool,
+}
+
 /// XEP-0157 contact addresses (URIs: `mailto:…`, `xmpp:…`, `https://…`),
 /// published in the server's disco#info.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -210,6 +231,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             log: Log::default(),
             contact: Contact::default(),
+            external_services: Vec::new(),
         }
     }
 }
@@ -414,6 +436,11 @@ impl Config {
         for (kind, addresses) in self.contact.all() {
             if let Some(a) = addresses.iter().find(|a| !a.contains(':')) {
                 anyhow::bail!("contact.{kind}: {a:?} is not a URI (mailto:…, xmpp:…, https://…)");
+            }
+        }
+        for s in &self.external_services {
+            if s.kind.is_empty() || s.host.is_empty() {
+                anyhow::bail!("every [[external_services]] entry needs a type and a host");
             }
         }
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {

@@ -11,6 +11,7 @@ const FEATURE_XEP: &[(&str, &str)] = &[
     ("jabber:iq:register", "xep-0077.html"),
     ("jabber:iq:version", "xep-0092.html"),
     ("urn:xmpp:ping", "xep-0199.html"),
+    ("urn:xmpp:extdisco:2", "xep-0215.html"),
     ("urn:xmpp:carbons:2", "xep-0280.html"),
     ("urn:xmpp:mam:2", "xep-0313.html"),
     ("urn:xmpp:mam:2#extended", "xep-0313.html"),

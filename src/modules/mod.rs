@@ -11,6 +11,7 @@ mod cache;
 pub mod carbons;
 pub mod contact;
 pub mod disco;
+pub mod extdisco;
 pub mod hooks;
 pub mod host_meta;
 pub mod last;
@@ -304,6 +305,7 @@ impl Modules {
             Arc::new(private::Private),
             Arc::new(host_meta::HostMeta),
             Arc::new(contact::ContactAddresses),
+            Arc::new(extdisco::ExtDisco::default()),
         ];
         list.extend(extra);
         Self::new(config, list)
