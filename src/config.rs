@@ -25,6 +25,8 @@ pub struct Config {
     pub contact: Contact,
     /// XEP-0215 external services (STUN/TURN servers, …) offered to users.
     pub external_services: Vec<ExternalService>,
+    /// XEP-0114 external components, by the domain they serve.
+    pub components: std::collections::BTreeMap<String, ComponentConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -36,6 +38,8 @@ pub struct Listen {
     pub c2s_tls: String,
     /// HTTP: WebSocket (RFC 7395) at /xmpp-websocket, health. Empty disables.
     pub http: String,
+    /// XEP-0114 external components; opened only when `components` are configured.
+    pub component: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -162,6 +166,14 @@ pub struct StoreConfig {
     pub disk_free_warn_percent: u8,
 }
 
+/// One `[components."bot.example.org"]` entry.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ComponentConfig {
+    /// The shared secret of the XEP-0114 handshake.
+    pub secret: String,
+}
+
 /// One `[[external_services]]` entry (XEP-0215 `<service/>` attributes).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -232,6 +244,7 @@ impl Default for Config {
             log: Log::default(),
             contact: Contact::default(),
             external_services: Vec::new(),
+            components: Default::default(),
         }
     }
 }
@@ -242,6 +255,7 @@ impl Default for Listen {
             c2s: "0.0.0.0:5222".into(),
             c2s_tls: "0.0.0.0:5223".into(),
             http: "0.0.0.0:5280".into(),
+            component: "127.0.0.1:5347".into(),
         }
     }
 }
@@ -436,6 +450,15 @@ impl Config {
         for (kind, addresses) in self.contact.all() {
             if let Some(a) = addresses.iter().find(|a| !a.contains(':')) {
                 anyhow::bail!("contact.{kind}: {a:?} is not a URI (mailto:…, xmpp:…, https://…)");
+            }
+        }
+        for (domain, c) in &self.components {
+            let valid = jid::BareJid::new(domain).is_ok_and(|j| j.node().is_none());
+            if !valid || self.serves(domain) {
+                anyhow::bail!("components.{domain:?}: not a domain of its own");
+            }
+            if c.secret.is_empty() {
+                anyhow::bail!("components.{domain:?}: a secret is needed");
             }
         }
         for s in &self.external_services {

@@ -9,6 +9,7 @@ pub mod api;
 pub mod blocking;
 mod cache;
 pub mod carbons;
+pub mod component;
 pub mod contact;
 pub mod disco;
 pub mod extdisco;
@@ -163,6 +164,21 @@ pub trait Module: Send + Sync + 'static {
     fn tasks(&self, _state: &ServerState) -> Vec<Task> {
         Vec::new()
     }
+    /// TCP listeners this module serves: (what, for logs and errors;
+    /// address). Bound at start, which fails naming them if one can't be.
+    fn listeners(&self, _config: &Config) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+    /// A connection accepted on listener `index` (of `listeners`); runs in
+    /// its own task for as long as the connection lives.
+    async fn accept(
+        &self,
+        _state: &ServerState,
+        _index: usize,
+        _socket: tokio::net::TcpStream,
+        _peer: std::net::SocketAddr,
+    ) {
+    }
     async fn handle_iq(&self, _cx: &Cx<'_>, _iq: &Iq) -> IqResult {
         Err(StanzaError::new(Condition::FeatureNotImplemented))
     }
@@ -306,6 +322,7 @@ impl Modules {
             Arc::new(host_meta::HostMeta),
             Arc::new(contact::ContactAddresses),
             Arc::new(extdisco::ExtDisco::default()),
+            Arc::new(component::Components::default()),
         ];
         list.extend(extra);
         Self::new(config, list)
@@ -377,6 +394,22 @@ impl Modules {
     /// Every module's background tasks.
     pub fn tasks(&self, state: &ServerState) -> Vec<Task> {
         self.list.iter().flat_map(|m| m.tasks(state)).collect()
+    }
+
+    /// Every module's listeners: (module, index in its list, what, address).
+    pub fn listeners(&self, config: &Config) -> Vec<(usize, usize, &'static str, String)> {
+        let mut out = Vec::new();
+        for (m, module) in self.list.iter().enumerate() {
+            for (i, (what, addr)) in module.listeners(config).into_iter().enumerate() {
+                out.push((m, i, what, addr));
+            }
+        }
+        out
+    }
+
+    /// The module at `index` in registration order.
+    pub fn module(&self, index: usize) -> &Arc<dyn Module> {
+        &self.list[index]
     }
 
     /// The services hosted here (server disco#items).
