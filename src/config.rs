@@ -22,6 +22,11 @@ pub struct Config {
     pub limits: Limits,
     pub store: StoreConfig,
     pub log: Log,
+    pub contact: Contact,
+    /// XEP-0215 external services (STUN/TURN servers, …) offered to users.
+    pub external_services: Vec<ExternalService>,
+    /// XEP-0114 external components, by the domain they serve.
+    pub components: std::collections::BTreeMap<String, ComponentConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -33,6 +38,8 @@ pub struct Listen {
     pub c2s_tls: String,
     /// HTTP: WebSocket (RFC 7395) at /xmpp-websocket, health. Empty disables.
     pub http: String,
+    /// XEP-0114 external components; opened only when `components` are configured.
+    pub component: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -42,6 +49,10 @@ pub struct Http {
     /// Converse.js assets are served from `<web_root>/node_modules/converse.js/dist`.
     /// Relative paths are relative to the working directory.
     pub web_root: PathBuf,
+    /// The URL clients reach this listener at (through a TLS proxy), e.g.
+    /// `https://chat.example.org`: XEP-0156 host-meta then points to its
+    /// `/xmpp-websocket` over wss. Empty: taken from each request's Host header.
+    pub public_url: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -155,6 +166,60 @@ pub struct StoreConfig {
     pub disk_free_warn_percent: u8,
 }
 
+/// One `[components."bot.example.org"]` entry.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ComponentConfig {
+    /// The shared secret of the XEP-0114 handshake.
+    pub secret: String,
+}
+
+/// One `[[external_services]]` entry (XEP-0215 `<service/>` attributes).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExternalService {
+    /// "stun", "turn", "turns", …
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub host: String,
+    pub port: Option<u16>,
+    /// "udp" or "tcp".
+    pub transport: Option<String>,
+    /// A human-readable name.
+    pub name: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Credentials are handed out only on a `<credentials/>` request.
+    pub restricted: bool,
+}
+
+/// XEP-0157 contact addresses (URIs: `mailto:…`, `xmpp:…`, `https://…`),
+/// published in the server's disco#info.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Contact {
+    pub abuse: Vec<String>,
+    pub admin: Vec<String>,
+    pub feedback: Vec<String>,
+    pub sales: Vec<String>,
+    pub security: Vec<String>,
+    pub support: Vec<String>,
+}
+
+impl Contact {
+    /// (kind, addresses) for each kind, in XEP-0157's field order.
+    pub fn all(&self) -> [(&'static str, &[String]); 6] {
+        [
+            ("abuse", &self.abuse),
+            ("admin", &self.admin),
+            ("feedback", &self.feedback),
+            ("sales", &self.sales),
+            ("security", &self.security),
+            ("support", &self.support),
+        ]
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Log {
@@ -177,6 +242,9 @@ impl Default for Config {
             limits: Limits::default(),
             store: StoreConfig::default(),
             log: Log::default(),
+            contact: Contact::default(),
+            external_services: Vec::new(),
+            components: Default::default(),
         }
     }
 }
@@ -187,6 +255,7 @@ impl Default for Listen {
             c2s: "0.0.0.0:5222".into(),
             c2s_tls: "0.0.0.0:5223".into(),
             http: "0.0.0.0:5280".into(),
+            component: "127.0.0.1:5347".into(),
         }
     }
 }
@@ -195,6 +264,7 @@ impl Default for Http {
     fn default() -> Self {
         Http {
             web_root: PathBuf::from("web"),
+            public_url: String::new(),
         }
     }
 }
@@ -279,6 +349,7 @@ const SECTIONS: &[&str] = &[
     "limits",
     "store",
     "log",
+    "contact",
 ];
 
 impl Config {
@@ -371,6 +442,29 @@ impl Config {
                 "log.format must be \"text\" or \"json\", not {:?}",
                 self.log.format
             );
+        }
+        let url = &self.http.public_url;
+        if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
+            anyhow::bail!("http.public_url must start with https:// or http://, not {url:?}");
+        }
+        for (kind, addresses) in self.contact.all() {
+            if let Some(a) = addresses.iter().find(|a| !a.contains(':')) {
+                anyhow::bail!("contact.{kind}: {a:?} is not a URI (mailto:…, xmpp:…, https://…)");
+            }
+        }
+        for (domain, c) in &self.components {
+            let valid = jid::BareJid::new(domain).is_ok_and(|j| j.node().is_none());
+            if !valid || self.serves(domain) {
+                anyhow::bail!("components.{domain:?}: not a domain of its own");
+            }
+            if c.secret.is_empty() {
+                anyhow::bail!("components.{domain:?}: a secret is needed");
+            }
+        }
+        for s in &self.external_services {
+            if s.kind.is_empty() || s.host.is_empty() {
+                anyhow::bail!("every [[external_services]] entry needs a type and a host");
+            }
         }
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {
             anyhow::bail!("tls.cert and tls.key must be given together");

@@ -61,6 +61,26 @@ impl Condition {
         }
     }
 
+    /// XEP-0086 legacy error code, which some clients still read (profanity
+    /// treats a missing OMEMO device list as empty only on `code='404'`).
+    pub fn legacy_code(self) -> u16 {
+        use Condition::*;
+        match self {
+            BadRequest | JidMalformed => 400,
+            NotAuthorized => 401,
+            // Not in XEP-0086 (RFC 6120 added it); 403 as ejabberd does.
+            Forbidden | PolicyViolation => 403,
+            ItemNotFound | RecipientUnavailable | RemoteServerNotFound => 404,
+            NotAllowed => 405,
+            NotAcceptable => 406,
+            Conflict => 409,
+            InternalServerError | ResourceConstraint | UndefinedCondition => 500,
+            FeatureNotImplemented => 501,
+            ServiceUnavailable => 503,
+            UnexpectedRequest => 400,
+        }
+    }
+
     /// The error type RFC 6120 §8.3.3 suggests for each condition.
     pub fn default_type(self) -> ErrorType {
         use Condition::*;
@@ -136,6 +156,7 @@ impl StanzaError {
         };
         let mut e = Element::new("error", NS_CLIENT)
             .with_attr("type", kind)
+            .with_attr("code", self.condition.legacy_code().to_string())
             .with_child(Element::new(self.condition.name(), NS_STANZAS));
         if let Some(t) = &self.text {
             e.append_child(
@@ -196,6 +217,7 @@ pub enum StreamCondition {
     ConnectionTimeout,
     HostUnknown,
     InternalServerError,
+    InvalidFrom,
     InvalidNamespace,
     InvalidXml,
     NotAuthorized,
@@ -218,6 +240,7 @@ impl StreamCondition {
             ConnectionTimeout => "connection-timeout",
             HostUnknown => "host-unknown",
             InternalServerError => "internal-server-error",
+            InvalidFrom => "invalid-from",
             InvalidNamespace => "invalid-namespace",
             InvalidXml => "invalid-xml",
             NotAuthorized => "not-authorized",
@@ -332,5 +355,33 @@ mod tests {
         let err = r.get_child("error", NS_CLIENT).unwrap();
         assert_eq!(err.attr("type"), Some("cancel"));
         assert!(err.get_child("service-unavailable", NS_STANZAS).is_some());
+        assert_eq!(err.attr("code"), Some("503"));
+    }
+
+    #[test]
+    fn legacy_codes_follow_xep0086() {
+        use Condition::*;
+        for (c, code) in [
+            (BadRequest, "400"),
+            (Conflict, "409"),
+            (FeatureNotImplemented, "501"),
+            (Forbidden, "403"),
+            (InternalServerError, "500"),
+            (ItemNotFound, "404"),
+            (JidMalformed, "400"),
+            (NotAcceptable, "406"),
+            (NotAllowed, "405"),
+            (NotAuthorized, "401"),
+            (PolicyViolation, "403"),
+            (RecipientUnavailable, "404"),
+            (RemoteServerNotFound, "404"),
+            (ResourceConstraint, "500"),
+            (ServiceUnavailable, "503"),
+            (UndefinedCondition, "500"),
+            (UnexpectedRequest, "400"),
+        ] {
+            let e = StanzaError::new(c).to_element();
+            assert_eq!(e.attr("code"), Some(code), "{}", c.name());
+        }
     }
 }

@@ -56,6 +56,8 @@ pub struct Bound {
     pub c2s: Option<SocketAddr>,
     pub c2s_tls: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
+    /// Listeners modules asked for (`Module::listeners`), by what they are.
+    pub modules: Vec<(&'static str, SocketAddr)>,
 }
 
 /// The start-up line's list: "c2s (STARTTLS) on 127.0.0.1:5222, …".
@@ -69,6 +71,11 @@ impl std::fmt::Display for Bound {
         let on: Vec<String> = listeners
             .iter()
             .filter_map(|(name, a)| a.map(|a| format!("{name} on {a}")))
+            .chain(
+                self.modules
+                    .iter()
+                    .map(|(name, a)| format!("{name} on {a}")),
+            )
             .collect();
         if on.is_empty() {
             return f.write_str("no listeners");
@@ -136,6 +143,12 @@ pub async fn start_with(
     let fake_salt = c2s::fake_salt::load_or_create(&config.data_dir)?;
     let modules = Arc::new(modules::Modules::with(&config, extra));
     let router = Arc::new(router::Router::new());
+    let mut module_listeners = Vec::new();
+    for (m, i, what, addr) in modules.listeners(&config) {
+        if let Some(l) = net::bind(&addr, what).await? {
+            module_listeners.push((m, i, what, l));
+        }
+    }
     let l = &config.limits;
     let state = ServerState::new(state::Shared {
         throttle: Arc::new(c2s::throttle::AuthThrottle::new(
@@ -187,6 +200,12 @@ pub async fn start_with(
     if let Some(l) = http {
         bound.http = l.local_addr().ok();
         tasks.spawn(net::http::serve(l, state.clone()));
+    }
+    for (m, i, what, l) in module_listeners {
+        if let Ok(a) = l.local_addr() {
+            bound.modules.push((what, a));
+        }
+        tasks.spawn(net::accept_module(l, state.clone(), m, i));
     }
     tracing::info!(
         "natter started for {}: {bound}",

@@ -6,10 +6,12 @@
 const FEATURE_XEP: &[(&str, &str)] = &[
     ("http://jabber.org/protocol/disco#info", "xep-0030.html"),
     ("http://jabber.org/protocol/disco#items", "xep-0030.html"),
+    ("jabber:iq:private", "xep-0049.html"),
     ("vcard-temp", "xep-0054.html"),
     ("jabber:iq:register", "xep-0077.html"),
     ("jabber:iq:version", "xep-0092.html"),
     ("urn:xmpp:ping", "xep-0199.html"),
+    ("urn:xmpp:extdisco:2", "xep-0215.html"),
     ("urn:xmpp:carbons:2", "xep-0280.html"),
     ("urn:xmpp:mam:2", "xep-0313.html"),
     ("urn:xmpp:mam:2#extended", "xep-0313.html"),

@@ -152,7 +152,7 @@ async fn a_module_plugs_in_hooks_a_service_a_route_and_events() {
     );
 
     // Its HTTP route is served next to the core's.
-    let (status, body) = http_request(srv.http, "GET", "/test-probe", "").await;
+    let (status, _headers, body) = http_request(srv.http, "GET", "/test-probe", "").await;
     assert_eq!((status, body.as_str()), (200, "probe says hi\n"));
 
     drop(a);

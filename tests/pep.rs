@@ -295,6 +295,9 @@ async fn access_models_and_defaults_for_omemo_avatars_and_bookmarks() {
     assert_eq!(stanza_error(&r).as_deref(), Some("forbidden"), "{r}");
     let r = b.iq(items_get(&alice, "nope", None)).await;
     assert_eq!(stanza_error(&r).as_deref(), Some("item-not-found"), "{r}");
+    // XEP-0086: profanity's OMEMO reads a missing device list off code 404.
+    let err = r.get_child("error", NS_CLIENT).expect("error element");
+    assert_eq!(err.attr("code"), Some("404"), "{r}");
 
     // disco#items lists what the asker may read.
     let nodes = |r: &Element| -> Vec<String> {

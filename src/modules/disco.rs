@@ -9,12 +9,18 @@ use base64::Engine;
 use natter_xml::Element;
 use sha1::{Digest, Sha1};
 
+use super::vocab::NS_DATA;
 pub use super::vocab::{NS_CAPS, NS_DISCO_INFO as NS_INFO, NS_DISCO_ITEMS as NS_ITEMS};
 pub const CAPS_NODE: &str = "https://github.com/natter-im/natter";
 
 pub struct Disco;
 
-fn info(identities: &[(&str, &str, &str)], features: &[&str], node: Option<&str>) -> Element {
+fn info(
+    identities: &[(&str, &str, &str)],
+    features: &[&str],
+    forms: &[Element],
+    node: Option<&str>,
+) -> Element {
     let mut q = Element::new("query", NS_INFO);
     if let Some(n) = node {
         q.set_attr("node", n);
@@ -31,24 +37,104 @@ fn info(identities: &[(&str, &str, &str)], features: &[&str], node: Option<&str>
     for f in features {
         q.append_child(Element::new("feature", NS_INFO).with_attr("var", *f));
     }
+    for x in forms {
+        q.append_child(x.clone());
+    }
     q
 }
 
-/// XEP-0115 §5.1 verification string hash for identities and features.
-pub fn caps_ver(identities: &[(&str, &str, &str)], features: &[&str]) -> String {
-    let mut ids: Vec<String> = identities
-        .iter()
-        .map(|i| format!("{}/{}//{}<", i.0, i.1, i.2))
+/// XEP-0115 §5.1 verification string of the server's disco#info.
+pub fn caps_ver(identities: &[(&str, &str, &str)], features: &[&str], forms: &[Element]) -> String {
+    caps_verification_string(&info(identities, features, forms, None))
+        .expect("the server's own disco#info is well-formed")
+}
+
+/// One extended form (XEP-0128): FORM_TYPE, then (var, values) sorted.
+type HashForm = (String, Vec<(String, Vec<String>)>);
+
+/// XEP-0115 §5.4 verification string (SHA-1) of a disco#info result,
+/// extended service discovery forms (XEP-0128) included. None when the
+/// result is malformed (duplicate identities or features, a form without
+/// a FORM_TYPE, …), which §5.4 says must not be cached.
+pub fn caps_verification_string(query: &Element) -> Option<String> {
+    let mut identities: Vec<String> = query
+        .children()
+        .filter(|c| c.is("identity", NS_INFO))
+        .map(|i| {
+            format!(
+                "{}/{}/{}/{}",
+                i.attr("category").unwrap_or_default(),
+                i.attr("type").unwrap_or_default(),
+                i.attr("xml:lang").unwrap_or_default(),
+                i.attr("name").unwrap_or_default()
+            )
+        })
         .collect();
-    ids.sort_unstable();
-    let mut s = ids.concat();
-    let mut f = features.to_vec();
-    f.sort_unstable();
-    for x in f {
-        s.push_str(x);
+    let mut features: Vec<String> = query
+        .children()
+        .filter(|c| c.is("feature", NS_INFO))
+        .filter_map(|f| f.attr("var").map(str::to_string))
+        .collect();
+    identities.sort();
+    features.sort();
+    let dup = |v: &[String]| v.windows(2).any(|w| w[0] == w[1]);
+    if dup(&identities) || dup(&features) {
+        return None;
+    }
+    let mut forms: Vec<HashForm> = Vec::new();
+    for x in query
+        .children()
+        .filter(|c| c.is("x", NS_DATA) && c.attr("type") == Some("result"))
+    {
+        let mut form_type = None;
+        let mut fields = Vec::new();
+        for f in x.children().filter(|c| c.is("field", NS_DATA)) {
+            let var = f.attr("var").unwrap_or_default().to_string();
+            let mut values: Vec<String> = f
+                .children()
+                .filter(|v| v.is("value", NS_DATA))
+                .map(Element::text)
+                .collect();
+            if var == "FORM_TYPE" {
+                if form_type.is_some() || values.len() != 1 {
+                    return None;
+                }
+                form_type = values.pop();
+                continue;
+            }
+            values.sort();
+            fields.push((var, values));
+        }
+        let form_type = form_type?;
+        fields.sort();
+        forms.push((form_type, fields));
+    }
+    forms.sort_by(|a, b| a.0.cmp(&b.0));
+    if forms.windows(2).any(|w| w[0].0 == w[1].0) {
+        return None;
+    }
+    let mut s = String::new();
+    for i in &identities {
+        s.push_str(i);
         s.push('<');
     }
-    base64::engine::general_purpose::STANDARD.encode(Sha1::digest(s.as_bytes()))
+    for f in &features {
+        s.push_str(f);
+        s.push('<');
+    }
+    for (form_type, fields) in &forms {
+        s.push_str(form_type);
+        s.push('<');
+        for (var, values) in fields {
+            s.push_str(var);
+            s.push('<');
+            for v in values {
+                s.push_str(v);
+                s.push('<');
+            }
+        }
+    }
+    Some(base64::engine::general_purpose::STANDARD.encode(Sha1::digest(s.as_bytes())))
 }
 
 /// `<c/>` advertised in stream features (XEP-0115 §6.3).
@@ -56,7 +142,14 @@ pub fn caps_element(modules: &Modules) -> Element {
     Element::new("c", NS_CAPS)
         .with_attr("hash", "sha-1")
         .with_attr("node", CAPS_NODE)
-        .with_attr("ver", caps_ver(&modules.identities(), &modules.features()))
+        .with_attr(
+            "ver",
+            caps_ver(
+                &modules.identities(),
+                &modules.features(),
+                modules.server_info_forms(),
+            ),
+        )
 }
 
 /// XEP-0030 items of the server: the services hosted on their own domains.
@@ -122,12 +215,19 @@ impl Module for Disco {
                 let identities = modules.identities();
                 if let Some(n) = node {
                     // Only our own caps node is known.
-                    let expected = format!("{CAPS_NODE}#{}", caps_ver(&identities, &features));
+                    let forms = modules.server_info_forms();
+                    let expected =
+                        format!("{CAPS_NODE}#{}", caps_ver(&identities, &features, forms));
                     if n != expected {
                         return Err(StanzaError::new(Condition::ItemNotFound));
                     }
                 }
-                Ok(Some(info(&identities, &features, node)))
+                Ok(Some(info(
+                    &identities,
+                    &features,
+                    modules.server_info_forms(),
+                    node,
+                )))
             }
             Target::Account(bare) => {
                 if let Some(n) = node {
@@ -140,6 +240,7 @@ impl Module for Disco {
                 Ok(Some(info(
                     &cx.state.modules.account_identities(),
                     &cx.state.modules.account_features(),
+                    &[],
                     None,
                 )))
             }
@@ -162,7 +263,43 @@ mod tests {
                 "http://jabber.org/protocol/disco#items",
                 "http://jabber.org/protocol/muc",
             ],
+            &[],
         );
         assert_eq!(ver, "QgayPKawpkPSDYmwT/WM94uAlu0=");
+    }
+
+    #[test]
+    fn caps_ver_matches_xep0115_complex_example() {
+        use natter_xml::Limits;
+        // XEP-0115 §5.3.
+        let q = natter_xml::parse_frame(
+            br#"<query xmlns='http://jabber.org/protocol/disco#info' node='http://psi-im.org#q07IKJEyjvHSyhy//CH0CxmKi8w='>
+  <identity xml:lang='en' category='client' name='Psi 0.11' type='pc'/>
+  <identity xml:lang='el' category='client' name='&#x03A8; 0.11' type='pc'/>
+  <feature var='http://jabber.org/protocol/caps'/>
+  <feature var='http://jabber.org/protocol/disco#info'/>
+  <feature var='http://jabber.org/protocol/disco#items'/>
+  <feature var='http://jabber.org/protocol/muc'/>
+  <x xmlns='jabber:x:data' type='result'>
+    <field var='FORM_TYPE' type='hidden'><value>urn:xmpp:dataforms:softwareinfo</value></field>
+    <field var='ip_version' type='text-multi'><value>ipv4</value><value>ipv6</value></field>
+    <field var='os'><value>Mac</value></field>
+    <field var='os_version'><value>10.5.1</value></field>
+    <field var='software'><value>Psi</value></field>
+    <field var='software_version'><value>0.11</value></field>
+  </x>
+</query>"#,
+            &Limits {
+                max_stanza_bytes: 1 << 20,
+                max_depth: 100,
+                max_attrs: 100,
+                max_elements: 10_000,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            caps_verification_string(&q).as_deref(),
+            Some("q07IKJEyjvHSyhy//CH0CxmKi8w=")
+        );
     }
 }

@@ -9,8 +9,12 @@ pub mod api;
 pub mod blocking;
 mod cache;
 pub mod carbons;
+pub mod component;
+pub mod contact;
 pub mod disco;
+pub mod extdisco;
 pub mod hooks;
+pub mod host_meta;
 pub mod last;
 pub mod mam;
 pub mod message;
@@ -18,6 +22,7 @@ pub mod offline;
 pub mod pep;
 pub mod ping;
 pub mod presence;
+pub mod private;
 pub mod register;
 pub mod roster;
 pub mod vcard;
@@ -126,6 +131,12 @@ pub trait Module: Send + Sync + 'static {
     fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
         &[]
     }
+    /// XEP-0128 extended disco#info forms (`jabber:x:data`, type result)
+    /// this module adds to the server, from the configuration; they count
+    /// in the server's XEP-0115 verification string.
+    fn server_info_forms(&self, _config: &Config) -> Vec<Element> {
+        Vec::new()
+    }
     /// Stream features offered after authentication.
     fn stream_features(&self) -> Vec<Element> {
         Vec::new()
@@ -152,6 +163,21 @@ pub trait Module: Send + Sync + 'static {
     /// Background tasks, spawned at start and ended at shutdown.
     fn tasks(&self, _state: &ServerState) -> Vec<Task> {
         Vec::new()
+    }
+    /// TCP listeners this module serves: (what, for logs and errors;
+    /// address). Bound at start, which fails naming them if one can't be.
+    fn listeners(&self, _config: &Config) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+    /// A connection accepted on listener `index` (of `listeners`); runs in
+    /// its own task for as long as the connection lives.
+    async fn accept(
+        &self,
+        _state: &ServerState,
+        _index: usize,
+        _socket: tokio::net::TcpStream,
+        _peer: std::net::SocketAddr,
+    ) {
     }
     async fn handle_iq(&self, _cx: &Cx<'_>, _iq: &Iq) -> IqResult {
         Err(StanzaError::new(Condition::FeatureNotImplemented))
@@ -211,6 +237,8 @@ pub struct Modules {
     events: hooks::Table<EventKind>,
     /// Service domain → module.
     services: Vec<(Service, usize)>,
+    /// Every module's server disco#info forms (fixed by the configuration).
+    forms: Vec<Element>,
     shared: Shared,
 }
 
@@ -224,7 +252,9 @@ impl Modules {
         let mut events = hooks::Table::default();
         let mut services: Vec<(Service, usize)> = Vec::new();
         let mut shared = Shared::default();
+        let mut forms = Vec::new();
         for (i, m) in list.iter().enumerate() {
+            forms.extend(m.server_info_forms(config));
             for key in m.iq_payloads() {
                 assert!(
                     iq.iter().all(|(k, _)| k != key),
@@ -261,6 +291,7 @@ impl Modules {
             hooks,
             events,
             services,
+            forms,
             shared,
         }
     }
@@ -287,6 +318,11 @@ impl Modules {
             Arc::new(blocking::Blocking::default()),
             Arc::new(pep::Pep::default()),
             Arc::new(last::Last::default()),
+            Arc::new(private::Private),
+            Arc::new(host_meta::HostMeta),
+            Arc::new(contact::ContactAddresses),
+            Arc::new(extdisco::ExtDisco::default()),
+            Arc::new(component::Components::default()),
         ];
         list.extend(extra);
         Self::new(config, list)
@@ -347,6 +383,11 @@ impl Modules {
         v
     }
 
+    /// XEP-0128 forms in the server's disco#info.
+    pub fn server_info_forms(&self) -> &[Element] {
+        &self.forms
+    }
+
     /// XEP-0115 `<c/>` of the server, for stream features.
     pub fn caps_element(&self) -> Element {
         disco::caps_element(self)
@@ -367,6 +408,22 @@ impl Modules {
     /// Every module's background tasks.
     pub fn tasks(&self, state: &ServerState) -> Vec<Task> {
         self.list.iter().flat_map(|m| m.tasks(state)).collect()
+    }
+
+    /// Every module's listeners: (module, index in its list, what, address).
+    pub fn listeners(&self, config: &Config) -> Vec<(usize, usize, &'static str, String)> {
+        let mut out = Vec::new();
+        for (m, module) in self.list.iter().enumerate() {
+            for (i, (what, addr)) in module.listeners(config).into_iter().enumerate() {
+                out.push((m, i, what, addr));
+            }
+        }
+        out
+    }
+
+    /// The module at `index` in registration order.
+    pub fn module(&self, index: usize) -> &Arc<dyn Module> {
+        &self.list[index]
     }
 
     /// The services hosted here (server disco#items).

@@ -330,7 +330,9 @@ pub struct CatchUp {
 
 impl Drop for CatchUp {
     fn drop(&mut self) {
-        tokio::spawn(drain(self.state.clone(), self.session.clone()));
+        // Tracked: shutdown waits for a catch-up in progress.
+        let tasks = self.state.tasks.clone();
+        tasks.spawn(drain(self.state.clone(), self.session.clone()));
     }
 }
 
@@ -505,6 +507,6 @@ fn resumed(state: &ServerState, h: &Arc<SessionHandle>, rx: &QueueRx) {
     // Marked first: from here new messages join the offline queue's end.
     rx.clear_overflow();
     if available {
-        tokio::spawn(drain(state.clone(), h.clone()));
+        state.tasks.spawn(drain(state.clone(), h.clone()));
     }
 }

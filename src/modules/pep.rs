@@ -52,6 +52,7 @@
 //! the store's free-form `publish_model` text as `publishers;key=value;…`
 //! (only non-default values).
 
+pub use super::disco::caps_verification_string;
 use super::vocab::{NS_CAPS, NS_DISCO_INFO, NS_DISCO_ITEMS};
 use super::{
     api, new_id, presence_allowed, Cx, Event, EventKind, Flow, Hook, HookStanza, Identity, Iq,
@@ -61,12 +62,10 @@ use crate::error::{Condition, StanzaError};
 use crate::router::SessionHandle;
 use crate::state::ServerState;
 use async_trait::async_trait;
-use base64::Engine;
 use jid::{BareJid, FullJid, Jid};
 use natter_store::{PepNodeConfig, Subscription};
 use natter_xml::{Element, Limits, NS_CLIENT};
 use parking_lot::Mutex;
-use sha1::{Digest, Sha1};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,7 +74,7 @@ pub const NS: &str = "http://jabber.org/protocol/pubsub";
 pub const NS_OWNER: &str = "http://jabber.org/protocol/pubsub#owner";
 pub const NS_EVENT: &str = "http://jabber.org/protocol/pubsub#event";
 pub const NS_ERRORS: &str = "http://jabber.org/protocol/pubsub#errors";
-pub const NS_DATA: &str = "jabber:x:data";
+pub use super::vocab::NS_DATA;
 pub const NS_DELAY: &str = "urn:xmpp:delay";
 pub const FORM_PUBLISH_OPTIONS: &str = "http://jabber.org/protocol/pubsub#publish-options";
 pub const FORM_NODE_CONFIG: &str = "http://jabber.org/protocol/pubsub#node_config";
@@ -126,7 +125,6 @@ pub const IDENTITY: Identity = ("pubsub", "pep", "");
 /// The disco#info features of a client.
 type Features = Arc<HashSet<String>>;
 /// A data form for hashing: FORM_TYPE and (var, values) fields.
-type HashForm = (String, Vec<(String, Vec<String>)>);
 
 #[derive(Default)]
 pub struct Pep {
@@ -1104,7 +1102,8 @@ fn new_subscriber(state: &ServerState, owner: &BareJid, subscriber: &BareJid) {
             continue;
         };
         let (state, owner) = (state.clone(), owner.clone());
-        tokio::spawn(async move { send_last_items_of(&state, &h, &features, &[owner]).await });
+        let tasks = state.tasks.clone();
+        tasks.spawn(async move { send_last_items_of(&state, &h, &features, &[owner]).await });
     }
 }
 
@@ -1375,93 +1374,8 @@ fn ask_next(state: &ServerState, ver: &str, done: u64) {
 fn spawn_last_items(state: &ServerState, h: &Arc<SessionHandle>, features: Arc<HashSet<String>>) {
     let state = state.clone();
     let h = h.clone();
-    tokio::spawn(async move { send_last_items(&state, &h, &features).await });
-}
-
-/// XEP-0115 §5.4 verification string (SHA-1) of a disco#info result,
-/// extended service discovery forms (XEP-0128) included. None when the
-/// result is malformed (duplicate identities or features, a form without
-/// a FORM_TYPE, …), which §5.4 says must not be cached.
-pub fn caps_verification_string(query: &Element) -> Option<String> {
-    const NS_INFO: &str = NS_DISCO_INFO;
-    let mut identities: Vec<String> = query
-        .children()
-        .filter(|c| c.is("identity", NS_INFO))
-        .map(|i| {
-            format!(
-                "{}/{}/{}/{}",
-                i.attr("category").unwrap_or_default(),
-                i.attr("type").unwrap_or_default(),
-                i.attr("xml:lang").unwrap_or_default(),
-                i.attr("name").unwrap_or_default()
-            )
-        })
-        .collect();
-    let mut features: Vec<String> = query
-        .children()
-        .filter(|c| c.is("feature", NS_INFO))
-        .filter_map(|f| f.attr("var").map(str::to_string))
-        .collect();
-    identities.sort();
-    features.sort();
-    let dup = |v: &[String]| v.windows(2).any(|w| w[0] == w[1]);
-    if dup(&identities) || dup(&features) {
-        return None;
-    }
-    let mut forms: Vec<HashForm> = Vec::new();
-    for x in query
-        .children()
-        .filter(|c| c.is("x", NS_DATA) && c.attr("type") == Some("result"))
-    {
-        let mut form_type = None;
-        let mut fields = Vec::new();
-        for f in x.children().filter(|c| c.is("field", NS_DATA)) {
-            let var = f.attr("var").unwrap_or_default().to_string();
-            let mut values: Vec<String> = f
-                .children()
-                .filter(|v| v.is("value", NS_DATA))
-                .map(Element::text)
-                .collect();
-            if var == "FORM_TYPE" {
-                if form_type.is_some() || values.len() != 1 {
-                    return None;
-                }
-                form_type = values.pop();
-                continue;
-            }
-            values.sort();
-            fields.push((var, values));
-        }
-        let form_type = form_type?;
-        fields.sort();
-        forms.push((form_type, fields));
-    }
-    forms.sort_by(|a, b| a.0.cmp(&b.0));
-    if forms.windows(2).any(|w| w[0].0 == w[1].0) {
-        return None;
-    }
-    let mut s = String::new();
-    for i in &identities {
-        s.push_str(i);
-        s.push('<');
-    }
-    for f in &features {
-        s.push_str(f);
-        s.push('<');
-    }
-    for (form_type, fields) in &forms {
-        s.push_str(form_type);
-        s.push('<');
-        for (var, values) in fields {
-            s.push_str(var);
-            s.push('<');
-            for v in values {
-                s.push_str(v);
-                s.push('<');
-            }
-        }
-    }
-    Some(base64::engine::general_purpose::STANDARD.encode(Sha1::digest(s.as_bytes())))
+    let tasks = state.tasks.clone();
+    tasks.spawn(async move { send_last_items(&state, &h, &features).await });
 }
 
 // ---------------------------------------------------------------------------
@@ -1556,39 +1470,5 @@ mod tests {
         c.apply("pubsub#persist_items", "0").unwrap();
         assert_eq!(NodeConfig::from_store(&c.to_store()), c);
         assert_eq!(c.to_store().max_items, 1);
-    }
-
-    #[test]
-    fn caps_ver_matches_xep0115_complex_example() {
-        // XEP-0115 §5.3.
-        let q = natter_xml::parse_frame(
-            br#"<query xmlns='http://jabber.org/protocol/disco#info' node='http://psi-im.org#q07IKJEyjvHSyhy//CH0CxmKi8w='>
-  <identity xml:lang='en' category='client' name='Psi 0.11' type='pc'/>
-  <identity xml:lang='el' category='client' name='&#x03A8; 0.11' type='pc'/>
-  <feature var='http://jabber.org/protocol/caps'/>
-  <feature var='http://jabber.org/protocol/disco#info'/>
-  <feature var='http://jabber.org/protocol/disco#items'/>
-  <feature var='http://jabber.org/protocol/muc'/>
-  <x xmlns='jabber:x:data' type='result'>
-    <field var='FORM_TYPE' type='hidden'><value>urn:xmpp:dataforms:softwareinfo</value></field>
-    <field var='ip_version' type='text-multi'><value>ipv4</value><value>ipv6</value></field>
-    <field var='os'><value>Mac</value></field>
-    <field var='os_version'><value>10.5.1</value></field>
-    <field var='software'><value>Psi</value></field>
-    <field var='software_version'><value>0.11</value></field>
-  </x>
-</query>"#,
-            &Limits {
-                max_stanza_bytes: 1 << 20,
-                max_depth: 100,
-                max_attrs: 100,
-                max_elements: 10_000,
-            },
-        )
-        .unwrap();
-        assert_eq!(
-            caps_verification_string(&q).as_deref(),
-            Some("q07IKJEyjvHSyhy//CH0CxmKi8w=")
-        );
     }
 }

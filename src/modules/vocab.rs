@@ -15,6 +15,7 @@ pub const NS_CARBONS: &str = "urn:xmpp:carbons:2";
 pub const NS_DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
 pub const NS_DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
 pub const NS_CAPS: &str = "http://jabber.org/protocol/caps";
+pub const NS_DATA: &str = "jabber:x:data";
 pub const NS_MAM: &str = "urn:xmpp:mam:2";
 
 pub fn has_hint(msg: &Element, hint: &str) -> bool {

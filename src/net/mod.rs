@@ -23,6 +23,34 @@ pub async fn bind(addr: &str, what: &str) -> anyhow::Result<Option<TcpListener>>
 
 /// Accept c2s connections until shutdown. `direct_tls`: XEP-0368 port.
 pub async fn accept_c2s(listener: TcpListener, state: ServerState, direct_tls: bool) {
+    accept_each(&listener, &state, |sock, peer| {
+        if let Some(conn) = connection(sock, peer, state.clone(), direct_tls) {
+            state.tasks.spawn(conn);
+        }
+    })
+    .await
+}
+
+/// Accept connections for a module's listener (`Module::listeners`) until
+/// shutdown; each one goes to the module's `accept` in its own task.
+pub async fn accept_module(listener: TcpListener, state: ServerState, module: usize, index: usize) {
+    accept_each(&listener, &state, |sock, peer| {
+        let _ = sock.set_nodelay(true);
+        let m = state.modules.module(module).clone();
+        let st = state.clone();
+        state
+            .tasks
+            .spawn(async move { m.accept(&st, index, sock, peer).await });
+    })
+    .await
+}
+
+/// Hand each accepted connection to `each` until shutdown.
+async fn accept_each(
+    listener: &TcpListener,
+    state: &ServerState,
+    mut each: impl FnMut(tokio::net::TcpStream, SocketAddr),
+) {
     loop {
         let (sock, peer) = tokio::select! {
             _ = state.shutdown.cancelled() => return,
@@ -36,9 +64,7 @@ pub async fn accept_c2s(listener: TcpListener, state: ServerState, direct_tls: b
                 }
             },
         };
-        if let Some(conn) = connection(sock, peer, state.clone(), direct_tls) {
-            state.tasks.spawn(conn);
-        }
+        each(sock, peer);
     }
 }
 

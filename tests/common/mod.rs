@@ -1131,3 +1131,28 @@ pub fn stream_error_condition(el: &Element) -> String {
         .map(|c| c.name.clone())
         .unwrap_or_else(|| panic!("stream error without condition: {el}"))
 }
+
+// ---------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------
+
+/// One HTTP/1.1 request (`headers`: extra lines, each ending in `\r\n`):
+/// (status, response head, body).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).await.expect("HTTP connect");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("HTTP request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("HTTP response");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head.to_string(), body.to_string())
+}

@@ -83,12 +83,16 @@ def _toml_value(v) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
-def to_toml(cfg: dict) -> str:
+def to_toml(cfg: dict, prefix: str = "") -> str:
+    """Tables nest: {"components": {"bot.localhost": {"secret": …}}} becomes
+    [components."bot.localhost"]."""
     lines = [f"{k} = {_toml_value(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
     for k, v in cfg.items():
         if isinstance(v, dict):
-            lines.append(f"\n[{k}]")
-            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+            key = k if k.replace("_", "").isalnum() else _toml_value(k)
+            name = f"{prefix}.{key}" if prefix else key
+            lines.append(f"\n[{name}]")
+            lines.append(to_toml(v, name).rstrip("\n"))
     return "\n".join(lines) + "\n"
 
 
