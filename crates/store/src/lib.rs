@@ -232,6 +232,31 @@ pub struct PepNodeConfig {
     pub max_items: u32,
     /// e.g. `"publishers"`, `"open"` (not interpreted by the store).
     pub publish_model: String,
+    /// `pubsub#persist_items`.
+    pub persist_items: bool,
+    /// `pubsub#send_last_published_item`, e.g. `"on_sub_and_presence"`, `"never"` (not
+    /// interpreted by the store).
+    pub send_last_published_item: String,
+    /// `pubsub#notify_retract`.
+    pub notify_retract: bool,
+    /// `pubsub#notify_delete`.
+    pub notify_delete: bool,
+}
+
+impl Default for PepNodeConfig {
+    /// XEP-0163's defaults: presence access, one item, persistent, last item sent on
+    /// subscription and presence, retractions and deletion notified.
+    fn default() -> Self {
+        PepNodeConfig {
+            access_model: "presence".into(),
+            max_items: 1,
+            publish_model: "publishers".into(),
+            persist_items: true,
+            send_last_published_item: "on_sub_and_presence".into(),
+            notify_retract: true,
+            notify_delete: true,
+        }
+    }
 }
 
 /// A published PEP item.

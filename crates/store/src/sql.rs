@@ -208,14 +208,30 @@ pub(crate) fn check_mam_default(prefs: &crate::MamPrefs) -> Result<(), StoreErro
     }
 }
 
+/// (access_model, max_items, publish_model, persist_items, send_last_published_item,
+/// notify_retract, notify_delete)
+pub(crate) type PepNodeRow = (String, i64, String, bool, String, bool, bool);
+
 pub(crate) fn to_pep_config(
-    (access_model, max_items, publish_model): (String, i64, String),
+    (
+        access_model,
+        max_items,
+        publish_model,
+        persist_items,
+        send_last_published_item,
+        notify_retract,
+        notify_delete,
+    ): PepNodeRow,
 ) -> Result<crate::PepNodeConfig, StoreError> {
     Ok(crate::PepNodeConfig {
         access_model,
         max_items: u32::try_from(max_items)
             .map_err(|_| StoreError::Backend(format!("corrupt max_items {max_items}")))?,
         publish_model,
+        persist_items,
+        send_last_published_item,
+        notify_retract,
+        notify_delete,
     })
 }
 

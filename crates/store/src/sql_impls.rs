@@ -800,9 +800,10 @@ impl OfflineStore for $store {
 #[async_trait::async_trait]
 impl PepStore for $store {
     async fn pep_node(&self, owner: &str, node: &str) -> Result<Option<PepNodeConfig>, StoreError> {
-        let row: Option<(String, i64, String)> = sqlx::query_as(
-            "SELECT access_model, max_items, publish_model FROM pep_nodes \
-             WHERE owner = $1 AND node = $2",
+        let row: Option<crate::sql::PepNodeRow> = sqlx::query_as(
+            "SELECT access_model, max_items, publish_model, persist_items, \
+                 send_last_published_item, notify_retract, notify_delete \
+             FROM pep_nodes WHERE owner = $1 AND node = $2",
         )
         .bind(owner)
         .bind(node)
@@ -823,17 +824,26 @@ impl PepStore for $store {
             return Err(StoreError::NotFound);
         }
         sqlx::query(
-            "INSERT INTO pep_nodes (owner, node, access_model, publish_model, max_items) \
-             VALUES ($1, $2, $3, $4, $5) \
+            "INSERT INTO pep_nodes (owner, node, access_model, publish_model, max_items, \
+                 persist_items, send_last_published_item, notify_retract, notify_delete) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (owner, node) DO UPDATE SET \
                  access_model = excluded.access_model, \
-                 publish_model = excluded.publish_model, max_items = excluded.max_items",
+                 publish_model = excluded.publish_model, max_items = excluded.max_items, \
+                 persist_items = excluded.persist_items, \
+                 send_last_published_item = excluded.send_last_published_item, \
+                 notify_retract = excluded.notify_retract, \
+                 notify_delete = excluded.notify_delete",
         )
         .bind(owner)
         .bind(node)
         .bind(&cfg.access_model)
         .bind(&cfg.publish_model)
         .bind(i64::from(cfg.max_items))
+        .bind(cfg.persist_items)
+        .bind(&cfg.send_last_published_item)
+        .bind(cfg.notify_retract)
+        .bind(cfg.notify_delete)
         .execute(&mut *tx)
         .await
         .db()?;

@@ -486,6 +486,99 @@ mod tests {
         testsuite::credentials(tag)
     }
 
+    /// Migration 0007: node options natter packed into `publish_model` before move to
+    /// their columns.
+    #[tokio::test]
+    async fn pep_node_options_move_to_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.db");
+        {
+            // The schema before 0007 (the migrator's fields are sqlx's, semver-exempt;
+            // fine for a test pinned to sqlx 0.8), with nodes as natter wrote them then.
+            let before = sqlx::migrate::Migrator {
+                migrations: MIGRATOR
+                    .migrations
+                    .iter()
+                    .filter(|m| m.version < 7)
+                    .cloned()
+                    .collect(),
+                ..sqlx::migrate::Migrator::DEFAULT
+            };
+            let pool = SqlitePool::connect_with(
+                SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+            before.run(&pool).await.unwrap();
+            sqlx::query(
+                "INSERT INTO accounts (username, domain, created_at) VALUES ('a@x', 'x', 0)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            for (node, model) in [
+                ("plain", "publishers"),
+                (
+                    "all",
+                    "publishers;persist_items=0;send_last_published_item=never;\
+                     notify_retract=0;notify_delete=0",
+                ),
+                ("on_sub", "publishers;send_last_published_item=on_sub"),
+                ("no_delete", "open;notify_delete=0"),
+            ] {
+                sqlx::query(
+                    "INSERT INTO pep_nodes (owner, node, access_model, publish_model, \
+                     max_items) VALUES ('a@x', $1, 'open', $2, 3)",
+                )
+                .bind(node)
+                .bind(model)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&path, false).await.unwrap();
+        let node = |n: &'static str| {
+            let store = &store;
+            async move { store.pep_node("a@x", n).await.unwrap().unwrap() }
+        };
+        let base = PepNodeConfig {
+            access_model: "open".into(),
+            max_items: 3,
+            ..PepNodeConfig::default()
+        };
+        assert_eq!(node("plain").await, base);
+        assert_eq!(
+            node("all").await,
+            PepNodeConfig {
+                persist_items: false,
+                send_last_published_item: "never".into(),
+                notify_retract: false,
+                notify_delete: false,
+                ..base.clone()
+            }
+        );
+        assert_eq!(
+            node("on_sub").await,
+            PepNodeConfig {
+                send_last_published_item: "on_sub".into(),
+                ..base.clone()
+            }
+        );
+        assert_eq!(
+            node("no_delete").await,
+            PepNodeConfig {
+                publish_model: "open".into(),
+                notify_delete: false,
+                ..base.clone()
+            }
+        );
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn survives_close_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -964,7 +1057,7 @@ mod tests {
             let cfg = PepNodeConfig {
                 access_model: "open".into(),
                 max_items: 10,
-                publish_model: "publishers".into(),
+                ..PepNodeConfig::default()
             };
             store.pep_create_or_configure(u, "n", &cfg).await.unwrap();
             store.pep_publish(u, "n", "i", "<i/>").await.unwrap();

@@ -1137,9 +1137,8 @@ async fn offline(store: &dyn Store) {
 
 fn node_cfg(max_items: u32) -> PepNodeConfig {
     PepNodeConfig {
-        access_model: "presence".into(),
         max_items,
-        publish_model: "publishers".into(),
+        ..PepNodeConfig::default()
     }
 }
 
@@ -1254,6 +1253,10 @@ async fn pep(store: &dyn Store) {
         access_model: "whitelist".into(),
         max_items: 2,
         publish_model: "open".into(),
+        persist_items: false,
+        send_last_published_item: "never".into(),
+        notify_retract: false,
+        notify_delete: false,
     };
     store
         .pep_create_or_configure(BOB, BOOKMARKS, &cfg)

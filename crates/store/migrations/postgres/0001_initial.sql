@@ -122,6 +122,11 @@ CREATE TABLE pep_nodes (
     access_model  TEXT   NOT NULL,
     publish_model TEXT   NOT NULL,
     max_items     BIGINT NOT NULL CHECK (max_items >= 0),
+    -- Node options (see sqlite 0007).
+    persist_items            BOOLEAN NOT NULL DEFAULT TRUE,
+    send_last_published_item TEXT    NOT NULL DEFAULT 'on_sub_and_presence',
+    notify_retract           BOOLEAN NOT NULL DEFAULT TRUE,
+    notify_delete            BOOLEAN NOT NULL DEFAULT TRUE,
     PRIMARY KEY (owner, node)
 );
 
