@@ -7,10 +7,12 @@
 //! second process (e.g. an admin CLI) can't make a read-then-write transaction fail halfway.
 //!
 //! The high-rate durable writes (archive appends, offline pushes) are group-committed by a
-//! writer task (see `batch`), which also writes through the single writer connection.
+//! writer task (`crate::batch`, with `sqlite/batch.rs`), which also writes through the
+//! single writer connection.
 //!
-//! Queries use `$N` placeholders and portable SQL so the PostgreSQL backend can share them
-//! where it wants; SQLite specifics (pragmas, checkpointing) stay in this file.
+//! The SQL both backends share (`$N` placeholders, portable SQL) is in `crate::sql_impls`,
+//! expanded here; SQLite specifics (pragmas, checkpointing, `json_each`, `INDEXED BY`)
+//! stay in this file.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
