@@ -230,7 +230,14 @@ async fn export_user(store: &dyn Store, user: &str, sum: &mut Summary) -> anyhow
                 ))
                 .with_child(field("pubsub#access_model", cfg.access_model.clone()))
                 .with_child(field("pubsub#publish_model", cfg.publish_model.clone()))
-                .with_child(field("pubsub#max_items", max));
+                .with_child(field("pubsub#max_items", max))
+                .with_child(field("pubsub#persist_items", flag(cfg.persist_items)))
+                .with_child(field(
+                    "pubsub#send_last_published_item",
+                    cfg.send_last_published_item.clone(),
+                ))
+                .with_child(field("pubsub#notify_retract", flag(cfg.notify_retract)))
+                .with_child(field("pubsub#notify_delete", flag(cfg.notify_delete)));
             owner.append_child(
                 Element::new("configure", NS_PUBSUB_OWNER)
                     .with_attr("node", node)
@@ -586,18 +593,36 @@ fn archived_from(owner: &str, res: &Element) -> anyhow::Result<ArchivedMessage> 
     })
 }
 
+/// A data-form boolean.
+fn flag(on: bool) -> String {
+    if on { "1" } else { "0" }.to_string()
+}
+
 fn pep_config(configure: &Element) -> PepNodeConfig {
-    let mut cfg = PepNodeConfig {
-        access_model: "presence".into(),
-        max_items: 1,
-        publish_model: "publishers".into(),
-    };
+    let mut cfg = PepNodeConfig::default();
     if let Some(x) = configure.get_child("x", NS_DATA) {
         for f in x.children().filter(|f| f.is("field", NS_DATA)) {
             let v = f.child_text("value", NS_DATA).unwrap_or_default();
+            let on = matches!(v.as_str(), "1" | "true");
             match f.attr("var") {
                 Some("pubsub#access_model") => cfg.access_model = v,
-                Some("pubsub#publish_model") => cfg.publish_model = v,
+                Some("pubsub#publish_model") => {
+                    // Backups of natter before issue 10 packed the options here:
+                    // "publishers;persist_items=0;send_last_published_item=never;…".
+                    let mut parts = v.split(';');
+                    cfg.publish_model = parts.next().unwrap_or_default().to_string();
+                    for kv in parts {
+                        match kv.split_once('=') {
+                            Some(("persist_items", o)) => cfg.persist_items = o != "0",
+                            Some(("send_last_published_item", o)) => {
+                                cfg.send_last_published_item = o.to_string()
+                            }
+                            Some(("notify_retract", o)) => cfg.notify_retract = o != "0",
+                            Some(("notify_delete", o)) => cfg.notify_delete = o != "0",
+                            _ => {}
+                        }
+                    }
+                }
                 Some("pubsub#max_items") => {
                     cfg.max_items = if v == "max" {
                         u32::MAX
@@ -605,6 +630,10 @@ fn pep_config(configure: &Element) -> PepNodeConfig {
                         v.parse().unwrap_or(cfg.max_items)
                     }
                 }
+                Some("pubsub#persist_items") => cfg.persist_items = on,
+                Some("pubsub#send_last_published_item") => cfg.send_last_published_item = v,
+                Some("pubsub#notify_retract") => cfg.notify_retract = on,
+                Some("pubsub#notify_delete") => cfg.notify_delete = on,
                 _ => {}
             }
         }
@@ -1043,6 +1072,56 @@ mod tests {
         let us = 1_700_000_000_123_456;
         assert_eq!(stamp_to_micros(&micros_to_stamp(us)), Some(us));
         assert!(stamp_to_micros("1469-07-21T00:32:29Z").is_some_and(|t| t < 0));
+    }
+
+    #[test]
+    fn pep_options_from_fields_and_from_older_backups() {
+        let form = |fields: &str| {
+            parse_xml(&format!(
+                "<configure xmlns='{NS_PUBSUB_OWNER}' node='n'><x xmlns='{NS_DATA}' type='submit'>\
+                 {fields}</x></configure>"
+            ))
+            .unwrap()
+        };
+        let f = |var: &str, v: &str| format!("<field var='{var}'><value>{v}</value></field>");
+        // As natter writes them now.
+        let now = form(
+            &[
+                f("pubsub#access_model", "open"),
+                f("pubsub#publish_model", "publishers"),
+                f("pubsub#max_items", "max"),
+                f("pubsub#persist_items", "0"),
+                f("pubsub#send_last_published_item", "never"),
+                f("pubsub#notify_retract", "0"),
+                f("pubsub#notify_delete", "1"),
+            ]
+            .concat(),
+        );
+        let want = PepNodeConfig {
+            access_model: "open".into(),
+            max_items: u32::MAX,
+            publish_model: "publishers".into(),
+            persist_items: false,
+            send_last_published_item: "never".into(),
+            notify_retract: false,
+            notify_delete: true,
+        };
+        assert_eq!(pep_config(&now), want);
+        // Older natter packed the options into publish_model.
+        let old = form(
+            &[
+                f("pubsub#access_model", "open"),
+                f(
+                    "pubsub#publish_model",
+                    "publishers;persist_items=0;send_last_published_item=never;notify_retract=0",
+                ),
+                f("pubsub#max_items", "max"),
+            ]
+            .concat(),
+        );
+        assert_eq!(pep_config(&old), want);
+        // Nothing given: the defaults.
+        assert_eq!(pep_config(&form("")), PepNodeConfig::default());
     }
 
     #[test]

@@ -149,10 +149,15 @@ pub struct Limits {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// "sqlite" (embedded). PostgreSQL arrives with cluster mode.
+    /// "sqlite" (embedded, one node) or "postgres" (shared by every node of a cluster).
     pub backend: String,
     /// SQLite file; empty = data_dir/natter.db.
     pub path: String,
+    /// PostgreSQL connection URL (backend "postgres"), e.g.
+    /// postgres://natter@127.0.0.1:5432/natter.
+    pub url: String,
+    /// Connections to PostgreSQL this node opens at most.
+    pub pool_size: u32,
     /// "normal": durable across process crashes (kill -9);
     /// "full": also across power loss (fsync per commit).
     pub sync: String,
@@ -323,6 +328,8 @@ impl Default for StoreConfig {
         StoreConfig {
             backend: "sqlite".into(),
             path: String::new(),
+            url: String::new(),
+            pool_size: 16,
             sync: "normal".into(),
             archive_retention_days: 0,
             offline_limit: 10_000,
@@ -383,8 +390,9 @@ impl Config {
                 continue;
             };
             let rest = rest.to_ascii_lowercase();
-            // Variables that are not configuration (the test harness's binary path, …).
-            if matches!(rest.as_str(), "bin" | "config") {
+            // Variables that are not configuration (the test harness's binary path and
+            // its NATTER_TEST_* settings, …).
+            if matches!(rest.as_str(), "bin" | "config") || rest.starts_with("test_") {
                 continue;
             }
             let (section, key) = match SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_")))
@@ -419,11 +427,37 @@ impl Config {
         for d in &self.domains {
             jid::BareJid::new(d).map_err(|e| anyhow::anyhow!("domain {d:?} is not valid: {e}"))?;
         }
-        if self.store.backend != "sqlite" {
-            anyhow::bail!(
-                "store.backend {:?} is not supported (supported: \"sqlite\")",
-                self.store.backend
-            );
+        match self.store.backend.as_str() {
+            "sqlite" if !self.store.url.is_empty() => anyhow::bail!(
+                "store.url is for store.backend = \"postgres\"; with \"sqlite\" the \
+                 database is store.path"
+            ),
+            "sqlite" => {}
+            "postgres" => {
+                if self.store.url.is_empty() {
+                    anyhow::bail!(
+                        "store.url must be set when store.backend is \"postgres\" \
+                         (e.g. postgres://natter@127.0.0.1:5432/natter)"
+                    );
+                }
+                if !self.store.url.starts_with("postgres://")
+                    && !self.store.url.starts_with("postgresql://")
+                {
+                    anyhow::bail!(
+                        "store.url must be a postgres:// URL, not {:?}",
+                        natter_store::postgres::redacted(&self.store.url)
+                    );
+                }
+                if self.store.pool_size < 2 {
+                    anyhow::bail!(
+                        "store.pool_size must be at least 2, not {}",
+                        self.store.pool_size
+                    );
+                }
+            }
+            other => {
+                anyhow::bail!("store.backend must be \"sqlite\" or \"postgres\", not {other:?}")
+            }
         }
         if !matches!(self.store.sync.as_str(), "normal" | "full") {
             anyhow::bail!(
@@ -539,6 +573,34 @@ mod tests {
         assert_eq!(c.domains, vec!["a.example", "b.example"]);
         assert_eq!(c.limits.max_depth, 7);
         assert!(!c.registration_enabled());
+    }
+
+    #[test]
+    fn store_backend_and_url_are_checked_together() {
+        let err = |text: &str| Config::from_parts(text, &[]).unwrap_err().to_string();
+        let e = err("[store]\nbackend = \"postgres\"\n");
+        assert!(e.contains("store.url must be set"), "{e}");
+        let e = err("[store]\nbackend = \"postgres\"\nurl = \"mysql://u:pw@h/db\"\n");
+        assert!(e.contains("store.url must be a postgres:// URL"), "{e}");
+        assert!(!e.contains("pw"), "the password is not shown: {e}");
+        let e = err("[store]\nurl = \"postgres://h/db\"\n");
+        assert!(e.contains("store.url is for store.backend"), "{e}");
+        let e = err("[store]\nbackend = \"mysql\"\n");
+        assert!(e.contains("store.backend must be"), "{e}");
+        let e = err("[store]\nbackend = \"postgres\"\nurl = \"postgres://h/db\"\npool_size = 1\n");
+        assert!(e.contains("store.pool_size"), "{e}");
+        let env = vec![
+            ("NATTER_STORE_BACKEND".into(), "postgres".into()),
+            (
+                "NATTER_STORE_URL".into(),
+                "postgresql://natter@db:5432/natter".into(),
+            ),
+            // The test harness's own variables are not configuration.
+            ("NATTER_TEST_STORE".into(), "postgres".into()),
+        ];
+        let c = Config::from_parts("", &env).unwrap();
+        assert_eq!(c.store.backend, "postgres");
+        assert_eq!(c.store.url, "postgresql://natter@db:5432/natter");
     }
 
     #[test]

@@ -39,10 +39,18 @@ pub fn c2s_limits(config: &Config, authed: bool) -> natter_xml::Limits {
     }
 }
 
-/// Open the configured store, creating the data directory (0700); fails with the cause.
+/// Open the configured store (SQLite under `data_dir`, or PostgreSQL at `store.url`),
+/// creating the data directory (0700) either way; fails with the cause.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     natter_store::files::private_dir(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    if config.store.backend == "postgres" {
+        let store =
+            natter_store::postgres::PgStore::open(&config.store.url, config.store.pool_size)
+                .await
+                .context("cannot open the store (store.backend = \"postgres\")")?;
+        return Ok(Arc::new(store));
+    }
     let path = config.store_path();
     let store = natter_store::sqlite::SqliteStore::open(&path, config.store.sync == "full")
         .await

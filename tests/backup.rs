@@ -1,29 +1,32 @@
 //! `natter backup` taken from a running server restores into a fresh data
 //! directory with accounts (SCRAM keys), rosters, vCards and archives intact
-//! (issue 5). The CLI runs as its own process against the live SQLite file.
+//! (issue 5). The CLI runs as its own process against the live store (the
+//! SQLite file, or the server's PostgreSQL database with NATTER_TEST_STORE).
 
 mod common;
 
 use common::*;
+use natter::config::Config;
 use natter_store::{
-    ArchiveQuery, ArchivedMessage, NewArchiveEntry, RosterItem, Store, Subscription,
+    ArchiveQuery, ArchivedMessage, NewArchiveEntry, PepNodeConfig, RosterItem, Store, Subscription,
 };
-use std::path::Path;
 use std::process::Command;
 
-fn natter_command(data_dir: &Path, args: &[&str]) -> Command {
+/// The CLI on the store of `cfg` (its data directory, or its database).
+fn natter_command(cfg: &Config, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_natter"));
     cmd.args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("NATTER_DATA_DIR", data_dir)
+        .env("NATTER_DATA_DIR", &cfg.data_dir)
+        .envs(store_env(cfg))
         .env("NATTER_DOMAINS", DOMAIN)
         .env("NATTER_LOG_LEVEL", "warn");
     cmd
 }
 
-fn natter_cli(data_dir: &Path, args: &[&str]) -> String {
-    let out = natter_command(data_dir, args).output().expect("run natter");
+fn natter_cli(cfg: &Config, args: &[&str]) -> String {
+    let out = natter_command(cfg, args).output().expect("run natter");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -56,6 +59,12 @@ async fn everything(store: &dyn Store) -> Vec<String> {
         out.push(format!("archive {:?}", page.items));
         out.push(format!("prefs {:?}", store.mam_prefs(&u).await.unwrap()));
         out.push(format!("blocked {:?}", store.blocklist(&u).await.unwrap()));
+        for node in store.pep_nodes(&u).await.unwrap() {
+            let cfg = store.pep_node(&u, &node).await.unwrap();
+            let items = store.pep_items(&u, &node, None, None).await.unwrap();
+            let ids: Vec<_> = items.iter().map(|i| (&i.id, &i.payload)).collect();
+            out.push(format!("pep {node} {cfg:?} {ids:?}"));
+        }
     }
     out
 }
@@ -94,6 +103,29 @@ async fn backup_from_a_running_server_restores_into_a_fresh_data_dir() {
         .block(&bob, &["spam@example.net".into()])
         .await
         .unwrap();
+    // A PEP node with options off their defaults.
+    let cfg = PepNodeConfig {
+        access_model: "whitelist".into(),
+        max_items: 5,
+        persist_items: true,
+        send_last_published_item: "never".into(),
+        notify_retract: false,
+        notify_delete: false,
+        ..PepNodeConfig::default()
+    };
+    store
+        .pep_create_or_configure(&alice, "urn:xmpp:bookmarks:1", &cfg)
+        .await
+        .unwrap();
+    store
+        .pep_publish(
+            &alice,
+            "urn:xmpp:bookmarks:1",
+            "room@conf.example",
+            "<conference xmlns='urn:xmpp:bookmarks:1' name='Room'/>",
+        )
+        .await
+        .unwrap();
 
     // Live traffic while the backup runs, and archive entries written directly
     // (so the test doesn't depend on which module archives what).
@@ -129,7 +161,7 @@ async fn backup_from_a_running_server_restores_into_a_fresh_data_dir() {
 
     let keep = tempfile::tempdir().unwrap();
     let file = keep.path().join("natter-backup.xml");
-    let out = natter_cli(server.dir.path(), &["backup", file.to_str().unwrap()]);
+    let out = natter_cli(&server.state().config, &["backup", file.to_str().unwrap()]);
     assert!(out.contains("3 accounts"), "{out}");
     let before = everything(store.as_ref()).await;
     server.assert_healthy().await; // the server kept serving
@@ -151,19 +183,18 @@ async fn backup_from_a_running_server_restores_into_a_fresh_data_dir() {
 
     // Restore into a fresh data directory with the CLI, then compare.
     let fresh = tempfile::tempdir().unwrap();
-    let out = natter_cli(fresh.path(), &["restore", file.to_str().unwrap()]);
+    let mut fresh_cfg = test_config(fresh.path());
+    let _fresh_db = fresh_store(&mut fresh_cfg).await;
+    let out = natter_cli(&fresh_cfg, &["restore", file.to_str().unwrap()]);
     assert!(out.contains("3 accounts"), "{out}");
     // Restoring twice is refused: accounts exist now.
-    let again = Command::new(env!("CARGO_BIN_EXE_natter"))
-        .args(["restore", file.to_str().unwrap()])
-        .env("NATTER_DATA_DIR", fresh.path())
-        .env("NATTER_DOMAINS", DOMAIN)
+    let again = natter_command(&fresh_cfg, &["restore", file.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 
-    let restored = start_server(|c| c.data_dir = fresh.path().to_path_buf()).await;
+    let restored = start_server(|c| c.clone_from(&fresh_cfg)).await;
     let after = everything(restored.state().store.as_ref()).await;
     // Identical, archive ids and timestamps included.
     assert_eq!(before.len(), after.len());
@@ -181,9 +212,9 @@ async fn backup_from_a_running_server_restores_into_a_fresh_data_dir() {
 /// Runs the natter CLI to completion, sampling its anonymous RSS (its own
 /// heap: the SQLite file it maps is page cache and not counted) every 10 ms.
 /// Returns stdout and the peak in bytes.
-fn natter_cli_peak_heap(data_dir: &Path, args: &[&str]) -> (String, u64) {
+fn natter_cli_peak_heap(cfg: &Config, args: &[&str]) -> (String, u64) {
     use std::io::Read;
-    let mut child = natter_command(data_dir, args)
+    let mut child = natter_command(cfg, args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -230,8 +261,10 @@ async fn restore_of_a_large_backup_does_not_hold_the_file_in_memory() {
     const BIG_ARCHIVE: usize = 6000;
     let body = "x".repeat(2000);
     let src = tempfile::tempdir().unwrap();
+    let mut src_cfg = test_config(src.path());
+    let _src_db = fresh_store(&mut src_cfg).await;
     {
-        let store = natter::open_store(&test_config(src.path())).await.unwrap();
+        let store = natter::open_store(&src_cfg).await.unwrap();
         let creds = natter::accounts::derive("large-backup-pw", 0).unwrap();
         let users: Vec<String> = (0..SMALL_USERS + 2)
             .map(|i| format!("u{i:03}@{DOMAIN}"))
@@ -264,7 +297,7 @@ async fn restore_of_a_large_backup_does_not_hold_the_file_in_memory() {
 
     let keep = tempfile::tempdir().unwrap();
     let file = keep.path().join("large.xml");
-    let (out, backup_heap) = natter_cli_peak_heap(src.path(), &["backup", file.to_str().unwrap()]);
+    let (out, backup_heap) = natter_cli_peak_heap(&src_cfg, &["backup", file.to_str().unwrap()]);
     let total = SMALL_USERS * 5 + 2 * BIG_ARCHIVE;
     assert!(
         out.contains(&format!("{} accounts", SMALL_USERS + 2)),
@@ -275,8 +308,10 @@ async fn restore_of_a_large_backup_does_not_hold_the_file_in_memory() {
     assert!(size > 25 << 20, "backup is only {size} bytes");
 
     let fresh = tempfile::tempdir().unwrap();
+    let mut fresh_cfg = test_config(fresh.path());
+    let _fresh_db = fresh_store(&mut fresh_cfg).await;
     let (out, restore_heap) =
-        natter_cli_peak_heap(fresh.path(), &["restore", file.to_str().unwrap()]);
+        natter_cli_peak_heap(&fresh_cfg, &["restore", file.to_str().unwrap()]);
     assert!(out.contains(&format!("{total} archived messages")), "{out}");
     eprintln!(
         "backup of {} MB: peak heap {} MB (backup), {} MB (restore)",
@@ -297,9 +332,7 @@ async fn restore_of_a_large_backup_does_not_hold_the_file_in_memory() {
     );
 
     // Everything arrived: accounts, and the huge archives complete and in order.
-    let store = natter::open_store(&test_config(fresh.path()))
-        .await
-        .unwrap();
+    let store = natter::open_store(&fresh_cfg).await.unwrap();
     assert_eq!(
         store.list_accounts(None).await.unwrap().len(),
         SMALL_USERS + 2
@@ -375,12 +408,14 @@ async fn restore_streams_files_with_messages_before_credentials_and_the_old_name
     std::fs::write(&file, doc).unwrap();
 
     let fresh = tempfile::tempdir().unwrap();
-    let out = natter_cli(fresh.path(), &["restore", file.to_str().unwrap()]);
+    let mut fresh_cfg = test_config(fresh.path());
+    let _fresh_db = fresh_store(&mut fresh_cfg).await;
+    let out = natter_cli(&fresh_cfg, &["restore", file.to_str().unwrap()]);
     assert!(out.contains("1 accounts"), "{out}");
     assert!(out.contains("1200 archived messages"), "{out}");
     assert!(out.contains("1 offline messages"), "{out}");
 
-    let server = start_server(|c| c.data_dir = fresh.path().to_path_buf()).await;
+    let server = start_server(|c| c.clone_from(&fresh_cfg)).await;
     let store = server.state().store.clone();
     let zoe = format!("zoe@{DOMAIN}");
     let q = ArchiveQuery {
@@ -403,8 +438,8 @@ async fn restore_streams_files_with_messages_before_credentials_and_the_old_name
 
 /// Restore checks the whole file before writing: a backup cut short (a
 /// disk that filled while it was copied) leaves the store untouched.
-#[test]
-fn a_truncated_backup_restores_nothing() {
+#[tokio::test]
+async fn a_truncated_backup_restores_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cut.xml");
     let mut doc =
@@ -415,13 +450,15 @@ fn a_truncated_backup_restores_nothing() {
     doc += "</host></server-data>";
     std::fs::write(&file, &doc[..doc.len() - 20]).unwrap();
     let fresh = tempfile::tempdir().unwrap();
-    let out = natter_command(fresh.path(), &["restore", file.to_str().unwrap()])
+    let mut fresh_cfg = test_config(fresh.path());
+    let _fresh_db = fresh_store(&mut fresh_cfg).await;
+    let out = natter_command(&fresh_cfg, &["restore", file.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a well-formed XML document"), "{err}");
-    let listed = natter_cli(fresh.path(), &["user", "list"]);
+    let listed = natter_cli(&fresh_cfg, &["user", "list"]);
     assert_eq!(
         listed.trim(),
         "",

@@ -998,7 +998,9 @@ async fn slow_reader_is_closed_and_memory_stays_bounded() {
     const COUNT: usize = 2000; // 64 MiB in total
     let srv = start_server(|c| {
         c.c2s.max_queue = 16;
-        c.c2s.write_timeout_secs = 30;
+        // Bob's blocked write of the stream error must outlast the flood,
+        // whose 128 MB of archive take longer on PostgreSQL than on SQLite.
+        c.c2s.write_timeout_secs = 120;
         c.limits.rate_bytes_per_sec = 1 << 30;
         c.limits.rate_burst_bytes = 1 << 30;
     })

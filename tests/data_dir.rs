@@ -132,7 +132,12 @@ async fn store_heals_after_disk_full() {
         }
     };
     let data = tmpfs.path().join("data");
-    let srv = start_server(|c| c.data_dir = data.clone()).await;
+    // The embedded store's disk filling up: SQLite whatever NATTER_TEST_STORE says.
+    let srv = start_server(|c| {
+        sqlite_only(c);
+        c.data_dir = data.clone();
+    })
+    .await;
     let alice = srv.add_user("alice", "password").await;
     let bob = srv.add_user("bob", "password").await;
     let mut a = srv.login(&alice, "password", "phone").await;
@@ -256,7 +261,12 @@ async fn data_files_are_private() {
     rustix::process::umask(rustix::fs::Mode::empty());
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("data");
-    let srv = start_server(|c| c.data_dir = data.clone()).await;
+    // The SQLite files are among them: SQLite whatever NATTER_TEST_STORE says.
+    let srv = start_server(|c| {
+        sqlite_only(c);
+        c.data_dir = data.clone();
+    })
+    .await;
     srv.assert_healthy().await;
     for (p, want) in private_paths(&data) {
         assert_eq!(mode(&p), want, "{} is {:o}", p.display(), mode(&p));

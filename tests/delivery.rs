@@ -55,23 +55,6 @@ async fn come_online(c: &mut Client, expect: usize) -> Vec<Element> {
 }
 
 /// Every body in `c`'s archive, paging forward 100 at a time.
-/// The queue is deleted once the session has taken it over, which may be just
-/// after the client saw the messages: wait (bounded) for the store to agree.
-async fn queue_emptied(srv: &TestServer, user: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = srv.state().store.offline_count(user).await.unwrap();
-        if n == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{n} messages still queued for {user} after delivery"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn archive_bodies(c: &mut Client) -> Vec<String> {
     let mut out = Vec::new();
     let mut after: Option<String> = None;
@@ -363,24 +346,32 @@ fn free_port() -> u16 {
 struct Binary {
     config: std::path::PathBuf,
     c2s_tls: SocketAddr,
+    /// Its database with NATTER_TEST_STORE=postgres.
+    _db: Option<TestDb>,
 }
 
 impl Binary {
-    fn new(dir: &Path) -> Binary {
+    async fn new(dir: &Path) -> Binary {
         let (p1, p2, p3) = (free_port(), free_port(), free_port());
         let config = dir.join("natter.toml");
+        let mut store = test_config(dir);
+        let db = fresh_store(&mut store).await;
         std::fs::write(
             &config,
             format!(
                 "domains = [\"localhost\"]\ndata_dir = \"{}\"\n\n[listen]\nc2s = \"127.0.0.1:{p1}\"\n\
-                 c2s_tls = \"127.0.0.1:{p2}\"\nhttp = \"127.0.0.1:{p3}\"\n\n[log]\nlevel = \"warn\"\n",
-                dir.join("data").display()
+                 c2s_tls = \"127.0.0.1:{p2}\"\nhttp = \"127.0.0.1:{p3}\"\n\n[log]\nlevel = \"warn\"\n\n\
+                 [store]\nbackend = \"{}\"\nurl = \"{}\"\n",
+                dir.join("data").display(),
+                store.store.backend,
+                store.store.url,
             ),
         )
         .unwrap();
         Binary {
             config,
             c2s_tls: format!("127.0.0.1:{p2}").parse().unwrap(),
+            _db: db,
         }
     }
 
@@ -428,7 +419,7 @@ async fn kill_dash_nine_mid_burst_loses_no_acked_message() {
     const CHUNK: usize = 20;
     const KILL_AFTER: usize = 1000;
     let dir = tempfile::tempdir().unwrap();
-    let bin = Binary::new(dir.path());
+    let bin = Binary::new(dir.path()).await;
     bin.add_user("alice@localhost");
     bin.add_user("bob@localhost");
     let mut server = bin.serve().await;

@@ -84,7 +84,7 @@ async fn assert_nothing_more(srv: &TestServer, c: &mut Client, bob: &str) {
         .filter(|e| e.is("message", NS_CLIENT))
         .collect();
     assert!(rest.is_empty(), "{} duplicates", rest.len());
-    assert_eq!(srv.state().store.offline_count(bob).await.unwrap(), 0);
+    queue_emptied(srv, bob).await;
 }
 
 /// Without stream management: what a session was handed and did not wholly

@@ -681,8 +681,7 @@ async fn stuck_resumable_session_past_its_unacked_limit_parks_and_resumes() {
     let want: Vec<_> = (0..9).map(|i| format!("m{i}")).collect();
     assert_eq!(got, want);
     assert_eq!(srv.state().router.requeued(), 0);
-    let queued = srv.state().store.offline_count(&bob).await.unwrap();
-    assert_eq!(queued, 0);
+    queue_emptied(&srv, &bob).await;
     srv.stop().await;
 }
 
@@ -732,15 +731,7 @@ async fn detached_session_past_its_limit_resumes_with_everything_in_order() {
     let want: Vec<_> = (0..20).map(|i| format!("m{i}")).collect();
     assert_eq!(got, want);
     // And they left the offline queue.
-    let mut left = u64::MAX;
-    for _ in 0..200 {
-        left = srv.state().store.offline_count(&bob).await.unwrap();
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(left, 0, "delivered messages stay in the offline queue");
+    queue_emptied(&srv, &bob).await;
     // Later messages come live, after those.
     a.send(&message(&bob, "live")).await;
     assert_eq!(body(&recv_msg(&mut b2).await), "live");

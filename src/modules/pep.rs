@@ -47,10 +47,8 @@
 //!   `never`): the owner's own nodes and those of every contact it is
 //!   subscribed to.
 //!
-//! Node options beyond the store's three fields (persist_items,
-//! send_last_published_item, notify_retract, notify_delete) are kept in
-//! the store's free-form `publish_model` text as `publishers;key=value;…`
-//! (only non-default values).
+//! Node options are the store's `PepNodeConfig` fields (persist_items,
+//! send_last_published_item, notify_retract, notify_delete included).
 
 pub use super::disco::caps_verification_string;
 use super::vocab::{NS_CAPS, NS_DISCO_INFO, NS_DISCO_ITEMS};
@@ -378,49 +376,27 @@ impl NodeConfig {
     }
 
     fn to_store(&self) -> PepNodeConfig {
-        let mut model = String::from("publishers");
-        if !self.persist {
-            model.push_str(";persist_items=0");
-        }
-        if self.send_last != SendLast::OnSubAndPresence {
-            model.push_str(";send_last_published_item=");
-            model.push_str(self.send_last.as_str());
-        }
-        if !self.notify_retract {
-            model.push_str(";notify_retract=0");
-        }
-        if !self.notify_delete {
-            model.push_str(";notify_delete=0");
-        }
         PepNodeConfig {
             access_model: self.access.as_str().into(),
             max_items: if self.persist { self.max_items } else { 1 },
-            publish_model: model,
+            publish_model: "publishers".into(),
+            persist_items: self.persist,
+            send_last_published_item: self.send_last.as_str().into(),
+            notify_retract: self.notify_retract,
+            notify_delete: self.notify_delete,
         }
     }
 
     fn from_store(c: &PepNodeConfig) -> NodeConfig {
-        let mut n = NodeConfig {
+        NodeConfig {
             // Unknown values (a newer binary wrote them) fail closed.
             access: Access::parse(&c.access_model).unwrap_or(Access::Whitelist),
             max_items: c.max_items.clamp(1, MAX_NODE_ITEMS),
-            persist: true,
-            send_last: SendLast::OnSubAndPresence,
-            notify_retract: true,
-            notify_delete: true,
-        };
-        for kv in c.publish_model.split(';').skip(1) {
-            match kv.split_once('=') {
-                Some(("persist_items", v)) => n.persist = v != "0",
-                Some(("send_last_published_item", v)) => {
-                    n.send_last = SendLast::parse(v).unwrap_or(SendLast::Never)
-                }
-                Some(("notify_retract", v)) => n.notify_retract = v != "0",
-                Some(("notify_delete", v)) => n.notify_delete = v != "0",
-                _ => {}
-            }
+            persist: c.persist_items,
+            send_last: SendLast::parse(&c.send_last_published_item).unwrap_or(SendLast::Never),
+            notify_retract: c.notify_retract,
+            notify_delete: c.notify_delete,
         }
-        n
     }
 
     fn max_items_str(&self) -> String {

@@ -26,8 +26,8 @@ pub const MAX_ELEMENT_BYTES: usize = 64 * 1024;
 pub const MAX_ACCOUNT_BYTES: usize = 1024 * 1024;
 /// Longest namespace (a PEP node name) or element name.
 const MAX_NAME: usize = 1024;
-/// Marks the PEP nodes this module created, for the per-account total.
-/// The PEP module ignores `publish_model` keys it doesn't know.
+/// Marks the PEP nodes this module created, for the per-account total
+/// (in `publish_model`, a column the PEP module writes but never reads).
 const MARK: &str = ";private=1";
 /// PEP holds at most this many items per node; one per element name.
 const MAX_ITEMS: u32 = 1000;
@@ -194,7 +194,9 @@ async fn save(
             let cfg = PepNodeConfig {
                 access_model: "whitelist".into(),
                 max_items: MAX_ITEMS,
-                publish_model: format!("publishers;send_last_published_item=never{MARK}"),
+                publish_model: format!("publishers{MARK}"),
+                send_last_published_item: "never".into(),
+                ..PepNodeConfig::default()
             };
             store.pep_create_or_configure(user, &e.ns, &cfg).await?;
         }

@@ -68,18 +68,109 @@ pub struct TestServer {
     pub running: natter::Running,
     /// The data directory; removed when the server is dropped.
     pub dir: tempfile::TempDir,
+    /// The server's PostgreSQL database (NATTER_TEST_STORE=postgres); dropped with it.
+    pub db: Option<TestDb>,
     pub c2s: SocketAddr,
     pub c2s_tls: SocketAddr,
     pub http: SocketAddr,
     pub domain: String,
 }
 
-/// The configuration every test server starts from (before `tweak`).
+/// The store integration tests run on: env `NATTER_TEST_STORE`, `sqlite`
+/// (default) or `postgres` (a fresh database per server on the server named by
+/// `NATTER_TEST_PG_URL`, default postgres://postgres@127.0.0.1:5432/postgres).
+pub fn test_backend() -> &'static str {
+    match std::env::var("NATTER_TEST_STORE").as_deref() {
+        Err(_) | Ok("") | Ok("sqlite") => "sqlite",
+        Ok("postgres") => "postgres",
+        Ok(other) => panic!("NATTER_TEST_STORE must be sqlite or postgres, not {other:?}"),
+    }
+}
+
+/// A tweak for tests of the embedded mode (SQLite files under data_dir, the
+/// disk filling up): they run on SQLite whatever NATTER_TEST_STORE says.
+pub fn sqlite_only(c: &mut Config) {
+    c.store.backend = "sqlite".into();
+    c.store.url.clear();
+}
+
+/// A PostgreSQL database of one test server, dropped (with FORCE, closing
+/// what still uses it) when this is dropped.
+pub struct TestDb {
+    server: String,
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    fn pg_server() -> String {
+        std::env::var("NATTER_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    }
+
+    /// Creates `natter_test_<random>`; panics with the cause when the server
+    /// is unreachable (a PostgreSQL run must fail then, not pass untested).
+    pub async fn create() -> TestDb {
+        let server = Self::pg_server();
+        let name = format!("natter_test_{:016x}", rand::random::<u64>());
+        if let Err(e) = natter_store::postgres::create_database(&server, &name).await {
+            panic!(
+                "NATTER_TEST_STORE=postgres needs a PostgreSQL server (NATTER_TEST_PG_URL): {e}"
+            );
+        }
+        let url = natter_store::postgres::with_database(&server, &name);
+        TestDb { server, name, url }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Drop runs outside any async context we could block on: a thread with
+        // a runtime of its own.
+        let (server, name) = (self.server.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(natter_store::postgres::drop_database(&server, &name))
+        })
+        .join();
+        if let Ok(Err(e)) = dropped {
+            eprintln!("could not drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+/// Points `config` at a fresh database when it is to use PostgreSQL without
+/// one yet; the database lives as long as the returned guard.
+pub async fn fresh_store(config: &mut Config) -> Option<TestDb> {
+    if config.store.backend != "postgres" || !config.store.url.is_empty() {
+        return None;
+    }
+    let db = TestDb::create().await;
+    config.store.url = db.url.clone();
+    Some(db)
+}
+
+/// The environment that makes a natter binary (CLI, `serve`) use the store
+/// of `config`.
+pub fn store_env(config: &Config) -> Vec<(&'static str, String)> {
+    vec![
+        ("NATTER_STORE_BACKEND", config.store.backend.clone()),
+        ("NATTER_STORE_URL", config.store.url.clone()),
+    ]
+}
+
+/// The configuration every test server starts from (before `tweak`): the
+/// backend NATTER_TEST_STORE names (PostgreSQL without a database yet:
+/// `start_server` and `fresh_store` create one).
 pub fn test_config(dir: &std::path::Path) -> Config {
     let mut c = Config {
         data_dir: dir.to_path_buf(),
         ..Config::default()
     };
+    c.store.backend = test_backend().into();
     c.domains = vec![DOMAIN.into()];
     c.listen.c2s = "127.0.0.1:0".into();
     c.listen.c2s_tls = "127.0.0.1:0".into();
@@ -105,6 +196,7 @@ pub async fn start_server_with(
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = test_config(dir.path());
     tweak(&mut config);
+    let db = fresh_store(&mut config).await;
     let domain = config.domains[0].clone();
     let running = natter::start_with(config, extra)
         .await
@@ -116,6 +208,7 @@ pub async fn start_server_with(
         http: b.http.expect("http listener bound"),
         running,
         dir,
+        db,
         domain,
     }
 }
@@ -173,6 +266,23 @@ impl TestServer {
 
     pub async fn stop(self) {
         self.running.shutdown().await;
+    }
+}
+
+/// The queue is deleted once the session has taken it over, which may be just
+/// after the client saw the messages: wait (bounded) for the store to agree.
+pub async fn queue_emptied(srv: &TestServer, user: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = srv.state().store.offline_count(user).await.unwrap();
+        if n == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} messages still queued for {user} after delivery"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -8,11 +8,17 @@ Server stderr/stdout go to a log file that is attached to any failing test's
 report.
 
 Extra config for one test: @pytest.mark.natter_config({"registration": {"enabled": False}})
+
+Store: env NATTER_TEST_STORE=postgres gives each server a fresh PostgreSQL
+database `natter_test_<random>` on the server NATTER_TEST_PG_URL names
+(default postgres://postgres@127.0.0.1:5432/postgres), created and dropped
+with psql; unreachable, the test fails (never passes on SQLite instead).
 """
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -25,6 +31,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parents[2]
+PG_SERVER_URL = os.environ.get("NATTER_TEST_PG_URL",
+                               "postgres://postgres@127.0.0.1:5432/postgres")
 SHUTDOWN_GRACE_SECS = 10
 STARTUP_SECS = 30
 LOG_TAIL_BYTES = 200_000
@@ -103,6 +111,32 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def test_store() -> str:
+    store = os.environ.get("NATTER_TEST_STORE") or "sqlite"
+    if store not in ("sqlite", "postgres"):
+        pytest.fail(f"NATTER_TEST_STORE must be sqlite or postgres, not {store!r}", pytrace=False)
+    return store
+
+
+def _psql(sql: str) -> None:
+    try:
+        res = subprocess.run(["psql", PG_SERVER_URL, "-v", "ON_ERROR_STOP=1", "-qAtc", sql],
+                             capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        pytest.fail("NATTER_TEST_STORE=postgres needs psql on PATH", pytrace=False)
+    if res.returncode != 0:
+        pytest.fail(f"psql {PG_SERVER_URL} -c {sql!r} failed (NATTER_TEST_PG_URL): "
+                    f"{res.stderr.strip()}", pytrace=False)
+
+
+def pg_database_url(name: str) -> str:
+    """PG_SERVER_URL naming database `name` instead."""
+    base, sep, params = PG_SERVER_URL.partition("?")
+    scheme, _, rest = base.partition("://")
+    host = rest.split("/", 1)[0]
+    return f"{scheme}://{host}/{name}{sep}{params}"
+
+
 class NatterServer:
     host = "127.0.0.1"
     domain = "localhost"
@@ -126,6 +160,19 @@ class NatterServer:
         self.proc: subprocess.Popen | None = None
         self.returncode: int | None = None
         self._log = None
+        # Its own PostgreSQL database, for the server's whole life (restarts
+        # included), dropped by drop_database().
+        self.pg_database: str | None = None
+        if test_store() == "postgres" and "store" not in (extra_config or {}):
+            self.pg_database = f"natter_test_{secrets.token_hex(8)}"
+            _psql(f'CREATE DATABASE "{self.pg_database}"')
+            self.config = merge(self.config, {"store": {
+                "backend": "postgres", "url": pg_database_url(self.pg_database)}})
+
+    def drop_database(self) -> None:
+        if self.pg_database is not None:
+            _psql(f'DROP DATABASE IF EXISTS "{self.pg_database}" WITH (FORCE)')
+            self.pg_database = None
 
     @property
     def ports(self) -> dict[str, int]:
@@ -245,21 +292,29 @@ def server(request, tmp_path):
     marker = request.node.get_closest_marker("natter_config")
     srv = NatterServer(tmp_path, marker.args[0] if marker else None)
     request.node.stash[_server_log_key] = srv.log_path
-    srv.start()
+    try:
+        srv.start()
+    except BaseException:
+        srv.kill()
+        srv.drop_database()
+        raise
     try:
         yield srv
     finally:
-        if srv.proc is None:
-            pass  # the test stopped the server itself and checked the status
-        elif srv.proc.poll() is not None:
-            rc = srv.stop()
-            pytest.fail(f"natter exited by itself (status {rc}) during the test", pytrace=False)
-        else:
-            rc = srv.stop()
-            if rc != 0:
-                what = (f"was killed: still running {SHUTDOWN_GRACE_SECS}s after SIGTERM"
-                        if rc is None else f"exited with status {rc} after SIGTERM")
-                pytest.fail(f"natter did not shut down gracefully: it {what}", pytrace=False)
+        try:
+            if srv.proc is None:
+                pass  # the test stopped the server itself and checked the status
+            elif srv.proc.poll() is not None:
+                rc = srv.stop()
+                pytest.fail(f"natter exited by itself (status {rc}) during the test", pytrace=False)
+            else:
+                rc = srv.stop()
+                if rc != 0:
+                    what = (f"was killed: still running {SHUTDOWN_GRACE_SECS}s after SIGTERM"
+                            if rc is None else f"exited with status {rc} after SIGTERM")
+                    pytest.fail(f"natter did not shut down gracefully: it {what}", pytrace=False)
+        finally:
+            srv.drop_database()
 
 
 @pytest.hookimpl(hookwrapper=True)

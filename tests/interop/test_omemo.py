@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, FrozenSet, Optional
@@ -158,27 +159,43 @@ async def receive_decrypted(receiver, sender, plaintext: str, what: str) -> None
     assert device.bare_jid == JID(sender).bare
 
 
-def assert_store_has_no_plaintext(server, plaintexts: list[str]) -> dict[str, int]:
-    """No plaintext in the SQLite files (main + WAL); returns row counts of
-    the archive/offline tables that hold OMEMO payloads."""
+def stored_stanzas(server, table: str) -> list[str]:
+    """Every stanza in `table` of the server's store (SQLite file or PostgreSQL)."""
+    if server.pg_database is not None:
+        from conftest import pg_database_url
+        # Hex, so stanzas with newlines come back one per line.
+        res = subprocess.run(
+            ["psql", pg_database_url(server.pg_database), "-qAtc",
+             f"SELECT encode(convert_to(stanza, 'UTF8'), 'hex') FROM {table}"],  # noqa: S608
+            capture_output=True, text=True, timeout=30, check=True)
+        return [bytes.fromhex(line).decode() for line in res.stdout.split()]
     db = Path(server.data_dir) / "natter.db"
-    assert db.exists(), f"no store at {db}"
-    for f in [db, Path(f"{db}-wal")]:
-        if f.exists():
-            raw = f.read_bytes()
-            for p in plaintexts:
-                assert p.encode() not in raw, f"plaintext {p!r} found in {f.name}"
-    counts: dict[str, int] = {}
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
-        for table in ("archive", "offline_messages"):
-            rows = con.execute(f"SELECT stanza FROM {table}").fetchall()  # noqa: S608
-            for (stanza,) in rows:
-                for p in plaintexts:
-                    assert p not in stanza, f"plaintext in {table}: {stanza[:300]}"
-            counts[table] = sum(1 for (s,) in rows if OLDMEMO in s)
+        return [s for (s,) in con.execute(f"SELECT stanza FROM {table}").fetchall()]  # noqa: S608
     finally:
         con.close()
+
+
+def assert_store_has_no_plaintext(server, plaintexts: list[str]) -> dict[str, int]:
+    """No plaintext in the store (with SQLite: also not in the raw main and WAL
+    files); returns row counts of the archive/offline tables that hold OMEMO
+    payloads."""
+    if server.pg_database is None:
+        db = Path(server.data_dir) / "natter.db"
+        assert db.exists(), f"no store at {db}"
+        for f in [db, Path(f"{db}-wal")]:
+            if f.exists():
+                raw = f.read_bytes()
+                for p in plaintexts:
+                    assert p.encode() not in raw, f"plaintext {p!r} found in {f.name}"
+    counts: dict[str, int] = {}
+    for table in ("archive", "offline_messages"):
+        rows = stored_stanzas(server, table)
+        for stanza in rows:
+            for p in plaintexts:
+                assert p not in stanza, f"plaintext in {table}: {stanza[:300]}"
+        counts[table] = sum(1 for s in rows if OLDMEMO in s)
     return counts
 
 

@@ -13,8 +13,9 @@
 //! existing DB_PATH with the rows already in it is reused (no refill).
 //! Each figure is the median of 21 runs (after one warm-up).
 
+use natter_store::prelude::*;
 use natter_store::sqlite::SqliteStore;
-use natter_store::{AccountCredentials, ArchiveQuery, NewArchiveEntry, Store, StoredCredentials};
+use natter_store::{AccountCredentials, ArchiveQuery, NewArchiveEntry, StoredCredentials};
 use std::time::{Duration, Instant};
 
 const OWNER: &str = "big@bench.local";

@@ -1,10 +1,13 @@
 //! natter's storage layer.
 //!
-//! The [`Store`] trait is shaped by the data natter keeps (accounts, rosters, vCards, …),
-//! not a generic key-value interface, so each backend can use real tables, indexes,
-//! foreign keys and transactions. SQLite ([`sqlite::SqliteStore`]) is the embedded backend;
-//! PostgreSQL will implement the same trait and must pass the same
-//! [`testsuite::conformance`] suite.
+//! One trait per aggregate ([`AccountStore`], [`RosterStore`], [`ProfileStore`],
+//! [`ArchiveStore`], [`OfflineStore`], [`PepStore`], [`BlockStore`], [`KvStore`], plus
+//! [`Lifecycle`]), shaped by the data natter keeps rather than a generic key-value
+//! interface, so each backend can use real tables, indexes, foreign keys and
+//! transactions. [`Store`] is their sum, what the server holds as `Arc<dyn Store>`;
+//! [`prelude`] brings every trait into scope. SQLite ([`sqlite::SqliteStore`]) is the
+//! embedded backend, PostgreSQL ([`postgres::PgStore`]) the one N nodes share; both pass
+//! [`testsuite::conformance`].
 //!
 //! Users are identified by their bare JID string (`local@domain`), already normalized by
 //! the caller; the store never re-normalizes.
@@ -14,7 +17,12 @@
 use std::fmt;
 use std::str::FromStr;
 
+mod batch;
 pub mod files;
+mod health;
+pub mod postgres;
+mod sql;
+mod sql_impls;
 pub mod sqlite;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
@@ -224,6 +232,31 @@ pub struct PepNodeConfig {
     pub max_items: u32,
     /// e.g. `"publishers"`, `"open"` (not interpreted by the store).
     pub publish_model: String,
+    /// `pubsub#persist_items`.
+    pub persist_items: bool,
+    /// `pubsub#send_last_published_item`, e.g. `"on_sub_and_presence"`, `"never"` (not
+    /// interpreted by the store).
+    pub send_last_published_item: String,
+    /// `pubsub#notify_retract`.
+    pub notify_retract: bool,
+    /// `pubsub#notify_delete`.
+    pub notify_delete: bool,
+}
+
+impl Default for PepNodeConfig {
+    /// XEP-0163's defaults: presence access, one item, persistent, last item sent on
+    /// subscription and presence, retractions and deletion notified.
+    fn default() -> Self {
+        PepNodeConfig {
+            access_model: "presence".into(),
+            max_items: 1,
+            publish_model: "publishers".into(),
+            persist_items: true,
+            send_last_published_item: "on_sub_and_presence".into(),
+            notify_retract: true,
+            notify_delete: true,
+        }
+    }
 }
 
 /// A published PEP item.
@@ -251,7 +284,8 @@ pub enum StoreError {
     /// Applying schema migrations failed (including a database newer than this binary).
     #[error("storage schema migration failed: {0}")]
     Migration(String),
-    /// A per-user limit would be exceeded (e.g. the offline queue is full).
+    /// A per-user limit would be exceeded (e.g. the offline queue is full, a key-value
+    /// entry is too large).
     #[error("quota exceeded")]
     QuotaExceeded,
     /// The store refuses a value (e.g. an unknown MAM default mode).
@@ -259,208 +293,317 @@ pub enum StoreError {
     Invalid(String),
 }
 
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        StoreError::Backend(e.to_string())
+/// Largest value [`KvStore::kv_put`] takes, in bytes.
+pub const KV_MAX_VALUE_BYTES: usize = 64 * 1024;
+/// Largest namespace or key [`KvStore`] takes, in bytes.
+pub const KV_MAX_KEY_BYTES: usize = 1024;
+
+/// Checks a key-value entry against the limits every backend enforces.
+pub(crate) fn kv_check(namespace: &str, key: &str, value: Option<&str>) -> Result<(), StoreError> {
+    if namespace.len() > KV_MAX_KEY_BYTES || key.len() > KV_MAX_KEY_BYTES {
+        return Err(StoreError::Invalid(format!(
+            "key-value namespace or key longer than {KV_MAX_KEY_BYTES} bytes"
+        )));
+    }
+    match value {
+        Some(v) if v.len() > KV_MAX_VALUE_BYTES => Err(StoreError::QuotaExceeded),
+        _ => Ok(()),
     }
 }
 
-/// The storage interface used by the server core.
-///
-/// Operations on a user that must exist (writes of user-owned data) return
-/// [`StoreError::NotFound`] when the account doesn't; read operations return empty values
-/// instead.
+/// Sees every call through an [`Observed`] store: the operation (the method's name), how
+/// long it took, and whether the backend failed (`Backend`/`Migration` errors; refusals
+/// like `NotFound` are answers, not failures).
+pub trait Observer: Send + Sync + 'static {
+    fn observe(&self, op: &'static str, took: std::time::Duration, backend_failed: bool);
+}
+
+impl<O: Observer> Observer for std::sync::Arc<O> {
+    fn observe(&self, op: &'static str, took: std::time::Duration, backend_failed: bool) {
+        (**self).observe(op, took, backend_failed)
+    }
+}
+
+/// A [`Store`] that reports every call of the inner store to an [`Observer`] (metrics).
+/// Its forwarding methods are generated with the traits, so a new store method needs no
+/// third copy here.
+pub struct Observed<O> {
+    inner: std::sync::Arc<dyn Store>,
+    observer: O,
+}
+
+impl<O: Observer> Observed<O> {
+    pub fn new(inner: std::sync::Arc<dyn Store>, observer: O) -> Self {
+        Observed { inner, observer }
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let start = std::time::Instant::now();
+        let r = call.await;
+        let failed = matches!(
+            &r,
+            Err(StoreError::Backend(_)) | Err(StoreError::Migration(_))
+        );
+        self.observer.observe(op, start.elapsed(), failed);
+        r
+    }
+}
+
+/// Declares the aggregate traits and, from the same signatures, [`Observed`]'s forwarding
+/// impls (each method timed under its own name).
+macro_rules! aggregates {
+    ($(
+        $(#[$tmeta:meta])*
+        pub trait $name:ident {
+            $(
+                $(#[$mmeta:meta])*
+                async fn $m:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;
+            )*
+        }
+    )*) => {
+        $(
+            $(#[$tmeta])*
+            #[async_trait::async_trait]
+            pub trait $name: Send + Sync {
+                $(
+                    $(#[$mmeta])*
+                    async fn $m(&self $(, $arg: $ty)*) -> $ret;
+                )*
+            }
+
+            #[async_trait::async_trait]
+            impl<O: Observer> $name for Observed<O> {
+                $(
+                    async fn $m(&self $(, $arg: $ty)*) -> $ret {
+                        self.timed(stringify!($m), self.inner.$m($($arg),*)).await
+                    }
+                )*
+            }
+        )*
+    };
+}
+
+// Operations on a user that must exist (writes of user-owned data) return
+// `StoreError::NotFound` when the account doesn't; read operations return empty values
+// instead.
+aggregates! {
+    /// Accounts: SCRAM credentials and deletion tombstones.
+    pub trait AccountStore {
+        /// Creates an account. [`StoreError::Conflict`] if it already exists.
+        async fn create_account(&self, user: &str, creds: &AccountCredentials) -> Result<(), StoreError>;
+        async fn credentials(&self, user: &str) -> Result<Option<AccountCredentials>, StoreError>;
+        /// Replaces the credentials. [`StoreError::NotFound`] if there is no such account.
+        async fn set_credentials(&self, user: &str, creds: &AccountCredentials) -> Result<(), StoreError>;
+        /// Deletes the account and everything it owns (roster, vcard, last activity,
+        /// archive, MAM prefs, offline queue, PEP nodes, blocklist, key-value entries) in
+        /// one transaction, and records a tombstone (user, deleted_at unix seconds).
+        /// [`StoreError::NotFound`] if there is no such account.
+        async fn delete_account(&self, user: &str) -> Result<(), StoreError>;
+        /// Bare JIDs of all accounts, or of those in `domain`, sorted.
+        async fn list_accounts(&self, domain: Option<&str>) -> Result<Vec<String>, StoreError>;
+        /// Unix seconds when `user` was last deleted, if ever (used to refuse
+        /// re-registration for a while). Kept when the account is re-created.
+        async fn deleted_at(&self, user: &str) -> Result<Option<i64>, StoreError>;
+    }
+
+    /// Rosters (RFC 6121) with versioning (XEP-0237).
+    ///
+    /// The version is a per-user counter bumped on every change. It is 0 for a new
+    /// account (and for unknown users). A re-created account continues above the version
+    /// the deleted one reached, so stale client caches never match.
+    pub trait RosterStore {
+        /// The roster version and all items, sorted by contact JID, read consistently.
+        async fn roster(&self, user: &str) -> Result<(u64, Vec<RosterItem>), StoreError>;
+        async fn roster_item(&self, user: &str, contact: &str) -> Result<Option<RosterItem>, StoreError>;
+        async fn roster_version(&self, user: &str) -> Result<u64, StoreError>;
+        /// Inserts or replaces the item for `item.jid` (groups included) and returns the
+        /// new version. An identical item is a no-op returning the current version
+        /// unchanged. [`StoreError::NotFound`] if the account doesn't exist.
+        async fn put_roster_item(&self, user: &str, item: &RosterItem) -> Result<u64, StoreError>;
+        /// Removes the item and returns the new version. [`StoreError::NotFound`] if the
+        /// account or the item doesn't exist (RFC 6121 2.5.3 wants item-not-found then).
+        async fn remove_roster_item(&self, user: &str, contact: &str) -> Result<u64, StoreError>;
+    }
+
+    /// What others see of an account: the vCard-temp (XEP-0054, the serialized
+    /// `<vCard/>`) and last activity (XEP-0012, unix seconds + status text).
+    pub trait ProfileStore {
+        async fn vcard(&self, user: &str) -> Result<Option<String>, StoreError>;
+        /// [`StoreError::NotFound`] if the account doesn't exist.
+        async fn set_vcard(&self, user: &str, xml: &str) -> Result<(), StoreError>;
+        /// [`StoreError::NotFound`] if the account doesn't exist.
+        async fn set_last_activity(&self, user: &str, at: i64, status: &str) -> Result<(), StoreError>;
+        async fn last_activity(&self, user: &str) -> Result<Option<(i64, String)>, StoreError>;
+    }
+
+    /// The message archive (XEP-0313) and its preferences.
+    ///
+    /// Ordered by an internal sequence that only grows (the paging key); clients only see
+    /// the opaque stanza-ids.
+    pub trait ArchiveStore {
+        /// Appends `entries` in one durable transaction and returns their stanza-ids in
+        /// order. Each entry gets a fresh unguessable stanza-id (creation time + 64 random
+        /// bits, so ids sort by time and index inserts stay local) and a timestamp no older
+        /// than any this node archived. All or nothing: [`StoreError::NotFound`] if any
+        /// owner has no account. Concurrent calls may be committed together (group
+        /// commit); each call returns only once its entries are committed.
+        async fn archive_append(&self, entries: &[NewArchiveEntry]) -> Result<Vec<String>, StoreError>;
+        /// One page of `owner`'s archive. Without `after_id`/`before_id`/`last_page` it
+        /// is the first (oldest) page; `after_id` pages forward; `before_id`/`last_page`
+        /// page backward (the newest `max` matches older than `before_id`, or overall).
+        /// `after_id` together with `before_id` (or `last_page`) bounds both sides and
+        /// pages backward. Items are always returned oldest → newest.
+        /// [`StoreError::NotFound`] if `after_id`/`before_id` is not in the owner's
+        /// archive (XEP-0313 item-not-found).
+        async fn archive_query(&self, owner: &str, q: &ArchiveQuery) -> Result<ArchivePage, StoreError>;
+        async fn archive_get(&self, owner: &str, id: &str) -> Result<Option<ArchivedMessage>, StoreError>;
+        /// Restoring a backup: inserts messages exactly as given (id, `with`, timestamp,
+        /// direction, stanza) after the owners' existing ones, in one transaction. Give
+        /// each owner's messages oldest first. All or nothing: [`StoreError::NotFound`] if
+        /// an owner has no account, [`StoreError::Conflict`] if an id is already in its
+        /// owner's archive.
+        async fn archive_import(&self, msgs: &[ArchivedMessage]) -> Result<(), StoreError>;
+        /// Deletes messages archived before `older_than_micros` (of `owner`, or of
+        /// everyone) and returns how many. May commit in several chunks.
+        async fn archive_prune(&self, owner: Option<&str>, older_than_micros: i64) -> Result<u64, StoreError>;
+        /// The user's preferences; [`MamPrefs::default`] if never set (or no such user).
+        async fn mam_prefs(&self, user: &str) -> Result<MamPrefs, StoreError>;
+        /// Replaces the preferences. Duplicate JIDs within a list are dropped.
+        /// [`StoreError::Invalid`] for a default outside [`MAM_DEFAULT_MODES`],
+        /// [`StoreError::NotFound`] if the account doesn't exist.
+        async fn set_mam_prefs(&self, user: &str, prefs: &MamPrefs) -> Result<(), StoreError>;
+    }
+
+    /// Offline messages (XEP-0160): a queue per user, stored until delivered.
+    pub trait OfflineStore {
+        /// Queues a stanza durably (group-committed like
+        /// [`ArchiveStore::archive_append`]) at acceptance position `ord` and returns its
+        /// seq. [`StoreError::QuotaExceeded`] if the user already has `limit` queued,
+        /// [`StoreError::NotFound`] if the account doesn't exist.
+        async fn offline_push(&self, user: &str, stanza: &str, archive_id: Option<&str>, limit: usize, ord: i64) -> Result<u64, StoreError>;
+        /// Up to `max` queued messages in acceptance order (`ord`, then `seq`). Doesn't
+        /// remove them.
+        async fn offline_fetch(&self, user: &str, max: usize) -> Result<Vec<OfflineMessage>, StoreError>;
+        /// Removes the user's messages with these seqs (after delivery); returns how
+        /// many. By seq, not by range: a message requeued with an early `ord` can sit
+        /// between delivered ones in the order and must stay.
+        async fn offline_delete(&self, user: &str, seqs: &[u64]) -> Result<u64, StoreError>;
+        async fn offline_count(&self, user: &str) -> Result<u64, StoreError>;
+    }
+
+    /// PEP (XEP-0163/0223): pubsub nodes owned by an account.
+    pub trait PepStore {
+        async fn pep_node(&self, owner: &str, node: &str) -> Result<Option<PepNodeConfig>, StoreError>;
+        /// Creates the node or replaces its configuration; lowering `max_items` drops the
+        /// oldest items beyond it. [`StoreError::NotFound`] if the account doesn't exist.
+        async fn pep_create_or_configure(&self, owner: &str, node: &str, cfg: &PepNodeConfig) -> Result<(), StoreError>;
+        /// Inserts the item, or replaces the item with the same id (which becomes the
+        /// newest); then drops the oldest items beyond the node's `max_items`.
+        /// [`StoreError::NotFound`] if the node doesn't exist (create it first).
+        async fn pep_publish(&self, owner: &str, node: &str, item_id: &str, payload: &str) -> Result<(), StoreError>;
+        /// Items newest first: only those in `ids` if given, at most `max` if given.
+        /// Empty for an unknown node.
+        async fn pep_items(&self, owner: &str, node: &str, max: Option<usize>, ids: Option<&[String]>) -> Result<Vec<PepItem>, StoreError>;
+        /// Whether the item existed.
+        async fn pep_retract(&self, owner: &str, node: &str, item_id: &str) -> Result<bool, StoreError>;
+        /// Deletes the node with its items; whether it existed.
+        async fn pep_delete_node(&self, owner: &str, node: &str) -> Result<bool, StoreError>;
+        /// The owner's node names, sorted.
+        async fn pep_nodes(&self, owner: &str) -> Result<Vec<String>, StoreError>;
+    }
+
+    /// Privacy: blocked JIDs (XEP-0191), as given by the client (bare, full or domain).
+    pub trait BlockStore {
+        /// The blocked JIDs, sorted.
+        async fn blocklist(&self, user: &str) -> Result<Vec<String>, StoreError>;
+        /// Adds the JIDs (already blocked ones are fine). [`StoreError::NotFound`] if the
+        /// account doesn't exist.
+        async fn block(&self, user: &str, jids: &[String]) -> Result<(), StoreError>;
+        /// Removes the JIDs (unknown ones are fine), or all with `None`.
+        /// [`StoreError::NotFound`] if the account doesn't exist.
+        async fn unblock(&self, user: &str, jids: Option<&[String]>) -> Result<(), StoreError>;
+    }
+
+    /// Small per-user values for modules that need no tables of their own (XEP-0049
+    /// private XML storage): `(user, namespace, key) → value`, deleted with the account.
+    pub trait KvStore {
+        async fn kv_get(&self, user: &str, namespace: &str, key: &str) -> Result<Option<String>, StoreError>;
+        /// Inserts or replaces the value. [`StoreError::QuotaExceeded`] for a value over
+        /// [`KV_MAX_VALUE_BYTES`], [`StoreError::Invalid`] for a namespace or key over
+        /// [`KV_MAX_KEY_BYTES`], [`StoreError::NotFound`] if the account doesn't exist.
+        async fn kv_put(&self, user: &str, namespace: &str, key: &str, value: &str) -> Result<(), StoreError>;
+        /// Whether the entry existed.
+        async fn kv_delete(&self, user: &str, namespace: &str, key: &str) -> Result<bool, StoreError>;
+    }
+}
+
+/// Health and shutdown of the backend as a whole.
 #[async_trait::async_trait]
-pub trait Store: Send + Sync + 'static {
-    // ---- accounts
-
-    /// Creates an account. [`StoreError::Conflict`] if it already exists.
-    async fn create_account(
-        &self,
-        user: &str,
-        creds: &AccountCredentials,
-    ) -> Result<(), StoreError>;
-    async fn credentials(&self, user: &str) -> Result<Option<AccountCredentials>, StoreError>;
-    /// Replaces the credentials. [`StoreError::NotFound`] if there is no such account.
-    async fn set_credentials(
-        &self,
-        user: &str,
-        creds: &AccountCredentials,
-    ) -> Result<(), StoreError>;
-    /// Deletes the account and everything it owns (roster, vcard, last activity, archive,
-    /// MAM prefs, offline queue, PEP nodes, blocklist) in one transaction, and records a
-    /// tombstone (user, deleted_at unix seconds). [`StoreError::NotFound`] if there is no such account.
-    async fn delete_account(&self, user: &str) -> Result<(), StoreError>;
-    /// Bare JIDs of all accounts, or of those in `domain`, sorted.
-    async fn list_accounts(&self, domain: Option<&str>) -> Result<Vec<String>, StoreError>;
-    /// Unix seconds when `user` was last deleted, if ever (used to refuse re-registration
-    /// for a while). Kept when the account is re-created.
-    async fn deleted_at(&self, user: &str) -> Result<Option<i64>, StoreError>;
-
-    // ---- roster (RFC 6121) with versioning (XEP-0237)
-    //
-    // The version is a per-user counter bumped on every change. It is 0 for a new account
-    // (and for unknown users). A re-created account continues above the version the deleted
-    // one reached, so stale client caches never match.
-
-    /// The roster version and all items, sorted by contact JID, read consistently.
-    async fn roster(&self, user: &str) -> Result<(u64, Vec<RosterItem>), StoreError>;
-    async fn roster_item(
-        &self,
-        user: &str,
-        contact: &str,
-    ) -> Result<Option<RosterItem>, StoreError>;
-    async fn roster_version(&self, user: &str) -> Result<u64, StoreError>;
-    /// Inserts or replaces the item for `item.jid` (groups included) and returns the new
-    /// version. An identical item is a no-op returning the current version unchanged.
-    /// [`StoreError::NotFound`] if the account doesn't exist.
-    async fn put_roster_item(&self, user: &str, item: &RosterItem) -> Result<u64, StoreError>;
-    /// Removes the item and returns the new version. [`StoreError::NotFound`] if the account
-    /// or the item doesn't exist (RFC 6121 2.5.3 wants item-not-found then).
-    async fn remove_roster_item(&self, user: &str, contact: &str) -> Result<u64, StoreError>;
-
-    // ---- vCard-temp (XEP-0054): the serialized <vCard/> XML
-
-    async fn vcard(&self, user: &str) -> Result<Option<String>, StoreError>;
-    /// [`StoreError::NotFound`] if the account doesn't exist.
-    async fn set_vcard(&self, user: &str, xml: &str) -> Result<(), StoreError>;
-
-    // ---- last activity (XEP-0012): unix seconds + status text
-
-    /// [`StoreError::NotFound`] if the account doesn't exist.
-    async fn set_last_activity(&self, user: &str, at: i64, status: &str) -> Result<(), StoreError>;
-    async fn last_activity(&self, user: &str) -> Result<Option<(i64, String)>, StoreError>;
-
-    // ---- message archive (XEP-0313)
-    //
-    // Ordered by an internal sequence that only grows (the paging key); clients only see the
-    // opaque stanza-ids.
-
-    /// Appends `entries` in one durable transaction and returns their stanza-ids in order.
-    /// Each entry gets a fresh unguessable stanza-id (SQLite: creation time + 64 random
-    /// bits, so ids sort by time and index inserts stay local) and a timestamp no older than any
-    /// already archived. All or nothing: [`StoreError::NotFound`] if any owner has no
-    /// account. Concurrent calls may be committed together (group commit); each call
-    /// returns only once its entries are committed.
-    async fn archive_append(&self, entries: &[NewArchiveEntry]) -> Result<Vec<String>, StoreError>;
-    /// One page of `owner`'s archive. Without `after_id`/`before_id`/`last_page` it is the
-    /// first (oldest) page; `after_id` pages forward; `before_id`/`last_page` page backward
-    /// (the newest `max` matches older than `before_id`, or overall). `after_id` together
-    /// with `before_id` (or `last_page`) bounds both sides and pages backward. Items are
-    /// always returned oldest → newest. [`StoreError::NotFound`] if `after_id`/`before_id`
-    /// is not in the owner's archive (XEP-0313 item-not-found).
-    async fn archive_query(&self, owner: &str, q: &ArchiveQuery)
-        -> Result<ArchivePage, StoreError>;
-    async fn archive_get(
-        &self,
-        owner: &str,
-        id: &str,
-    ) -> Result<Option<ArchivedMessage>, StoreError>;
-    /// Restoring a backup: inserts messages exactly as given (id, `with`, timestamp,
-    /// direction, stanza) after the owners' existing ones, in one transaction. Give each
-    /// owner's messages oldest first. All or nothing: [`StoreError::NotFound`] if an owner
-    /// has no account, [`StoreError::Conflict`] if an id is already in its owner's archive.
-    async fn archive_import(&self, msgs: &[ArchivedMessage]) -> Result<(), StoreError>;
-    /// Deletes messages archived before `older_than_micros` (of `owner`, or of everyone)
-    /// and returns how many. May commit in several chunks.
-    async fn archive_prune(
-        &self,
-        owner: Option<&str>,
-        older_than_micros: i64,
-    ) -> Result<u64, StoreError>;
-    /// The user's preferences; [`MamPrefs::default`] if never set (or no such user).
-    async fn mam_prefs(&self, user: &str) -> Result<MamPrefs, StoreError>;
-    /// Replaces the preferences. Duplicate JIDs within a list are dropped.
-    /// [`StoreError::Invalid`] for a default outside [`MAM_DEFAULT_MODES`],
-    /// [`StoreError::NotFound`] if the account doesn't exist.
-    async fn set_mam_prefs(&self, user: &str, prefs: &MamPrefs) -> Result<(), StoreError>;
-
-    // ---- offline messages (XEP-0160): FIFO per user, stored until delivered
-
-    /// Queues a stanza durably (group-committed like [`Store::archive_append`]) at
-    /// acceptance position `ord` and returns its seq. [`StoreError::QuotaExceeded`] if
-    /// the user already has `limit` queued, [`StoreError::NotFound`] if the account
-    /// doesn't exist.
-    async fn offline_push(
-        &self,
-        user: &str,
-        stanza: &str,
-        archive_id: Option<&str>,
-        limit: usize,
-        ord: i64,
-    ) -> Result<u64, StoreError>;
-    /// Up to `max` queued messages in acceptance order (`ord`, then `seq`). Doesn't
-    /// remove them.
-    async fn offline_fetch(
-        &self,
-        user: &str,
-        max: usize,
-    ) -> Result<Vec<OfflineMessage>, StoreError>;
-    /// Removes the user's messages with these seqs (after delivery); returns how many.
-    /// By seq, not by range: a message requeued with an early `ord` can sit between
-    /// delivered ones in the order and must stay.
-    async fn offline_delete(&self, user: &str, seqs: &[u64]) -> Result<u64, StoreError>;
-    async fn offline_count(&self, user: &str) -> Result<u64, StoreError>;
-
-    // ---- PEP (XEP-0163/0223): pubsub nodes owned by an account
-
-    async fn pep_node(&self, owner: &str, node: &str) -> Result<Option<PepNodeConfig>, StoreError>;
-    /// Creates the node or replaces its configuration; lowering `max_items` drops the
-    /// oldest items beyond it. [`StoreError::NotFound`] if the account doesn't exist.
-    async fn pep_create_or_configure(
-        &self,
-        owner: &str,
-        node: &str,
-        cfg: &PepNodeConfig,
-    ) -> Result<(), StoreError>;
-    /// Inserts the item, or replaces the item with the same id (which becomes the newest);
-    /// then drops the oldest items beyond the node's `max_items`.
-    /// [`StoreError::NotFound`] if the node doesn't exist (create it first).
-    async fn pep_publish(
-        &self,
-        owner: &str,
-        node: &str,
-        item_id: &str,
-        payload: &str,
-    ) -> Result<(), StoreError>;
-    /// Items newest first: only those in `ids` if given, at most `max` if given. Empty for
-    /// an unknown node.
-    async fn pep_items(
-        &self,
-        owner: &str,
-        node: &str,
-        max: Option<usize>,
-        ids: Option<&[String]>,
-    ) -> Result<Vec<PepItem>, StoreError>;
-    /// Whether the item existed.
-    async fn pep_retract(&self, owner: &str, node: &str, item_id: &str)
-        -> Result<bool, StoreError>;
-    /// Deletes the node with its items; whether it existed.
-    async fn pep_delete_node(&self, owner: &str, node: &str) -> Result<bool, StoreError>;
-    /// The owner's node names, sorted.
-    async fn pep_nodes(&self, owner: &str) -> Result<Vec<String>, StoreError>;
-
-    // ---- blocking (XEP-0191): JIDs as given by the client (bare, full or domain)
-
-    /// The blocked JIDs, sorted.
-    async fn blocklist(&self, user: &str) -> Result<Vec<String>, StoreError>;
-    /// Adds the JIDs (already blocked ones are fine). [`StoreError::NotFound`] if the
-    /// account doesn't exist.
-    async fn block(&self, user: &str, jids: &[String]) -> Result<(), StoreError>;
-    /// Removes the JIDs (unknown ones are fine), or all with `None`.
-    /// [`StoreError::NotFound`] if the account doesn't exist.
-    async fn unblock(&self, user: &str, jids: Option<&[String]>) -> Result<(), StoreError>;
-
-    // ---- lifecycle
-
+pub trait Lifecycle: Send + Sync {
     /// Reachability check for /ready and start-up.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Whether writes succeed now (for /ready): the outcome of the latest write when it is
     /// recent, otherwise of a small probe write. Err while writes fail (full disk, I/O
-    /// errors), naming the cause; Ok again once a write succeeds.
+    /// errors, database unreachable), naming the cause; Ok again once a write succeeds.
     async fn writable(&self) -> Result<(), StoreError>;
     /// Flush and close (graceful shutdown). Later calls fail with [`StoreError::Backend`].
     async fn close(&self);
+}
+
+#[async_trait::async_trait]
+impl<O: Observer> Lifecycle for Observed<O> {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.timed("ping", self.inner.ping()).await
+    }
+    async fn writable(&self) -> Result<(), StoreError> {
+        self.timed("writable", self.inner.writable()).await
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+/// The whole storage interface used by the server core: every aggregate. Implemented for
+/// any type implementing them all, so a backend implements the aggregates and call sites
+/// hold an `Arc<dyn Store>` (with [`prelude`] in scope for the methods).
+pub trait Store:
+    AccountStore
+    + RosterStore
+    + ProfileStore
+    + ArchiveStore
+    + OfflineStore
+    + PepStore
+    + BlockStore
+    + KvStore
+    + Lifecycle
+    + 'static
+{
+}
+
+impl<T> Store for T where
+    T: AccountStore
+        + RosterStore
+        + ProfileStore
+        + ArchiveStore
+        + OfflineStore
+        + PepStore
+        + BlockStore
+        + KvStore
+        + Lifecycle
+        + 'static
+{
+}
+
+/// The store traits, for `use natter_store::prelude::*;` where store methods are called.
+pub mod prelude {
+    pub use crate::{
+        AccountStore, ArchiveStore, BlockStore, KvStore, Lifecycle, OfflineStore, PepStore,
+        ProfileStore, RosterStore, Store,
+    };
 }
 
 /// The domain part of a bare JID (`local@domain`); a JID without `@` is all domain.

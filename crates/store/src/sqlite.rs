@@ -7,14 +7,14 @@
 //! second process (e.g. an admin CLI) can't make a read-then-write transaction fail halfway.
 //!
 //! The high-rate durable writes (archive appends, offline pushes) are group-committed by a
-//! writer task (see `batch`), which also writes through the single writer connection.
+//! writer task (`crate::batch`, with `sqlite/batch.rs`), which also writes through the
+//! single writer connection.
 //!
-//! Queries use `$N` placeholders and portable SQL so the PostgreSQL backend can share them
-//! where it wants; SQLite specifics (pragmas, checkpointing) stay in this file.
+//! The SQL both backends share (`$N` placeholders, portable SQL) is in `crate::sql_impls`,
+//! expanded here; SQLite specifics (pragmas, checkpointing, `json_each`, `INDEXED BY`)
+//! stay in this file.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,14 +24,21 @@ use sqlx::sqlite::{
 };
 use sqlx::{Connection, QueryBuilder, Sqlite, Transaction};
 
+use crate::batch::BatchWriter;
+use crate::health::WriteHealth;
+use crate::sql::{
+    archive_rows, credentials_from_rows, db, is_unique_violation, limit_of, mam_prefs_from,
+    roster_from_rows, row_to_item, tighter, to_archived, to_offline, to_pep_config, to_pep_items,
+    to_u64, to_version, ArchiveRow, CredRow, DbResult, ItemRow,
+};
 use crate::{
-    dedup_groups, domain_of, now_micros, now_unix, AccountCredentials, ArchivePage, ArchiveQuery,
-    ArchivedMessage, MamPrefs, NewArchiveEntry, OfflineMessage, PepItem, PepNodeConfig, RosterItem,
-    Store, StoreError, StoredCredentials, Subscription, MAM_DEFAULT_MODES,
+    dedup_groups, domain_of, kv_check, now_micros, now_unix, AccountCredentials, AccountStore,
+    ArchivePage, ArchiveQuery, ArchiveStore, ArchivedMessage, BlockStore, KvStore, Lifecycle,
+    MamPrefs, NewArchiveEntry, OfflineMessage, OfflineStore, PepItem, PepNodeConfig, PepStore,
+    ProfileStore, RosterItem, RosterStore, StoreError,
 };
 
 mod batch;
-mod health;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -52,11 +59,11 @@ pub struct SqliteStore {
     reader: Option<SqlitePool>,
     /// Group-commit task for archive appends and offline pushes; it writes through
     /// `writer` like everything else, so all writes still take turns on one connection.
-    batch: batch::BatchWriter,
+    batch: BatchWriter,
     /// Background WAL checkpoints (file databases only).
     checkpointer: Option<Checkpointer>,
     /// Outcome of the latest writes, for [`Store::writable`].
-    health: Arc<health::WriteHealth>,
+    health: Arc<WriteHealth>,
 }
 
 /// Runs `PRAGMA wal_checkpoint(PASSIVE)` on a connection of its own every
@@ -247,7 +254,7 @@ impl SqliteStore {
                 return Err(open_err(e));
             }
         };
-        let health = Arc::new(health::WriteHealth::default());
+        let health = Arc::new(WriteHealth::default());
         let batch = match Self::start_batch_writer(&writer, &health).await {
             Ok(b) => b,
             Err(e) => {
@@ -287,7 +294,7 @@ impl SqliteStore {
             .run(&writer)
             .await
             .map_err(|e| StoreError::Migration(format!("in-memory SQLite: {e}")))?;
-        let health = Arc::new(health::WriteHealth::default());
+        let health = Arc::new(WriteHealth::default());
         let batch = Self::start_batch_writer(&writer, &health).await?;
         Ok(SqliteStore {
             writer,
@@ -300,16 +307,17 @@ impl SqliteStore {
 
     async fn start_batch_writer(
         writer: &SqlitePool,
-        health: &Arc<health::WriteHealth>,
-    ) -> Result<batch::BatchWriter, StoreError> {
+        health: &Arc<WriteHealth>,
+    ) -> Result<BatchWriter, StoreError> {
         // The writer keeps archive timestamps non-decreasing in seq order, so the newest
         // row holds the largest one.
         let last_ts: Option<i64> =
             sqlx::query_scalar("SELECT ts FROM archive ORDER BY seq DESC LIMIT 1")
                 .fetch_optional(writer)
-                .await?;
-        Ok(batch::BatchWriter::spawn(
-            writer.clone(),
+                .await
+                .db()?;
+        Ok(BatchWriter::spawn(
+            batch::SqliteBatch(writer.clone()),
             last_ts.unwrap_or(0),
             health.clone(),
         ))
@@ -328,931 +336,23 @@ impl SqliteStore {
         self.reader.as_ref().unwrap_or(&self.writer)
     }
 
-    async fn write_tx(&self) -> Result<Tx, StoreError> {
-        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    fn write_pool(&self) -> &SqlitePool {
+        &self.writer
     }
 
-    /// A real write of about `bytes` (the `write_probe` row rewritten) through the writer
-    /// like any other write, so it fails where they fail: no room for the WAL to grow,
-    /// I/O errors, a read-only disk, a broken writer connection.
-    async fn probe_write(&self, bytes: usize) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        sqlx::query(
-            "INSERT INTO write_probe (id, at, pad) VALUES (1, $1, zeroblob($2)) \
-             ON CONFLICT (id) DO UPDATE SET at = excluded.at, pad = excluded.pad",
-        )
-        .bind(now_micros())
-        .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+    /// A read transaction (one snapshot, thanks to WAL).
+    async fn read_tx(&self) -> Result<Tx, StoreError> {
+        self.read_pool().begin().await.db()
     }
 
-    /// The account's roster version, or `None` if there is no such account.
-    async fn version_in(tx: &mut Tx, user: &str) -> Result<Option<u64>, StoreError> {
-        let v: Option<i64> =
-            sqlx::query_scalar("SELECT roster_version FROM accounts WHERE username = $1")
-                .bind(user)
-                .fetch_optional(&mut **tx)
-                .await?;
-        v.map(to_version).transpose()
-    }
+    /// A requested id list is short: look the ids up rather than walk a seq range,
+    /// whatever the planner would guess without statistics.
+    const ARCHIVE_BY_IDS: &'static str = " FROM archive INDEXED BY archive_owner_id_idx";
+    /// Write transactions are serialized already (`BEGIN IMMEDIATE`): no lock to take.
+    const NODE_FOR_PUBLISH: &'static str =
+        "SELECT max_items FROM pep_nodes WHERE owner = $1 AND node = $2";
 
-    async fn bump_version(tx: &mut Tx, user: &str) -> Result<u64, StoreError> {
-        let v: i64 = sqlx::query_scalar(
-            "UPDATE accounts SET roster_version = roster_version + 1 \
-             WHERE username = $1 RETURNING roster_version",
-        )
-        .bind(user)
-        .fetch_one(&mut **tx)
-        .await?;
-        to_version(v)
-    }
-
-    async fn item_in(
-        tx: &mut Tx,
-        user: &str,
-        contact: &str,
-    ) -> Result<Option<RosterItem>, StoreError> {
-        let row: Option<ItemRow> = sqlx::query_as(
-            "SELECT contact, name, subscription, ask, pending_in, approved \
-             FROM roster_items WHERE username = $1 AND contact = $2",
-        )
-        .bind(user)
-        .bind(contact)
-        .fetch_optional(&mut **tx)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let groups: Vec<String> = sqlx::query_scalar(
-            "SELECT group_name FROM roster_groups \
-             WHERE username = $1 AND contact = $2 ORDER BY position",
-        )
-        .bind(user)
-        .bind(contact)
-        .fetch_all(&mut **tx)
-        .await?;
-        let mut item = row_to_item(row)?;
-        item.groups = groups;
-        Ok(Some(item))
-    }
-
-    /// Turns the `<start/>`/`<end/>` filters into exclusive seq bounds `(lo, hi)`, or
-    /// `None` if no message of `owner` falls in the time range.
-    ///
-    /// The batch writer keeps `ts` non-decreasing in seq order, so a time range is a seq
-    /// range. Paging then walks `(owner, seq)` or `(owner, with_jid, seq)` and stops after
-    /// one page, instead of collecting and sorting every message in the time range (think
-    /// of a client syncing "everything since last month"). Each bound costs one lookup in
-    /// `(owner, ts)`.
-    async fn time_range(
-        tx: &mut Tx,
-        owner: &str,
-        start: Option<i64>,
-        end: Option<i64>,
-    ) -> Result<Option<(Option<i64>, Option<i64>)>, StoreError> {
-        let mut lo = None;
-        if let Some(start) = start {
-            let first: Option<i64> = sqlx::query_scalar(
-                "SELECT seq FROM archive WHERE owner = $1 AND ts >= $2 \
-                 ORDER BY ts, seq LIMIT 1",
-            )
-            .bind(owner)
-            .bind(start)
-            .fetch_optional(&mut **tx)
-            .await?;
-            let Some(first) = first else { return Ok(None) };
-            lo = Some(first - 1);
-        }
-        let mut hi = None;
-        if let Some(end) = end {
-            let last: Option<i64> = sqlx::query_scalar(
-                "SELECT seq FROM archive WHERE owner = $1 AND ts <= $2 \
-                 ORDER BY ts DESC, seq DESC LIMIT 1",
-            )
-            .bind(owner)
-            .bind(end)
-            .fetch_optional(&mut **tx)
-            .await?;
-            let Some(last) = last else { return Ok(None) };
-            hi = Some(last + 1);
-        }
-        Ok(Some((lo, hi)))
-    }
-
-    async fn account_exists(tx: &mut Tx, user: &str) -> Result<bool, StoreError> {
-        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM accounts WHERE username = $1")
-            .bind(user)
-            .fetch_optional(&mut **tx)
-            .await?;
-        Ok(found.is_some())
-    }
-}
-
-/// (contact, name, subscription, ask, pending_in, approved)
-type ItemRow = (String, Option<String>, String, bool, bool, bool);
-
-fn row_to_item(
-    (jid, name, sub, ask, pending_in, approved): ItemRow,
-) -> Result<RosterItem, StoreError> {
-    let subscription = Subscription::from_str(&sub)
-        .map_err(|e| StoreError::Backend(format!("corrupt roster item {jid}: {e}")))?;
-    Ok(RosterItem {
-        jid,
-        name,
-        subscription,
-        ask,
-        pending_in,
-        approved,
-        groups: Vec::new(),
-    })
-}
-
-fn to_version(v: i64) -> Result<u64, StoreError> {
-    u64::try_from(v).map_err(|_| StoreError::Backend(format!("corrupt roster version {v}")))
-}
-
-/// A foreign-key violation means the owning account (or node) doesn't exist.
-pub(crate) fn map_fk(e: sqlx::Error) -> StoreError {
-    if e.as_database_error()
-        .is_some_and(|d| d.is_foreign_key_violation())
-    {
-        StoreError::NotFound
-    } else {
-        e.into()
-    }
-}
-
-fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
-    u64::try_from(v).map_err(|_| StoreError::Backend(format!("corrupt {what} {v}")))
-}
-
-/// `n` as an SQL LIMIT (saturating).
-fn limit_of(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-/// A random 128-bit stanza-id (XEP-0359), as 26 lowercase base32 characters.
-fn new_stanza_id() -> String {
-    // Time first, then 64 random bits, base32 in ASCII order: ids sort by creation
-    // time, so a new row lands at the end of its owner's range of the (owner, id) index
-    // (a random id dirtied a random index page per row, most of the archive's write
-    // cost). Only the owner ever sees an id, and that owner already has the time.
-    const ALPHABET: &[u8; 32] = b"234567abcdefghijklmnopqrstuvwxyz";
-    let micros = u64::try_from(now_micros()).unwrap_or(0);
-    let v = (u128::from(micros) << 64) | u128::from(rand::random::<u64>());
-    (0..26)
-        .rev()
-        .map(|i| char::from(ALPHABET[((v >> (5 * i)) & 31) as usize]))
-        .collect()
-}
-
-/// (id, with_jid, ts, outgoing, stanza)
-type ArchiveRow = (String, String, i64, bool, String);
-
-fn to_archived(
-    owner: &str,
-    (id, with, ts_micros, outgoing, stanza): ArchiveRow,
-) -> ArchivedMessage {
-    ArchivedMessage {
-        id,
-        owner: owner.to_owned(),
-        with,
-        ts_micros,
-        outgoing,
-        stanza,
-    }
-}
-
-/// `FROM archive WHERE …` for `owner`'s messages matching the `<with/>` and `ids` filters
-/// with `lo < seq < hi`. (Time filters are turned into seq bounds beforehand, see
-/// [`SqliteStore::time_range`].)
-fn push_archive_from<'a>(
-    qb: &mut QueryBuilder<'a, Sqlite>,
-    owner: &'a str,
-    q: &'a ArchiveQuery,
-    lo: Option<i64>,
-    hi: Option<i64>,
-) {
-    match q.ids.as_deref() {
-        // A requested id list is short: look the ids up rather than walk a seq range,
-        // whatever the planner would guess without statistics.
-        Some([_, ..]) => qb.push(" FROM archive INDEXED BY archive_owner_id_idx"),
-        _ => qb.push(" FROM archive"),
-    };
-    qb.push(" WHERE owner = ").push_bind(owner);
-    if let Some(with) = &q.with {
-        qb.push(" AND with_jid = ").push_bind(with.as_str());
-    }
-    match q.ids.as_deref() {
-        None => {}
-        Some([]) => {
-            qb.push(" AND 1 = 0");
-        }
-        Some(ids) => {
-            qb.push(" AND id IN (");
-            let mut list = qb.separated(", ");
-            for id in ids {
-                list.push_bind(id.as_str());
-            }
-            qb.push(")");
-        }
-    }
-    if let Some(lo) = lo {
-        qb.push(" AND seq > ").push_bind(lo);
-    }
-    if let Some(hi) = hi {
-        qb.push(" AND seq < ").push_bind(hi);
-    }
-}
-
-/// The rest of an archive page query after the SELECT list: [`push_archive_from`], order
-/// and limit. The limit is one more than the page size, to tell whether anything lies
-/// beyond the page.
-fn push_archive_page<'a>(
-    qb: &mut QueryBuilder<'a, Sqlite>,
-    owner: &'a str,
-    q: &'a ArchiveQuery,
-    lo: Option<i64>,
-    hi: Option<i64>,
-    backward: bool,
-) {
-    push_archive_from(qb, owner, q, lo, hi);
-    qb.push(if backward {
-        " ORDER BY seq DESC"
-    } else {
-        " ORDER BY seq"
-    });
-    qb.push(" LIMIT ")
-        .push_bind(limit_of(q.max).saturating_add(1));
-}
-
-/// The tighter of two optional bounds (`pick` = max for lower, min for upper bounds).
-fn tighter(a: Option<i64>, b: Option<i64>, pick: fn(i64, i64) -> i64) -> Option<i64> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(pick(a, b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// Drops the oldest items of the node beyond `max_items`.
-async fn trim_pep_items(
-    tx: &mut Tx,
-    owner: &str,
-    node: &str,
-    max_items: i64,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "DELETE FROM pep_items WHERE owner = $1 AND node = $2 AND seq NOT IN ( \
-             SELECT seq FROM pep_items WHERE owner = $1 AND node = $2 \
-             ORDER BY seq DESC LIMIT $3)",
-    )
-    .bind(owner)
-    .bind(node)
-    .bind(max_items)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .is_some_and(|d| d.is_unique_violation())
-}
-
-async fn put_credentials(
-    tx: &mut Tx,
-    user: &str,
-    creds: &AccountCredentials,
-) -> Result<(), StoreError> {
-    for (hash, c) in [("sha1", &creds.sha1), ("sha256", &creds.sha256)] {
-        sqlx::query(
-            "INSERT INTO scram_credentials \
-                 (username, hash, salt, iterations, stored_key, server_key) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (username, hash) DO UPDATE SET \
-                 salt = excluded.salt, iterations = excluded.iterations, \
-                 stored_key = excluded.stored_key, server_key = excluded.server_key",
-        )
-        .bind(user)
-        .bind(hash)
-        .bind(&c.salt)
-        .bind(i64::from(c.iterations))
-        .bind(&c.stored_key)
-        .bind(&c.server_key)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(())
-}
-
-#[async_trait::async_trait]
-impl Store for SqliteStore {
-    async fn create_account(
-        &self,
-        user: &str,
-        creds: &AccountCredentials,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        // Continue above the version a deleted namesake reached (see the tombstone table).
-        let inserted = sqlx::query(
-            "INSERT INTO accounts (username, domain, created_at, roster_version) \
-             VALUES ($1, $2, $3, COALESCE( \
-                 (SELECT roster_version + 1 FROM account_tombstones WHERE username = $1), 0))",
-        )
-        .bind(user)
-        .bind(domain_of(user))
-        .bind(now_unix())
-        .execute(&mut *tx)
-        .await;
-        match inserted {
-            Ok(_) => {}
-            Err(e) if is_unique_violation(&e) => return Err(StoreError::Conflict),
-            Err(e) => return Err(e.into()),
-        }
-        put_credentials(&mut tx, user, creds).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn credentials(&self, user: &str) -> Result<Option<AccountCredentials>, StoreError> {
-        let rows: Vec<(String, Vec<u8>, i64, Vec<u8>, Vec<u8>)> = sqlx::query_as(
-            "SELECT hash, salt, iterations, stored_key, server_key \
-             FROM scram_credentials WHERE username = $1",
-        )
-        .bind(user)
-        .fetch_all(self.read_pool())
-        .await?;
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        let (mut sha1, mut sha256) = (None, None);
-        for (hash, salt, iterations, stored_key, server_key) in rows {
-            let iterations = u32::try_from(iterations).map_err(|_| {
-                StoreError::Backend(format!("corrupt iteration count for {user}: {iterations}"))
-            })?;
-            let c = StoredCredentials {
-                salt,
-                iterations,
-                stored_key,
-                server_key,
-            };
-            match hash.as_str() {
-                "sha1" => sha1 = Some(c),
-                "sha256" => sha256 = Some(c),
-                _ => {} // a hash added by a newer schema; not ours to interpret
-            }
-        }
-        match (sha1, sha256) {
-            (Some(sha1), Some(sha256)) => Ok(Some(AccountCredentials { sha1, sha256 })),
-            _ => Err(StoreError::Backend(format!(
-                "incomplete credentials stored for {user}"
-            ))),
-        }
-    }
-
-    async fn set_credentials(
-        &self,
-        user: &str,
-        creds: &AccountCredentials,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        if !Self::account_exists(&mut tx, user).await? {
-            return Err(StoreError::NotFound);
-        }
-        put_credentials(&mut tx, user, creds).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn delete_account(&self, user: &str) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        let version = Self::version_in(&mut tx, user)
-            .await?
-            .ok_or(StoreError::NotFound)?;
-        // Owned rows go via ON DELETE CASCADE.
-        sqlx::query("DELETE FROM accounts WHERE username = $1")
-            .bind(user)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO account_tombstones (username, deleted_at, roster_version) \
-             VALUES ($1, $2, $3) \
-             ON CONFLICT (username) DO UPDATE SET \
-                 deleted_at = excluded.deleted_at, roster_version = excluded.roster_version",
-        )
-        .bind(user)
-        .bind(now_unix())
-        .bind(i64::try_from(version).unwrap_or(i64::MAX))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn list_accounts(&self, domain: Option<&str>) -> Result<Vec<String>, StoreError> {
-        let q = match domain {
-            Some(d) => sqlx::query_scalar(
-                "SELECT username FROM accounts WHERE domain = $1 ORDER BY username",
-            )
-            .bind(d),
-            None => sqlx::query_scalar("SELECT username FROM accounts ORDER BY username"),
-        };
-        Ok(q.fetch_all(self.read_pool()).await?)
-    }
-
-    async fn deleted_at(&self, user: &str) -> Result<Option<i64>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT deleted_at FROM account_tombstones WHERE username = $1")
-                .bind(user)
-                .fetch_optional(self.read_pool())
-                .await?,
-        )
-    }
-
-    async fn roster(&self, user: &str) -> Result<(u64, Vec<RosterItem>), StoreError> {
-        // One read transaction so version and items come from the same snapshot.
-        let mut tx = self.read_pool().begin().await?;
-        let Some(version) = Self::version_in(&mut tx, user).await? else {
-            return Ok((0, Vec::new()));
-        };
-        let rows: Vec<ItemRow> = sqlx::query_as(
-            "SELECT contact, name, subscription, ask, pending_in, approved \
-             FROM roster_items WHERE username = $1 ORDER BY contact",
-        )
-        .bind(user)
-        .fetch_all(&mut *tx)
-        .await?;
-        let groups: Vec<(String, String)> = sqlx::query_as(
-            "SELECT contact, group_name FROM roster_groups \
-             WHERE username = $1 ORDER BY contact, position",
-        )
-        .bind(user)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-
-        let mut items = rows
-            .into_iter()
-            .map(row_to_item)
-            .collect::<Result<Vec<_>, _>>()?;
-        let index: HashMap<String, usize> = items
-            .iter()
-            .enumerate()
-            .map(|(i, it)| (it.jid.clone(), i))
-            .collect();
-        for (contact, group) in groups {
-            if let Some(&i) = index.get(&contact) {
-                items[i].groups.push(group);
-            }
-        }
-        Ok((version, items))
-    }
-
-    async fn roster_item(
-        &self,
-        user: &str,
-        contact: &str,
-    ) -> Result<Option<RosterItem>, StoreError> {
-        let mut tx = self.read_pool().begin().await?;
-        let item = Self::item_in(&mut tx, user, contact).await?;
-        tx.commit().await?;
-        Ok(item)
-    }
-
-    async fn roster_version(&self, user: &str) -> Result<u64, StoreError> {
-        let v: Option<i64> =
-            sqlx::query_scalar("SELECT roster_version FROM accounts WHERE username = $1")
-                .bind(user)
-                .fetch_optional(self.read_pool())
-                .await?;
-        v.map_or(Ok(0), to_version)
-    }
-
-    async fn put_roster_item(&self, user: &str, item: &RosterItem) -> Result<u64, StoreError> {
-        let groups = dedup_groups(&item.groups);
-        let mut tx = self.write_tx().await?;
-        let current = Self::version_in(&mut tx, user)
-            .await?
-            .ok_or(StoreError::NotFound)?;
-        if let Some(old) = Self::item_in(&mut tx, user, &item.jid).await? {
-            let unchanged = old.name == item.name
-                && old.subscription == item.subscription
-                && old.ask == item.ask
-                && old.pending_in == item.pending_in
-                && old.approved == item.approved
-                && old.groups == groups;
-            if unchanged {
-                // Nothing to push to clients; don't invalidate their cached roster.
-                return Ok(current);
-            }
-        }
-        sqlx::query(
-            "INSERT INTO roster_items \
-                 (username, contact, name, subscription, ask, pending_in, approved) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (username, contact) DO UPDATE SET \
-                 name = excluded.name, subscription = excluded.subscription, \
-                 ask = excluded.ask, pending_in = excluded.pending_in, \
-                 approved = excluded.approved",
-        )
-        .bind(user)
-        .bind(&item.jid)
-        .bind(&item.name)
-        .bind(item.subscription.as_str())
-        .bind(item.ask)
-        .bind(item.pending_in)
-        .bind(item.approved)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM roster_groups WHERE username = $1 AND contact = $2")
-            .bind(user)
-            .bind(&item.jid)
-            .execute(&mut *tx)
-            .await?;
-        for (position, group) in groups.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO roster_groups (username, contact, group_name, position) \
-                 VALUES ($1, $2, $3, $4)",
-            )
-            .bind(user)
-            .bind(&item.jid)
-            .bind(group)
-            .bind(i64::try_from(position).unwrap_or(i64::MAX))
-            .execute(&mut *tx)
-            .await?;
-        }
-        let version = Self::bump_version(&mut tx, user).await?;
-        tx.commit().await?;
-        Ok(version)
-    }
-
-    async fn remove_roster_item(&self, user: &str, contact: &str) -> Result<u64, StoreError> {
-        let mut tx = self.write_tx().await?;
-        // Groups go via ON DELETE CASCADE.
-        let removed = sqlx::query("DELETE FROM roster_items WHERE username = $1 AND contact = $2")
-            .bind(user)
-            .bind(contact)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if removed == 0 {
-            return Err(StoreError::NotFound);
-        }
-        let version = Self::bump_version(&mut tx, user).await?;
-        tx.commit().await?;
-        Ok(version)
-    }
-
-    async fn vcard(&self, user: &str) -> Result<Option<String>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT xml FROM vcards WHERE username = $1")
-                .bind(user)
-                .fetch_optional(self.read_pool())
-                .await?,
-        )
-    }
-
-    async fn set_vcard(&self, user: &str, xml: &str) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        if !Self::account_exists(&mut tx, user).await? {
-            return Err(StoreError::NotFound);
-        }
-        sqlx::query(
-            "INSERT INTO vcards (username, xml, updated_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (username) DO UPDATE SET \
-                 xml = excluded.xml, updated_at = excluded.updated_at",
-        )
-        .bind(user)
-        .bind(xml)
-        .bind(now_unix())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn set_last_activity(&self, user: &str, at: i64, status: &str) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        if !Self::account_exists(&mut tx, user).await? {
-            return Err(StoreError::NotFound);
-        }
-        sqlx::query(
-            "INSERT INTO last_activity (username, at, status) VALUES ($1, $2, $3) \
-             ON CONFLICT (username) DO UPDATE SET at = excluded.at, status = excluded.status",
-        )
-        .bind(user)
-        .bind(at)
-        .bind(status)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn last_activity(&self, user: &str) -> Result<Option<(i64, String)>, StoreError> {
-        Ok(
-            sqlx::query_as("SELECT at, status FROM last_activity WHERE username = $1")
-                .bind(user)
-                .fetch_optional(self.read_pool())
-                .await?,
-        )
-    }
-
-    async fn archive_append(&self, entries: &[NewArchiveEntry]) -> Result<Vec<String>, StoreError> {
-        if entries.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows: Vec<batch::ArchiveRow> = entries
-            .iter()
-            .map(|e| batch::ArchiveRow {
-                id: new_stanza_id(),
-                owner: e.owner.clone(),
-                with: e.with.clone(),
-                stanza: e.stanza.clone(),
-                outgoing: e.outgoing,
-            })
-            .collect();
-        let ids = rows.iter().map(|r| r.id.clone()).collect();
-        self.batch.archive(rows).await?;
-        Ok(ids)
-    }
-
-    async fn archive_query(
-        &self,
-        owner: &str,
-        q: &ArchiveQuery,
-    ) -> Result<ArchivePage, StoreError> {
-        // One read transaction: cursors, page and count come from the same snapshot.
-        let mut tx = self.read_pool().begin().await?;
-        let mut bounds = [None, None];
-        for (slot, id) in bounds.iter_mut().zip([&q.after_id, &q.before_id]) {
-            if let Some(id) = id {
-                let seq: Option<i64> =
-                    sqlx::query_scalar("SELECT seq FROM archive WHERE owner = $1 AND id = $2")
-                        .bind(owner)
-                        .bind(id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                *slot = Some(seq.ok_or(StoreError::NotFound)?);
-            }
-        }
-        let [after, before] = bounds;
-        let backward = before.is_some() || q.last_page;
-
-        let Some((lo, hi)) = Self::time_range(&mut tx, owner, q.start_micros, q.end_micros).await?
-        else {
-            // Nothing archived in the time range.
-            return Ok(ArchivePage {
-                items: Vec::new(),
-                complete: true,
-                count: Some(0),
-            });
-        };
-        let mut qb = QueryBuilder::new("SELECT id, with_jid, ts, outgoing, stanza");
-        push_archive_page(
-            &mut qb,
-            owner,
-            q,
-            tighter(lo, after, i64::max),
-            tighter(hi, before, i64::min),
-            backward,
-        );
-        let mut rows: Vec<ArchiveRow> = qb.build_query_as().fetch_all(&mut *tx).await?;
-
-        // RSM count: the filters without the paging cursors. Only when asked
-        // for with max=0 (XEP-0059 §2.6): counting walks every matching row,
-        // ~270 ms on a 10M archive, while a page costs under a millisecond.
-        let count = if q.max == 0 {
-            let mut cq = QueryBuilder::new("SELECT COUNT(*)");
-            push_archive_from(&mut cq, owner, q, lo, hi);
-            let n: i64 = cq.build_query_scalar().fetch_one(&mut *tx).await?;
-            Some(to_u64(n, "archive count")?)
-        } else {
-            None
-        };
-        tx.commit().await?;
-
-        let complete = rows.len() <= q.max;
-        rows.truncate(q.max);
-        if backward {
-            rows.reverse();
-        }
-        Ok(ArchivePage {
-            items: rows.into_iter().map(|r| to_archived(owner, r)).collect(),
-            complete,
-            count,
-        })
-    }
-
-    async fn archive_get(
-        &self,
-        owner: &str,
-        id: &str,
-    ) -> Result<Option<ArchivedMessage>, StoreError> {
-        let row: Option<ArchiveRow> = sqlx::query_as(
-            "SELECT id, with_jid, ts, outgoing, stanza FROM archive \
-             WHERE owner = $1 AND id = $2",
-        )
-        .bind(owner)
-        .bind(id)
-        .fetch_optional(self.read_pool())
-        .await?;
-        Ok(row.map(|r| to_archived(owner, r)))
-    }
-
-    async fn archive_import(&self, msgs: &[ArchivedMessage]) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        let mut known: Vec<&str> = Vec::new();
-        for m in msgs {
-            if !known.contains(&m.owner.as_str()) {
-                if !Self::account_exists(&mut tx, &m.owner).await? {
-                    return Err(StoreError::NotFound);
-                }
-                known.push(&m.owner);
-            }
-            let r = sqlx::query(
-                "INSERT INTO archive (owner, id, with_jid, ts, outgoing, stanza) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(&m.owner)
-            .bind(&m.id)
-            .bind(&m.with)
-            .bind(m.ts_micros)
-            .bind(m.outgoing)
-            .bind(&m.stanza)
-            .execute(&mut *tx)
-            .await;
-            match r {
-                Ok(_) => {}
-                Err(e) if is_unique_violation(&e) => return Err(StoreError::Conflict),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn archive_prune(
-        &self,
-        owner: Option<&str>,
-        older_than_micros: i64,
-    ) -> Result<u64, StoreError> {
-        // Across all owners there is no ts index; but ts never decreases in seq order, so
-        // the rows to delete are those before the first row young enough to keep. Finding
-        // it reads only the rows being deleted. (`ts < $2` stays in the DELETE as a guard.)
-        let below: i64 = match owner {
-            Some(_) => i64::MAX,
-            None => sqlx::query_scalar::<_, i64>(
-                "SELECT seq FROM archive WHERE ts >= $1 ORDER BY seq LIMIT 1",
-            )
-            .bind(older_than_micros)
-            .fetch_optional(self.read_pool())
-            .await?
-            .unwrap_or(i64::MAX),
-        };
-        let mut total = 0u64;
-        loop {
-            let mut tx = self.write_tx().await?;
-            let deleted = match owner {
-                Some(owner) => sqlx::query(
-                    "DELETE FROM archive WHERE seq IN (SELECT seq FROM archive \
-                     WHERE owner = $1 AND ts < $2 LIMIT $3)",
-                )
-                .bind(owner),
-                None => sqlx::query(
-                    "DELETE FROM archive WHERE seq IN (SELECT seq FROM archive \
-                     WHERE seq < $1 AND ts < $2 ORDER BY seq LIMIT $3)",
-                )
-                .bind(below),
-            }
-            .bind(older_than_micros)
-            .bind(PRUNE_CHUNK)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            tx.commit().await?;
-            total += deleted;
-            if deleted < PRUNE_CHUNK as u64 {
-                return Ok(total);
-            }
-        }
-    }
-
-    async fn mam_prefs(&self, user: &str) -> Result<MamPrefs, StoreError> {
-        let mut tx = self.read_pool().begin().await?;
-        let default: Option<String> =
-            sqlx::query_scalar("SELECT default_mode FROM mam_prefs WHERE username = $1")
-                .bind(user)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(default) = default else {
-            return Ok(MamPrefs::default());
-        };
-        let jids: Vec<(String, String)> = sqlx::query_as(
-            "SELECT list, jid FROM mam_prefs_jids WHERE username = $1 ORDER BY list, jid",
-        )
-        .bind(user)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        let mut prefs = MamPrefs {
-            default,
-            always: Vec::new(),
-            never: Vec::new(),
-        };
-        for (list, jid) in jids {
-            match list.as_str() {
-                "always" => prefs.always.push(jid),
-                _ => prefs.never.push(jid),
-            }
-        }
-        Ok(prefs)
-    }
-
-    async fn set_mam_prefs(&self, user: &str, prefs: &MamPrefs) -> Result<(), StoreError> {
-        if !MAM_DEFAULT_MODES.contains(&prefs.default.as_str()) {
-            return Err(StoreError::Invalid(format!(
-                "MAM default mode {:?}",
-                prefs.default
-            )));
-        }
-        let mut tx = self.write_tx().await?;
-        if !Self::account_exists(&mut tx, user).await? {
-            return Err(StoreError::NotFound);
-        }
-        sqlx::query(
-            "INSERT INTO mam_prefs (username, default_mode) VALUES ($1, $2) \
-             ON CONFLICT (username) DO UPDATE SET default_mode = excluded.default_mode",
-        )
-        .bind(user)
-        .bind(&prefs.default)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM mam_prefs_jids WHERE username = $1")
-            .bind(user)
-            .execute(&mut *tx)
-            .await?;
-        for (list, jids) in [("always", &prefs.always), ("never", &prefs.never)] {
-            for jid in jids {
-                sqlx::query(
-                    "INSERT INTO mam_prefs_jids (username, list, jid) VALUES ($1, $2, $3) \
-                     ON CONFLICT DO NOTHING",
-                )
-                .bind(user)
-                .bind(list)
-                .bind(jid)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn offline_push(
-        &self,
-        user: &str,
-        stanza: &str,
-        archive_id: Option<&str>,
-        limit: usize,
-        ord: i64,
-    ) -> Result<u64, StoreError> {
-        self.batch
-            .offline(user, stanza, archive_id, limit, ord)
-            .await
-    }
-
-    async fn offline_fetch(
-        &self,
-        user: &str,
-        max: usize,
-    ) -> Result<Vec<OfflineMessage>, StoreError> {
-        let rows: Vec<(i64, String, Option<String>, i64, i64)> = sqlx::query_as(
-            "SELECT seq, stanza, archive_id, ts, ord FROM offline_messages \
-             WHERE username = $1 ORDER BY ord, seq LIMIT $2",
-        )
-        .bind(user)
-        .bind(limit_of(max))
-        .fetch_all(self.read_pool())
-        .await?;
-        rows.into_iter()
-            .map(|(seq, stanza, archive_id, ts_micros, ord)| {
-                Ok(OfflineMessage {
-                    seq: to_u64(seq, "offline seq")?,
-                    stanza,
-                    archive_id,
-                    ts_micros,
-                    ord,
-                })
-            })
-            .collect()
-    }
-
-    async fn offline_delete(&self, user: &str, seqs: &[u64]) -> Result<u64, StoreError> {
-        if seqs.is_empty() {
-            return Ok(0);
-        }
+    async fn delete_offline(&self, user: &str, seqs: &[u64]) -> Result<u64, StoreError> {
         // One statement for the whole list: the seqs travel as one JSON array.
         let list = format!(
             "[{}]",
@@ -1270,265 +370,70 @@ impl Store for SqliteStore {
         .bind(user)
         .bind(list)
         .execute(&self.writer)
-        .await?
+        .await
+        .db()?
         .rows_affected())
     }
 
-    async fn offline_count(&self, user: &str) -> Result<u64, StoreError> {
-        // Kept by triggers (migration 0003): no scan of the queue.
-        let n: Option<i64> =
-            sqlx::query_scalar("SELECT offline_queued FROM accounts WHERE username = $1")
-                .bind(user)
-                .fetch_optional(self.read_pool())
-                .await?;
-        to_u64(n.unwrap_or(0), "offline count")
+    async fn write_tx(&self) -> Result<Tx, StoreError> {
+        self.writer.begin_with("BEGIN IMMEDIATE").await.db()
     }
 
-    async fn pep_node(&self, owner: &str, node: &str) -> Result<Option<PepNodeConfig>, StoreError> {
-        let row: Option<(String, i64, String)> = sqlx::query_as(
-            "SELECT access_model, max_items, publish_model FROM pep_nodes \
-             WHERE owner = $1 AND node = $2",
-        )
-        .bind(owner)
-        .bind(node)
-        .fetch_optional(self.read_pool())
-        .await?;
-        row.map(|(access_model, max_items, publish_model)| {
-            Ok(PepNodeConfig {
-                access_model,
-                max_items: u32::try_from(max_items)
-                    .map_err(|_| StoreError::Backend(format!("corrupt max_items {max_items}")))?,
-                publish_model,
-            })
-        })
-        .transpose()
-    }
-
-    async fn pep_create_or_configure(
-        &self,
-        owner: &str,
-        node: &str,
-        cfg: &PepNodeConfig,
-    ) -> Result<(), StoreError> {
+    /// A real write of about `bytes` (the `write_probe` row rewritten) through the writer
+    /// like any other write, so it fails where they fail: no room for the WAL to grow,
+    /// I/O errors, a read-only disk, a broken writer connection.
+    async fn probe_write(&self, bytes: usize) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
-        if !Self::account_exists(&mut tx, owner).await? {
-            return Err(StoreError::NotFound);
-        }
         sqlx::query(
-            "INSERT INTO pep_nodes (owner, node, access_model, publish_model, max_items) \
-             VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (owner, node) DO UPDATE SET \
-                 access_model = excluded.access_model, \
-                 publish_model = excluded.publish_model, max_items = excluded.max_items",
+            "INSERT INTO write_probe (id, at, pad) VALUES (1, $1, zeroblob($2)) \
+             ON CONFLICT (id) DO UPDATE SET at = excluded.at, pad = excluded.pad",
         )
-        .bind(owner)
-        .bind(node)
-        .bind(&cfg.access_model)
-        .bind(&cfg.publish_model)
-        .bind(i64::from(cfg.max_items))
-        .execute(&mut *tx)
-        .await?;
-        trim_pep_items(&mut tx, owner, node, i64::from(cfg.max_items)).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn pep_publish(
-        &self,
-        owner: &str,
-        node: &str,
-        item_id: &str,
-        payload: &str,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        let max_items: i64 =
-            sqlx::query_scalar("SELECT max_items FROM pep_nodes WHERE owner = $1 AND node = $2")
-                .bind(owner)
-                .bind(node)
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or(StoreError::NotFound)?;
-        // Delete + insert (rather than update) so the item gets a new, highest seq.
-        sqlx::query("DELETE FROM pep_items WHERE owner = $1 AND node = $2 AND item_id = $3")
-            .bind(owner)
-            .bind(node)
-            .bind(item_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO pep_items (owner, node, item_id, payload, published) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(owner)
-        .bind(node)
-        .bind(item_id)
-        .bind(payload)
         .bind(now_micros())
+        .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
         .execute(&mut *tx)
-        .await?;
-        trim_pep_items(&mut tx, owner, node, max_items).await?;
-        tx.commit().await?;
+        .await
+        .db()?;
+        tx.commit().await.db()?;
         Ok(())
     }
 
-    async fn pep_items(
-        &self,
-        owner: &str,
-        node: &str,
-        max: Option<usize>,
-        ids: Option<&[String]>,
-    ) -> Result<Vec<PepItem>, StoreError> {
-        let mut qb = QueryBuilder::new("SELECT item_id, payload, published FROM pep_items");
-        qb.push(" WHERE owner = ").push_bind(owner);
-        qb.push(" AND node = ").push_bind(node);
-        match ids {
-            None => {}
-            Some([]) => return Ok(Vec::new()),
-            Some(ids) => {
-                qb.push(" AND item_id IN (");
-                let mut list = qb.separated(", ");
-                for id in ids {
-                    list.push_bind(id.as_str());
-                }
-                qb.push(")");
-            }
-        }
-        qb.push(" ORDER BY seq DESC");
-        if let Some(max) = max {
-            qb.push(" LIMIT ").push_bind(limit_of(max));
-        }
-        let rows: Vec<(String, String, i64)> =
-            qb.build_query_as().fetch_all(self.read_pool()).await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, payload, published_micros)| PepItem {
-                id,
-                payload,
-                published_micros,
-            })
-            .collect())
-    }
-
-    async fn pep_retract(
-        &self,
-        owner: &str,
-        node: &str,
-        item_id: &str,
-    ) -> Result<bool, StoreError> {
-        let n =
-            sqlx::query("DELETE FROM pep_items WHERE owner = $1 AND node = $2 AND item_id = $3")
-                .bind(owner)
-                .bind(node)
-                .bind(item_id)
-                .execute(&self.writer)
-                .await?
-                .rows_affected();
-        Ok(n > 0)
-    }
-
-    async fn pep_delete_node(&self, owner: &str, node: &str) -> Result<bool, StoreError> {
-        // Items go via ON DELETE CASCADE.
-        let n = sqlx::query("DELETE FROM pep_nodes WHERE owner = $1 AND node = $2")
-            .bind(owner)
-            .bind(node)
-            .execute(&self.writer)
-            .await?
-            .rows_affected();
-        Ok(n > 0)
-    }
-
-    async fn pep_nodes(&self, owner: &str) -> Result<Vec<String>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT node FROM pep_nodes WHERE owner = $1 ORDER BY node")
-                .bind(owner)
-                .fetch_all(self.read_pool())
-                .await?,
-        )
-    }
-
-    async fn blocklist(&self, user: &str) -> Result<Vec<String>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT jid FROM blocklist WHERE username = $1 ORDER BY jid")
+    /// The account's roster version, or `None` if there is no such account. (`_lock`:
+    /// write transactions are serialized already.)
+    async fn version_in(tx: &mut Tx, user: &str, _lock: bool) -> Result<Option<u64>, StoreError> {
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT roster_version FROM accounts WHERE username = $1")
                 .bind(user)
-                .fetch_all(self.read_pool())
-                .await?,
-        )
+                .fetch_optional(&mut **tx)
+                .await
+                .db()?;
+        v.map(to_version).transpose()
     }
 
-    async fn block(&self, user: &str, jids: &[String]) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        if !Self::account_exists(&mut tx, user).await? {
-            return Err(StoreError::NotFound);
-        }
-        for jid in jids {
-            sqlx::query(
-                "INSERT INTO blocklist (username, jid) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            )
+    async fn account_exists(tx: &mut Tx, user: &str) -> Result<bool, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM accounts WHERE username = $1")
             .bind(user)
-            .bind(jid)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            .fetch_optional(&mut **tx)
+            .await
+            .db()?;
+        Ok(found.is_some())
     }
+}
 
-    async fn unblock(&self, user: &str, jids: Option<&[String]>) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        if !Self::account_exists(&mut tx, user).await? {
-            return Err(StoreError::NotFound);
-        }
-        match jids {
-            None => {
-                sqlx::query("DELETE FROM blocklist WHERE username = $1")
-                    .bind(user)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            Some(jids) => {
-                for jid in jids {
-                    sqlx::query("DELETE FROM blocklist WHERE username = $1 AND jid = $2")
-                        .bind(user)
-                        .bind(jid)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-            }
-        }
-        tx.commit().await?;
-        Ok(())
-    }
+crate::sql_impls::sql_store!(SqliteStore, Sqlite);
 
+#[async_trait::async_trait]
+impl Lifecycle for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         let one: i64 = sqlx::query_scalar("SELECT 1")
             .fetch_one(self.read_pool())
-            .await?;
+            .await
+            .db()?;
         debug_assert_eq!(one, 1);
         Ok(())
     }
 
     async fn writable(&self) -> Result<(), StoreError> {
-        // One probe at a time; checks that waited for it reuse its outcome.
-        let _probing = self.health.probe.lock().await;
-        let bytes = match self.health.due() {
-            health::Due::No(recent) => return recent,
-            health::Due::Probe(bytes) => bytes,
-        };
-        let probe = tokio::time::timeout(health::PROBE_TIMEOUT, self.probe_write(bytes))
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Backend(format!(
-                    "a probe write did not finish within {} s",
-                    health::PROBE_TIMEOUT.as_secs()
-                )))
-            });
-        match probe {
-            Ok(()) => self.health.record_ok(),
-            Err(StoreError::Backend(e)) => self.health.record_err(&e),
-            Err(e) => self.health.record_err(&e.to_string()),
-        }
-        // With how long writes have been failing.
-        self.health.current()
+        self.health.check(|bytes| self.probe_write(bytes)).await
     }
 
     async fn close(&self) {
@@ -1559,7 +464,8 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::testsuite;
+    use crate::sql::new_stanza_id;
+    use crate::{testsuite, Subscription};
 
     #[tokio::test]
     async fn conformance_file() {
@@ -1580,6 +486,99 @@ mod tests {
 
     fn creds(tag: u8) -> AccountCredentials {
         testsuite::credentials(tag)
+    }
+
+    /// Migration 0007: node options natter packed into `publish_model` before move to
+    /// their columns.
+    #[tokio::test]
+    async fn pep_node_options_move_to_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.db");
+        {
+            // The schema before 0007 (the migrator's fields are sqlx's, semver-exempt;
+            // fine for a test pinned to sqlx 0.8), with nodes as natter wrote them then.
+            let before = sqlx::migrate::Migrator {
+                migrations: MIGRATOR
+                    .migrations
+                    .iter()
+                    .filter(|m| m.version < 7)
+                    .cloned()
+                    .collect(),
+                ..sqlx::migrate::Migrator::DEFAULT
+            };
+            let pool = SqlitePool::connect_with(
+                SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+            before.run(&pool).await.unwrap();
+            sqlx::query(
+                "INSERT INTO accounts (username, domain, created_at) VALUES ('a@x', 'x', 0)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            for (node, model) in [
+                ("plain", "publishers"),
+                (
+                    "all",
+                    "publishers;persist_items=0;send_last_published_item=never;\
+                     notify_retract=0;notify_delete=0",
+                ),
+                ("on_sub", "publishers;send_last_published_item=on_sub"),
+                ("no_delete", "open;notify_delete=0"),
+            ] {
+                sqlx::query(
+                    "INSERT INTO pep_nodes (owner, node, access_model, publish_model, \
+                     max_items) VALUES ('a@x', $1, 'open', $2, 3)",
+                )
+                .bind(node)
+                .bind(model)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&path, false).await.unwrap();
+        let node = |n: &'static str| {
+            let store = &store;
+            async move { store.pep_node("a@x", n).await.unwrap().unwrap() }
+        };
+        let base = PepNodeConfig {
+            access_model: "open".into(),
+            max_items: 3,
+            ..PepNodeConfig::default()
+        };
+        assert_eq!(node("plain").await, base);
+        assert_eq!(
+            node("all").await,
+            PepNodeConfig {
+                persist_items: false,
+                send_last_published_item: "never".into(),
+                notify_retract: false,
+                notify_delete: false,
+                ..base.clone()
+            }
+        );
+        assert_eq!(
+            node("on_sub").await,
+            PepNodeConfig {
+                send_last_published_item: "on_sub".into(),
+                ..base.clone()
+            }
+        );
+        assert_eq!(
+            node("no_delete").await,
+            PepNodeConfig {
+                publish_model: "open".into(),
+                notify_delete: false,
+                ..base.clone()
+            }
+        );
+        store.close().await;
     }
 
     #[tokio::test]
@@ -1797,11 +796,11 @@ mod tests {
             ] {
                 for backward in [false, true] {
                     let mut qb = QueryBuilder::new("EXPLAIN QUERY PLAN SELECT stanza");
-                    push_archive_page(&mut qb, "o@x", q, lo, hi, backward);
+                    SqliteStore::push_archive_page(&mut qb, "o@x", q, lo, hi, backward);
                     explain(qb.into_sql(), q.ids.is_some()).await;
                 }
                 let mut qb = QueryBuilder::new("EXPLAIN QUERY PLAN SELECT COUNT(*)");
-                push_archive_from(&mut qb, "o@x", q, lo, hi);
+                SqliteStore::push_archive_from(&mut qb, "o@x", q, lo, hi);
                 explain(qb.into_sql(), false).await;
             }
         }
@@ -2060,7 +1059,7 @@ mod tests {
             let cfg = PepNodeConfig {
                 access_model: "open".into(),
                 max_items: 10,
-                publish_model: "publishers".into(),
+                ..PepNodeConfig::default()
             };
             store.pep_create_or_configure(u, "n", &cfg).await.unwrap();
             store.pep_publish(u, "n", "i", "<i/>").await.unwrap();

@@ -52,6 +52,7 @@ pub async fn conformance(store: &dyn Store) {
     offline(store).await;
     pep(store).await;
     blocking(store).await;
+    kv(store).await;
     populate_alice(store).await;
     delete_cascades(store).await;
 }
@@ -1136,9 +1137,8 @@ async fn offline(store: &dyn Store) {
 
 fn node_cfg(max_items: u32) -> PepNodeConfig {
     PepNodeConfig {
-        access_model: "presence".into(),
         max_items,
-        publish_model: "publishers".into(),
+        ..PepNodeConfig::default()
     }
 }
 
@@ -1253,6 +1253,10 @@ async fn pep(store: &dyn Store) {
         access_model: "whitelist".into(),
         max_items: 2,
         publish_model: "open".into(),
+        persist_items: false,
+        send_last_published_item: "never".into(),
+        notify_retract: false,
+        notify_delete: false,
     };
     store
         .pep_create_or_configure(BOB, BOOKMARKS, &cfg)
@@ -1375,6 +1379,73 @@ async fn blocking(store: &dyn Store) {
     assert!(store.blocklist(NOBODY).await.unwrap().is_empty());
 }
 
+async fn kv(store: &dyn Store) {
+    const NS: &str = "jabber:iq:private";
+    assert_eq!(store.kv_get(BOB, NS, "a").await.unwrap(), None);
+    store.kv_put(BOB, NS, "a", "<a xmlns='a'/>").await.unwrap();
+    store.kv_put(BOB, NS, "b", "<b xmlns='b'/>").await.unwrap();
+    store.kv_put(BOB, "other", "a", "other ns").await.unwrap();
+    store.kv_put(CAROL, NS, "a", "carol's").await.unwrap();
+    assert_eq!(
+        store.kv_get(BOB, NS, "a").await.unwrap().as_deref(),
+        Some("<a xmlns='a'/>")
+    );
+    // Replacing, per user and per namespace.
+    store
+        .kv_put(BOB, NS, "a", "<a xmlns='a'>2</a>")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.kv_get(BOB, NS, "a").await.unwrap().as_deref(),
+        Some("<a xmlns='a'>2</a>")
+    );
+    assert_eq!(
+        store.kv_get(BOB, "other", "a").await.unwrap().as_deref(),
+        Some("other ns")
+    );
+    assert_eq!(
+        store.kv_get(CAROL, NS, "a").await.unwrap().as_deref(),
+        Some("carol's")
+    );
+    // Empty and non-ASCII values and keys round-trip.
+    store.kv_put(BOB, NS, "é", "").await.unwrap();
+    assert_eq!(
+        store.kv_get(BOB, NS, "é").await.unwrap().as_deref(),
+        Some("")
+    );
+
+    // The size limit: the largest value fits, one byte more is refused and changes nothing.
+    let big = "x".repeat(crate::KV_MAX_VALUE_BYTES);
+    store.kv_put(BOB, NS, "big", &big).await.unwrap();
+    assert_eq!(
+        store.kv_get(BOB, NS, "big").await.unwrap(),
+        Some(big.clone())
+    );
+    let r = store.kv_put(BOB, NS, "big", &format!("{big}y")).await;
+    assert!(matches!(r, Err(StoreError::QuotaExceeded)), "{r:?}");
+    assert_eq!(store.kv_get(BOB, NS, "big").await.unwrap(), Some(big));
+    let long_key = "k".repeat(crate::KV_MAX_KEY_BYTES + 1);
+    let r = store.kv_put(BOB, NS, &long_key, "v").await;
+    assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+    let r = store.kv_put(BOB, &long_key, "k", "v").await;
+    assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+
+    assert!(store.kv_delete(BOB, NS, "big").await.unwrap());
+    assert!(!store.kv_delete(BOB, NS, "big").await.unwrap());
+    assert_eq!(store.kv_get(BOB, NS, "big").await.unwrap(), None);
+    assert!(store.kv_delete(BOB, NS, "b").await.unwrap());
+    assert!(store.kv_delete(BOB, NS, "é").await.unwrap());
+    assert!(store.kv_delete(BOB, "other", "a").await.unwrap());
+    assert!(store.kv_delete(CAROL, NS, "a").await.unwrap());
+    // Bob keeps "a" (checked gone only for deleted accounts).
+    assert!(store.kv_get(BOB, NS, "a").await.unwrap().is_some());
+
+    let r = store.kv_put(NOBODY, NS, "a", "v").await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    assert_eq!(store.kv_get(NOBODY, NS, "a").await.unwrap(), None);
+    assert!(!store.kv_delete(NOBODY, NS, "a").await.unwrap());
+}
+
 /// Gives Alice something in every new table, for the deletion checks.
 async fn populate_alice(store: &dyn Store) {
     store
@@ -1421,6 +1492,15 @@ async fn populate_alice(store: &dyn Store) {
         .unwrap();
     store.pep_publish(ALICE, "n", "i", "<i/>").await.unwrap();
     store.block(ALICE, &[DAVE.to_string()]).await.unwrap();
+    store
+        .kv_put(
+            ALICE,
+            "jabber:iq:private",
+            "storage:rosternotes",
+            "<storage/>",
+        )
+        .await
+        .unwrap();
 }
 
 /// Everything of `user` in the new tables is gone.
@@ -1438,6 +1518,13 @@ async fn assert_no_feature_data(store: &dyn Store, user: &str) {
         .unwrap()
         .is_empty());
     assert!(store.blocklist(user).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .kv_get(user, "jabber:iq:private", "storage:rosternotes")
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 fn unix_now() -> i64 {
@@ -1524,4 +1611,42 @@ async fn delete_cascades(store: &dyn Store) {
     assert!(at2 >= at);
     store.create_account(ALICE, &credentials(8)).await.unwrap();
     assert!(store.roster_version(ALICE).await.unwrap() > v2);
+}
+
+/// The PostgreSQL server tests create their databases on (env `NATTER_TEST_PG_URL`).
+pub fn pg_server_url() -> String {
+    std::env::var("NATTER_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A fresh PostgreSQL database `natter_test_<random>` for one test; [`PgTestDb::drop_now`]
+/// drops it. Creating it panics with the cause when the server is unreachable: a
+/// PostgreSQL test must fail then, never pass without having run.
+pub struct PgTestDb {
+    server: String,
+    pub name: String,
+    /// The URL of the new database.
+    pub url: String,
+}
+
+impl PgTestDb {
+    pub async fn create() -> PgTestDb {
+        let server = pg_server_url();
+        let name = format!("natter_test_{:016x}", rand::random::<u64>());
+        if let Err(e) = crate::postgres::create_database(&server, &name).await {
+            panic!(
+                "PostgreSQL tests need a server (NATTER_TEST_PG_URL, default \
+                 postgres://postgres@127.0.0.1:5432/postgres) where they may create \
+                 databases: {e}"
+            );
+        }
+        let url = crate::postgres::with_database(&server, &name);
+        PgTestDb { server, name, url }
+    }
+
+    pub async fn drop_now(self) {
+        if let Err(e) = crate::postgres::drop_database(&self.server, &self.name).await {
+            panic!("dropping test database {}: {e}", self.name);
+        }
+    }
 }

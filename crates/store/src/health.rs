@@ -1,4 +1,4 @@
-//! Whether writes succeed, for readiness ([`crate::Store::writable`]).
+//! Whether writes succeed, for readiness ([`crate::Lifecycle::writable`]), for every backend.
 //!
 //! The group-commit writer records the outcome of every transaction, and a readiness
 //! check answers from that record while it is fresh: a busy server commits all the time,
@@ -20,16 +20,16 @@ use std::time::{Duration, Instant};
 use crate::StoreError;
 
 /// How long a successful write answers readiness checks.
-pub(super) const OK_FRESH: Duration = Duration::from_secs(10);
+pub(crate) const OK_FRESH: Duration = Duration::from_secs(10);
 /// How long a failed write answers readiness checks.
-pub(super) const FAILED_FRESH: Duration = Duration::from_secs(1);
+pub(crate) const FAILED_FRESH: Duration = Duration::from_secs(1);
 /// Bytes written by the probe after a failure.
-pub(super) const LARGE_PROBE: usize = 256 * 1024;
+pub(crate) const LARGE_PROBE: usize = 256 * 1024;
 /// A probe that has not committed by then counts as a failed write.
-pub(super) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a readiness check should do.
-pub(super) enum Due {
+pub(crate) enum Due {
     /// Answer with the recorded outcome.
     No(Result<(), StoreError>),
     /// Write a probe of this many bytes.
@@ -37,10 +37,10 @@ pub(super) enum Due {
 }
 
 #[derive(Default)]
-pub(super) struct WriteHealth {
+pub(crate) struct WriteHealth {
     last: Mutex<Option<Outcome>>,
     /// Held while probing, so concurrent checks share one probe.
-    pub probe: tokio::sync::Mutex<()>,
+    probe: tokio::sync::Mutex<()>,
 }
 
 struct Outcome {
@@ -53,7 +53,7 @@ impl WriteHealth {
     pub fn record_ok(&self) {
         let mut last = self.last.lock();
         if last.as_ref().is_some_and(|o| o.failing.is_some()) {
-            tracing::info!("SQLite writes succeed again");
+            tracing::info!("store writes succeed again");
         }
         *last = Some(Outcome {
             at: Instant::now(),
@@ -84,6 +84,35 @@ impl WriteHealth {
             Some(o) if o.at.elapsed() < FAILED_FRESH => Due::No(o.result()),
             Some(_) => Due::Probe(LARGE_PROBE),
         }
+    }
+
+    /// A readiness check: the recorded outcome while fresh, else the outcome of
+    /// `probe(bytes)`, a real write of about that many bytes through the backend's writer.
+    pub async fn check<F>(&self, probe: impl FnOnce(usize) -> F) -> Result<(), StoreError>
+    where
+        F: std::future::Future<Output = Result<(), StoreError>>,
+    {
+        // One probe at a time; checks that waited for it reuse its outcome.
+        let _probing = self.probe.lock().await;
+        let bytes = match self.due() {
+            Due::No(recent) => return recent,
+            Due::Probe(bytes) => bytes,
+        };
+        let outcome = tokio::time::timeout(PROBE_TIMEOUT, probe(bytes))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Backend(format!(
+                    "a probe write did not finish within {} s",
+                    PROBE_TIMEOUT.as_secs()
+                )))
+            });
+        match outcome {
+            Ok(()) => self.record_ok(),
+            Err(StoreError::Backend(e)) => self.record_err(&e),
+            Err(e) => self.record_err(&e.to_string()),
+        }
+        // With how long writes have been failing.
+        self.current()
     }
 
     /// The latest outcome (Ok if nothing was written yet).

@@ -1,0 +1,263 @@
+//! What the SQL backends share: turning sqlx errors into [`StoreError`] (sqlx stays out of
+//! the trait API), stanza-ids and small conversions.
+
+use crate::{ArchivedMessage, RosterItem, StoreError, Subscription};
+
+/// Any other database error becomes a backend-neutral message.
+pub(crate) fn db(e: sqlx::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// `.db()?` on sqlx results in backend code.
+pub(crate) trait DbResult<T> {
+    fn db(self) -> Result<T, StoreError>;
+}
+
+impl<T> DbResult<T> for Result<T, sqlx::Error> {
+    fn db(self) -> Result<T, StoreError> {
+        self.map_err(db)
+    }
+}
+
+/// A foreign-key violation means the owning account (or node) doesn't exist.
+pub(crate) fn map_fk(e: sqlx::Error) -> StoreError {
+    if e.as_database_error()
+        .is_some_and(|d| d.is_foreign_key_violation())
+    {
+        StoreError::NotFound
+    } else {
+        db(e)
+    }
+}
+
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
+}
+
+pub(crate) fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Backend(format!("corrupt {what} {v}")))
+}
+
+pub(crate) fn to_version(v: i64) -> Result<u64, StoreError> {
+    to_u64(v, "roster version")
+}
+
+/// `n` as an SQL LIMIT (saturating).
+pub(crate) fn limit_of(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A random 128-bit stanza-id (XEP-0359), as 26 lowercase base32 characters.
+pub(crate) fn new_stanza_id() -> String {
+    // Time first, then 64 random bits, base32 in ASCII order: ids sort by creation
+    // time, so a new row lands at the end of its owner's range of the (owner, id) index
+    // (a random id dirtied a random index page per row, most of the archive's write
+    // cost). Only the owner ever sees an id, and that owner already has the time.
+    const ALPHABET: &[u8; 32] = b"234567abcdefghijklmnopqrstuvwxyz";
+    let micros = u64::try_from(crate::now_micros()).unwrap_or(0);
+    let v = (u128::from(micros) << 64) | u128::from(rand::random::<u64>());
+    (0..26)
+        .rev()
+        .map(|i| char::from(ALPHABET[((v >> (5 * i)) & 31) as usize]))
+        .collect()
+}
+
+/// Archive entries as group-commit rows, each with a fresh stanza-id.
+pub(crate) fn archive_rows(entries: &[crate::NewArchiveEntry]) -> Vec<crate::batch::ArchiveRow> {
+    entries
+        .iter()
+        .map(|e| crate::batch::ArchiveRow {
+            id: new_stanza_id(),
+            owner: e.owner.clone(),
+            with: e.with.clone(),
+            stanza: e.stanza.clone(),
+            outgoing: e.outgoing,
+        })
+        .collect()
+}
+
+/// (id, with_jid, ts, outgoing, stanza)
+pub(crate) type ArchiveRow = (String, String, i64, bool, String);
+
+pub(crate) fn to_archived(
+    owner: &str,
+    (id, with, ts_micros, outgoing, stanza): ArchiveRow,
+) -> ArchivedMessage {
+    ArchivedMessage {
+        id,
+        owner: owner.to_owned(),
+        with,
+        ts_micros,
+        outgoing,
+        stanza,
+    }
+}
+
+/// (contact, name, subscription, ask, pending_in, approved)
+pub(crate) type ItemRow = (String, Option<String>, String, bool, bool, bool);
+
+pub(crate) fn row_to_item(
+    (jid, name, sub, ask, pending_in, approved): ItemRow,
+) -> Result<RosterItem, StoreError> {
+    let subscription = sub
+        .parse::<Subscription>()
+        .map_err(|e| StoreError::Backend(format!("corrupt roster item {jid}: {e}")))?;
+    Ok(RosterItem {
+        jid,
+        name,
+        subscription,
+        ask,
+        pending_in,
+        approved,
+        groups: Vec::new(),
+    })
+}
+
+/// The tighter of two optional bounds (`pick` = max for lower, min for upper bounds).
+pub(crate) fn tighter(a: Option<i64>, b: Option<i64>, pick: fn(i64, i64) -> i64) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(pick(a, b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Items of a roster read in contact order, with their groups `(contact, group)` in
+/// position order attached.
+pub(crate) fn roster_from_rows(
+    rows: Vec<ItemRow>,
+    groups: Vec<(String, String)>,
+) -> Result<Vec<RosterItem>, StoreError> {
+    let mut items = rows
+        .into_iter()
+        .map(row_to_item)
+        .collect::<Result<Vec<_>, _>>()?;
+    let index: std::collections::HashMap<String, usize> = items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| (it.jid.clone(), i))
+        .collect();
+    for (contact, group) in groups {
+        if let Some(&i) = index.get(&contact) {
+            items[i].groups.push(group);
+        }
+    }
+    Ok(items)
+}
+
+/// Credentials rows `(hash, salt, iterations, stored_key, server_key)` of `user`.
+pub(crate) type CredRow = (String, Vec<u8>, i64, Vec<u8>, Vec<u8>);
+
+pub(crate) fn credentials_from_rows(
+    user: &str,
+    rows: Vec<CredRow>,
+) -> Result<Option<crate::AccountCredentials>, StoreError> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let (mut sha1, mut sha256) = (None, None);
+    for (hash, salt, iterations, stored_key, server_key) in rows {
+        let iterations = u32::try_from(iterations).map_err(|_| {
+            StoreError::Backend(format!("corrupt iteration count for {user}: {iterations}"))
+        })?;
+        let c = crate::StoredCredentials {
+            salt,
+            iterations,
+            stored_key,
+            server_key,
+        };
+        match hash.as_str() {
+            "sha1" => sha1 = Some(c),
+            "sha256" => sha256 = Some(c),
+            _ => {} // a hash added by a newer schema; not ours to interpret
+        }
+    }
+    match (sha1, sha256) {
+        (Some(sha1), Some(sha256)) => Ok(Some(crate::AccountCredentials { sha1, sha256 })),
+        _ => Err(StoreError::Backend(format!(
+            "incomplete credentials stored for {user}"
+        ))),
+    }
+}
+
+/// MAM preferences from the default mode and `(list, jid)` rows.
+pub(crate) fn mam_prefs_from(default: String, jids: Vec<(String, String)>) -> crate::MamPrefs {
+    let mut prefs = crate::MamPrefs {
+        default,
+        always: Vec::new(),
+        never: Vec::new(),
+    };
+    for (list, jid) in jids {
+        match list.as_str() {
+            "always" => prefs.always.push(jid),
+            _ => prefs.never.push(jid),
+        }
+    }
+    prefs
+}
+
+/// Checks a MAM default mode before writing it.
+pub(crate) fn check_mam_default(prefs: &crate::MamPrefs) -> Result<(), StoreError> {
+    if crate::MAM_DEFAULT_MODES.contains(&prefs.default.as_str()) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "MAM default mode {:?}",
+            prefs.default
+        )))
+    }
+}
+
+/// (access_model, max_items, publish_model, persist_items, send_last_published_item,
+/// notify_retract, notify_delete)
+pub(crate) type PepNodeRow = (String, i64, String, bool, String, bool, bool);
+
+pub(crate) fn to_pep_config(
+    (
+        access_model,
+        max_items,
+        publish_model,
+        persist_items,
+        send_last_published_item,
+        notify_retract,
+        notify_delete,
+    ): PepNodeRow,
+) -> Result<crate::PepNodeConfig, StoreError> {
+    Ok(crate::PepNodeConfig {
+        access_model,
+        max_items: u32::try_from(max_items)
+            .map_err(|_| StoreError::Backend(format!("corrupt max_items {max_items}")))?,
+        publish_model,
+        persist_items,
+        send_last_published_item,
+        notify_retract,
+        notify_delete,
+    })
+}
+
+pub(crate) fn to_pep_items(rows: Vec<(String, String, i64)>) -> Vec<crate::PepItem> {
+    rows.into_iter()
+        .map(|(id, payload, published_micros)| crate::PepItem {
+            id,
+            payload,
+            published_micros,
+        })
+        .collect()
+}
+
+/// Offline rows `(seq, stanza, archive_id, ts, ord)` as messages.
+pub(crate) fn to_offline(
+    rows: Vec<(i64, String, Option<String>, i64, i64)>,
+) -> Result<Vec<crate::OfflineMessage>, StoreError> {
+    rows.into_iter()
+        .map(|(seq, stanza, archive_id, ts_micros, ord)| {
+            Ok(crate::OfflineMessage {
+                seq: to_u64(seq, "offline seq")?,
+                stanza,
+                archive_id,
+                ts_micros,
+                ord,
+            })
+        })
+        .collect()
+}
