@@ -101,7 +101,7 @@ async fn owner_stores_and_reads_private_xml_across_restart() {
     a.close().await;
     b.close().await;
     let config = srv.state().config.as_ref().clone();
-    srv.stop().await;
+    let _kept = srv.stop_keeping_store().await;
 
     // Survives a restart; an empty element deletes.
     let running = natter::start(config).await.expect("restart");

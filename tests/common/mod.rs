@@ -267,6 +267,22 @@ impl TestServer {
     pub async fn stop(self) {
         self.running.shutdown().await;
     }
+
+    /// Shut down but keep the store (data directory and test database) for
+    /// a restart with the same config; the store goes when the guard drops.
+    pub async fn stop_keeping_store(self) -> KeptStore {
+        self.running.shutdown().await;
+        KeptStore {
+            _dir: self.dir,
+            _db: self.db,
+        }
+    }
+}
+
+/// The store of a stopped test server (`TestServer::stop_keeping_store`).
+pub struct KeptStore {
+    _dir: tempfile::TempDir,
+    _db: Option<TestDb>,
 }
 
 /// The queue is deleted once the session has taken it over, which may be just
