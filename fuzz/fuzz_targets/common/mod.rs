@@ -11,21 +11,25 @@ pub const LIMITS: [Limits; 4] = [
         max_stanza_bytes: 256 * 1024,
         max_depth: 32,
         max_attrs: 64,
+        max_elements: 5_000,
     },
     Limits {
         max_stanza_bytes: 64,
         max_depth: 3,
         max_attrs: 2,
+        max_elements: 4,
     },
     Limits {
         max_stanza_bytes: 512,
         max_depth: 8,
         max_attrs: 8,
+        max_elements: 16,
     },
     Limits {
         max_stanza_bytes: 1,
         max_depth: 1,
         max_attrs: 0,
+        max_elements: 1,
     },
 ];
 
@@ -38,6 +42,7 @@ pub const ROOMY: Limits = Limits {
     max_stanza_bytes: 1 << 30,
     max_depth: 1 << 20,
     max_attrs: 1 << 20,
+    max_elements: 1 << 30,
 };
 
 pub const CLIENT_HEADER: &str = "<stream:stream xmlns='jabber:client' \
