@@ -144,6 +144,8 @@ pub struct Limits {
     pub auth_window_secs: u64,
     /// Longest a failure reply is held back, in milliseconds.
     pub auth_max_delay_ms: u64,
+    /// Most distinct recipients of one XEP-0033 multicast message.
+    pub max_multicast_recipients: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -319,6 +321,7 @@ impl Default for Limits {
             auth_failures_per_range: 50,
             auth_window_secs: 300,
             auth_max_delay_ms: 4000,
+            max_multicast_recipients: 100,
         }
     }
 }

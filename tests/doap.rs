@@ -4,6 +4,7 @@
 /// Feature namespace → the spec's resource name in doap.xml. A new module's feature must be added
 /// here and to doap.xml.
 const FEATURE_XEP: &[(&str, &str)] = &[
+    ("http://jabber.org/protocol/address", "xep-0033.html"),
     ("http://jabber.org/protocol/disco#info", "xep-0030.html"),
     ("http://jabber.org/protocol/disco#items", "xep-0030.html"),
     ("jabber:iq:private", "xep-0049.html"),

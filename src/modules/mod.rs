@@ -18,6 +18,7 @@ pub mod host_meta;
 pub mod last;
 pub mod mam;
 pub mod message;
+pub mod multicast;
 pub mod offline;
 pub mod pep;
 pub mod ping;
@@ -309,6 +310,7 @@ impl Modules {
             Arc::new(roster::Roster::default()),
             Arc::new(presence::Presence),
             Arc::new(message::Messages),
+            Arc::new(multicast::Multicast),
             Arc::new(mam::Mam::default()),
             Arc::new(offline::Offline::default()),
             Arc::new(carbons::Carbons),
