@@ -107,7 +107,7 @@ impl<R: BufRead> DocumentReader<R> {
                     // A one-element tree: the builder checks the attributes.
                     let mut tree = TreeBuilder::default();
                     tree.start(ns, name, attrs, &self.limits)?;
-                    DocEvent::Start(tree.end().expect("one open element"))
+                    DocEvent::Start(tree.end(&self.limits)?.expect("one open element"))
                 }
                 Some(Event::EndElement(_)) => {
                     self.depth -= 1;
@@ -134,11 +134,11 @@ impl<R: BufRead> DocumentReader<R> {
                 }
                 Some(Event::EndElement(_)) => {
                     self.depth -= 1;
-                    if let Some(el) = tree.end() {
+                    if let Some(el) = tree.end(&self.limits)? {
                         return Ok(el);
                     }
                 }
-                Some(Event::Text(_, text)) => tree.text(text, &self.limits)?,
+                Some(Event::Text(_, text)) => tree.text(text),
             }
             if self.position - from > self.limits.max_stanza_bytes as u64 {
                 return Err(XmlError::PolicyViolation(format!(

@@ -138,6 +138,11 @@ pub(crate) struct TreeBuilder {
     stack: Vec<Element>,
     /// Elements and text runs of the stanza being built.
     nodes: usize,
+    /// A text run is open and not yet counted. It is counted when the next
+    /// tag ends it: rxml reports a run in more or fewer pieces depending
+    /// on how reads are cut, so counting at the first piece would make a
+    /// limit trip at different bytes (found by the xml_stream fuzz target).
+    text_open: bool,
 }
 
 impl TreeBuilder {
@@ -146,6 +151,7 @@ impl TreeBuilder {
         TreeBuilder {
             stack: vec![root],
             nodes: 1,
+            text_open: false,
         }
     }
 
@@ -168,6 +174,7 @@ impl TreeBuilder {
                 limits.max_attrs
             )));
         }
+        self.close_text(limits)?;
         self.count(limits)?;
         self.stack.push(Element {
             name: name.into(),
@@ -179,15 +186,25 @@ impl TreeBuilder {
     }
 
     /// Close the innermost element; returns the top-level element once complete.
-    pub(crate) fn end(&mut self) -> Option<Element> {
-        let el = self.stack.pop()?;
-        match self.stack.last_mut() {
+    pub(crate) fn end(&mut self, limits: &Limits) -> Result<Option<Element>, XmlError> {
+        self.close_text(limits)?;
+        let Some(el) = self.stack.pop() else {
+            return Ok(None);
+        };
+        Ok(match self.stack.last_mut() {
             Some(parent) => {
                 parent.append_child(el);
                 None
             }
             None => Some(el),
+        })
+    }
+
+    fn close_text(&mut self, limits: &Limits) -> Result<(), XmlError> {
+        if std::mem::take(&mut self.text_open) {
+            self.count(limits)?;
         }
+        Ok(())
     }
 
     fn count(&mut self, limits: &Limits) -> Result<(), XmlError> {
@@ -204,19 +221,16 @@ impl TreeBuilder {
         Ok(())
     }
 
-    pub(crate) fn text(&mut self, text: String, limits: &Limits) -> Result<(), XmlError> {
+    /// Text inside the stanza; counted once its run ends (`close_text`).
+    pub(crate) fn text(&mut self, text: String) {
         let Some(top) = self.stack.last_mut() else {
-            return Ok(());
+            return;
         };
         // A run read in several pieces is one text node.
-        let new_node = !text.is_empty() && !matches!(top.children.last(), Some(Node::Text(_)));
-        if new_node {
-            self.count(limits)?;
+        if !text.is_empty() && !matches!(top.children.last(), Some(Node::Text(_))) {
+            self.text_open = true;
         }
-        if let Some(top) = self.stack.last_mut() {
-            top.append_text(text);
-        }
-        Ok(())
+        top.append_text(text);
     }
 
     fn is_empty(&self) -> bool {
@@ -294,6 +308,138 @@ impl Replay {
     }
 }
 
+/// Checks that the byte stream is UTF-8 made only of XML characters, as
+/// it arrives. rxml checks text lazily, when a run ends: in one large read
+/// it buffers invalid bytes of an unfinished text run (up to the stanza
+/// limit) while byte-wise reads fail at once (found by the xml_stream fuzz
+/// target). Checking here fails every chunking at the same byte.
+#[derive(Debug, Default)]
+struct CharCheck {
+    /// The start of a character split across reads.
+    carry: [u8; 4],
+    carry_len: usize,
+}
+
+impl CharCheck {
+    /// Length of the longest prefix of `data` that continues the stream
+    /// with valid characters, and the error at its end if there is one.
+    fn check(&mut self, data: &[u8]) -> (usize, Option<XmlError>) {
+        let mut start = 0;
+        if self.carry_len > 0 {
+            let width = utf8_width(self.carry[0]);
+            let need = (width - self.carry_len).min(data.len());
+            self.carry[self.carry_len..self.carry_len + need].copy_from_slice(&data[..need]);
+            self.carry_len += need;
+            if self.carry_len < width {
+                return (data.len(), None);
+            }
+            let ch = &self.carry[..width];
+            self.carry_len = 0;
+            match std::str::from_utf8(ch) {
+                Ok(s) if s.chars().all(is_xml_char) => start = need,
+                Ok(_) => return (0, Some(invalid_char())),
+                Err(_) => return (0, Some(invalid_utf8(ch[0]))),
+            }
+        }
+        let rest = &data[start..];
+        let (valid, error) = match std::str::from_utf8(rest) {
+            Ok(s) => (s, None),
+            Err(e) => {
+                let valid = &rest[..e.valid_up_to()];
+                // Valid by the check just made.
+                let valid = std::str::from_utf8(valid).unwrap_or_default();
+                match e.error_len() {
+                    Some(_) => (valid, Some(invalid_utf8(rest[e.valid_up_to()]))),
+                    None => {
+                        let tail = &rest[e.valid_up_to()..];
+                        self.carry[..tail.len()].copy_from_slice(tail);
+                        self.carry_len = tail.len();
+                        (valid, None)
+                    }
+                }
+            }
+        };
+        // Most input is markup and ASCII text: look at bytes first.
+        let bad = valid
+            .bytes()
+            .position(|b| (b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r')) || b == 0xEF)
+            .and_then(|from| {
+                valid[from..]
+                    .char_indices()
+                    .find(|&(_, c)| !is_xml_char(c))
+                    .map(|(i, _)| from + i)
+            });
+        match bad {
+            Some(at) => {
+                self.carry_len = 0;
+                (start + at, Some(invalid_char()))
+            }
+            None => match error {
+                Some(e) => (start + valid.len(), Some(e)),
+                None => (data.len(), None),
+            },
+        }
+    }
+}
+
+/// XML line-end normalization (XML 1.0 §2.11: CRLF and a lone CR become
+/// LF), done before rxml sees the bytes. rxml does it itself, but while it
+/// waits to see what follows a CR it holds back the text read before it,
+/// so one read ending in CR reported text that byte-wise reads had
+/// reported already (found by the xml_stream fuzz target). At most one CR
+/// is held here.
+#[derive(Debug, Default)]
+struct LineEnds {
+    held_cr: bool,
+}
+
+impl LineEnds {
+    fn normalize<'a>(&mut self, data: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        if !self.held_cr && !data.contains(&b'\r') {
+            return std::borrow::Cow::Borrowed(data);
+        }
+        let mut out = Vec::with_capacity(data.len() + 1);
+        let mut cr = std::mem::take(&mut self.held_cr);
+        for &b in data {
+            if cr {
+                cr = false;
+                out.push(b'\n');
+                if b == b'\n' {
+                    continue;
+                }
+            }
+            if b == b'\r' {
+                cr = true;
+            } else {
+                out.push(b);
+            }
+        }
+        self.held_cr = cr;
+        std::borrow::Cow::Owned(out)
+    }
+}
+
+fn utf8_width(first: u8) -> usize {
+    match first {
+        0xF0..=0xF7 => 4,
+        0xE0..=0xEF => 3,
+        _ => 2,
+    }
+}
+
+/// XML 1.0 `Char` (surrogates cannot be in a `char`).
+fn is_xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+}
+
+fn invalid_utf8(byte: u8) -> XmlError {
+    XmlError::NotWellFormed(format!("invalid utf-8 byte: \\x{byte:02x}"))
+}
+
+fn invalid_char() -> XmlError {
+    XmlError::NotWellFormed("character not allowed in XML".into())
+}
+
 /// rxml's parser and the stanza being built: what the stream needs only
 /// while bytes arrive. Dropped when idle ([`StreamParser::release`]).
 struct Live {
@@ -344,6 +490,13 @@ pub struct StreamParser {
     /// `<` that ends a text run to the text event, so `pending == 0` alone
     /// does not prove it holds nothing (found by the xml_stream fuzz target).
     ends_clean: bool,
+    chars: CharCheck,
+    line_ends: LineEnds,
+    /// At stream level between stanzas, nothing of the next one read yet:
+    /// every byte until its `<` must be whitespace. Checked on the bytes
+    /// as they are read, since rxml holds back text before a `]` or `\r`
+    /// until it sees the next byte (found by the xml_stream fuzz target).
+    between: bool,
 }
 
 impl StreamParser {
@@ -357,6 +510,9 @@ impl StreamParser {
             pending: 0,
             failed: None,
             ends_clean: true,
+            chars: CharCheck::default(),
+            line_ends: LineEnds::default(),
+            between: false,
         }
     }
 
@@ -403,9 +559,16 @@ impl StreamParser {
             Some(l) => Ok(l),
             None => Live::new(&self.limits, &self.replay),
         };
+        let (valid, bad_char) = self.chars.check(data);
         // On error nothing more will be parsed: the buffers are dropped.
         let r = live.and_then(|mut live| {
-            self.feed_inner(&mut live, data, &mut events)?;
+            // What comes before a bad character is parsed first, so that
+            // its errors (and events) are the same in any chunking.
+            let text = self.line_ends.normalize(&data[..valid]);
+            self.feed_inner(&mut live, &text, &mut events)?;
+            if let Some(e) = bad_char {
+                return Err(e);
+            }
             self.live = Some(live);
             Ok(())
         });
@@ -442,6 +605,9 @@ impl StreamParser {
             if let Replay::Capturing(header) = &mut self.replay {
                 header.extend_from_slice(&data[..consumed]);
             }
+            if self.between {
+                self.check_between(&data[..consumed])?;
+            }
             data = &data[consumed..];
             self.pending += consumed;
             let starved = match result {
@@ -467,6 +633,24 @@ impl StreamParser {
         if self.state == State::Open && live.tree.is_empty() {
             // Idle between stanzas: return rxml's scratch buffers.
             live.parser.release_temporaries();
+        }
+        Ok(())
+    }
+
+    fn check_between(&mut self, bytes: &[u8]) -> Result<(), XmlError> {
+        for &b in bytes {
+            match b {
+                b' ' | b'\t' | b'\n' | b'\r' => {}
+                b'<' => {
+                    self.between = false;
+                    return Ok(());
+                }
+                _ => {
+                    return Err(XmlError::BadFormat(
+                        "text directly inside the stream".into(),
+                    ))
+                }
+            }
         }
         Ok(())
     }
@@ -509,6 +693,7 @@ impl StreamParser {
                         )));
                     }
                     self.state = State::Open;
+                    self.between = true;
                     self.stanza_bytes = 0;
                     if let Replay::Capturing(header) = &self.replay {
                         self.replay = Replay::of(header);
@@ -529,8 +714,9 @@ impl StreamParser {
                 } else {
                     self.stanza_bytes += len;
                     self.check_size()?;
-                    if let Some(stanza) = tree.end() {
+                    if let Some(stanza) = tree.end(&self.limits)? {
                         self.stanza_bytes = 0;
+                        self.between = true;
                         events.push(StreamEvent::Stanza(stanza));
                     }
                 }
@@ -546,7 +732,7 @@ impl StreamParser {
                 } else {
                     self.stanza_bytes += len;
                     self.check_size()?;
-                    tree.text(text, &self.limits)?;
+                    tree.text(text);
                 }
             }
         }
@@ -577,11 +763,11 @@ pub fn parse_frame(data: &[u8], limits: &Limits) -> Result<Element, XmlError> {
                 Event::XmlDeclaration(..) => {}
                 Event::StartElement(_, (ns, name), attrs) => tree.start(ns, name, attrs, limits)?,
                 Event::EndElement(_) => {
-                    if let Some(el) = tree.end() {
+                    if let Some(el) = tree.end(limits)? {
                         root = Some(el);
                     }
                 }
-                Event::Text(_, text) => tree.text(text, limits)?,
+                Event::Text(_, text) => tree.text(text),
             },
             Err(EndOrError::NeedMoreData) => {
                 return Err(XmlError::NotWellFormed("incomplete frame".into()))
@@ -904,6 +1090,106 @@ mod tests {
             .feed(b"<message><body>\xe2\x98x</body></message>")
             .unwrap_err();
         assert_eq!(e.condition(), "not-well-formed", "{e}");
+    }
+
+    /// rxml checks an unfinished text run only when it ends, so one large
+    /// read used to hold garbage that byte-wise reads refused at once.
+    #[test]
+    fn bad_bytes_fail_at_once_in_any_chunking() {
+        let cases: [&[u8]; 4] = [
+            b" \r\n\xff\xff\xff",
+            b"<message><body>ok \xff more",
+            b"<message><body>ok \x01 more",
+            b"<message><body>ok \xef\xbf\xbe more",
+        ];
+        for bytes in cases {
+            let mut whole = open(Limits::default());
+            let e = whole.feed(bytes).unwrap_err();
+            assert_eq!(e.condition(), "not-well-formed", "{bytes:?}: {e}");
+            let mut bytewise = open(Limits::default());
+            let e2 = bytes
+                .iter()
+                .find_map(|b| bytewise.feed(std::slice::from_ref(b)).err())
+                .expect("byte-wise reads fail too");
+            assert_eq!(e.condition(), e2.condition(), "{bytes:?}");
+        }
+        // A character split across reads is fine.
+        let mut p = open(Limits::default());
+        let msg = "<message><body>☃𝄞\u{FFFD}</body></message>".as_bytes();
+        let mut got = Vec::new();
+        for b in msg {
+            got.extend(p.feed(std::slice::from_ref(b)).unwrap());
+        }
+        let s = stanzas(got);
+        assert_eq!(s[0].child_text("body", NS_CLIENT).unwrap(), "☃𝄞\u{FFFD}");
+    }
+
+    /// rxml holds back text read before a CR until it sees the next byte.
+    #[test]
+    fn text_before_a_trailing_cr_is_reported_at_once() {
+        let mut p = open(Limits::default());
+        let e = p.feed(b"t \r").unwrap_err();
+        assert_eq!(e.condition(), "bad-format", "{e}");
+        // Line ends are normalized as XML says, across reads too.
+        for reads in [
+            &[
+                &b"<message><body>a\r\nb\rc\r"[..],
+                b"\nd\r",
+                b"\r</body></message>",
+            ][..],
+            &[
+                b"<message><body>a\r",
+                b"\nb\r",
+                b"c\r\nd\r\r</body></message>",
+            ],
+        ] {
+            let mut p = open(Limits::default());
+            let mut evs = Vec::new();
+            for r in reads {
+                evs.extend(p.feed(r).unwrap());
+            }
+            let s = stanzas(evs);
+            assert_eq!(
+                s[0].child_text("body", NS_CLIENT).unwrap(),
+                "a\nb\nc\nd\n\n"
+            );
+        }
+    }
+
+    /// rxml holds back text before a `]` until it sees the next byte.
+    #[test]
+    fn stream_level_text_is_refused_at_once() {
+        for tail in [&b"<presence/>ab]"[..], b"\n x]", b"<presence/> \n]"] {
+            let mut p = open(Limits::default());
+            let e = p.feed(tail).unwrap_err();
+            assert_eq!(e.condition(), "bad-format", "{tail:?}: {e}");
+        }
+        // Whitespace and stanzas in any cut are fine.
+        let mut p = open(Limits::default());
+        let mut n = 0;
+        for b in b" \n<presence/>\t <presence>x]y</presence> " {
+            n += p.feed(std::slice::from_ref(b)).unwrap().len();
+        }
+        assert_eq!(n, 2);
+    }
+
+    /// A text run counts once, at the tag that ends it, however it was cut.
+    #[test]
+    fn text_runs_count_once_in_any_chunking() {
+        let limits = Limits {
+            max_elements: 2,
+            ..Limits::default()
+        };
+        let mut whole = open(limits);
+        assert!(whole.feed(b"<message>ab]").unwrap().is_empty());
+        let mut bytewise = open(limits);
+        for b in b"<message>ab]" {
+            assert!(bytewise.feed(std::slice::from_ref(b)).unwrap().is_empty());
+        }
+        for p in [&mut whole, &mut bytewise] {
+            let e = p.feed(b"<x/></message>").unwrap_err();
+            assert_eq!(e.condition(), "policy-violation", "{e}");
+        }
     }
 
     #[test]
