@@ -29,7 +29,8 @@ use crate::health::WriteHealth;
 use crate::sql::{
     archive_rows, credentials_from_rows, db, is_unique_violation, limit_of, mam_prefs_from,
     roster_from_rows, row_to_item, tighter, to_archived, to_offline, to_pep_config, to_pep_items,
-    to_u64, to_version, ArchiveRow, CredRow, DbResult, ItemRow,
+    to_u64, to_version, ArchiveRow, ArchiveTable, CredRow, DbResult, ItemRow, LAST_ARCHIVE_TS,
+    USER_ARCHIVE,
 };
 use crate::{
     dedup_groups, domain_of, kv_check, now_micros, now_unix, AccountCredentials, AccountStore,
@@ -310,12 +311,11 @@ impl SqliteStore {
         health: &Arc<WriteHealth>,
     ) -> Result<BatchWriter, StoreError> {
         // The writer keeps archive timestamps non-decreasing in seq order, so the newest
-        // row holds the largest one.
-        let last_ts: Option<i64> =
-            sqlx::query_scalar("SELECT ts FROM archive ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(writer)
-                .await
-                .db()?;
+        // row of each archive holds its largest one.
+        let last_ts: Option<i64> = sqlx::query_scalar(LAST_ARCHIVE_TS)
+            .fetch_one(writer)
+            .await
+            .db()?;
         Ok(BatchWriter::spawn(
             batch::SqliteBatch(writer.clone()),
             last_ts.unwrap_or(0),
@@ -347,7 +347,9 @@ impl SqliteStore {
 
     /// A requested id list is short: look the ids up rather than walk a seq range,
     /// whatever the planner would guess without statistics.
-    const ARCHIVE_BY_IDS: &'static str = " FROM archive INDEXED BY archive_owner_id_idx";
+    fn archive_by_ids(t: &ArchiveTable) -> String {
+        format!(" FROM {} INDEXED BY {}", t.table, t.id_index)
+    }
     /// Write transactions are serialized already (`BEGIN IMMEDIATE`): no lock to take.
     const NODE_FOR_PUBLISH: &'static str =
         "SELECT max_items FROM pep_nodes WHERE owner = $1 AND node = $2";
@@ -787,6 +789,7 @@ mod tests {
                 ..base.clone()
             },
         ];
+        let t = &USER_ARCHIVE;
         for q in &shapes {
             for (lo, hi) in [
                 (None, None),
@@ -796,11 +799,11 @@ mod tests {
             ] {
                 for backward in [false, true] {
                     let mut qb = QueryBuilder::new("EXPLAIN QUERY PLAN SELECT stanza");
-                    SqliteStore::push_archive_page(&mut qb, "o@x", q, lo, hi, backward);
+                    SqliteStore::push_archive_page(&mut qb, t, "o@x", q, lo, hi, backward);
                     explain(qb.into_sql(), q.ids.is_some()).await;
                 }
                 let mut qb = QueryBuilder::new("EXPLAIN QUERY PLAN SELECT COUNT(*)");
-                SqliteStore::push_archive_from(&mut qb, "o@x", q, lo, hi);
+                SqliteStore::push_archive_from(&mut qb, t, "o@x", q, lo, hi);
                 explain(qb.into_sql(), false).await;
             }
         }
