@@ -109,6 +109,13 @@ pub(crate) const USER_ARCHIVE: ArchiveTable = ArchiveTable {
     outgoing: true,
 };
 
+pub(crate) const ROOM_ARCHIVE: ArchiveTable = ArchiveTable {
+    table: "room_archive",
+    owner: "room",
+    id_index: "room_archive_room_id_idx",
+    outgoing: false,
+};
+
 impl ArchiveTable {
     /// The SELECT list of an [`ArchiveRow`].
     pub fn row_columns(&self) -> &'static str {
@@ -134,6 +141,27 @@ impl ArchiveTable {
 pub(crate) const LAST_ARCHIVE_TS: &str = "SELECT MAX(ts) FROM ( \
      SELECT (SELECT ts FROM archive ORDER BY seq DESC LIMIT 1) AS ts \
      UNION ALL SELECT (SELECT ts FROM room_archive ORDER BY seq DESC LIMIT 1)) AS newest";
+
+/// The kinds of member positions in a room's archive (XEP-0333 markers).
+pub(crate) const ROOM_POSITION_KINDS: [&str; 2] = ["received", "displayed"];
+
+/// Refuses a position kind outside [`ROOM_POSITION_KINDS`].
+pub(crate) fn check_position_kind(kind: &str) -> Result<(), StoreError> {
+    if ROOM_POSITION_KINDS.contains(&kind) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!("room position kind {kind:?}")))
+    }
+}
+
+/// Refuses a room document over [`crate::ROOM_MAX_DOC_BYTES`].
+pub(crate) fn check_room_doc(doc: &str) -> Result<(), StoreError> {
+    if doc.len() > crate::ROOM_MAX_DOC_BYTES {
+        Err(StoreError::QuotaExceeded)
+    } else {
+        Ok(())
+    }
+}
 
 /// (id, with_jid, ts, outgoing, stanza)
 pub(crate) type ArchiveRow = (String, String, i64, bool, String);

@@ -1134,6 +1134,183 @@ impl KvStore for $store {
     }
 }
 
+#[async_trait::async_trait]
+impl RoomStore for $store {
+    async fn room_put(&self, room: &str, doc: &str) -> Result<(), StoreError> {
+        crate::sql::check_room_doc(doc)?;
+        let now = now_unix();
+        sqlx::query(
+            "INSERT INTO rooms (jid, service, doc, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $4) \
+             ON CONFLICT (jid) DO UPDATE SET \
+                 doc = excluded.doc, updated_at = excluded.updated_at",
+        )
+        .bind(room)
+        .bind(domain_of(room))
+        .bind(doc)
+        .bind(now)
+        .execute(self.write_pool())
+        .await
+        .db()?;
+        Ok(())
+    }
+
+    async fn room_get(&self, room: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT doc FROM rooms WHERE jid = $1")
+            .bind(room)
+            .fetch_optional(self.read_pool())
+            .await
+            .db()
+    }
+
+    async fn room_list(&self, service: &str) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar("SELECT jid FROM rooms WHERE service = $1 ORDER BY jid")
+            .bind(service)
+            .fetch_all(self.read_pool())
+            .await
+            .db()
+    }
+
+    async fn room_delete(&self, room: &str) -> Result<bool, StoreError> {
+        // Archive and positions go via ON DELETE CASCADE.
+        let n = sqlx::query("DELETE FROM rooms WHERE jid = $1")
+            .bind(room)
+            .execute(self.write_pool())
+            .await
+            .db()?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn room_archive_append(
+        &self,
+        room: &str,
+        entries: &[(String, String)],
+    ) -> Result<Vec<String>, StoreError> {
+        if entries.is_empty() {
+            // Nothing to write, but an unknown room is still refused.
+            let found: Option<String> = sqlx::query_scalar("SELECT jid FROM rooms WHERE jid = $1")
+                .bind(room)
+                .fetch_optional(self.read_pool())
+                .await
+                .db()?;
+            return found.map(|_| Vec::new()).ok_or(StoreError::NotFound);
+        }
+        let rows = entries
+            .iter()
+            .map(|(with, stanza)| crate::sql::archive_row(room, with, stanza, false))
+            .collect();
+        // An unknown room fails on the foreign key: NotFound.
+        self.append_to(&ROOM_ARCHIVE, rows).await
+    }
+
+    async fn room_archive_query(
+        &self,
+        room: &str,
+        q: &ArchiveQuery,
+    ) -> Result<ArchivePage, StoreError> {
+        self.query_archive(&ROOM_ARCHIVE, room, q).await
+    }
+
+    async fn room_archive_get(
+        &self,
+        room: &str,
+        id: &str,
+    ) -> Result<Option<ArchivedMessage>, StoreError> {
+        self.get_archived(&ROOM_ARCHIVE, room, id).await
+    }
+
+    async fn room_archive_replace(
+        &self,
+        room: &str,
+        id: &str,
+        stanza: &str,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query("UPDATE room_archive SET stanza = $3 WHERE room = $1 AND id = $2")
+            .bind(room)
+            .bind(id)
+            .bind(stanza)
+            .execute(self.write_pool())
+            .await
+            .db()?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn room_set_position(
+        &self,
+        room: &str,
+        member: &str,
+        kind: &str,
+        id: &str,
+    ) -> Result<bool, StoreError> {
+        crate::sql::check_position_kind(kind)?;
+        let mut tx = self.write_tx().await?;
+        let seq = Self::seq_of(&mut tx, &ROOM_ARCHIVE, room, id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        // Forward only: the update applies only to a position older (by seq) than `id`.
+        let n = sqlx::query(
+            "INSERT INTO room_positions (room, member, kind, seq) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (room, member, kind) DO UPDATE SET seq = excluded.seq \
+             WHERE room_positions.seq < excluded.seq",
+        )
+        .bind(room)
+        .bind(member)
+        .bind(kind)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await
+        // The message (or the room) deleted meanwhile.
+        .map_err(crate::sql::map_fk)?
+        .rows_affected();
+        tx.commit().await.db()?;
+        Ok(n > 0)
+    }
+
+    async fn room_positions(
+        &self,
+        room: &str,
+        kind: &str,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        crate::sql::check_position_kind(kind)?;
+        sqlx::query_as(
+            "SELECT p.member, a.id FROM room_positions p JOIN room_archive a ON a.seq = p.seq \
+             WHERE p.room = $1 AND p.kind = $2 ORDER BY p.member",
+        )
+        .bind(room)
+        .bind(kind)
+        .fetch_all(self.read_pool())
+        .await
+        .db()
+    }
+
+    async fn room_members_past(
+        &self,
+        room: &str,
+        kind: &str,
+        id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        crate::sql::check_position_kind(kind)?;
+        let mut tx = self.read_tx().await?;
+        let seq = Self::seq_of(&mut tx, &ROOM_ARCHIVE, room, id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let members = sqlx::query_scalar(
+            "SELECT member FROM room_positions \
+             WHERE room = $1 AND kind = $2 AND seq >= $3 ORDER BY member",
+        )
+        .bind(room)
+        .bind(kind)
+        .bind(seq)
+        .fetch_all(&mut *tx)
+        .await
+        .db()?;
+        tx.commit().await.db()?;
+        Ok(members)
+    }
+}
+
 /// Group commit: one INSERT of all `rows` into archive `t`, each with timestamp `ts`.
 async fn insert_archive_rows(
     tx: &mut Tx,
