@@ -353,8 +353,19 @@ mod tests {
             .offline_push("a@x", "<m/>", None, 10, 5)
             .await
             .unwrap();
+        store.room_put("r@muc.x", "{}").await.unwrap();
+        let room_ids = store
+            .room_archive_append("r@muc.x", &[("a@x".into(), "<m/>".into())])
+            .await
+            .unwrap();
         store.close().await;
         let store = PgStore::open(&db.url, 4).await.expect("reopen");
+        let m = store
+            .room_archive_get("r@muc.x", &room_ids[0])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((m.owner.as_str(), m.stanza.as_str()), ("r@muc.x", "<m/>"));
         assert_eq!(
             store
                 .archive_get("a@x", &ids[0])

@@ -789,8 +789,10 @@ mod tests {
                 ..base.clone()
             },
         ];
-        let t = &USER_ARCHIVE;
-        for q in &shapes {
+        for (t, q) in [&USER_ARCHIVE, &ROOM_ARCHIVE]
+            .into_iter()
+            .flat_map(|t| shapes.iter().map(move |q| (t, q)))
+        {
             for (lo, hi) in [
                 (None, None),
                 (Some(5), None),
@@ -815,6 +817,15 @@ mod tests {
             "SELECT seq FROM archive WHERE owner = $1 AND ts < $2 LIMIT 5000",
             "SELECT seq FROM offline_messages WHERE username = $1 ORDER BY ord, seq LIMIT $2",
             "SELECT item_id FROM pep_items WHERE owner = $1 AND node = $2 ORDER BY seq DESC",
+            "SELECT seq FROM room_archive WHERE room = $1 AND ts >= $2 ORDER BY ts, seq LIMIT 1",
+            "SELECT seq FROM room_archive WHERE room = $1 AND ts <= $2 \
+             ORDER BY ts DESC, seq DESC LIMIT 1",
+            "SELECT seq FROM room_archive WHERE room = $1 AND id = $2",
+            "SELECT jid FROM rooms WHERE service = $1 ORDER BY jid",
+            "SELECT p.member, a.id FROM room_positions p JOIN room_archive a ON a.seq = p.seq \
+             WHERE p.room = $1 AND p.kind = $2 ORDER BY p.member",
+            "SELECT member FROM room_positions \
+             WHERE room = $1 AND kind = $2 AND seq >= $3 ORDER BY member",
         ] {
             explain(format!("EXPLAIN QUERY PLAN {sql}"), false).await;
         }
@@ -1040,6 +1051,17 @@ mod tests {
         store.close().await;
     }
 
+    /// Whether `table` has rows whose `column` is `key`.
+    async fn has_rows(store: &SqliteStore, table: &str, column: &str, key: &str) -> bool {
+        sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) > 0 FROM {table} WHERE {column} = $1"
+        ))
+        .bind(key)
+        .fetch_one(&store.writer)
+        .await
+        .unwrap()
+    }
+
     /// No orphaned rows in any of the new tables after delete_account.
     #[tokio::test]
     async fn delete_account_leaves_no_rows() {
@@ -1078,17 +1100,123 @@ mod tests {
             ("pep_items", "owner"),
             ("blocklist", "username"),
         ] {
-            for (user, expected) in [("u@x.org", 0), ("keep@x.org", 1)] {
-                let n: i64 = sqlx::query_scalar(&format!(
-                    "SELECT COUNT(*) > 0 FROM {table} WHERE {column} = $1"
-                ))
-                .bind(user)
-                .fetch_one(&store.writer)
-                .await
-                .unwrap();
+            for (user, expected) in [("u@x.org", false), ("keep@x.org", true)] {
+                let n = has_rows(&store, table, column, user).await;
                 assert_eq!(n, expected, "{table} rows of {user}");
             }
         }
+        store.close().await;
+    }
+
+    /// Positions compare in archive order, not id order: "a" archived after "b" is
+    /// further on. (Ids made within one microsecond sort randomly; written directly here
+    /// to be sure of the order.) Deleting the room leaves no rows behind.
+    #[tokio::test]
+    async fn room_positions_follow_archive_order() {
+        const ROOM: &str = "r@muc.x.org";
+        let store = SqliteStore::open_memory().await.unwrap();
+        for room in [ROOM, "keep@muc.x.org"] {
+            store.room_put(room, "{}").await.unwrap();
+            for id in ["b", "a"] {
+                sqlx::query(
+                    "INSERT INTO room_archive (room, id, with_jid, ts, stanza) \
+                     VALUES ($1, $2, 'u@x.org', 1, '<m/>')",
+                )
+                .bind(room)
+                .bind(id)
+                .execute(&store.writer)
+                .await
+                .unwrap();
+            }
+            assert!(store
+                .room_set_position(room, "m@x.org", "displayed", "a")
+                .await
+                .unwrap());
+        }
+        let q = ArchiveQuery {
+            max: 10,
+            ..ArchiveQuery::default()
+        };
+        let page = store.room_archive_query(ROOM, &q).await.unwrap();
+        let ids: Vec<&str> = page.items.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["b", "a"]);
+        assert!(!store
+            .room_set_position(ROOM, "m@x.org", "displayed", "b")
+            .await
+            .unwrap());
+        assert_eq!(
+            store.room_positions(ROOM, "displayed").await.unwrap(),
+            [("m@x.org".to_owned(), "a".to_owned())]
+        );
+        assert_eq!(
+            store
+                .room_members_past(ROOM, "displayed", "b")
+                .await
+                .unwrap(),
+            ["m@x.org"]
+        );
+        assert!(store
+            .room_set_position(ROOM, "n@x.org", "displayed", "b")
+            .await
+            .unwrap());
+        assert_eq!(
+            store
+                .room_members_past(ROOM, "displayed", "a")
+                .await
+                .unwrap(),
+            ["m@x.org"]
+        );
+
+        assert!(store.room_delete(ROOM).await.unwrap());
+        for table in ["rooms", "room_archive", "room_positions"] {
+            let column = if table == "rooms" { "jid" } else { "room" };
+            for (room, expected) in [(ROOM, false), ("keep@muc.x.org", true)] {
+                let n = has_rows(&store, table, column, room).await;
+                assert_eq!(n, expected, "{table} rows of {room}");
+            }
+        }
+        store.close().await;
+    }
+
+    /// Timestamps never go back across a restart in either archive: the writer starts
+    /// from the newest of both.
+    #[tokio::test]
+    async fn archive_timestamps_continue_after_room_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rooms.db");
+        let store = SqliteStore::open(&path, false).await.unwrap();
+        store.create_account("u@x.org", &creds(1)).await.unwrap();
+        store.room_put("r@muc.x.org", "{}").await.unwrap();
+        let entry = [("u@x.org".to_owned(), "<m/>".to_owned())];
+        store
+            .room_archive_append("r@muc.x.org", &entry)
+            .await
+            .unwrap();
+        // A clock that stepped back across the restart.
+        sqlx::query("UPDATE room_archive SET ts = ts + 3600000000")
+            .execute(&store.writer)
+            .await
+            .unwrap();
+        let future: i64 = sqlx::query_scalar("SELECT ts FROM room_archive")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        store.close().await;
+
+        let store = SqliteStore::open(&path, false).await.unwrap();
+        let id = store.archive_append(&[msg("u@x.org", 1)]).await.unwrap();
+        let m = store.archive_get("u@x.org", &id[0]).await.unwrap().unwrap();
+        assert!(m.ts_micros >= future, "timestamp went back");
+        let id = store
+            .room_archive_append("r@muc.x.org", &entry)
+            .await
+            .unwrap();
+        let m = store
+            .room_archive_get("r@muc.x.org", &id[0])
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(m.ts_micros >= future, "room timestamp went back");
         store.close().await;
     }
 
