@@ -1,5 +1,5 @@
-//! Group commit for the high-rate durable writes (archive appends, offline pushes),
-//! shared by the backends through [`BatchBackend`].
+//! Group commit for the high-rate durable writes (archive appends to a user's or a
+//! room's archive, offline pushes), shared by the backends through [`BatchBackend`].
 //!
 //! Callers send requests to one writer task over a channel. The task takes the first
 //! request, then everything else already queued (up to [`MAX_BATCH`]), and applies them in
@@ -24,7 +24,7 @@ use sqlx::error::ErrorKind;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::health::WriteHealth;
-use crate::sql::map_fk;
+use crate::sql::{map_fk, ArchiveTable};
 use crate::{now_micros, StoreError};
 
 /// What a backend provides for group commit: a transaction and the two writes.
@@ -42,9 +42,10 @@ pub(crate) trait BatchBackend: Send + Sync + 'static {
     async fn commit(tx: Self::Tx) -> Result<(), sqlx::Error>;
     /// Runs a statement without results (savepoints).
     async fn execute(tx: &mut Self::Tx, sql: &'static str) -> Result<(), sqlx::Error>;
-    /// One INSERT of all `rows`, every one with timestamp `ts`.
+    /// One INSERT of all `rows` into `table`, every one with timestamp `ts`.
     async fn insert_archive(
         tx: &mut Self::Tx,
+        table: &ArchiveTable,
         rows: &[&ArchiveRow],
         ts: i64,
     ) -> Result<(), sqlx::Error>;
@@ -72,7 +73,8 @@ const MAX_BATCH: usize = 256;
 /// Requests that may wait in the channel before senders wait too (back-pressure).
 const QUEUE: usize = 4096;
 
-/// One archive row, with its stanza-id already assigned.
+/// One archive row, with its stanza-id already assigned. (`outgoing` is not stored in an
+/// archive without that column.)
 pub(crate) struct ArchiveRow {
     pub id: String,
     pub owner: String,
@@ -83,6 +85,7 @@ pub(crate) struct ArchiveRow {
 
 enum Request {
     Archive {
+        table: &'static ArchiveTable,
         rows: Vec<ArchiveRow>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
@@ -130,10 +133,15 @@ impl BatchWriter {
         BatchWriter { tx, stats }
     }
 
-    pub async fn archive(&self, rows: Vec<ArchiveRow>) -> Result<(), StoreError> {
+    /// Appends `rows` to `table` (one archive of the two: the same timestamps for both).
+    pub async fn archive(
+        &self,
+        table: &'static ArchiveTable,
+        rows: Vec<ArchiveRow>,
+    ) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Request::Archive { rows, reply })
+            .send(Request::Archive { table, rows, reply })
             .await
             .map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
@@ -359,13 +367,17 @@ async fn commit<B: BatchBackend>(
     }
 }
 
-/// The shared INSERT of several archive requests; under a savepoint where a failed
-/// statement would abort the transaction, so the requests can be retried alone.
+/// The shared INSERT of several archive requests (to the same table, see
+/// [`archive_run`]); under a savepoint where a failed statement would abort the
+/// transaction, so the requests can be retried alone.
 async fn insert_shared<B: BatchBackend>(
     tx: &mut B::Tx,
     reqs: &[Request],
     ts: i64,
 ) -> Result<(), sqlx::Error> {
+    let Some(Request::Archive { table, .. }) = reqs.first() else {
+        return Ok(());
+    };
     let rows: Vec<&ArchiveRow> = reqs
         .iter()
         .flat_map(|r| match r {
@@ -374,10 +386,10 @@ async fn insert_shared<B: BatchBackend>(
         })
         .collect();
     if B::STATEMENT_SCOPED {
-        return B::insert_archive(tx, &rows, ts).await;
+        return B::insert_archive(tx, table, &rows, ts).await;
     }
     B::execute(tx, "SAVEPOINT natter_batch_item").await?;
-    match B::insert_archive(tx, &rows, ts).await {
+    match B::insert_archive(tx, table, &rows, ts).await {
         Ok(()) => B::execute(tx, "RELEASE natter_batch_item").await,
         Err(e) => {
             B::execute(tx, "ROLLBACK TO natter_batch_item").await?;
@@ -419,12 +431,18 @@ async fn apply_one<B: BatchBackend>(
     Ok(outcome)
 }
 
-/// How many archive requests at the head of `reqs` fit one INSERT together.
+/// How many archive requests at the head of `reqs` fit one INSERT together (into the
+/// same table).
 fn archive_run(reqs: &[Request], rows_per_insert: usize) -> usize {
+    let Some(Request::Archive { table: first, .. }) = reqs.first() else {
+        return 0;
+    };
     let mut rows = 0;
     reqs.iter()
         .take_while(|r| match r {
-            Request::Archive { rows: r, .. } if rows + r.len() <= rows_per_insert => {
+            Request::Archive { table, rows: r, .. }
+                if table == first && rows + r.len() <= rows_per_insert =>
+            {
                 rows += r.len();
                 true
             }
@@ -435,10 +453,10 @@ fn archive_run(reqs: &[Request], rows_per_insert: usize) -> usize {
 
 async fn apply<B: BatchBackend>(tx: &mut B::Tx, req: &Request, ts: i64) -> Result<Done, Fail> {
     match req {
-        Request::Archive { rows, .. } => {
+        Request::Archive { table, rows, .. } => {
             for chunk in rows.chunks(B::ROWS_PER_INSERT) {
                 let chunk: Vec<&ArchiveRow> = chunk.iter().collect();
-                B::insert_archive(tx, &chunk, ts).await?;
+                B::insert_archive(tx, table, &chunk, ts).await?;
             }
             Ok(Done::Archived)
         }

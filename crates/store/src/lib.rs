@@ -1,13 +1,13 @@
 //! natter's storage layer.
 //!
 //! One trait per aggregate ([`AccountStore`], [`RosterStore`], [`ProfileStore`],
-//! [`ArchiveStore`], [`OfflineStore`], [`PepStore`], [`BlockStore`], [`KvStore`], plus
-//! [`Lifecycle`]), shaped by the data natter keeps rather than a generic key-value
-//! interface, so each backend can use real tables, indexes, foreign keys and
-//! transactions. [`Store`] is their sum, what the server holds as `Arc<dyn Store>`;
-//! [`prelude`] brings every trait into scope. SQLite ([`sqlite::SqliteStore`]) is the
-//! embedded backend, PostgreSQL ([`postgres::PgStore`]) the one N nodes share; both pass
-//! [`testsuite::conformance`].
+//! [`ArchiveStore`], [`OfflineStore`], [`PepStore`], [`BlockStore`], [`KvStore`],
+//! [`RoomStore`], plus [`Lifecycle`]), shaped by the data natter keeps rather than a
+//! generic key-value interface, so each backend can use real tables, indexes, foreign
+//! keys and transactions. [`Store`] is their sum, what the server holds as
+//! `Arc<dyn Store>`; [`prelude`] brings every trait into scope. SQLite
+//! ([`sqlite::SqliteStore`]) is the embedded backend, PostgreSQL ([`postgres::PgStore`])
+//! the one N nodes share; both pass [`testsuite::conformance`].
 //!
 //! Users are identified by their bare JID string (`local@domain`), already normalized by
 //! the caller; the store never re-normalizes.
@@ -298,6 +298,9 @@ pub const KV_MAX_VALUE_BYTES: usize = 64 * 1024;
 /// Largest namespace or key [`KvStore`] takes, in bytes.
 pub const KV_MAX_KEY_BYTES: usize = 1024;
 
+/// Largest room document [`RoomStore::room_put`] takes, in bytes.
+pub const ROOM_MAX_DOC_BYTES: usize = 1024 * 1024;
+
 /// Checks a key-value entry against the limits every backend enforces.
 pub(crate) fn kv_check(namespace: &str, key: &str, value: Option<&str>) -> Result<(), StoreError> {
     if namespace.len() > KV_MAX_KEY_BYTES || key.len() > KV_MAX_KEY_BYTES {
@@ -539,6 +542,46 @@ aggregates! {
         /// Whether the entry existed.
         async fn kv_delete(&self, user: &str, namespace: &str, key: &str) -> Result<bool, StoreError>;
     }
+
+    /// Multi-user chat rooms (XEP-0045): each room's state as one document the MUC
+    /// module owns (configuration, affiliations, subject; JSON), the room's archive
+    /// (each message stored once per room, not once per member) and each member's
+    /// positions in it. Rooms are not accounts: `room` is the room's bare JID.
+    pub trait RoomStore {
+        /// Creates or replaces the room's document. [`StoreError::QuotaExceeded`] over
+        /// [`ROOM_MAX_DOC_BYTES`].
+        async fn room_put(&self, room: &str, doc: &str) -> Result<(), StoreError>;
+        async fn room_get(&self, room: &str) -> Result<Option<String>, StoreError>;
+        /// Bare JIDs of the rooms whose domain is `service`, sorted.
+        async fn room_list(&self, service: &str) -> Result<Vec<String>, StoreError>;
+        /// Deletes the room with its archive and positions; whether it existed.
+        async fn room_delete(&self, room: &str) -> Result<bool, StoreError>;
+        /// Appends `(with, stanza)` entries (with = the sender's bare real JID) to the
+        /// room's archive in one durable transaction and returns their stanza-ids in
+        /// order: the same id scheme and never-decreasing timestamps as
+        /// [`ArchiveStore::archive_append`]. [`StoreError::NotFound`] if there is no
+        /// such room.
+        async fn room_archive_append(&self, room: &str, entries: &[(String, String)]) -> Result<Vec<String>, StoreError>;
+        /// One page of the room's archive, with exactly the semantics of
+        /// [`ArchiveStore::archive_query`] (filters, RSM paging, count, complete);
+        /// items have `owner` = the room, `outgoing` = false.
+        async fn room_archive_query(&self, room: &str, q: &ArchiveQuery) -> Result<ArchivePage, StoreError>;
+        async fn room_archive_get(&self, room: &str, id: &str) -> Result<Option<ArchivedMessage>, StoreError>;
+        /// Replaces the stanza of an archived message (a retraction or moderation
+        /// leaves a tombstone in its place); whether it existed.
+        async fn room_archive_replace(&self, room: &str, id: &str, stanza: &str) -> Result<bool, StoreError>;
+        /// Moves `member`'s position of `kind` ("received" or "displayed", XEP-0333) to
+        /// the archived message `id`, only forward (an older id than the current
+        /// position is a no-op). Returns whether it moved. [`StoreError::NotFound`] if
+        /// `id` is not in the room's archive; [`StoreError::Invalid`] for another kind.
+        async fn room_set_position(&self, room: &str, member: &str, kind: &str, id: &str) -> Result<bool, StoreError>;
+        /// Every member's position of `kind` as (member, stanza-id), sorted by member.
+        async fn room_positions(&self, room: &str, kind: &str) -> Result<Vec<(String, String)>, StoreError>;
+        /// The members whose position of `kind` is at or after the archived message
+        /// `id` (in archive order, not id order), sorted. [`StoreError::NotFound`] if
+        /// `id` is not in the room's archive.
+        async fn room_members_past(&self, room: &str, kind: &str, id: &str) -> Result<Vec<String>, StoreError>;
+    }
 }
 
 /// Health and shutdown of the backend as a whole.
@@ -579,6 +622,7 @@ pub trait Store:
     + PepStore
     + BlockStore
     + KvStore
+    + RoomStore
     + Lifecycle
     + 'static
 {
@@ -593,6 +637,7 @@ impl<T> Store for T where
         + PepStore
         + BlockStore
         + KvStore
+        + RoomStore
         + Lifecycle
         + 'static
 {
@@ -602,7 +647,7 @@ impl<T> Store for T where
 pub mod prelude {
     pub use crate::{
         AccountStore, ArchiveStore, BlockStore, KvStore, Lifecycle, OfflineStore, PepStore,
-        ProfileStore, RosterStore, Store,
+        ProfileStore, RoomStore, RosterStore, Store,
     };
 }
 

@@ -26,13 +26,14 @@ use crate::health::WriteHealth;
 use crate::sql::{
     archive_rows, credentials_from_rows, db, is_unique_violation, limit_of, mam_prefs_from,
     roster_from_rows, row_to_item, tighter, to_archived, to_offline, to_pep_config, to_pep_items,
-    to_u64, to_version, ArchiveRow, CredRow, DbResult, ItemRow,
+    to_u64, to_version, ArchiveRow, ArchiveTable, CredRow, DbResult, ItemRow, LAST_ARCHIVE_TS,
+    ROOM_ARCHIVE, USER_ARCHIVE,
 };
 use crate::{
     dedup_groups, domain_of, kv_check, now_micros, now_unix, AccountCredentials, AccountStore,
     ArchivePage, ArchiveQuery, ArchiveStore, ArchivedMessage, BlockStore, KvStore, Lifecycle,
     MamPrefs, NewArchiveEntry, OfflineMessage, OfflineStore, PepItem, PepNodeConfig, PepStore,
-    ProfileStore, RosterItem, RosterStore, StoreError,
+    ProfileStore, RoomStore, RosterItem, RosterStore, StoreError,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -136,11 +137,10 @@ impl PgStore {
             pool.close().await;
             return Err(StoreError::Migration(format!("PostgreSQL at {shown}: {e}")));
         }
-        let last_ts: Option<i64> =
-            sqlx::query_scalar("SELECT ts FROM archive ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&pool)
-                .await
-                .db()?;
+        let last_ts: Option<i64> = sqlx::query_scalar(LAST_ARCHIVE_TS)
+            .fetch_one(&pool)
+            .await
+            .db()?;
         let health = Arc::new(WriteHealth::default());
         let batch = BatchWriter::spawn(PgBatch(pool.clone()), last_ts.unwrap_or(0), health.clone());
         Ok(PgStore {
@@ -172,7 +172,9 @@ impl PgStore {
     }
 
     /// By id list: the planner picks the `(owner, id)` index by itself.
-    const ARCHIVE_BY_IDS: &'static str = " FROM archive";
+    fn archive_by_ids(t: &ArchiveTable) -> String {
+        format!(" FROM {}", t.table)
+    }
     /// The node row stays locked until the publish commits, so concurrent publishers (on
     /// any node) take turns.
     const NODE_FOR_PUBLISH: &'static str =
@@ -287,8 +289,13 @@ impl BatchBackend for PgBatch {
         sqlx::query(sql).execute(&mut **tx).await.map(drop)
     }
 
-    async fn insert_archive(tx: &mut Tx, rows: &[&BatchRow], ts: i64) -> Result<(), sqlx::Error> {
-        insert_archive_rows(tx, rows, ts).await
+    async fn insert_archive(
+        tx: &mut Tx,
+        table: &ArchiveTable,
+        rows: &[&BatchRow],
+        ts: i64,
+    ) -> Result<(), sqlx::Error> {
+        insert_archive_rows(tx, table, rows, ts).await
     }
 
     async fn push_offline(
@@ -346,8 +353,19 @@ mod tests {
             .offline_push("a@x", "<m/>", None, 10, 5)
             .await
             .unwrap();
+        store.room_put("r@muc.x", "{}").await.unwrap();
+        let room_ids = store
+            .room_archive_append("r@muc.x", &[("a@x".into(), "<m/>".into())])
+            .await
+            .unwrap();
         store.close().await;
         let store = PgStore::open(&db.url, 4).await.expect("reopen");
+        let m = store
+            .room_archive_get("r@muc.x", &room_ids[0])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((m.owner.as_str(), m.stanza.as_str()), ("r@muc.x", "<m/>"));
         assert_eq!(
             store
                 .archive_get("a@x", &ids[0])

@@ -67,14 +67,100 @@ pub(crate) fn new_stanza_id() -> String {
 pub(crate) fn archive_rows(entries: &[crate::NewArchiveEntry]) -> Vec<crate::batch::ArchiveRow> {
     entries
         .iter()
-        .map(|e| crate::batch::ArchiveRow {
-            id: new_stanza_id(),
-            owner: e.owner.clone(),
-            with: e.with.clone(),
-            stanza: e.stanza.clone(),
-            outgoing: e.outgoing,
-        })
+        .map(|e| archive_row(&e.owner, &e.with, &e.stanza, e.outgoing))
         .collect()
+}
+
+/// One group-commit row with a fresh stanza-id.
+pub(crate) fn archive_row(
+    owner: &str,
+    with: &str,
+    stanza: &str,
+    outgoing: bool,
+) -> crate::batch::ArchiveRow {
+    crate::batch::ArchiveRow {
+        id: new_stanza_id(),
+        owner: owner.to_owned(),
+        with: with.to_owned(),
+        stanza: stanza.to_owned(),
+        outgoing,
+    }
+}
+
+/// One of the two archives, which have the same shape and share every query: the users'
+/// (`archive`, each owned by an account, messages both ways) and the rooms'
+/// (`room_archive`, each owned by a room, every message incoming). Both are ordered by
+/// `seq`, with `ts` non-decreasing in `seq` order (the group-commit writer assigns both).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ArchiveTable {
+    pub table: &'static str,
+    /// The owner column.
+    pub owner: &'static str,
+    /// The unique `(owner, id)` index.
+    pub id_index: &'static str,
+    /// Whether rows have an `outgoing` column (else every message reads as incoming).
+    pub outgoing: bool,
+}
+
+pub(crate) const USER_ARCHIVE: ArchiveTable = ArchiveTable {
+    table: "archive",
+    owner: "owner",
+    id_index: "archive_owner_id_idx",
+    outgoing: true,
+};
+
+pub(crate) const ROOM_ARCHIVE: ArchiveTable = ArchiveTable {
+    table: "room_archive",
+    owner: "room",
+    id_index: "room_archive_room_id_idx",
+    outgoing: false,
+};
+
+impl ArchiveTable {
+    /// The SELECT list of an [`ArchiveRow`].
+    pub fn row_columns(&self) -> &'static str {
+        if self.outgoing {
+            "id, with_jid, ts, outgoing, stanza"
+        } else {
+            "id, with_jid, ts, FALSE, stanza"
+        }
+    }
+
+    /// The columns an INSERT of group-commit rows writes, in their order.
+    pub fn insert_columns(&self) -> String {
+        let outgoing = if self.outgoing { "outgoing, " } else { "" };
+        format!(
+            "{} ({}, id, with_jid, ts, {outgoing}stanza)",
+            self.table, self.owner
+        )
+    }
+}
+
+/// The newest timestamp in either archive (NULL when both are empty), where the
+/// group-commit writer starts so timestamps never go back in archive order.
+pub(crate) const LAST_ARCHIVE_TS: &str = "SELECT MAX(ts) FROM ( \
+     SELECT (SELECT ts FROM archive ORDER BY seq DESC LIMIT 1) AS ts \
+     UNION ALL SELECT (SELECT ts FROM room_archive ORDER BY seq DESC LIMIT 1)) AS newest";
+
+/// The kinds of member positions in a room's archive (XEP-0333 markers).
+pub(crate) const ROOM_POSITION_KINDS: [&str; 2] = ["received", "displayed"];
+
+/// Refuses a position kind outside [`ROOM_POSITION_KINDS`].
+pub(crate) fn check_position_kind(kind: &str) -> Result<(), StoreError> {
+    if ROOM_POSITION_KINDS.contains(&kind) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!("room position kind {kind:?}")))
+    }
+}
+
+/// Refuses a room document over [`crate::ROOM_MAX_DOC_BYTES`].
+pub(crate) fn check_room_doc(doc: &str) -> Result<(), StoreError> {
+    if doc.len() > crate::ROOM_MAX_DOC_BYTES {
+        Err(StoreError::QuotaExceeded)
+    } else {
+        Ok(())
+    }
 }
 
 /// (id, with_jid, ts, outgoing, stanza)

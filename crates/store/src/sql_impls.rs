@@ -5,11 +5,14 @@
 //! expansion resolve in the backend module, which provides: `Tx` (its transaction type),
 //! the imports these bodies use, and on the store type `read_pool()`, `write_pool()`,
 //! `read_tx()` (one snapshot), `write_tx()`, `version_in(tx, user, lock)`,
-//! `account_exists(tx, user)`, `delete_offline(user, seqs)` and the constants
-//! `ARCHIVE_BY_IDS` (the `FROM` of an archive query by id list) and `NODE_FOR_PUBLISH`
-//! (reading a node's `max_items` in the publishing transaction). A macro rather than
-//! code generic over `sqlx::Database`: the bounds for every bound and decoded type would
-//! outweigh the bodies.
+//! `account_exists(tx, user)`, `delete_offline(user, seqs)`, `archive_by_ids(table)` (the
+//! `FROM` of an archive query by id list) and the constant `NODE_FOR_PUBLISH` (reading a
+//! node's `max_items` in the publishing transaction). A macro rather than code generic
+//! over `sqlx::Database`: the bounds for every bound and decoded type would outweigh the
+//! bodies.
+//!
+//! The users' and the rooms' archives share one implementation (append, query, get),
+//! parametrized by [`crate::sql::ArchiveTable`].
 
 macro_rules! sql_store {
     ($store:ident, $db:ty) => {
@@ -56,7 +59,7 @@ impl $store {
     }
 
     /// Turns the `<start/>`/`<end/>` filters into exclusive seq bounds `(lo, hi)`, or
-    /// `None` if no message of `owner` falls in the time range.
+    /// `None` if no message of `owner` in `t` falls in the time range.
     ///
     /// The batch writer keeps `ts` non-decreasing in seq order, so a time range is a seq
     /// range. Paging then walks `(owner, seq)` or `(owner, with_jid, seq)` and stops after
@@ -65,16 +68,17 @@ impl $store {
     /// `(owner, ts)`.
     async fn time_range(
         tx: &mut Tx,
+        t: &ArchiveTable,
         owner: &str,
         start: Option<i64>,
         end: Option<i64>,
     ) -> Result<Option<(Option<i64>, Option<i64>)>, StoreError> {
         let mut lo = None;
         if let Some(start) = start {
-            let first: Option<i64> = sqlx::query_scalar(
-                "SELECT seq FROM archive WHERE owner = $1 AND ts >= $2 \
-                 ORDER BY ts, seq LIMIT 1",
-            )
+            let first: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT seq FROM {} WHERE {} = $1 AND ts >= $2 ORDER BY ts, seq LIMIT 1",
+                t.table, t.owner
+            ))
             .bind(owner)
             .bind(start)
             .fetch_optional(&mut **tx)
@@ -85,10 +89,11 @@ impl $store {
         }
         let mut hi = None;
         if let Some(end) = end {
-            let last: Option<i64> = sqlx::query_scalar(
-                "SELECT seq FROM archive WHERE owner = $1 AND ts <= $2 \
+            let last: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT seq FROM {} WHERE {} = $1 AND ts <= $2 \
                  ORDER BY ts DESC, seq DESC LIMIT 1",
-            )
+                t.table, t.owner
+            ))
             .bind(owner)
             .bind(end)
             .fetch_optional(&mut **tx)
@@ -101,21 +106,22 @@ impl $store {
     }
 
 
-    /// `FROM archive WHERE …` for `owner`'s messages matching the `<with/>` and `ids` filters
-    /// with `lo < seq < hi`. (Time filters are turned into seq bounds beforehand, see
-    /// `time_range`.)
+    /// `FROM archive WHERE …` (or `room_archive`, as `t` says) for `owner`'s messages
+    /// matching the `<with/>` and `ids` filters with `lo < seq < hi`. (Time filters are
+    /// turned into seq bounds beforehand, see `time_range`.)
     fn push_archive_from<'a>(
         qb: &mut QueryBuilder<'a, $db>,
+        t: &ArchiveTable,
         owner: &'a str,
         q: &'a ArchiveQuery,
         lo: Option<i64>,
         hi: Option<i64>,
     ) {
         qb.push(match q.ids.as_deref() {
-            Some([_, ..]) => Self::ARCHIVE_BY_IDS,
-            _ => " FROM archive",
+            Some([_, ..]) => Self::archive_by_ids(t),
+            _ => format!(" FROM {}", t.table),
         });
-        qb.push(" WHERE owner = ").push_bind(owner);
+        qb.push(format!(" WHERE {} = ", t.owner)).push_bind(owner);
         if let Some(with) = &q.with {
             qb.push(" AND with_jid = ").push_bind(with.as_str());
         }
@@ -146,13 +152,14 @@ impl $store {
     /// beyond the page.
     fn push_archive_page<'a>(
         qb: &mut QueryBuilder<'a, $db>,
+        t: &ArchiveTable,
         owner: &'a str,
         q: &'a ArchiveQuery,
         lo: Option<i64>,
         hi: Option<i64>,
         backward: bool,
     ) {
-        Self::push_archive_from(qb, owner, q, lo, hi);
+        Self::push_archive_from(qb, t, owner, q, lo, hi);
         qb.push(if backward {
             " ORDER BY seq DESC"
         } else {
@@ -160,6 +167,125 @@ impl $store {
         });
         qb.push(" LIMIT ")
             .push_bind(limit_of(q.max).saturating_add(1));
+    }
+
+    /// Appends group-commit `rows` to archive `t`; their ids.
+    async fn append_to(
+        &self,
+        t: &'static ArchiveTable,
+        rows: Vec<crate::batch::ArchiveRow>,
+    ) -> Result<Vec<String>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = rows.iter().map(|r| r.id.clone()).collect();
+        self.batch.archive(t, rows).await?;
+        Ok(ids)
+    }
+
+    /// The seq of message `id` in `owner`'s archive `t`.
+    async fn seq_of(
+        tx: &mut Tx,
+        t: &ArchiveTable,
+        owner: &str,
+        id: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        sqlx::query_scalar(&format!(
+            "SELECT seq FROM {} WHERE {} = $1 AND id = $2",
+            t.table, t.owner
+        ))
+        .bind(owner)
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await
+        .db()
+    }
+
+    /// [`ArchiveStore::archive_query`] on archive `t`.
+    async fn query_archive(
+        &self,
+        t: &ArchiveTable,
+        owner: &str,
+        q: &ArchiveQuery,
+    ) -> Result<ArchivePage, StoreError> {
+        // One read transaction: cursors, page and count come from the same snapshot.
+        let mut tx = self.read_tx().await?;
+        let mut bounds = [None, None];
+        for (slot, id) in bounds.iter_mut().zip([&q.after_id, &q.before_id]) {
+            if let Some(id) = id {
+                let seq = Self::seq_of(&mut tx, t, owner, id).await?;
+                *slot = Some(seq.ok_or(StoreError::NotFound)?);
+            }
+        }
+        let [after, before] = bounds;
+        let backward = before.is_some() || q.last_page;
+
+        let Some((lo, hi)) =
+            Self::time_range(&mut tx, t, owner, q.start_micros, q.end_micros).await?
+        else {
+            // Nothing archived in the time range.
+            return Ok(ArchivePage {
+                items: Vec::new(),
+                complete: true,
+                count: Some(0),
+            });
+        };
+        let mut qb = QueryBuilder::new(format!("SELECT {}", t.row_columns()));
+        Self::push_archive_page(
+            &mut qb,
+            t,
+            owner,
+            q,
+            tighter(lo, after, i64::max),
+            tighter(hi, before, i64::min),
+            backward,
+        );
+        let mut rows: Vec<ArchiveRow> = qb.build_query_as().fetch_all(&mut *tx).await.db()?;
+
+        // RSM count: the filters without the paging cursors. Only when asked
+        // for with max=0 (XEP-0059 §2.6): counting walks every matching row,
+        // ~270 ms on a 10M archive, while a page costs under a millisecond.
+        let count = if q.max == 0 {
+            let mut cq = QueryBuilder::new("SELECT COUNT(*)");
+            Self::push_archive_from(&mut cq, t, owner, q, lo, hi);
+            let n: i64 = cq.build_query_scalar().fetch_one(&mut *tx).await.db()?;
+            Some(to_u64(n, "archive count")?)
+        } else {
+            None
+        };
+        tx.commit().await.db()?;
+
+        let complete = rows.len() <= q.max;
+        rows.truncate(q.max);
+        if backward {
+            rows.reverse();
+        }
+        Ok(ArchivePage {
+            items: rows.into_iter().map(|r| to_archived(owner, r)).collect(),
+            complete,
+            count,
+        })
+    }
+
+    /// [`ArchiveStore::archive_get`] on archive `t`.
+    async fn get_archived(
+        &self,
+        t: &ArchiveTable,
+        owner: &str,
+        id: &str,
+    ) -> Result<Option<ArchivedMessage>, StoreError> {
+        let row: Option<ArchiveRow> = sqlx::query_as(&format!(
+            "SELECT {} FROM {} WHERE {} = $1 AND id = $2",
+            t.row_columns(),
+            t.table,
+            t.owner
+        ))
+        .bind(owner)
+        .bind(id)
+        .fetch_optional(self.read_pool())
+        .await
+        .db()?;
+        Ok(row.map(|r| to_archived(owner, r)))
     }
 }
 
@@ -511,13 +637,7 @@ impl ProfileStore for $store {
 #[async_trait::async_trait]
 impl ArchiveStore for $store {
     async fn archive_append(&self, entries: &[NewArchiveEntry]) -> Result<Vec<String>, StoreError> {
-        if entries.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = archive_rows(entries);
-        let ids = rows.iter().map(|r| r.id.clone()).collect();
-        self.batch.archive(rows).await?;
-        Ok(ids)
+        self.append_to(&USER_ARCHIVE, archive_rows(entries)).await
     }
 
     async fn archive_query(
@@ -525,67 +645,7 @@ impl ArchiveStore for $store {
         owner: &str,
         q: &ArchiveQuery,
     ) -> Result<ArchivePage, StoreError> {
-        // One read transaction: cursors, page and count come from the same snapshot.
-        let mut tx = self.read_tx().await?;
-        let mut bounds = [None, None];
-        for (slot, id) in bounds.iter_mut().zip([&q.after_id, &q.before_id]) {
-            if let Some(id) = id {
-                let seq: Option<i64> =
-                    sqlx::query_scalar("SELECT seq FROM archive WHERE owner = $1 AND id = $2")
-                        .bind(owner)
-                        .bind(id)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .db()?;
-                *slot = Some(seq.ok_or(StoreError::NotFound)?);
-            }
-        }
-        let [after, before] = bounds;
-        let backward = before.is_some() || q.last_page;
-
-        let Some((lo, hi)) = Self::time_range(&mut tx, owner, q.start_micros, q.end_micros).await?
-        else {
-            // Nothing archived in the time range.
-            return Ok(ArchivePage {
-                items: Vec::new(),
-                complete: true,
-                count: Some(0),
-            });
-        };
-        let mut qb = QueryBuilder::new("SELECT id, with_jid, ts, outgoing, stanza");
-        Self::push_archive_page(
-            &mut qb,
-            owner,
-            q,
-            tighter(lo, after, i64::max),
-            tighter(hi, before, i64::min),
-            backward,
-        );
-        let mut rows: Vec<ArchiveRow> = qb.build_query_as().fetch_all(&mut *tx).await.db()?;
-
-        // RSM count: the filters without the paging cursors. Only when asked
-        // for with max=0 (XEP-0059 §2.6): counting walks every matching row,
-        // ~270 ms on a 10M archive, while a page costs under a millisecond.
-        let count = if q.max == 0 {
-            let mut cq = QueryBuilder::new("SELECT COUNT(*)");
-            Self::push_archive_from(&mut cq, owner, q, lo, hi);
-            let n: i64 = cq.build_query_scalar().fetch_one(&mut *tx).await.db()?;
-            Some(to_u64(n, "archive count")?)
-        } else {
-            None
-        };
-        tx.commit().await.db()?;
-
-        let complete = rows.len() <= q.max;
-        rows.truncate(q.max);
-        if backward {
-            rows.reverse();
-        }
-        Ok(ArchivePage {
-            items: rows.into_iter().map(|r| to_archived(owner, r)).collect(),
-            complete,
-            count,
-        })
+        self.query_archive(&USER_ARCHIVE, owner, q).await
     }
 
     async fn archive_get(
@@ -593,16 +653,7 @@ impl ArchiveStore for $store {
         owner: &str,
         id: &str,
     ) -> Result<Option<ArchivedMessage>, StoreError> {
-        let row: Option<ArchiveRow> = sqlx::query_as(
-            "SELECT id, with_jid, ts, outgoing, stanza FROM archive \
-             WHERE owner = $1 AND id = $2",
-        )
-        .bind(owner)
-        .bind(id)
-        .fetch_optional(self.read_pool())
-        .await
-        .db()?;
-        Ok(row.map(|r| to_archived(owner, r)))
+        self.get_archived(&USER_ARCHIVE, owner, id).await
     }
 
     async fn archive_import(&self, msgs: &[ArchivedMessage]) -> Result<(), StoreError> {
@@ -1083,23 +1134,201 @@ impl KvStore for $store {
     }
 }
 
-/// Group commit: one INSERT of all `rows`, each with timestamp `ts`.
+#[async_trait::async_trait]
+impl RoomStore for $store {
+    async fn room_put(&self, room: &str, doc: &str) -> Result<(), StoreError> {
+        crate::sql::check_room_doc(doc)?;
+        let now = now_unix();
+        sqlx::query(
+            "INSERT INTO rooms (jid, service, doc, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $4) \
+             ON CONFLICT (jid) DO UPDATE SET \
+                 doc = excluded.doc, updated_at = excluded.updated_at",
+        )
+        .bind(room)
+        .bind(domain_of(room))
+        .bind(doc)
+        .bind(now)
+        .execute(self.write_pool())
+        .await
+        .db()?;
+        Ok(())
+    }
+
+    async fn room_get(&self, room: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT doc FROM rooms WHERE jid = $1")
+            .bind(room)
+            .fetch_optional(self.read_pool())
+            .await
+            .db()
+    }
+
+    async fn room_list(&self, service: &str) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar("SELECT jid FROM rooms WHERE service = $1 ORDER BY jid")
+            .bind(service)
+            .fetch_all(self.read_pool())
+            .await
+            .db()
+    }
+
+    async fn room_delete(&self, room: &str) -> Result<bool, StoreError> {
+        // Archive and positions go via ON DELETE CASCADE.
+        let n = sqlx::query("DELETE FROM rooms WHERE jid = $1")
+            .bind(room)
+            .execute(self.write_pool())
+            .await
+            .db()?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn room_archive_append(
+        &self,
+        room: &str,
+        entries: &[(String, String)],
+    ) -> Result<Vec<String>, StoreError> {
+        if entries.is_empty() {
+            // Nothing to write, but an unknown room is still refused.
+            let found: Option<String> = sqlx::query_scalar("SELECT jid FROM rooms WHERE jid = $1")
+                .bind(room)
+                .fetch_optional(self.read_pool())
+                .await
+                .db()?;
+            return found.map(|_| Vec::new()).ok_or(StoreError::NotFound);
+        }
+        let rows = entries
+            .iter()
+            .map(|(with, stanza)| crate::sql::archive_row(room, with, stanza, false))
+            .collect();
+        // An unknown room fails on the foreign key: NotFound.
+        self.append_to(&ROOM_ARCHIVE, rows).await
+    }
+
+    async fn room_archive_query(
+        &self,
+        room: &str,
+        q: &ArchiveQuery,
+    ) -> Result<ArchivePage, StoreError> {
+        self.query_archive(&ROOM_ARCHIVE, room, q).await
+    }
+
+    async fn room_archive_get(
+        &self,
+        room: &str,
+        id: &str,
+    ) -> Result<Option<ArchivedMessage>, StoreError> {
+        self.get_archived(&ROOM_ARCHIVE, room, id).await
+    }
+
+    async fn room_archive_replace(
+        &self,
+        room: &str,
+        id: &str,
+        stanza: &str,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query("UPDATE room_archive SET stanza = $3 WHERE room = $1 AND id = $2")
+            .bind(room)
+            .bind(id)
+            .bind(stanza)
+            .execute(self.write_pool())
+            .await
+            .db()?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn room_set_position(
+        &self,
+        room: &str,
+        member: &str,
+        kind: &str,
+        id: &str,
+    ) -> Result<bool, StoreError> {
+        crate::sql::check_position_kind(kind)?;
+        let mut tx = self.write_tx().await?;
+        let seq = Self::seq_of(&mut tx, &ROOM_ARCHIVE, room, id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        // Forward only: the update applies only to a position older (by seq) than `id`.
+        let n = sqlx::query(
+            "INSERT INTO room_positions (room, member, kind, seq) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (room, member, kind) DO UPDATE SET seq = excluded.seq \
+             WHERE room_positions.seq < excluded.seq",
+        )
+        .bind(room)
+        .bind(member)
+        .bind(kind)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await
+        // The message (or the room) deleted meanwhile.
+        .map_err(crate::sql::map_fk)?
+        .rows_affected();
+        tx.commit().await.db()?;
+        Ok(n > 0)
+    }
+
+    async fn room_positions(
+        &self,
+        room: &str,
+        kind: &str,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        crate::sql::check_position_kind(kind)?;
+        sqlx::query_as(
+            "SELECT p.member, a.id FROM room_positions p JOIN room_archive a ON a.seq = p.seq \
+             WHERE p.room = $1 AND p.kind = $2 ORDER BY p.member",
+        )
+        .bind(room)
+        .bind(kind)
+        .fetch_all(self.read_pool())
+        .await
+        .db()
+    }
+
+    async fn room_members_past(
+        &self,
+        room: &str,
+        kind: &str,
+        id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        crate::sql::check_position_kind(kind)?;
+        let mut tx = self.read_tx().await?;
+        let seq = Self::seq_of(&mut tx, &ROOM_ARCHIVE, room, id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let members = sqlx::query_scalar(
+            "SELECT member FROM room_positions \
+             WHERE room = $1 AND kind = $2 AND seq >= $3 ORDER BY member",
+        )
+        .bind(room)
+        .bind(kind)
+        .bind(seq)
+        .fetch_all(&mut *tx)
+        .await
+        .db()?;
+        tx.commit().await.db()?;
+        Ok(members)
+    }
+}
+
+/// Group commit: one INSERT of all `rows` into archive `t`, each with timestamp `ts`.
 async fn insert_archive_rows(
     tx: &mut Tx,
+    t: &ArchiveTable,
     rows: &[&crate::batch::ArchiveRow],
     ts: i64,
 ) -> Result<(), sqlx::Error> {
-    let mut qb = QueryBuilder::<$db>::new(
-        "INSERT INTO archive (owner, id, with_jid, ts, outgoing, stanza) ",
-    );
+    let mut qb = QueryBuilder::<$db>::new(format!("INSERT INTO {} ", t.insert_columns()));
     qb.push_values(rows, |mut values, row| {
         values
             .push_bind(&row.owner)
             .push_bind(&row.id)
             .push_bind(&row.with)
-            .push_bind(ts)
-            .push_bind(row.outgoing)
-            .push_bind(&row.stanza);
+            .push_bind(ts);
+        if t.outgoing {
+            values.push_bind(row.outgoing);
+        }
+        values.push_bind(&row.stanza);
     });
     qb.build().execute(&mut **tx).await.map(drop)
 }

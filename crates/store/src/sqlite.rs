@@ -29,13 +29,14 @@ use crate::health::WriteHealth;
 use crate::sql::{
     archive_rows, credentials_from_rows, db, is_unique_violation, limit_of, mam_prefs_from,
     roster_from_rows, row_to_item, tighter, to_archived, to_offline, to_pep_config, to_pep_items,
-    to_u64, to_version, ArchiveRow, CredRow, DbResult, ItemRow,
+    to_u64, to_version, ArchiveRow, ArchiveTable, CredRow, DbResult, ItemRow, LAST_ARCHIVE_TS,
+    ROOM_ARCHIVE, USER_ARCHIVE,
 };
 use crate::{
     dedup_groups, domain_of, kv_check, now_micros, now_unix, AccountCredentials, AccountStore,
     ArchivePage, ArchiveQuery, ArchiveStore, ArchivedMessage, BlockStore, KvStore, Lifecycle,
     MamPrefs, NewArchiveEntry, OfflineMessage, OfflineStore, PepItem, PepNodeConfig, PepStore,
-    ProfileStore, RosterItem, RosterStore, StoreError,
+    ProfileStore, RoomStore, RosterItem, RosterStore, StoreError,
 };
 
 mod batch;
@@ -310,12 +311,11 @@ impl SqliteStore {
         health: &Arc<WriteHealth>,
     ) -> Result<BatchWriter, StoreError> {
         // The writer keeps archive timestamps non-decreasing in seq order, so the newest
-        // row holds the largest one.
-        let last_ts: Option<i64> =
-            sqlx::query_scalar("SELECT ts FROM archive ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(writer)
-                .await
-                .db()?;
+        // row of each archive holds its largest one.
+        let last_ts: Option<i64> = sqlx::query_scalar(LAST_ARCHIVE_TS)
+            .fetch_one(writer)
+            .await
+            .db()?;
         Ok(BatchWriter::spawn(
             batch::SqliteBatch(writer.clone()),
             last_ts.unwrap_or(0),
@@ -347,7 +347,9 @@ impl SqliteStore {
 
     /// A requested id list is short: look the ids up rather than walk a seq range,
     /// whatever the planner would guess without statistics.
-    const ARCHIVE_BY_IDS: &'static str = " FROM archive INDEXED BY archive_owner_id_idx";
+    fn archive_by_ids(t: &ArchiveTable) -> String {
+        format!(" FROM {} INDEXED BY {}", t.table, t.id_index)
+    }
     /// Write transactions are serialized already (`BEGIN IMMEDIATE`): no lock to take.
     const NODE_FOR_PUBLISH: &'static str =
         "SELECT max_items FROM pep_nodes WHERE owner = $1 AND node = $2";
@@ -787,7 +789,10 @@ mod tests {
                 ..base.clone()
             },
         ];
-        for q in &shapes {
+        for (t, q) in [&USER_ARCHIVE, &ROOM_ARCHIVE]
+            .into_iter()
+            .flat_map(|t| shapes.iter().map(move |q| (t, q)))
+        {
             for (lo, hi) in [
                 (None, None),
                 (Some(5), None),
@@ -796,11 +801,11 @@ mod tests {
             ] {
                 for backward in [false, true] {
                     let mut qb = QueryBuilder::new("EXPLAIN QUERY PLAN SELECT stanza");
-                    SqliteStore::push_archive_page(&mut qb, "o@x", q, lo, hi, backward);
+                    SqliteStore::push_archive_page(&mut qb, t, "o@x", q, lo, hi, backward);
                     explain(qb.into_sql(), q.ids.is_some()).await;
                 }
                 let mut qb = QueryBuilder::new("EXPLAIN QUERY PLAN SELECT COUNT(*)");
-                SqliteStore::push_archive_from(&mut qb, "o@x", q, lo, hi);
+                SqliteStore::push_archive_from(&mut qb, t, "o@x", q, lo, hi);
                 explain(qb.into_sql(), false).await;
             }
         }
@@ -812,6 +817,15 @@ mod tests {
             "SELECT seq FROM archive WHERE owner = $1 AND ts < $2 LIMIT 5000",
             "SELECT seq FROM offline_messages WHERE username = $1 ORDER BY ord, seq LIMIT $2",
             "SELECT item_id FROM pep_items WHERE owner = $1 AND node = $2 ORDER BY seq DESC",
+            "SELECT seq FROM room_archive WHERE room = $1 AND ts >= $2 ORDER BY ts, seq LIMIT 1",
+            "SELECT seq FROM room_archive WHERE room = $1 AND ts <= $2 \
+             ORDER BY ts DESC, seq DESC LIMIT 1",
+            "SELECT seq FROM room_archive WHERE room = $1 AND id = $2",
+            "SELECT jid FROM rooms WHERE service = $1 ORDER BY jid",
+            "SELECT p.member, a.id FROM room_positions p JOIN room_archive a ON a.seq = p.seq \
+             WHERE p.room = $1 AND p.kind = $2 ORDER BY p.member",
+            "SELECT member FROM room_positions \
+             WHERE room = $1 AND kind = $2 AND seq >= $3 ORDER BY member",
         ] {
             explain(format!("EXPLAIN QUERY PLAN {sql}"), false).await;
         }
@@ -1037,6 +1051,17 @@ mod tests {
         store.close().await;
     }
 
+    /// Whether `table` has rows whose `column` is `key`.
+    async fn has_rows(store: &SqliteStore, table: &str, column: &str, key: &str) -> bool {
+        sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) > 0 FROM {table} WHERE {column} = $1"
+        ))
+        .bind(key)
+        .fetch_one(&store.writer)
+        .await
+        .unwrap()
+    }
+
     /// No orphaned rows in any of the new tables after delete_account.
     #[tokio::test]
     async fn delete_account_leaves_no_rows() {
@@ -1075,17 +1100,123 @@ mod tests {
             ("pep_items", "owner"),
             ("blocklist", "username"),
         ] {
-            for (user, expected) in [("u@x.org", 0), ("keep@x.org", 1)] {
-                let n: i64 = sqlx::query_scalar(&format!(
-                    "SELECT COUNT(*) > 0 FROM {table} WHERE {column} = $1"
-                ))
-                .bind(user)
-                .fetch_one(&store.writer)
-                .await
-                .unwrap();
+            for (user, expected) in [("u@x.org", false), ("keep@x.org", true)] {
+                let n = has_rows(&store, table, column, user).await;
                 assert_eq!(n, expected, "{table} rows of {user}");
             }
         }
+        store.close().await;
+    }
+
+    /// Positions compare in archive order, not id order: "a" archived after "b" is
+    /// further on. (Ids made within one microsecond sort randomly; written directly here
+    /// to be sure of the order.) Deleting the room leaves no rows behind.
+    #[tokio::test]
+    async fn room_positions_follow_archive_order() {
+        const ROOM: &str = "r@muc.x.org";
+        let store = SqliteStore::open_memory().await.unwrap();
+        for room in [ROOM, "keep@muc.x.org"] {
+            store.room_put(room, "{}").await.unwrap();
+            for id in ["b", "a"] {
+                sqlx::query(
+                    "INSERT INTO room_archive (room, id, with_jid, ts, stanza) \
+                     VALUES ($1, $2, 'u@x.org', 1, '<m/>')",
+                )
+                .bind(room)
+                .bind(id)
+                .execute(&store.writer)
+                .await
+                .unwrap();
+            }
+            assert!(store
+                .room_set_position(room, "m@x.org", "displayed", "a")
+                .await
+                .unwrap());
+        }
+        let q = ArchiveQuery {
+            max: 10,
+            ..ArchiveQuery::default()
+        };
+        let page = store.room_archive_query(ROOM, &q).await.unwrap();
+        let ids: Vec<&str> = page.items.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["b", "a"]);
+        assert!(!store
+            .room_set_position(ROOM, "m@x.org", "displayed", "b")
+            .await
+            .unwrap());
+        assert_eq!(
+            store.room_positions(ROOM, "displayed").await.unwrap(),
+            [("m@x.org".to_owned(), "a".to_owned())]
+        );
+        assert_eq!(
+            store
+                .room_members_past(ROOM, "displayed", "b")
+                .await
+                .unwrap(),
+            ["m@x.org"]
+        );
+        assert!(store
+            .room_set_position(ROOM, "n@x.org", "displayed", "b")
+            .await
+            .unwrap());
+        assert_eq!(
+            store
+                .room_members_past(ROOM, "displayed", "a")
+                .await
+                .unwrap(),
+            ["m@x.org"]
+        );
+
+        assert!(store.room_delete(ROOM).await.unwrap());
+        for table in ["rooms", "room_archive", "room_positions"] {
+            let column = if table == "rooms" { "jid" } else { "room" };
+            for (room, expected) in [(ROOM, false), ("keep@muc.x.org", true)] {
+                let n = has_rows(&store, table, column, room).await;
+                assert_eq!(n, expected, "{table} rows of {room}");
+            }
+        }
+        store.close().await;
+    }
+
+    /// Timestamps never go back across a restart in either archive: the writer starts
+    /// from the newest of both.
+    #[tokio::test]
+    async fn archive_timestamps_continue_after_room_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rooms.db");
+        let store = SqliteStore::open(&path, false).await.unwrap();
+        store.create_account("u@x.org", &creds(1)).await.unwrap();
+        store.room_put("r@muc.x.org", "{}").await.unwrap();
+        let entry = [("u@x.org".to_owned(), "<m/>".to_owned())];
+        store
+            .room_archive_append("r@muc.x.org", &entry)
+            .await
+            .unwrap();
+        // A clock that stepped back across the restart.
+        sqlx::query("UPDATE room_archive SET ts = ts + 3600000000")
+            .execute(&store.writer)
+            .await
+            .unwrap();
+        let future: i64 = sqlx::query_scalar("SELECT ts FROM room_archive")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        store.close().await;
+
+        let store = SqliteStore::open(&path, false).await.unwrap();
+        let id = store.archive_append(&[msg("u@x.org", 1)]).await.unwrap();
+        let m = store.archive_get("u@x.org", &id[0]).await.unwrap().unwrap();
+        assert!(m.ts_micros >= future, "timestamp went back");
+        let id = store
+            .room_archive_append("r@muc.x.org", &entry)
+            .await
+            .unwrap();
+        let m = store
+            .room_archive_get("r@muc.x.org", &id[0])
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(m.ts_micros >= future, "room timestamp went back");
         store.close().await;
     }
 

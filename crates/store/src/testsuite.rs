@@ -53,6 +53,7 @@ pub async fn conformance(store: &dyn Store) {
     pep(store).await;
     blocking(store).await;
     kv(store).await;
+    rooms(store).await;
     populate_alice(store).await;
     delete_cascades(store).await;
 }
@@ -393,11 +394,41 @@ async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
     out.into_iter().map(Option::unwrap).collect()
 }
 
+/// A user's or a room's archive, which answer queries alike.
+#[derive(Clone, Copy, Debug)]
+enum Archive<'a> {
+    User(&'a str),
+    Room(&'a str),
+}
+
+impl Archive<'_> {
+    fn owner(&self) -> &str {
+        match self {
+            Archive::User(o) | Archive::Room(o) => o,
+        }
+    }
+
+    async fn query(&self, store: &dyn Store, q: &ArchiveQuery) -> Result<ArchivePage, StoreError> {
+        match self {
+            Archive::User(owner) => store.archive_query(owner, q).await,
+            Archive::Room(room) => store.room_archive_query(room, q).await,
+        }
+    }
+
+    async fn get(&self, store: &dyn Store, id: &str) -> Option<ArchivedMessage> {
+        match self {
+            Archive::User(owner) => store.archive_get(owner, id).await,
+            Archive::Room(room) => store.room_archive_get(room, id).await,
+        }
+        .unwrap()
+    }
+}
+
 /// Pages through `q` in the given direction and returns all items oldest → newest,
 /// checking the per-page invariants on the way.
 async fn page_all(
     store: &dyn Store,
-    owner: &str,
+    a: Archive<'_>,
     q: &ArchiveQuery,
     backward: bool,
     expected: &[ArchivedMessage],
@@ -407,7 +438,7 @@ async fn page_all(
     let mut q = q.clone();
     let mut pages: Vec<Vec<ArchivedMessage>> = Vec::new();
     loop {
-        let page = store.archive_query(owner, &q).await.unwrap();
+        let page = a.query(store, &q).await.unwrap();
         assert_count(&page, expected.len());
         assert!(page.items.len() <= max);
         let seen: usize = pages.iter().map(Vec::len).sum::<usize>() + page.items.len();
@@ -446,175 +477,152 @@ type Keep = Box<dyn Fn(&ArchivedMessage) -> bool>;
 
 const DAVE: &str = "dave@remote.net";
 
-async fn archive(store: &dyn Store) {
-    assert!(store.archive_append(&[]).await.unwrap().is_empty());
-    let empty = store.archive_query(BOB, &query(10)).await.unwrap();
-    assert!(empty.items.is_empty() && empty.complete);
-    assert_count(&empty, 0);
-    let mut last = query(10);
-    last.last_page = true;
-    let empty = store.archive_query(BOB, &last).await.unwrap();
-    assert!(empty.items.is_empty() && empty.complete);
+/// The conversation partners of the 30 messages [`check_archive`] expects, in turn.
+const PARTNERS: [&str; 3] = [ALICE, CAROL, DAVE];
 
-    // 30 messages for Bob in three epochs a few ms apart (for time filters); some calls
-    // also archive the other side's copy in Alice's archive.
-    let before = now_micros();
-    let partners = [ALICE, CAROL, DAVE];
-    let mut bob_ids = Vec::new();
-    let mut alice_ids = Vec::new();
-    for epoch in 0..3 {
-        if epoch > 0 {
-            tokio::time::sleep(Duration::from_millis(3)).await;
-        }
-        for i in 0..10 {
-            let n = epoch * 10 + i;
-            let with = partners[n % 3];
-            let stanza = format!(
-                "<message xmlns='jabber:client' type='chat'>\
-                 <body>m{n} \u{e9}&amp;&lt;\u{1F600}</body></message>"
-            );
-            if with == ALICE {
-                let ids = store
-                    .archive_append(&[
-                        entry(BOB, ALICE, &stanza, n % 2 == 0),
-                        entry(ALICE, BOB, &stanza, n % 2 != 0),
-                    ])
-                    .await
-                    .unwrap();
-                assert_eq!(ids.len(), 2);
-                bob_ids.push(ids[0].clone());
-                alice_ids.push(ids[1].clone());
-            } else {
-                let ids = store
-                    .archive_append(&[entry(BOB, with, &stanza, n % 2 == 0)])
-                    .await
-                    .unwrap();
-                assert_eq!(ids.len(), 1);
-                bob_ids.push(ids[0].clone());
-            }
-        }
+/// A message body with characters to escape and outside the BMP.
+fn numbered_stanza(n: usize) -> String {
+    format!(
+        "<message xmlns='jabber:client' type='chat'>\
+         <body>m{n} \u{e9}&amp;&lt;\u{1F600}</body></message>"
+    )
+}
+
+/// Waits a few ms before each epoch of appends but the first, so that the epochs are
+/// apart in time (for the time filters).
+async fn epoch_starts(epoch: usize) {
+    if epoch > 0 {
+        tokio::time::sleep(Duration::from_millis(3)).await;
     }
-    let after = now_micros();
+}
 
-    // Ids: distinct, opaque, long enough to carry 128 random bits.
-    let mut distinct: Vec<&String> = bob_ids.iter().chain(&alice_ids).collect();
+/// Stanza-ids: distinct, opaque, long enough to carry 128 random bits.
+fn assert_distinct_ids<'a>(ids: impl Iterator<Item = &'a String>, n: usize) {
+    let mut distinct: Vec<&String> = ids.collect();
     distinct.sort();
     distinct.dedup();
-    assert_eq!(distinct.len(), 40);
+    assert_eq!(distinct.len(), n, "stanza-ids not unique");
     for id in &distinct {
         assert!(id.len() >= 22 && id.is_ascii(), "stanza-id {id:?}");
     }
+}
 
+/// What the users' and the rooms' archives answer alike: archive `a` holds the 30
+/// messages `ids` (`numbered_stanza(n)` with `PARTNERS[n % 3]`), appended between
+/// `before` and `after` in three epochs of 10 a few ms apart; `foreign` are ids of
+/// `other`. Contents, `archive_get`, paging both ways, RSM cursors and count, every
+/// filter. Returns the messages.
+async fn check_archive(
+    store: &dyn Store,
+    a: Archive<'_>,
+    ids: &[String],
+    other: Archive<'_>,
+    foreign: &[String],
+    (before, after): (i64, i64),
+) -> Vec<ArchivedMessage> {
     // The whole archive in one page, in append order, with monotonic timestamps.
-    let page = store.archive_query(BOB, &query(100)).await.unwrap();
+    let page = a.query(store, &query(100)).await.unwrap();
     assert!(page.complete);
     assert_count(&page, 30);
     let all = page.items;
-    assert_eq!(ids_of(&all), bob_ids);
+    assert_eq!(ids_of(&all), ids);
     for (n, m) in all.iter().enumerate() {
-        assert_eq!(m.owner, BOB);
-        assert_eq!(m.with, partners[n % 3]);
-        assert_eq!(m.outgoing, n % 2 == 0);
+        assert_eq!(m.owner, a.owner());
+        assert_eq!(m.with, PARTNERS[n % 3]);
         assert!(m
             .stanza
             .contains(&format!("<body>m{n} \u{e9}&amp;&lt;\u{1F600}</body>")));
         assert!((before..=after).contains(&m.ts_micros), "timestamp {m:?}");
-        assert_eq!(
-            store.archive_get(BOB, &m.id).await.unwrap().as_ref(),
-            Some(m)
-        );
+        assert_eq!(a.get(store, &m.id).await.as_ref(), Some(m));
         // Ids are per archive.
-        assert_eq!(store.archive_get(ALICE, &m.id).await.unwrap(), None);
+        assert_eq!(other.get(store, &m.id).await, None);
     }
     for w in all.windows(2) {
         assert!(w[0].ts_micros <= w[1].ts_micros, "timestamps go back");
     }
     // The epochs are apart in time.
     assert!(all[9].ts_micros < all[10].ts_micros && all[19].ts_micros < all[20].ts_micros);
-    let alice_page = store.archive_query(ALICE, &query(100)).await.unwrap();
-    assert_eq!(ids_of(&alice_page.items), alice_ids);
-    assert!(alice_page.items.iter().all(|m| m.with == BOB));
 
     // Paging both ways, with a short last page (7) and an exact fit (10, 30, 1).
     for max in [7, 10, 30, 1, 1000] {
-        page_all(store, BOB, &query(max), false, &all).await;
+        page_all(store, a, &query(max), false, &all).await;
         let mut q = query(max);
         q.last_page = true;
-        page_all(store, BOB, &q, true, &all).await;
+        page_all(store, a, &q, true, &all).await;
     }
 
     // First and last pages explicitly.
-    let first = store.archive_query(BOB, &query(5)).await.unwrap();
+    let first = a.query(store, &query(5)).await.unwrap();
     assert_eq!(first.items, all[..5]);
     assert!(!first.complete);
     let mut q = query(5);
     q.last_page = true;
-    let lastp = store.archive_query(BOB, &q).await.unwrap();
+    let lastp = a.query(store, &q).await.unwrap();
     assert_eq!(lastp.items, all[25..]);
     assert!(!lastp.complete);
 
     // after/before a given id.
     let mut q = query(4);
     q.after_id = Some(all[10].id.clone());
-    let p = store.archive_query(BOB, &q).await.unwrap();
+    let p = a.query(store, &q).await.unwrap();
     assert_eq!(p.items, all[11..15]);
     assert!(!p.complete);
     q.after_id = Some(all[26].id.clone());
-    let p = store.archive_query(BOB, &q).await.unwrap();
+    let p = a.query(store, &q).await.unwrap();
     assert_eq!(p.items, all[27..]);
     assert!(p.complete);
     q.after_id = Some(all[29].id.clone());
-    let p = store.archive_query(BOB, &q).await.unwrap();
+    let p = a.query(store, &q).await.unwrap();
     assert!(p.items.is_empty() && p.complete);
     let mut q = query(4);
     q.before_id = Some(all[10].id.clone());
-    let p = store.archive_query(BOB, &q).await.unwrap();
+    let p = a.query(store, &q).await.unwrap();
     assert_eq!(p.items, all[6..10]);
     assert!(!p.complete);
     q.before_id = Some(all[3].id.clone());
-    let p = store.archive_query(BOB, &q).await.unwrap();
+    let p = a.query(store, &q).await.unwrap();
     assert_eq!(p.items, all[..3]);
     assert!(p.complete);
     q.before_id = Some(all[0].id.clone());
-    let p = store.archive_query(BOB, &q).await.unwrap();
+    let p = a.query(store, &q).await.unwrap();
     assert!(p.items.is_empty() && p.complete);
     // before_id wins over last_page (it is a more precise <before/>).
     q.before_id = Some(all[4].id.clone());
     q.last_page = true;
-    let p = store.archive_query(BOB, &q).await.unwrap();
+    let p = a.query(store, &q).await.unwrap();
     assert_eq!(p.items, all[..4]);
     assert!(p.complete);
     // Both bounds: the newest items between them.
     let mut q = query(3);
     q.after_id = Some(all[10].id.clone());
     q.before_id = Some(all[20].id.clone());
-    let p = store.archive_query(BOB, &q).await.unwrap();
+    let p = a.query(store, &q).await.unwrap();
     assert_eq!(p.items, all[17..20]);
     assert!(!p.complete);
     q.max = 100;
-    let p = store.archive_query(BOB, &q).await.unwrap();
+    let p = a.query(store, &q).await.unwrap();
     assert_eq!(p.items, all[11..20]);
     assert!(p.complete);
 
     // max = 0: nothing but the count and whether there is anything.
-    let p = store.archive_query(BOB, &query(0)).await.unwrap();
+    let p = a.query(store, &query(0)).await.unwrap();
     assert!(p.items.is_empty() && !p.complete);
     assert_eq!(p.count, Some(30), "max=0 must give the count");
     let mut q = query(0);
     q.with = Some("nobody@nowhere".into());
-    let p = store.archive_query(BOB, &q).await.unwrap();
+    let p = a.query(store, &q).await.unwrap();
     assert!(p.items.is_empty() && p.complete);
     assert_eq!(p.count, Some(0), "max=0 must give the count");
 
     // Unknown cursors, and cursors from another archive, are item-not-found.
-    for cursor in ["no-such-id".to_string(), alice_ids[0].clone()] {
+    for cursor in ["no-such-id".to_string(), foreign[0].clone()] {
         let mut q = query(5);
         q.after_id = Some(cursor.clone());
-        let r = store.archive_query(BOB, &q).await;
+        let r = a.query(store, &q).await;
         assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
         let mut q = query(5);
         q.before_id = Some(cursor);
-        let r = store.archive_query(BOB, &q).await;
+        let r = a.query(store, &q).await;
         assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
     }
 
@@ -680,7 +688,7 @@ async fn archive(store: &dyn Store) {
                     some_ids
                         .iter()
                         .cloned()
-                        .chain(["unknown".to_string(), alice_ids[1].clone()])
+                        .chain(["unknown".to_string(), foreign[1].clone()])
                         .collect(),
                 ),
                 with: Some(ALICE.into()),
@@ -696,16 +704,16 @@ async fn archive(store: &dyn Store) {
     for (q, keep) in &filters {
         let expected: Vec<ArchivedMessage> = all.iter().filter(|m| keep(m)).cloned().collect();
         assert!(!expected.is_empty() && expected.len() < all.len(), "{q:?}");
-        page_all(store, BOB, q, false, &expected).await;
+        page_all(store, a, q, false, &expected).await;
         let mut back = q.clone();
         back.last_page = true;
-        page_all(store, BOB, &back, true, &expected).await;
+        page_all(store, a, &back, true, &expected).await;
         // A cursor that doesn't itself match the filter still positions the page.
         let pivot = &all[15];
         let mut fwd = q.clone();
         fwd.after_id = Some(pivot.id.clone());
         fwd.max = 1000;
-        let p = store.archive_query(BOB, &fwd).await.unwrap();
+        let p = a.query(store, &fwd).await.unwrap();
         let newer: Vec<_> = all[16..].iter().filter(|m| keep(m)).cloned().collect();
         assert_eq!(p.items, newer, "{fwd:?}");
         assert!(p.complete);
@@ -713,7 +721,7 @@ async fn archive(store: &dyn Store) {
         let mut bwd = q.clone();
         bwd.before_id = Some(pivot.id.clone());
         bwd.max = 1000;
-        let p = store.archive_query(BOB, &bwd).await.unwrap();
+        let p = a.query(store, &bwd).await.unwrap();
         let older: Vec<_> = all[..15].iter().filter(|m| keep(m)).cloned().collect();
         assert_eq!(p.items, older, "{bwd:?}");
         assert!(p.complete);
@@ -742,14 +750,73 @@ async fn archive(store: &dyn Store) {
             ..query(10)
         },
     ] {
-        let p = store.archive_query(BOB, &q).await.unwrap();
+        let p = a.query(store, &q).await.unwrap();
         assert!(p.items.is_empty() && p.complete, "{q:?}");
         assert_count(&p, 0);
         let mut back = q.clone();
         back.last_page = true;
-        let p = store.archive_query(BOB, &back).await.unwrap();
+        let p = a.query(store, &back).await.unwrap();
         assert!(p.items.is_empty() && p.complete, "{back:?}");
     }
+    all
+}
+
+async fn archive(store: &dyn Store) {
+    assert!(store.archive_append(&[]).await.unwrap().is_empty());
+    let empty = store.archive_query(BOB, &query(10)).await.unwrap();
+    assert!(empty.items.is_empty() && empty.complete);
+    assert_count(&empty, 0);
+    let mut last = query(10);
+    last.last_page = true;
+    let empty = store.archive_query(BOB, &last).await.unwrap();
+    assert!(empty.items.is_empty() && empty.complete);
+
+    // 30 messages for Bob in three epochs a few ms apart (for time filters); some calls
+    // also archive the other side's copy in Alice's archive.
+    let before = now_micros();
+    let mut bob_ids = Vec::new();
+    let mut alice_ids = Vec::new();
+    for epoch in 0..3 {
+        epoch_starts(epoch).await;
+        for i in 0..10 {
+            let n = epoch * 10 + i;
+            let with = PARTNERS[n % 3];
+            let stanza = numbered_stanza(n);
+            if with == ALICE {
+                let ids = store
+                    .archive_append(&[
+                        entry(BOB, ALICE, &stanza, n % 2 == 0),
+                        entry(ALICE, BOB, &stanza, n % 2 != 0),
+                    ])
+                    .await
+                    .unwrap();
+                assert_eq!(ids.len(), 2);
+                bob_ids.push(ids[0].clone());
+                alice_ids.push(ids[1].clone());
+            } else {
+                let ids = store
+                    .archive_append(&[entry(BOB, with, &stanza, n % 2 == 0)])
+                    .await
+                    .unwrap();
+                assert_eq!(ids.len(), 1);
+                bob_ids.push(ids[0].clone());
+            }
+        }
+    }
+    let after = now_micros();
+
+    assert_distinct_ids(bob_ids.iter().chain(&alice_ids), 40);
+    let (bob, alice) = (Archive::User(BOB), Archive::User(ALICE));
+    let all = check_archive(store, bob, &bob_ids, alice, &alice_ids, (before, after)).await;
+    // Directions as given.
+    for (n, m) in all.iter().enumerate() {
+        assert_eq!(m.outgoing, n % 2 == 0);
+    }
+    let alice_page = store.archive_query(ALICE, &query(100)).await.unwrap();
+    assert_eq!(ids_of(&alice_page.items), alice_ids);
+    assert!(alice_page.items.iter().all(|m| m.with == BOB));
+    let t10 = all[10].ts_micros;
+    let t19 = all[19].ts_micros;
 
     // Appends for unknown accounts fail as a whole, without storing the valid part.
     let r = store
@@ -862,10 +929,10 @@ async fn archive(store: &dyn Store) {
     assert_eq!(store.archive_prune(None, t19).await.unwrap(), 0);
     // Paging still works over what's left.
     let left = store.archive_query(BOB, &query(100)).await.unwrap().items;
-    page_all(store, BOB, &query(3), false, &left).await;
+    page_all(store, Archive::User(BOB), &query(3), false, &left).await;
     let mut q = query(3);
     q.last_page = true;
-    page_all(store, BOB, &q, true, &left).await;
+    page_all(store, Archive::User(BOB), &q, true, &left).await;
 }
 
 /// 1,000 concurrent appends (each archiving both sides of a message) all complete with
@@ -942,10 +1009,17 @@ async fn archive_concurrency(store: &dyn Store) {
     for w in carol.items.windows(2) {
         assert!(w[0].ts_micros <= w[1].ts_micros);
     }
-    page_all(store, CAROL, &filter(97), false, &carol.items).await;
+    page_all(
+        store,
+        Archive::User(CAROL),
+        &filter(97),
+        false,
+        &carol.items,
+    )
+    .await;
     let mut q = filter(97);
     q.last_page = true;
-    page_all(store, CAROL, &q, true, &carol.items).await;
+    page_all(store, Archive::User(CAROL), &q, true, &carol.items).await;
 
     // Sequential appends land in call order.
     let mut seq_ids = Vec::new();
@@ -1444,6 +1518,400 @@ async fn kv(store: &dyn Store) {
     assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
     assert_eq!(store.kv_get(NOBODY, NS, "a").await.unwrap(), None);
     assert!(!store.kv_delete(NOBODY, NS, "a").await.unwrap());
+}
+
+const ROOM: &str = "team@conference.example.com";
+const ROOM2: &str = "other@conference.example.com";
+const ROOM3: &str = "lobby@muc.other.org";
+const NO_ROOM: &str = "none@conference.example.com";
+const DISPLAYED: &str = "displayed";
+const RECEIVED: &str = "received";
+
+fn says(with: &str, stanza: &str) -> (String, String) {
+    (with.to_owned(), stanza.to_owned())
+}
+
+fn assert_not_found<T: std::fmt::Debug>(r: Result<T, StoreError>) {
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+}
+
+/// Multi-user chat rooms: documents, the room archive (the users' archive semantics,
+/// checked by the same code), replacing messages, member positions, deletion.
+async fn rooms(store: &dyn Store) {
+    // An unknown room: empty reads, refused writes.
+    assert_eq!(store.room_get(NO_ROOM).await.unwrap(), None);
+    assert!(store
+        .room_list("conference.example.com")
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(!store.room_delete(NO_ROOM).await.unwrap());
+    let p = store.room_archive_query(NO_ROOM, &query(10)).await.unwrap();
+    assert!(p.items.is_empty() && p.complete, "{p:?}");
+    assert_eq!(store.room_archive_get(NO_ROOM, "x").await.unwrap(), None);
+    assert!(!store
+        .room_archive_replace(NO_ROOM, "x", "<m/>")
+        .await
+        .unwrap());
+    assert_not_found(
+        store
+            .room_archive_append(NO_ROOM, &[says(ALICE, "<m/>")])
+            .await,
+    );
+    assert_not_found(store.room_archive_append(NO_ROOM, &[]).await);
+    assert!(store
+        .room_positions(NO_ROOM, DISPLAYED)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_not_found(
+        store
+            .room_set_position(NO_ROOM, ALICE, DISPLAYED, "x")
+            .await,
+    );
+    assert_not_found(store.room_members_past(NO_ROOM, RECEIVED, "x").await);
+
+    // Documents: created, replaced, listed by exact service.
+    store.room_put(ROOM, r#"{"v":1}"#).await.unwrap();
+    assert_eq!(
+        store.room_get(ROOM).await.unwrap().as_deref(),
+        Some(r#"{"v":1}"#)
+    );
+    let doc = r#"{"v":2,"subject":"caf\u00e9 \ud83d\ude00 é😀"}"#;
+    store.room_put(ROOM, doc).await.unwrap();
+    assert_eq!(store.room_get(ROOM).await.unwrap().as_deref(), Some(doc));
+    store.room_put(ROOM3, "{}").await.unwrap();
+    store.room_put(ROOM2, "{}").await.unwrap();
+    assert_eq!(
+        store.room_list("conference.example.com").await.unwrap(),
+        vec![ROOM2, ROOM]
+    );
+    assert_eq!(store.room_list("muc.other.org").await.unwrap(), vec![ROOM3]);
+    for service in [
+        "example.com",
+        "conference.example.co",
+        "onference.example.com",
+    ] {
+        assert!(
+            store.room_list(service).await.unwrap().is_empty(),
+            "{service}"
+        );
+    }
+    // Rooms are not accounts.
+    assert!(!store
+        .list_accounts(None)
+        .await
+        .unwrap()
+        .contains(&ROOM.to_owned()));
+    // The document size limit.
+    let big = "x".repeat(crate::ROOM_MAX_DOC_BYTES);
+    store.room_put(ROOM3, &big).await.unwrap();
+    assert_eq!(
+        store.room_get(ROOM3).await.unwrap().map(|d| d.len()),
+        Some(big.len())
+    );
+    let r = store.room_put(ROOM3, &format!("{big}x")).await;
+    assert!(matches!(r, Err(StoreError::QuotaExceeded)), "{r:?}");
+    let r = store.room_put(NO_ROOM, &format!("{big}x")).await;
+    assert!(matches!(r, Err(StoreError::QuotaExceeded)), "{r:?}");
+    assert_eq!(store.room_get(NO_ROOM).await.unwrap(), None);
+    store.room_put(ROOM3, "{}").await.unwrap();
+
+    // The archive: 30 messages in three epochs a few ms apart, from the partners in
+    // turn, appended in calls of 1 to 4 entries; a few in another room between them.
+    assert!(store
+        .room_archive_append(ROOM, &[])
+        .await
+        .unwrap()
+        .is_empty());
+    let before = now_micros();
+    let mut ids = Vec::new();
+    let mut ids2 = Vec::new();
+    for epoch in 0..3 {
+        epoch_starts(epoch).await;
+        let mut n = epoch * 10;
+        for size in 1..=4 {
+            let entries: Vec<_> = (n..n + size)
+                .map(|n| says(PARTNERS[n % 3], &numbered_stanza(n)))
+                .collect();
+            let got = store.room_archive_append(ROOM, &entries).await.unwrap();
+            assert_eq!(got.len(), size);
+            ids.extend(got);
+            n += size;
+        }
+        let got = store
+            .room_archive_append(ROOM2, &[says(BOB, &format!("<o{epoch}/>"))])
+            .await
+            .unwrap();
+        ids2.extend(got);
+    }
+    let after = now_micros();
+    assert_distinct_ids(ids.iter().chain(&ids2), 33);
+    let (room, room2) = (Archive::Room(ROOM), Archive::Room(ROOM2));
+    let all = check_archive(store, room, &ids, room2, &ids2, (before, after)).await;
+    assert!(all.iter().all(|m| !m.outgoing));
+    // Room archives and users' archives are apart.
+    assert_eq!(store.archive_get(ROOM, &all[0].id).await.unwrap(), None);
+    assert_eq!(store.room_archive_get(BOB, &all[0].id).await.unwrap(), None);
+
+    // Replacing a message (a retraction's tombstone) keeps its place, id and time.
+    assert!(store
+        .room_archive_replace(ROOM, &all[5].id, "<tombstone/>")
+        .await
+        .unwrap());
+    let replaced = store
+        .room_archive_get(ROOM, &all[5].id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        replaced,
+        ArchivedMessage {
+            stanza: "<tombstone/>".into(),
+            ..all[5].clone()
+        }
+    );
+    let mut q = query(1);
+    q.after_id = Some(all[4].id.clone());
+    let p = store.room_archive_query(ROOM, &q).await.unwrap();
+    assert_eq!(p.items, vec![replaced]);
+    assert!(!store
+        .room_archive_replace(ROOM, "unknown", "<t/>")
+        .await
+        .unwrap());
+    assert!(!store
+        .room_archive_replace(ROOM2, &all[6].id, "<t/>")
+        .await
+        .unwrap());
+    assert_eq!(
+        store
+            .room_archive_get(ROOM, &all[6].id)
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(&all[6])
+    );
+
+    room_positions(store, &all, &ids2).await;
+    room_appends(store).await;
+
+    // Deleting a room takes its archive and positions with it, and nothing else.
+    let positions2 = store.room_positions(ROOM2, DISPLAYED).await.unwrap();
+    assert!(!positions2.is_empty());
+    let archive2 = store
+        .room_archive_query(ROOM2, &query(1000))
+        .await
+        .unwrap()
+        .items;
+    assert!(store.room_delete(ROOM).await.unwrap());
+    assert!(!store.room_delete(ROOM).await.unwrap());
+    assert_eq!(store.room_get(ROOM).await.unwrap(), None);
+    assert_eq!(
+        store.room_list("conference.example.com").await.unwrap(),
+        vec![ROOM2]
+    );
+    let p = store.room_archive_query(ROOM, &query(0)).await.unwrap();
+    assert_eq!(p.count, Some(0));
+    assert_eq!(
+        store.room_archive_get(ROOM, &all[0].id).await.unwrap(),
+        None
+    );
+    for kind in [DISPLAYED, RECEIVED] {
+        assert!(store.room_positions(ROOM, kind).await.unwrap().is_empty());
+    }
+    assert_not_found(store.room_members_past(ROOM, DISPLAYED, &all[0].id).await);
+    assert_not_found(
+        store
+            .room_archive_append(ROOM, &[says(ALICE, "<m/>")])
+            .await,
+    );
+    assert_eq!(
+        store.room_positions(ROOM2, DISPLAYED).await.unwrap(),
+        positions2
+    );
+    assert_eq!(
+        store
+            .room_archive_query(ROOM2, &query(1000))
+            .await
+            .unwrap()
+            .items,
+        archive2
+    );
+    // Created again, it starts empty.
+    store.room_put(ROOM, "{}").await.unwrap();
+    let p = store.room_archive_query(ROOM, &query(0)).await.unwrap();
+    assert_eq!(p.count, Some(0));
+    assert!(store
+        .room_positions(ROOM, DISPLAYED)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store.room_delete(ROOM3).await.unwrap());
+    assert_eq!(store.room_get(ROOM2).await.unwrap().as_deref(), Some("{}"));
+}
+
+/// Member positions in `ROOM`'s archive `all` (`foreign`: ids of `ROOM2`'s).
+async fn room_positions(store: &dyn Store, all: &[ArchivedMessage], foreign: &[String]) {
+    let id = |n: usize| all[n].id.as_str();
+    // Moves `member`'s position of `kind` in ROOM to the message with id `to`.
+    let set = |member: &'static str, kind: &'static str, to: &str| {
+        let to = to.to_owned();
+        async move { store.room_set_position(ROOM, member, kind, &to).await }
+    };
+    let moved = |member, kind, n| {
+        let set = &set;
+        async move { set(member, kind, id(n)).await.unwrap() }
+    };
+    let positions =
+        |kind: &'static str| async move { store.room_positions(ROOM, kind).await.unwrap() };
+    // `(member, n)` as positions at message n.
+    let at = |v: &[(&str, usize)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|&(m, n)| (m.to_owned(), all[n].id.clone()))
+            .collect()
+    };
+    let past = |kind: &'static str, to: &str| {
+        let to = to.to_owned();
+        async move { store.room_members_past(ROOM, kind, &to).await }
+    };
+
+    // Bad kinds and ids.
+    for kind in ["read", "", "Displayed"] {
+        let r = set(ALICE, kind, id(3)).await;
+        assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+        let r = store.room_positions(ROOM, kind).await;
+        assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+        let r = past(kind, id(3)).await;
+        assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+    }
+    for bad in ["unknown", foreign[0].as_str()] {
+        assert_not_found(set(ALICE, DISPLAYED, bad).await);
+        assert_not_found(past(DISPLAYED, bad).await);
+    }
+    assert!(positions(DISPLAYED).await.is_empty());
+    assert!(past(DISPLAYED, id(0)).await.unwrap().is_empty());
+
+    // Only forward.
+    assert!(moved(ALICE, DISPLAYED, 10).await);
+    assert!(!moved(ALICE, DISPLAYED, 10).await);
+    assert!(!moved(ALICE, DISPLAYED, 3).await);
+    assert_eq!(positions(DISPLAYED).await, at(&[(ALICE, 10)]));
+    assert!(moved(ALICE, DISPLAYED, 20).await);
+    assert_eq!(positions(DISPLAYED).await, at(&[(ALICE, 20)]));
+    // Kinds and rooms are apart.
+    assert!(positions(RECEIVED).await.is_empty());
+    assert!(moved(ALICE, RECEIVED, 2).await);
+    assert_eq!(positions(RECEIVED).await, at(&[(ALICE, 2)]));
+    let r = store.room_set_position(ROOM2, ALICE, DISPLAYED, &foreign[0]);
+    assert!(r.await.unwrap());
+    assert_eq!(positions(DISPLAYED).await, at(&[(ALICE, 20)]));
+    // A replaced (retracted) message is a position like any other.
+    assert!(moved(DAVE, RECEIVED, 5).await);
+
+    for (member, n) in [(CAROL, 5), (BOB, 15), (DAVE, 29)] {
+        assert!(moved(member, DISPLAYED, n).await);
+    }
+    assert_eq!(
+        positions(DISPLAYED).await,
+        at(&[(ALICE, 20), (BOB, 15), (CAROL, 5), (DAVE, 29)])
+    );
+    assert_eq!(positions(RECEIVED).await, at(&[(ALICE, 2), (DAVE, 5)]));
+    for (kind, n, members) in [
+        (DISPLAYED, 0, &[ALICE, BOB, CAROL, DAVE][..]),
+        (DISPLAYED, 5, &[ALICE, BOB, CAROL, DAVE]),
+        (DISPLAYED, 6, &[ALICE, BOB, DAVE]),
+        (DISPLAYED, 15, &[ALICE, BOB, DAVE]),
+        (DISPLAYED, 16, &[ALICE, DAVE]),
+        (DISPLAYED, 21, &[DAVE]),
+        (RECEIVED, 3, &[DAVE]),
+        (RECEIVED, 6, &[]),
+    ] {
+        assert_eq!(past(kind, id(n)).await.unwrap(), members, "{kind} {n}");
+    }
+
+    // Archive order, not id order: ids made within one microsecond sort randomly, so a
+    // big append has some out of id order (where it has none, there is nothing to see).
+    let big: Vec<_> = (0..400).map(|i| says(CAROL, &format!("<p{i}/>"))).collect();
+    let got = store.room_archive_append(ROOM, &big).await.unwrap();
+    if let Some(i) = got.windows(2).position(|w| w[0] > w[1]) {
+        let (older, newer) = (&got[i], &got[i + 1]);
+        assert!(set(ALICE, RECEIVED, newer).await.unwrap());
+        // `older` has the greater id but comes before `newer`: not a move forward.
+        assert!(!set(ALICE, RECEIVED, older).await.unwrap());
+        assert_eq!(
+            positions(RECEIVED).await[0],
+            (ALICE.to_owned(), newer.clone())
+        );
+        assert_eq!(past(RECEIVED, older).await.unwrap(), vec![ALICE]);
+        assert!(set(BOB, RECEIVED, older).await.unwrap());
+        assert_eq!(past(RECEIVED, newer).await.unwrap(), vec![ALICE]);
+    } else {
+        println!(
+            "room positions: no ids out of order in {} appends",
+            got.len()
+        );
+    }
+}
+
+/// Room appends in bulk, next to failing ones and to users' archive appends.
+async fn room_appends(store: &dyn Store) {
+    // More than one INSERT's worth, in order.
+    let bulk: Vec<_> = (0..1200).map(|i| says(DAVE, &format!("<b{i}/>"))).collect();
+    let ids = store.room_archive_append(ROOM2, &bulk).await.unwrap();
+    let q = ArchiveQuery {
+        with: Some(DAVE.into()),
+        ..query(2000)
+    };
+    let p = store.room_archive_query(ROOM2, &q).await.unwrap();
+    assert_eq!(ids_of(&p.items), ids);
+    assert!(p
+        .items
+        .iter()
+        .enumerate()
+        .all(|(i, m)| m.stanza == format!("<b{i}/>") && m.owner == ROOM2 && !m.outgoing));
+
+    // In one group commit with users' appends and a failing room append: each lands in
+    // its own archive, the failing one fails alone, timestamps never go back.
+    let last = p.items.last().unwrap().clone();
+    let room = |n: usize| async move {
+        store
+            .room_archive_append(ROOM2, &[says(CAROL, &format!("<g{n}/>"))])
+            .await
+    };
+    let user = |n: usize| async move {
+        store
+            .archive_append(&[entry(CAROL, ROOM2, &format!("<u{n}/>"), true)])
+            .await
+    };
+    let stray = [says(CAROL, "<x/>")];
+    let (r1, u1, bad, r2, u2) = tokio::join!(
+        room(1),
+        user(1),
+        store.room_archive_append(NO_ROOM, &stray),
+        room(2),
+        user(2)
+    );
+    assert_not_found(bad);
+    let mut q = query(100);
+    q.after_id = Some(last.id.clone());
+    let p = store.room_archive_query(ROOM2, &q).await.unwrap();
+    assert_eq!(p.items.len(), 2);
+    assert!(p.items.iter().all(|m| m.ts_micros >= last.ts_micros));
+    for (r, n) in [(r1, 1), (r2, 2)] {
+        let id = r.unwrap().remove(0);
+        let m = store.room_archive_get(ROOM2, &id).await.unwrap().unwrap();
+        assert_eq!(m.stanza, format!("<g{n}/>"));
+        assert!(p.items.contains(&m));
+        assert_eq!(store.archive_get(CAROL, &id).await.unwrap(), None);
+    }
+    for (u, n) in [(u1, 1), (u2, 2)] {
+        let id = u.unwrap().remove(0);
+        let m = store.archive_get(CAROL, &id).await.unwrap().unwrap();
+        assert_eq!((m.stanza, m.outgoing), (format!("<u{n}/>"), true));
+        assert!(m.ts_micros >= last.ts_micros);
+        assert_eq!(store.room_archive_get(ROOM2, &id).await.unwrap(), None);
+    }
+    assert_eq!(store.room_get(NO_ROOM).await.unwrap(), None);
 }
 
 /// Gives Alice something in every new table, for the deletion checks.

@@ -5,6 +5,7 @@ use sqlx::sqlite::SqlitePool;
 
 use super::Tx;
 use crate::batch::{ArchiveRow, BatchBackend, OfflineRow};
+use crate::sql::ArchiveTable;
 
 pub(super) struct SqliteBatch(pub SqlitePool);
 
@@ -28,8 +29,13 @@ impl BatchBackend for SqliteBatch {
         sqlx::query(sql).execute(&mut **tx).await.map(drop)
     }
 
-    async fn insert_archive(tx: &mut Tx, rows: &[&ArchiveRow], ts: i64) -> Result<(), sqlx::Error> {
-        super::insert_archive_rows(tx, rows, ts).await
+    async fn insert_archive(
+        tx: &mut Tx,
+        table: &ArchiveTable,
+        rows: &[&ArchiveRow],
+        ts: i64,
+    ) -> Result<(), sqlx::Error> {
+        super::insert_archive_rows(tx, table, rows, ts).await
     }
 
     async fn push_offline(
