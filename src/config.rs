@@ -27,6 +27,40 @@ pub struct Config {
     pub external_services: Vec<ExternalService>,
     /// XEP-0114 external components, by the domain they serve.
     pub components: std::collections::BTreeMap<String, ComponentConfig>,
+    /// XEP-0045 group chats.
+    pub muc: Muc,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Muc {
+    /// Serve group chats at `<subdomain>.<domain>` for every domain.
+    pub enabled: bool,
+    pub subdomain: String,
+    /// Most members (owners, admins, members) of one room, and most occupants.
+    pub max_members: usize,
+    /// Most rooms one user may own.
+    pub max_rooms_per_user: usize,
+    /// Sustained groupchat messages per minute one occupant may send.
+    pub messages_per_minute: u32,
+    /// Burst allowance for that rate, in messages.
+    pub burst: u32,
+    /// History messages sent on join when the client does not say.
+    pub history: usize,
+}
+
+impl Default for Muc {
+    fn default() -> Self {
+        Muc {
+            enabled: true,
+            subdomain: "conference".into(),
+            max_members: 1024,
+            max_rooms_per_user: 100,
+            messages_per_minute: 120,
+            burst: 30,
+            history: 20,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -252,6 +286,7 @@ impl Default for Config {
             contact: Contact::default(),
             external_services: Vec::new(),
             components: Default::default(),
+            muc: Muc::default(),
         }
     }
 }
@@ -501,6 +536,28 @@ impl Config {
         for s in &self.external_services {
             if s.kind.is_empty() || s.host.is_empty() {
                 anyhow::bail!("every [[external_services]] entry needs a type and a host");
+            }
+        }
+        if self.muc.enabled {
+            let valid = jid::BareJid::new(&format!("{}.x", self.muc.subdomain))
+                .is_ok_and(|j| j.node().is_none());
+            if self.muc.subdomain.is_empty() || !valid {
+                anyhow::bail!(
+                    "muc.subdomain: {:?} is not a domain label",
+                    self.muc.subdomain
+                );
+            }
+            if self.muc.max_members == 0 || self.muc.messages_per_minute == 0 || self.muc.burst == 0
+            {
+                anyhow::bail!(
+                    "muc.max_members, muc.messages_per_minute and muc.burst must be at least 1"
+                );
+            }
+            for d in &self.domains {
+                let service = format!("{}.{d}", self.muc.subdomain);
+                if self.serves(&service) || self.components.contains_key(&service) {
+                    anyhow::bail!("muc.subdomain: {service} is already a domain or a component");
+                }
             }
         }
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {

@@ -30,6 +30,7 @@ pub enum Condition {
     NotAuthorized,
     PolicyViolation,
     RecipientUnavailable,
+    RegistrationRequired,
     RemoteServerNotFound,
     ResourceConstraint,
     ServiceUnavailable,
@@ -53,6 +54,7 @@ impl Condition {
             NotAuthorized => "not-authorized",
             PolicyViolation => "policy-violation",
             RecipientUnavailable => "recipient-unavailable",
+            RegistrationRequired => "registration-required",
             RemoteServerNotFound => "remote-server-not-found",
             ResourceConstraint => "resource-constraint",
             ServiceUnavailable => "service-unavailable",
@@ -68,6 +70,7 @@ impl Condition {
         match self {
             BadRequest | JidMalformed => 400,
             NotAuthorized => 401,
+            RegistrationRequired => 407,
             // Not in XEP-0086 (RFC 6120 added it); 403 as ejabberd does.
             Forbidden | PolicyViolation => 403,
             ItemNotFound | RecipientUnavailable | RemoteServerNotFound => 404,
@@ -86,7 +89,7 @@ impl Condition {
         use Condition::*;
         match self {
             BadRequest | JidMalformed | NotAcceptable | PolicyViolation => ErrorType::Modify,
-            Forbidden | NotAuthorized => ErrorType::Auth,
+            Forbidden | NotAuthorized | RegistrationRequired => ErrorType::Auth,
             InternalServerError | RecipientUnavailable | ResourceConstraint | UnexpectedRequest => {
                 ErrorType::Wait
             }
@@ -374,6 +377,7 @@ mod tests {
             (NotAuthorized, "401"),
             (PolicyViolation, "403"),
             (RecipientUnavailable, "404"),
+            (RegistrationRequired, "407"),
             (RemoteServerNotFound, "404"),
             (ResourceConstraint, "500"),
             (ServiceUnavailable, "503"),

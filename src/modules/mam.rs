@@ -370,10 +370,42 @@ fn parse_request(q: &Element, queue_cap: usize) -> Result<Request, StanzaError> 
     Ok(r)
 }
 
+/// Whose archive a query reads: a user's, or a room's (XEP-0045 rooms
+/// keep one archive each, see `muc`). Same paging either way.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    User(&'a str),
+    Room(&'a str),
+}
+
+impl Source<'_> {
+    async fn page(
+        self,
+        state: &ServerState,
+        q: &ArchiveQuery,
+    ) -> Result<natter_store::ArchivePage, StoreError> {
+        match self {
+            Source::User(owner) => state.store.archive_query(owner, q).await,
+            Source::Room(room) => state.store.room_archive_query(room, q).await,
+        }
+    }
+
+    async fn get(
+        self,
+        state: &ServerState,
+        id: &str,
+    ) -> Result<Option<ArchivedMessage>, StoreError> {
+        match self {
+            Source::User(owner) => state.store.archive_get(owner, id).await,
+            Source::Room(room) => state.store.room_archive_get(room, id).await,
+        }
+    }
+}
+
 /// The archive ids among `ids` in archive order; item-not-found if any is unknown.
 async fn ordered(
     state: &ServerState,
-    owner: &str,
+    owner: Source<'_>,
     ids: Vec<String>,
 ) -> Result<Vec<String>, StanzaError> {
     let n = ids.len();
@@ -382,7 +414,7 @@ async fn ordered(
         max: n,
         ..Default::default()
     };
-    let page = state.store.archive_query(owner, &q).await?;
+    let page = owner.page(state, &q).await?;
     if page.items.len() != n {
         return Err(not_found());
     }
@@ -406,7 +438,11 @@ fn store_err(e: StoreError) -> StanzaError {
     }
 }
 
-async fn run_query(state: &ServerState, owner: &str, r: Request) -> Result<Page, StanzaError> {
+async fn run_query(
+    state: &ServerState,
+    owner: Source<'_>,
+    r: Request,
+) -> Result<Page, StanzaError> {
     if let Some(ids) = &r.ids {
         if !ids.is_empty() {
             ordered(state, owner, ids.clone()).await?;
@@ -451,11 +487,7 @@ async fn run_query(state: &ServerState, owner: &str, r: Request) -> Result<Page,
             last_page: backward && upper.is_none(),
             ..base
         };
-        let page = state
-            .store
-            .archive_query(owner, &q)
-            .await
-            .map_err(store_err)?;
+        let page = owner.page(state, &q).await.map_err(store_err)?;
         let count = page.count.filter(|_| !id_filters);
         // RSM index only where it is free: a forward page from the start.
         // (Not on the last page either: slixmpp's reverse iterator, used by
@@ -470,11 +502,7 @@ async fn run_query(state: &ServerState, owner: &str, r: Request) -> Result<Page,
     }
     // Forward, bounded above by before-id: walk forward up to the bound.
     let upper = upper.expect("checked");
-    let bound = state
-        .store
-        .archive_get(owner, &upper)
-        .await?
-        .ok_or_else(not_found)?;
+    let bound = owner.get(state, &upper).await?.ok_or_else(not_found)?;
     let end = Some(r.end.map_or(bound.ts_micros, |e| e.min(bound.ts_micros)));
     let mut items: Vec<ArchivedMessage> = Vec::new();
     let mut cursor = lower.clone();
@@ -485,11 +513,7 @@ async fn run_query(state: &ServerState, owner: &str, r: Request) -> Result<Page,
             max: r.max + 1 - items.len(),
             ..base.clone()
         };
-        let page = state
-            .store
-            .archive_query(owner, &q)
-            .await
-            .map_err(store_err)?;
+        let page = owner.page(state, &q).await.map_err(store_err)?;
         cursor = page.items.last().map(|m| m.id.clone());
         for m in page.items {
             if m.id == upper {
@@ -546,17 +570,30 @@ fn result_message(to: &str, queryid: Option<&str>, m: &ArchivedMessage) -> Optio
 }
 
 async fn query(cx: &Cx<'_>, q: &Element, archive: Option<&str>) -> IqResult {
-    let r = parse_request(q, cx.state.config.c2s.max_queue)?;
-    let flip = r.flip;
     // XEP-0313 business rules (user archives): a client that catches up from the archive before it
     // comes online does not need the offline queue as well.
     cx.state
         .modules
         .emit(cx.state, Some(cx.session), &Event::ArchiveQueried)
         .await;
-    let owner = cx.session.bare.as_str();
-    let page = run_query(cx.state, owner, r).await?;
-    let to = cx.session.jid.to_string();
+    let owner = Source::User(cx.session.bare.as_str());
+    query_archive(cx.state, owner, cx.session, q, archive).await
+}
+
+/// Answer a XEP-0313 query on `owner`'s archive for `session`: the results
+/// go to it as messages (from `archive` when given), the `<fin/>` is the
+/// IQ's answer. Authorization is the caller's.
+pub async fn query_archive(
+    state: &ServerState,
+    owner: Source<'_>,
+    session: &SessionHandle,
+    q: &Element,
+    archive: Option<&str>,
+) -> IqResult {
+    let r = parse_request(q, state.config.c2s.max_queue)?;
+    let flip = r.flip;
+    let page = run_query(state, owner, r).await?;
+    let to = session.jid.to_string();
     let queryid = q.attr("queryid");
     let send = |m: &ArchivedMessage| {
         if let Some(mut msg) = result_message(&to, queryid, m) {
@@ -564,7 +601,7 @@ async fn query(cx: &Cx<'_>, q: &Element, archive: Option<&str>) -> IqResult {
             if let Some(a) = archive {
                 msg.set_attr("from", a);
             }
-            cx.session.send(msg);
+            session.send(msg);
         }
     };
     if flip {

@@ -18,6 +18,7 @@ pub mod host_meta;
 pub mod last;
 pub mod mam;
 pub mod message;
+pub mod muc;
 pub mod multicast;
 pub mod offline;
 pub mod pep;
@@ -325,6 +326,7 @@ impl Modules {
             Arc::new(contact::ContactAddresses),
             Arc::new(extdisco::ExtDisco::default()),
             Arc::new(component::Components::default()),
+            Arc::new(muc::Muc::default()),
         ];
         list.extend(extra);
         Self::new(config, list)
