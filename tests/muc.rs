@@ -676,3 +676,60 @@ async fn configuration_form_limits_and_destroy() {
     );
     assert!(srv.state().store.room_get(&g.room).await.unwrap().is_none());
 }
+
+/// Records which members a group message missed (what push listens to).
+#[derive(Default)]
+struct MissedProbe {
+    missed: parking_lot::Mutex<Vec<(String, String, String)>>,
+}
+
+#[async_trait::async_trait]
+impl natter::modules::Module for MissedProbe {
+    fn name(&self) -> &'static str {
+        "test-missed-probe"
+    }
+    fn events(&self) -> &'static [(natter::modules::EventKind, i32)] {
+        &[(natter::modules::EventKind::GroupMessageMissed, 0)]
+    }
+    async fn on_event(
+        &self,
+        _state: &natter::state::ServerState,
+        _session: Option<&std::sync::Arc<natter::router::SessionHandle>>,
+        event: &natter::modules::Event<'_>,
+    ) {
+        if let natter::modules::Event::GroupMessageMissed { user, room, stanza } = event {
+            self.missed.lock().push((
+                user.to_string(),
+                room.to_string(),
+                stanza.child_text("body", NS_CLIENT).unwrap_or_default(),
+            ));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_member_who_is_away_and_not_opted_in_is_reported_for_push() {
+    let probe = std::sync::Arc::new(MissedProbe::default());
+    let srv = start_server_with(|_| {}, vec![probe.clone()]).await;
+    let mut g = group(&srv, "team", &["alice", "bob", "carol"]).await;
+    // carol opts in (her copy goes to her offline queue instead); bob does not.
+    let res = g.clients[2].iq(register_form(&g.room, "carol", true)).await;
+    assert_eq!(res.attr("type"), Some("result"), "{res}");
+    for i in [1, 2] {
+        g.clients[i]
+            .send(&xml(&format!("<presence to='{}/x' type='unavailable'/>", g.room)))
+            .await;
+        g.clients[i].sync().await;
+    }
+    g.clients[0].send(&groupchat(&g.room, "you missed this")).await;
+    g.clients[0].recv_until(|e| is_body(e, "you missed this")).await;
+    g.clients[0].sync().await;
+    let missed = probe.missed.lock().clone();
+    assert_eq!(
+        missed,
+        vec![(g.names[1].clone(), g.room.clone(), "you missed this".to_string())]
+    );
+    // carol, still online but not joined, got it live at her bare JID.
+    let got = g.clients[2].recv_until(|e| is_body(e, "you missed this")).await;
+    assert_eq!(got.attr("from"), Some(format!("{}/alice", g.room).as_str()));
+}

@@ -134,6 +134,10 @@ pub enum EventKind {
     Closed,
     /// A message was stored in a user's offline queue.
     OfflineQueued,
+    /// A group message reached a room member who is not joined and did
+    /// not opt in to delivery at the bare JID: it waits in the room's
+    /// archive (push notifications listen here).
+    GroupMessageMissed,
     /// The session queried its message archive.
     ArchiveQueried,
 }
@@ -163,6 +167,11 @@ pub enum Event<'a> {
         user: &'a BareJid,
         stanza: &'a Element,
     },
+    GroupMessageMissed {
+        user: &'a BareJid,
+        room: &'a BareJid,
+        stanza: &'a Element,
+    },
     ArchiveQueried,
 }
 
@@ -179,6 +188,7 @@ impl Event<'_> {
             Event::Resumed => EventKind::Resumed,
             Event::Closed => EventKind::Closed,
             Event::OfflineQueued { .. } => EventKind::OfflineQueued,
+            Event::GroupMessageMissed { .. } => EventKind::GroupMessageMissed,
             Event::ArchiveQueried => EventKind::ArchiveQueried,
         }
     }

@@ -1143,14 +1143,13 @@ impl Muc {
     }
 
     /// Members not joined now: at their bare JID if they opted in (live or
-    /// offline queue), else the archive keeps it for them.
+    /// offline queue, which emits `OfflineQueued`), else the archive keeps
+    /// it for them and `GroupMessageMissed` tells listeners (push).
     async fn to_absent_members(&self, state: &ServerState, r: &Room, out: &Element) {
         let present: HashSet<&str> = r.occupants.values().map(|o| o.bare.as_str()).collect();
-        let Some(offline) = state.modules.try_api::<dyn api::OfflineQueue>() else {
-            return;
-        };
+        let offline = state.modules.try_api::<dyn api::OfflineQueue>();
         for (jid, m) in &r.doc.members {
-            if !m.affiliation.is_member() || !m.offline || present.contains(jid.as_str()) {
+            if !m.affiliation.is_member() || present.contains(jid.as_str()) {
                 continue;
             }
             let Ok(bare) = BareJid::new(jid) else {
@@ -1161,12 +1160,24 @@ impl Muc {
             }
             let mut el = out.clone();
             el.set_attr("to", jid.clone());
-            let limit = state.config.store.offline_limit;
-            if let Err(e) = offline
-                .deliver(state, &bare, None, &el, None, limit, None)
-                .await
-            {
-                tracing::info!(room = %r.jid, member = %jid, error = ?e.condition, "group message not delivered to absent member");
+            match (&offline, m.offline) {
+                (Some(offline), true) => {
+                    let limit = state.config.store.offline_limit;
+                    if let Err(e) = offline
+                        .deliver(state, &bare, None, &el, None, limit, None)
+                        .await
+                    {
+                        tracing::info!(room = %r.jid, member = %jid, error = ?e.condition, "group message not delivered to absent member");
+                    }
+                }
+                _ => {
+                    let ev = Event::GroupMessageMissed {
+                        user: &bare,
+                        room: &r.jid,
+                        stanza: &el,
+                    };
+                    state.modules.emit(state, None, &ev).await;
+                }
             }
         }
     }
