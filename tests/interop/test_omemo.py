@@ -22,94 +22,17 @@ import asyncio
 import secrets
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
-from typing import Dict, FrozenSet, Optional
 
 import pytest
-from omemo.storage import Just, Maybe, Nothing, Storage
-from omemo.types import DeviceInformation, JSONType
 from slixmpp.jid import JID
-from slixmpp.plugins import register_plugin
-from slixmpp_omemo import TrustLevel, XEP_0384
 
 from helpers import is_presence
 from natter_client import STEP, Clients, run
+from omemo_support import OLDMEMO, STORAGES, omemo_login
 
 ALICE, BOB = "alice@localhost", "bob@localhost"
 PW = {ALICE: "alice-omemo", BOB: "bob-omemo"}
-OLDMEMO = "eu.siacs.conversations.axolotl"
-
-
-class MemoryStorage(Storage):
-    """python-omemo storage in a dict (one per account, kept across logins)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.data: Dict[str, JSONType] = {}
-
-    async def _load(self, key: str) -> Maybe[JSONType]:
-        return Just(self.data[key]) if key in self.data else Nothing()
-
-    async def _store(self, key: str, value: JSONType) -> None:
-        self.data[key] = value
-
-    async def _delete(self, key: str) -> None:
-        self.data.pop(key, None)
-
-
-STORAGES: Dict[str, MemoryStorage] = {}
-
-
-class XEP_0384Impl(XEP_0384):  # noqa: N801 (slixmpp plugin naming)
-    """slixmpp-omemo with blind trust before verification (BTBV) and an
-    automatic trust decision: a test has no human to ask."""
-
-    default_config = {"fallback_message": "This message is OMEMO encrypted.", "account": None}
-
-    @property
-    def storage(self) -> Storage:
-        return STORAGES.setdefault(self.account, MemoryStorage())
-
-    @property
-    def _btbv_enabled(self) -> bool:
-        return True
-
-    async def _devices_blindly_trusted(self, blindly_trusted: FrozenSet[DeviceInformation],
-                                       identifier: Optional[str]) -> None:
-        pass
-
-    async def _prompt_manual_trust(self, manually_trusted: FrozenSet[DeviceInformation],
-                                   identifier: Optional[str]) -> None:
-        session_manager = await self.get_session_manager()
-        for device in manually_trusted:
-            await session_manager.set_trust(device.bare_jid, device.identity_key,
-                                            TrustLevel.TRUSTED.value)
-
-
-register_plugin(XEP_0384Impl)
-
-
-async def omemo_login(cs: Clients, jid: str):
-    """Log in with slixmpp-omemo loaded; returns once its keys are on the server."""
-    c = cs.new(jid, PW[jid])
-    for p in ("xep_0060", "xep_0115", "xep_0163", "xep_0334"):
-        c.register_plugin(p)
-    c.register_plugin("xep_0384", {"account": jid}, module=sys.modules[__name__])
-    initialized = asyncio.get_running_loop().create_future()
-    c.add_event_handler("omemo_initialized",
-                        lambda *_: initialized.done() or initialized.set_result(True))
-    await c.login()
-    # slixmpp-omemo registers its `+notify` features when the plugin loads,
-    # under the JID the client had then (no resource yet), and slixmpp
-    # attaches <c/> to presence only once the bound JID's caps are
-    # computed: register them for the bound JID and broadcast presence with
-    # the caps again, as a client that loads plugins after login would.
-    c.plugin["xep_0163"].add_interest([f"{OLDMEMO}.devicelist", "urn:xmpp:omemo:2:devices"],
-                                      jid=c.boundjid)
-    await c.plugin["xep_0115"].update_caps(jid=c.boundjid, broadcast=True)
-    await asyncio.wait_for(initialized, 3 * STEP)
-    return c
 
 
 async def befriend(a, b) -> None:
@@ -209,8 +132,8 @@ def test_omemo_online_and_offline(server, relation):
 
     async def scenario() -> dict[str, int]:
         async with Clients(server) as cs:
-            a = await omemo_login(cs, ALICE)
-            b = await omemo_login(cs, BOB)
+            a = await omemo_login(cs, ALICE, PW[ALICE])
+            b = await omemo_login(cs, BOB, PW[BOB])
             if relation == "contacts":
                 await befriend(a, b)
                 await known_devices(a, BOB)
@@ -231,7 +154,7 @@ def test_omemo_online_and_offline(server, relation):
                 "the message to offline bob bounced (offline storage missing?): "
                 f"{bounced[0]}")
         async with Clients(server) as cs:
-            b = await omemo_login(cs, BOB)
+            b = await omemo_login(cs, BOB, PW[BOB])
             await receive_decrypted(b, ALICE, texts[2], "alice -> bob (offline)")
         return assert_store_has_no_plaintext(server, texts)
 
