@@ -717,19 +717,87 @@ async fn a_member_who_is_away_and_not_opted_in_is_reported_for_push() {
     assert_eq!(res.attr("type"), Some("result"), "{res}");
     for i in [1, 2] {
         g.clients[i]
-            .send(&xml(&format!("<presence to='{}/x' type='unavailable'/>", g.room)))
+            .send(&xml(&format!(
+                "<presence to='{}/x' type='unavailable'/>",
+                g.room
+            )))
             .await;
         g.clients[i].sync().await;
     }
-    g.clients[0].send(&groupchat(&g.room, "you missed this")).await;
-    g.clients[0].recv_until(|e| is_body(e, "you missed this")).await;
+    g.clients[0]
+        .send(&groupchat(&g.room, "you missed this"))
+        .await;
+    g.clients[0]
+        .recv_until(|e| is_body(e, "you missed this"))
+        .await;
     g.clients[0].sync().await;
     let missed = probe.missed.lock().clone();
     assert_eq!(
         missed,
-        vec![(g.names[1].clone(), g.room.clone(), "you missed this".to_string())]
+        vec![(
+            g.names[1].clone(),
+            g.room.clone(),
+            "you missed this".to_string()
+        )]
     );
     // carol, still online but not joined, got it live at her bare JID.
-    let got = g.clients[2].recv_until(|e| is_body(e, "you missed this")).await;
+    let got = g.clients[2]
+        .recv_until(|e| is_body(e, "you missed this"))
+        .await;
     assert_eq!(got.attr("from"), Some(format!("{}/alice", g.room).as_str()));
+}
+
+const NS_SM: &str = "urn:xmpp:sm:3";
+
+/// An occupant whose connection drops with stream management stays joined
+/// while it may resume (no leave/join storm), gets what was said meanwhile
+/// on resumption, and leaves once resumption times out.
+#[tokio::test]
+async fn a_parked_occupant_stays_joined_until_resumption_times_out() {
+    let srv = start_server(|c| c.c2s.resume_timeout_secs = 2).await;
+    let mut g = group(&srv, "team", &["alice", "bob"]).await;
+    let bob = g.names[1].clone();
+    let bob_jid = g.clients[1].jid().to_string();
+    let mut b = g.clients.pop().expect("bob");
+    b.send(&Element::new("enable", NS_SM).with_attr("resume", "true"))
+        .await;
+    let enabled = b.recv_matching(|e| e.ns == NS_SM).await;
+    let previd = enabled.attr("id").expect("SM-ID").to_string();
+    // No stanza reached bob since <enable/>: he has handled 0 when the
+    // connection dies.
+    drop(b);
+    g.clients[0]
+        .send(&groupchat(&g.room, "while you were away"))
+        .await;
+    g.clients[0]
+        .recv_until(|e| is_body(e, "while you were away"))
+        .await;
+    let meanwhile = g.clients[0].sync().await;
+    assert!(
+        meanwhile
+            .iter()
+            .all(|e| e.attr("type") != Some("unavailable")),
+        "bob left while parked: {meanwhile:?}"
+    );
+    // Resume: the message is there, bob is still an occupant.
+    let mut c = Client::connect_tls(srv.c2s_tls).await;
+    c.authenticate(natter_sasl::Mechanism::ScramSha256, &bob, PASSWORD, None)
+        .await
+        .expect("login");
+    c.send(
+        &Element::new("resume", NS_SM)
+            .with_attr("previd", previd.clone())
+            .with_attr("h", "0"),
+    )
+    .await;
+    let r = c.recv_matching(|e| e.ns == NS_SM && e.name != "r").await;
+    assert!(r.is("resumed", NS_SM), "{r}");
+    c.full_jid = Some(bob_jid);
+    c.recv_until(|e| is_body(e, "while you were away")).await;
+    // Now it drops for good: after the resume timeout bob leaves the room.
+    drop(c);
+    let gone = g.clients[0]
+        .recv_until(|e| e.name == "presence" && e.attr("type") == Some("unavailable"))
+        .await;
+    assert_eq!(gone.attr("from"), Some(format!("{}/bob", g.room).as_str()));
 }
