@@ -801,3 +801,83 @@ async fn a_parked_occupant_stays_joined_until_resumption_times_out() {
         .await;
     assert_eq!(gone.attr("from"), Some(format!("{}/bob", g.room).as_str()));
 }
+
+/// History on join: a member who read up to a message gets what came
+/// after it (the chat opens where they left it); `maxstanzas` gets the last
+/// N; `maxchars='0'` none.
+#[tokio::test]
+async fn rejoining_member_gets_the_history_from_where_they_read() {
+    let srv = start_server(|_| {}).await;
+    let mut g = group(&srv, "team", &["alice", "bob"]).await;
+    let mut last_sid = String::new();
+    for n in 0..3 {
+        let body = format!("early{n}");
+        g.clients[0].send(&groupchat(&g.room, &body)).await;
+        let m = g.clients[1].recv_until(|e| is_body(e, &body)).await;
+        last_sid = m
+            .get_child("stanza-id", NS_SID)
+            .unwrap()
+            .attr("id")
+            .unwrap()
+            .to_string();
+    }
+    let marker = Element::new("message", NS_CLIENT)
+        .with_attr("to", g.room.clone())
+        .with_attr("type", "groupchat")
+        .with_child(Element::new("displayed", NS_MARKERS).with_attr("id", last_sid));
+    g.clients[1].send(&marker).await;
+    g.clients[1]
+        .send(&xml(&format!(
+            "<presence to='{}/bob' type='unavailable'/>",
+            g.room
+        )))
+        .await;
+    g.clients[1].sync().await;
+    for n in 0..3 {
+        let body = format!("late{n}");
+        g.clients[0].send(&groupchat(&g.room, &body)).await;
+        g.clients[0].recv_until(|e| is_body(e, &body)).await;
+    }
+    let plain = Element::new("presence", NS_CLIENT)
+        .with_attr("to", format!("{}/bob", g.room))
+        .with_child(Element::new("x", NS_MUC));
+    let got = history(&mut g.clients[1], &g.room, plain.clone()).await;
+    assert_eq!(got, ["late0", "late1", "late2"]);
+    let leave = xml(&format!(
+        "<presence to='{}/bob' type='unavailable'/>",
+        g.room
+    ));
+    g.clients[1].send(&leave).await;
+    g.clients[1].sync().await;
+    let got = history(
+        &mut g.clients[1],
+        &g.room,
+        join_presence(&g.room, "bob", Some(2)),
+    )
+    .await;
+    assert_eq!(got, ["late1", "late2"]);
+    g.clients[1].send(&leave).await;
+    g.clients[1].sync().await;
+    let none = xml(&format!(
+        "<presence to='{}/bob'><x xmlns='{NS_MUC}'><history maxchars='0'/></x></presence>",
+        g.room
+    ));
+    assert!(history(&mut g.clients[1], &g.room, none).await.is_empty());
+}
+
+/// Join with `presence` and return the bodies of the history messages
+/// (delayed) that come before the subject.
+async fn history(c: &mut Client, room: &str, presence: Element) -> Vec<String> {
+    c.send(&presence).await;
+    let mut bodies = Vec::new();
+    loop {
+        let e = c.recv().await;
+        if e.name == "message" && e.get_child("subject", NS_CLIENT).is_some() {
+            return bodies;
+        }
+        if e.name == "message" && e.get_child("delay", "urn:xmpp:delay").is_some() {
+            assert!(e.attr("from").unwrap().starts_with(room), "{e}");
+            bodies.extend(e.child_text("body", NS_CLIENT));
+        }
+    }
+}

@@ -710,9 +710,9 @@ impl Muc {
         }
         self.broadcast_presence(state, r, nick, &codes, Some(from));
         // History (XEP-0045 §7.2.15), then the subject.
-        let max = history_wanted(x, state.config.muc.history);
-        if max > 0 && r.doc.config.archived {
-            self.send_history(state, r, from, max).await;
+        if r.doc.config.archived {
+            let wanted = history_wanted(x, state.config.muc.history);
+            self.send_history(state, r, from, wanted).await;
         }
         let mut subject = Element::new("message", NS_CLIENT)
             .with_attr("type", "groupchat")
@@ -731,11 +731,36 @@ impl Muc {
         Ok(())
     }
 
-    async fn send_history(&self, state: &ServerState, r: &Room, to: &FullJid, max: usize) {
-        let q = natter_store::ArchiveQuery {
+    async fn send_history(&self, state: &ServerState, r: &Room, to: &FullJid, wanted: History) {
+        let last = |max| natter_store::ArchiveQuery {
             last_page: true,
             max,
             ..Default::default()
+        };
+        let q = match wanted {
+            History::Last(0) => return,
+            History::Last(n) => last(n),
+            History::Since(t) => natter_store::ArchiveQuery {
+                start_micros: Some(t),
+                max: mam::MAX_PAGE,
+                ..Default::default()
+            },
+            History::Unread => {
+                let read = state
+                    .store
+                    .room_positions(r.jid.as_str(), "displayed")
+                    .await
+                    .ok()
+                    .and_then(|p| p.into_iter().find(|(m, _)| m == to.to_bare().as_str()));
+                match read {
+                    Some((_, id)) => natter_store::ArchiveQuery {
+                        after_id: Some(id),
+                        max: mam::MAX_PAGE,
+                        ..Default::default()
+                    },
+                    None => last(state.config.muc.history),
+                }
+            }
         };
         let page = match state.store.room_archive_query(r.jid.as_str(), &q).await {
             Ok(p) => p,
@@ -751,6 +776,7 @@ impl Muc {
                 continue;
             };
             el.set_attr("to", to.to_string());
+            el.append_child(vocab::stanza_id(&m.id, &r.jid));
             el.append_child(vocab::delay(m.ts_micros, Some(r.jid.as_str())));
             send(state, to, &el);
         }
@@ -2087,16 +2113,37 @@ fn presence_payload(p: &Element) -> Vec<Element> {
         .collect()
 }
 
-/// How many history messages a joining client wants.
-fn history_wanted(x: Option<&Element>, default: usize) -> usize {
-    let h = x.and_then(|x| x.get_child("history", NS_MUC));
-    match h
-        .and_then(|h| h.attr("maxstanzas"))
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        Some(n) => n.min(mam::MAX_PAGE),
-        None => default,
+/// Which history a joining client gets (XEP-0045 §7.2.15).
+#[derive(Debug, PartialEq)]
+enum History {
+    /// `maxstanzas`, `maxchars='0'` (none) or the default: the last N.
+    Last(usize),
+    /// `since` / `seconds`: what was archived from then on (at most a page).
+    Since(i64),
+    /// No `<history/>`: for a member who has read before, what came after
+    /// their last displayed marker (WhatsApp: the chat opens where you
+    /// left it), at most a page; else the last `muc.history`.
+    Unread,
+}
+
+fn history_wanted(x: Option<&Element>, default: usize) -> History {
+    let Some(h) = x.and_then(|x| x.get_child("history", NS_MUC)) else {
+        return History::Unread;
+    };
+    let number = |a: &str| h.attr(a).and_then(|v| v.trim().parse::<i64>().ok());
+    if number("maxchars") == Some(0) {
+        return History::Last(0);
     }
+    if let Some(n) = number("maxstanzas") {
+        return History::Last((n.max(0) as usize).min(mam::MAX_PAGE));
+    }
+    if let Some(since) = h.attr("since").and_then(vocab::parse_stamp) {
+        return History::Since(since);
+    }
+    if let Some(secs) = number("seconds") {
+        return History::Since(vocab::now_micros() - secs.max(0).saturating_mul(1_000_000));
+    }
+    History::Last(default)
 }
 
 /// The archived copy of a retracted message: who, when, not what.
