@@ -65,6 +65,8 @@ pub const NS_READ: &str = "urn:natter:muc:read:0";
 /// The registration field a client sets to get messages while not joined.
 pub const OFFLINE_FIELD: &str = "{http://tigase.org/protocol/muc}offline";
 const VCARD: &str = "vcard-temp";
+/// Copies a fan-out queues before it yields to other tasks.
+const FAN_OUT_SLICE: usize = 64;
 
 // ---------------------------------------------------------------------------
 // The room document (durable)
@@ -1081,7 +1083,7 @@ impl Muc {
                     .with_attr("id", msg.attr("id").unwrap_or_default().to_string())
                     .with_attr("from", format!("{}/{nick}", r.jid));
                 out.append_child(subject.clone());
-                self.fan_out(state, r, &out, None);
+                self.fan_out(state, r, &out).await;
                 return Ok(());
             }
         }
@@ -1152,7 +1154,7 @@ impl Muc {
         if let Some(id) = &stanza_id {
             out.append_child(vocab::stanza_id(id, &r.jid));
         }
-        self.fan_out(state, r, &out, Some(from));
+        self.fan_out(state, r, &out).await;
         if vocab::has_content(&msg) {
             self.to_absent_members(state, r, &out).await;
         }
@@ -1160,11 +1162,16 @@ impl Muc {
     }
 
     /// One message to every joined session.
-    fn fan_out(&self, state: &ServerState, r: &Room, out: &Element, _from: Option<&FullJid>) {
-        for (to, _) in r.audience() {
+    async fn fan_out(&self, state: &ServerState, r: &Room, out: &Element) {
+        for (i, (to, _)) in r.audience().into_iter().enumerate() {
             let mut el = out.clone();
             el.set_attr("to", to.to_string());
             send(state, &to, &el);
+            // A 1,024-member room is a thousand queue pushes: let other
+            // tasks on this worker run in between.
+            if i % FAN_OUT_SLICE == FAN_OUT_SLICE - 1 {
+                tokio::task::yield_now().await;
+            }
         }
     }
 
@@ -1657,7 +1664,7 @@ impl Muc {
             .with_attr("from", r.jid.to_string())
             .with_attr("id", new_id())
             .with_child(x);
-        self.fan_out(state, r, &note, None);
+        self.fan_out(state, r, &note).await;
         // Members-only now: non-members leave (321).
         if r.doc.config.members_only && !before.members_only {
             self.drop_non_members(state, r);
@@ -2069,7 +2076,7 @@ impl Muc {
                 out.append_child(vocab::stanza_id(&sid, &r.jid));
             }
         }
-        self.fan_out(state, r, &out, None);
+        self.fan_out(state, r, &out).await;
         self.to_absent_members(state, r, &out).await;
         Ok(None)
     }
