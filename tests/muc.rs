@@ -246,6 +246,26 @@ async fn a_new_room_is_a_whatsapp_group_and_members_chat() {
         )))
         .await;
     assert_eq!(stanza_error(&list).as_deref(), Some("forbidden"));
+    // ... nor the subject.
+    let subject = Element::new("message", NS_CLIENT)
+        .with_attr("to", g.room.clone())
+        .with_attr("type", "groupchat")
+        .with_child(Element::new("subject", NS_CLIENT).with_text("secret plans"));
+    g.clients[0].send(&subject).await;
+    g.clients[1]
+        .recv_until(|m| m.child_text("subject", NS_CLIENT).as_deref() == Some("secret plans"))
+        .await;
+    let info = xml(&format!(
+        "<iq type='get' to='{}'><query xmlns='{NS_DISCO_INFO}'/></iq>",
+        g.room
+    ));
+    assert!(!e
+        .iq(info.clone())
+        .await
+        .to_string()
+        .contains("secret plans"));
+    let seen = g.clients[2].iq(info).await.to_string();
+    assert!(seen.contains("secret plans"), "{seen}");
     // Members see the member list, present or not (OMEMO needs it).
     let list = g.clients[2]
         .iq(xml(&format!(

@@ -1479,7 +1479,10 @@ impl Muc {
         let bare = from.to_bare();
         let aff = r.doc.affiliation(bare.as_str());
         let result = match (payload.name.as_str(), payload.ns.as_str(), get) {
-            ("query", vocab::NS_DISCO_INFO, true) => Ok(Some(room_info(r))),
+            ("query", vocab::NS_DISCO_INFO, true) => {
+                let insider = aff.is_member() || !r.doc.config.members_only;
+                Ok(Some(room_info(r, insider && aff != Affiliation::Outcast)))
+            }
             ("query", vocab::NS_DISCO_ITEMS, true) => {
                 let mut q = Element::new("query", vocab::NS_DISCO_ITEMS);
                 if !r.doc.config.members_only || aff.is_member() {
@@ -2222,7 +2225,9 @@ async fn read_receipt(
     Ok(Some(out))
 }
 
-fn room_info(r: &Room) -> Element {
+/// disco#info of a room; the subject and occupant count only for those
+/// who may read the room (`insider`).
+fn room_info(r: &Room, insider: bool) -> Element {
     let c = &r.doc.config;
     let mut q = Element::new("query", vocab::NS_DISCO_INFO).with_child(
         Element::new("identity", vocab::NS_DISCO_INFO)
@@ -2284,7 +2289,7 @@ fn room_info(r: &Room) -> Element {
     for f in features {
         q.append_child(Element::new("feature", vocab::NS_DISCO_INFO).with_attr("var", f));
     }
-    let form = Element::new("x", vocab::NS_DATA)
+    let mut form = Element::new("x", vocab::NS_DATA)
         .with_attr("type", "result")
         .with_child(hidden_form_type(NS_ROOMINFO))
         .with_child(field(
@@ -2294,23 +2299,25 @@ fn room_info(r: &Room) -> Element {
             std::slice::from_ref(&c.description),
         ))
         .with_child(field(
-            "muc#roominfo_subject",
-            "text-single",
-            "Subject",
-            std::slice::from_ref(&r.doc.subject),
-        ))
-        .with_child(field(
-            "muc#roominfo_occupants",
-            "text-single",
-            "Occupants",
-            &[r.occupants.len().to_string()],
-        ))
-        .with_child(field(
             "muc#roomconfig_roomname",
             "text-single",
             "Name",
             std::slice::from_ref(&c.name),
         ));
+    if insider {
+        form.append_child(field(
+            "muc#roominfo_subject",
+            "text-single",
+            "Subject",
+            std::slice::from_ref(&r.doc.subject),
+        ));
+        form.append_child(field(
+            "muc#roominfo_occupants",
+            "text-single",
+            "Occupants",
+            &[r.occupants.len().to_string()],
+        ));
+    }
     q.append_child(form);
     q
 }
