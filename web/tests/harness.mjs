@@ -118,3 +118,30 @@ export async function addContact(page, jid, name, { beforeSubmit } = {}) {
 
 /** A contact's entry in PAGE's roster. */
 export const contact = (page, jid) => page.locator(`#converse-roster li.list-item:has(a[data-jid="${jid}"])`);
+
+/**
+ * Before PAGE (or every page of a context) loads: merge SETTINGS into the
+ * settings natter's page passes to converse.initialize(), and register a
+ * small plugin that exposes Converse's internal `_converse` as
+ * `window.natterTest` (for XMPP queries from the test through Converse's
+ * own connection: `window.natterTest.api.disco.info(jid)`). The page itself
+ * (web/index.html, served by natter) is unchanged.
+ */
+export async function converseOverrides(pageOrContext, settings = {}) {
+  await pageOrContext.addInitScript((extra) => {
+    // converse.min.js dispatches 'converse-loaded' before the page's own
+    // script calls converse.initialize(), and this listener is added first.
+    window.addEventListener('converse-loaded', (ev) => {
+      const converse = ev.detail.converse;
+      const initialize = converse.initialize;
+      converse.plugins.add('natter-test', {
+        initialize() { window.natterTest = this._converse; },
+      });
+      converse.initialize = (s = {}, ...rest) => initialize({
+        ...s,
+        ...extra,
+        whitelisted_plugins: [...(s.whitelisted_plugins || []), ...(extra.whitelisted_plugins || []), 'natter-test'],
+      }, ...rest);
+    }, { once: true });
+  }, settings);
+}
