@@ -299,6 +299,17 @@ impl Room {
     }
 }
 
+impl Occupant {
+    /// The real JID shown to those who may see it: the full JID of its
+    /// (first) session, as XEP-0045 §7.2.3 has it; the bare JID once no
+    /// session is left.
+    fn real_jid(&self) -> String {
+        self.sessions
+            .first()
+            .map_or_else(|| self.bare.to_string(), |s| s.to_string())
+    }
+}
+
 type RoomRef = Arc<tokio::sync::Mutex<Room>>;
 
 #[derive(Default)]
@@ -909,7 +920,7 @@ impl Muc {
                 .with_attr("affiliation", r.doc.affiliation(occ.bare.as_str()).name())
                 .with_attr("role", "none");
             if sees {
-                item.set_attr("jid", occ.bare.to_string());
+                item.set_attr("jid", occ.real_jid());
             }
             if let Some(reason) = reason {
                 item.append_child(Element::new("reason", NS_USER).with_text(reason));
@@ -962,7 +973,7 @@ impl Muc {
             .with_attr("affiliation", r.doc.affiliation(o.bare.as_str()).name())
             .with_attr("role", o.role.name());
         if sees {
-            item.set_attr("jid", o.bare.to_string());
+            item.set_attr("jid", o.real_jid());
         }
         let mut x = Element::new("x", NS_USER).with_child(item);
         for c in codes {
