@@ -2,7 +2,7 @@
 //!
 //! One trait per aggregate ([`AccountStore`], [`RosterStore`], [`ProfileStore`],
 //! [`ArchiveStore`], [`OfflineStore`], [`PepStore`], [`BlockStore`], [`KvStore`],
-//! [`RoomStore`], plus [`Lifecycle`]), shaped by the data natter keeps rather than a
+//! [`RoomStore`], [`UploadStore`], plus [`Lifecycle`]), shaped by the data natter keeps rather than a
 //! generic key-value interface, so each backend can use real tables, indexes, foreign
 //! keys and transactions. [`Store`] is their sum, what the server holds as
 //! `Arc<dyn Store>`; [`prelude`] brings every trait into scope. SQLite
@@ -269,6 +269,24 @@ pub struct PepItem {
     pub published_micros: i64,
 }
 
+/// A finished upload (XEP-0363): the slot's metadata and the content hash of
+/// its bytes in blob storage. Blobs are content-addressed: several slots may
+/// share one blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upload {
+    /// The slot id (random, unguessable; in the GET URL).
+    pub slot: String,
+    /// Bare JID of the uploader.
+    pub owner: String,
+    /// Lowercase hex SHA-256 of the bytes.
+    pub sha256: String,
+    pub size: u64,
+    pub content_type: String,
+    pub filename: String,
+    /// Unix seconds.
+    pub created: i64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The thing to create already exists (e.g. duplicate account).
@@ -402,8 +420,10 @@ aggregates! {
         /// Replaces the credentials. [`StoreError::NotFound`] if there is no such account.
         async fn set_credentials(&self, user: &str, creds: &AccountCredentials) -> Result<(), StoreError>;
         /// Deletes the account and everything it owns (roster, vcard, last activity,
-        /// archive, MAM prefs, offline queue, PEP nodes, blocklist, key-value entries) in
-        /// one transaction, and records a tombstone (user, deleted_at unix seconds).
+        /// archive, MAM prefs, offline queue, PEP nodes, blocklist, key-value entries,
+        /// uploads) in one transaction, and records a tombstone (user, deleted_at unix
+        /// seconds). Upload blobs stay until blob garbage collection finds them
+        /// unreferenced ([`UploadStore::blob_referenced`]).
         /// [`StoreError::NotFound`] if there is no such account.
         async fn delete_account(&self, user: &str) -> Result<(), StoreError>;
         /// Bare JIDs of all accounts, or of those in `domain`, sorted.
@@ -582,6 +602,30 @@ aggregates! {
         /// `id` is not in the room's archive.
         async fn room_members_past(&self, room: &str, kind: &str, id: &str) -> Result<Vec<String>, StoreError>;
     }
+
+    /// HTTP File Upload (XEP-0363) slots whose bytes are stored, and the
+    /// references they hold on content-addressed blobs.
+    pub trait UploadStore {
+        /// Records a finished upload. [`StoreError::Conflict`] if the slot exists,
+        /// [`StoreError::NotFound`] if the owner has no account,
+        /// [`StoreError::Invalid`] for a size over `i64::MAX`.
+        async fn upload_put(&self, upload: &Upload) -> Result<(), StoreError>;
+        async fn upload_get(&self, slot: &str) -> Result<Option<Upload>, StoreError>;
+        /// Deletes the slot; returns whether it existed.
+        async fn upload_delete(&self, slot: &str) -> Result<bool, StoreError>;
+        /// Bytes `owner` uploaded at or after `since` (unix seconds), and in total.
+        async fn upload_usage(&self, owner: &str, since: i64) -> Result<(u64, u64), StoreError>;
+        /// Bytes of all uploads (a global quota).
+        async fn upload_total(&self) -> Result<u64, StoreError>;
+        /// `owner`'s uploads, oldest first (by `created`, then `slot`).
+        async fn uploads_of(&self, owner: &str) -> Result<Vec<Upload>, StoreError>;
+        /// Whether any slot refers to the blob (blob garbage collection asks before
+        /// deleting one).
+        async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError>;
+        /// Uploads created before `before` (unix seconds), at most `limit`, oldest first
+        /// (by `created`, then `slot`; expiry).
+        async fn uploads_before(&self, before: i64, limit: usize) -> Result<Vec<Upload>, StoreError>;
+    }
 }
 
 /// Health and shutdown of the backend as a whole.
@@ -623,6 +667,7 @@ pub trait Store:
     + BlockStore
     + KvStore
     + RoomStore
+    + UploadStore
     + Lifecycle
     + 'static
 {
@@ -638,6 +683,7 @@ impl<T> Store for T where
         + BlockStore
         + KvStore
         + RoomStore
+        + UploadStore
         + Lifecycle
         + 'static
 {
@@ -647,7 +693,7 @@ impl<T> Store for T where
 pub mod prelude {
     pub use crate::{
         AccountStore, ArchiveStore, BlockStore, KvStore, Lifecycle, OfflineStore, PepStore,
-        ProfileStore, RoomStore, RosterStore, Store,
+        ProfileStore, RoomStore, RosterStore, Store, UploadStore,
     };
 }
 

@@ -163,6 +163,36 @@ pub(crate) fn check_room_doc(doc: &str) -> Result<(), StoreError> {
     }
 }
 
+/// The SELECT list of an [`UploadRow`].
+pub(crate) const UPLOAD_COLUMNS: &str =
+    "slot, owner, sha256, size, content_type, filename, created";
+
+/// (slot, owner, sha256, size, content_type, filename, created)
+pub(crate) type UploadRow = (String, String, String, i64, String, String, i64);
+
+pub(crate) fn to_upload(
+    (slot, owner, sha256, size, content_type, filename, created): UploadRow,
+) -> Result<crate::Upload, StoreError> {
+    Ok(crate::Upload {
+        slot,
+        owner,
+        sha256,
+        size: to_u64(size, "upload size")?,
+        content_type,
+        filename,
+        created,
+    })
+}
+
+pub(crate) fn to_uploads(rows: Vec<UploadRow>) -> Result<Vec<crate::Upload>, StoreError> {
+    rows.into_iter().map(to_upload).collect()
+}
+
+/// An upload's size as stored (BIGINT/INTEGER); [`StoreError::Invalid`] over `i64::MAX`.
+pub(crate) fn upload_size(size: u64) -> Result<i64, StoreError> {
+    i64::try_from(size).map_err(|_| StoreError::Invalid(format!("upload size {size}")))
+}
+
 /// (id, with_jid, ts, outgoing, stanza)
 pub(crate) type ArchiveRow = (String, String, i64, bool, String);
 

@@ -1311,6 +1311,111 @@ impl RoomStore for $store {
     }
 }
 
+#[async_trait::async_trait]
+impl UploadStore for $store {
+    async fn upload_put(&self, upload: &Upload) -> Result<(), StoreError> {
+        let size = upload_size(upload.size)?;
+        let inserted = sqlx::query(
+            "INSERT INTO uploads (slot, owner, sha256, size, content_type, filename, created) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&upload.slot)
+        .bind(&upload.owner)
+        .bind(&upload.sha256)
+        .bind(size)
+        .bind(&upload.content_type)
+        .bind(&upload.filename)
+        .bind(upload.created)
+        .execute(self.write_pool())
+        .await;
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict),
+            // An unknown owner fails on the foreign key: NotFound.
+            Err(e) => Err(crate::sql::map_fk(e)),
+        }
+    }
+
+    async fn upload_get(&self, slot: &str) -> Result<Option<Upload>, StoreError> {
+        let row: Option<UploadRow> =
+            sqlx::query_as(&format!("SELECT {UPLOAD_COLUMNS} FROM uploads WHERE slot = $1"))
+                .bind(slot)
+                .fetch_optional(self.read_pool())
+                .await
+                .db()?;
+        row.map(to_upload).transpose()
+    }
+
+    async fn upload_delete(&self, slot: &str) -> Result<bool, StoreError> {
+        let n = sqlx::query("DELETE FROM uploads WHERE slot = $1")
+            .bind(slot)
+            .execute(self.write_pool())
+            .await
+            .db()?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn upload_usage(&self, owner: &str, since: i64) -> Result<(u64, u64), StoreError> {
+        // SUM of BIGINT is NUMERIC on PostgreSQL: cast back.
+        let (recent, total): (i64, i64) = sqlx::query_as(
+            "SELECT CAST(COALESCE(SUM(CASE WHEN created >= $2 THEN size ELSE 0 END), 0) \
+                         AS BIGINT), \
+                    CAST(COALESCE(SUM(size), 0) AS BIGINT) \
+             FROM uploads WHERE owner = $1",
+        )
+        .bind(owner)
+        .bind(since)
+        .fetch_one(self.read_pool())
+        .await
+        .db()?;
+        Ok((to_u64(recent, "upload usage")?, to_u64(total, "upload usage")?))
+    }
+
+    async fn upload_total(&self) -> Result<u64, StoreError> {
+        let total: i64 =
+            sqlx::query_scalar("SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM uploads")
+                .fetch_one(self.read_pool())
+                .await
+                .db()?;
+        to_u64(total, "upload total")
+    }
+
+    async fn uploads_of(&self, owner: &str) -> Result<Vec<Upload>, StoreError> {
+        let rows: Vec<UploadRow> = sqlx::query_as(&format!(
+            "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE owner = $1 ORDER BY created, slot"
+        ))
+        .bind(owner)
+        .fetch_all(self.read_pool())
+        .await
+        .db()?;
+        to_uploads(rows)
+    }
+
+    async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError> {
+        let slot: Option<String> =
+            sqlx::query_scalar("SELECT slot FROM uploads WHERE sha256 = $1 LIMIT 1")
+                .bind(sha256)
+                .fetch_optional(self.read_pool())
+                .await
+                .db()?;
+        Ok(slot.is_some())
+    }
+
+    async fn uploads_before(&self, before: i64, limit: usize) -> Result<Vec<Upload>, StoreError> {
+        let rows: Vec<UploadRow> = sqlx::query_as(&format!(
+            "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE created < $1 \
+             ORDER BY created, slot LIMIT $2"
+        ))
+        .bind(before)
+        .bind(limit_of(limit))
+        .fetch_all(self.read_pool())
+        .await
+        .db()?;
+        to_uploads(rows)
+    }
+}
+
 /// Group commit: one INSERT of all `rows` into archive `t`, each with timestamp `ts`.
 async fn insert_archive_rows(
     tx: &mut Tx,
