@@ -767,6 +767,7 @@ mod tests {
                         .all(|l| l.starts_with("SEARCH ") || (sort_ok && l.contains("TEMP B-TREE"))),
                     "{sql}\n{plan:?}"
                 );
+                plan
             }
         };
         let base = ArchiveQuery {
@@ -826,8 +827,26 @@ mod tests {
              WHERE p.room = $1 AND p.kind = $2 ORDER BY p.member",
             "SELECT member FROM room_positions \
              WHERE room = $1 AND kind = $2 AND seq >= $3 ORDER BY member",
+            "SELECT slot FROM uploads WHERE slot = $1",
+            "DELETE FROM uploads WHERE slot = $1",
+            "SELECT size FROM uploads WHERE owner = $1",
+            "SELECT slot FROM uploads WHERE sha256 = $1 LIMIT 1",
         ] {
             explain(format!("EXPLAIN QUERY PLAN {sql}"), false).await;
+        }
+        // Uploads oldest first: in index order by `created`, sorting only the ties by slot
+        // (SQLite words it RIGHT PART or LAST TERM of the ORDER BY, by version).
+        for sql in [
+            "SELECT slot FROM uploads WHERE owner = $1 ORDER BY created, slot",
+            "SELECT slot FROM uploads WHERE created < $1 ORDER BY created, slot LIMIT $2",
+        ] {
+            let plan = explain(format!("EXPLAIN QUERY PLAN {sql}"), true).await;
+            assert!(
+                plan.iter().all(|l| l.starts_with("SEARCH ")
+                    || l.contains("RIGHT PART OF ORDER BY")
+                    || l.contains("LAST TERM OF ORDER BY")),
+                "{sql}\n{plan:?}"
+            );
         }
         // Deleting delivered offline messages finds each by its seq, whatever the queue
         // holds (the list itself is scanned).
@@ -1089,6 +1108,16 @@ mod tests {
             store.pep_create_or_configure(u, "n", &cfg).await.unwrap();
             store.pep_publish(u, "n", "i", "<i/>").await.unwrap();
             store.block(u, &["spam@x".into()]).await.unwrap();
+            let upload = Upload {
+                slot: format!("slot-{u}"),
+                owner: u.into(),
+                sha256: "00".repeat(32),
+                size: 1,
+                content_type: "text/plain".into(),
+                filename: "f.txt".into(),
+                created: 1,
+            };
+            store.upload_put(&upload).await.unwrap();
         }
         store.delete_account("u@x.org").await.unwrap();
         for (table, column) in [
@@ -1099,6 +1128,7 @@ mod tests {
             ("pep_nodes", "owner"),
             ("pep_items", "owner"),
             ("blocklist", "username"),
+            ("uploads", "owner"),
         ] {
             for (user, expected) in [("u@x.org", false), ("keep@x.org", true)] {
                 let n = has_rows(&store, table, column, user).await;

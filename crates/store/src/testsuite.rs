@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::{
     AccountCredentials, ArchivePage, ArchiveQuery, ArchivedMessage, MamPrefs, NewArchiveEntry,
-    PepNodeConfig, RosterItem, Store, StoreError, StoredCredentials, Subscription,
+    PepNodeConfig, RosterItem, Store, StoreError, StoredCredentials, Subscription, Upload,
 };
 
 /// Distinct, recognizable credentials for `tag`.
@@ -54,6 +54,7 @@ pub async fn conformance(store: &dyn Store) {
     blocking(store).await;
     kv(store).await;
     rooms(store).await;
+    uploads(store).await;
     populate_alice(store).await;
     delete_cascades(store).await;
 }
@@ -85,6 +86,13 @@ async fn empty_store(store: &dyn Store) {
     assert!(!store.pep_retract(NOBODY, "n", "i").await.unwrap());
     assert!(!store.pep_delete_node(NOBODY, "n").await.unwrap());
     assert!(store.blocklist(NOBODY).await.unwrap().is_empty());
+    assert_eq!(store.upload_get("slot").await.unwrap(), None);
+    assert!(!store.upload_delete("slot").await.unwrap());
+    assert_eq!(store.upload_usage(NOBODY, 0).await.unwrap(), (0, 0));
+    assert_eq!(store.upload_total().await.unwrap(), 0);
+    assert!(store.uploads_of(NOBODY).await.unwrap().is_empty());
+    assert!(!store.blob_referenced(SHA_A).await.unwrap());
+    assert!(store.uploads_before(i64::MAX, 10).await.unwrap().is_empty());
 }
 
 async fn accounts(store: &dyn Store) {
@@ -1914,6 +1922,163 @@ async fn room_appends(store: &dyn Store) {
     assert_eq!(store.room_get(NO_ROOM).await.unwrap(), None);
 }
 
+/// Blob hashes (lowercase hex SHA-256): of "a", "b", "c", "d" and "" (empty bytes).
+const SHA_A: &str = "ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb";
+const SHA_B: &str = "3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d";
+const SHA_C: &str = "2e7d2c03a9507ae265ecf5b5356885a53393a2029d241394997265a1a25aefc6";
+const SHA_D: &str = "18ac3e7343f016890c510e93f935261169d9e3f565436429830faf0934f4f8e4";
+const SHA_EMPTY: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+fn upload(slot: &str, owner: &str, sha256: &str, size: u64, created: i64) -> Upload {
+    Upload {
+        slot: slot.to_owned(),
+        owner: owner.to_owned(),
+        sha256: sha256.to_owned(),
+        size,
+        content_type: "image/png".to_owned(),
+        filename: format!("{slot}.png"),
+        created,
+    }
+}
+
+fn slots_of(uploads: &[Upload]) -> Vec<&str> {
+    uploads.iter().map(|u| u.slot.as_str()).collect()
+}
+
+/// HTTP File Upload: slots and their errors, usage and the total for quotas, listing,
+/// blob references (two slots sharing a blob), expiry order and limit. Leaves Bob
+/// `b2` (blob B) and Carol `c1` (blob C).
+async fn uploads(store: &dyn Store) {
+    let b1 = upload("b1", BOB, SHA_A, 100, 1_000);
+    let b2 = Upload {
+        content_type: "text/plain; charset=utf-8".into(),
+        filename: "r\u{e9}sum\u{e9} \u{1F600}.txt".into(),
+        ..upload("b2", BOB, SHA_B, 20, 2_000)
+    };
+    // The same bytes as b1: one blob, two slots. Older than b2, so time order is not
+    // slot order.
+    let b3 = upload("b3", BOB, SHA_A, 100, 1_200);
+    let c1 = upload("c1", CAROL, SHA_C, 7, 1_500);
+    // Empty, and created in the same second as b1: the slot orders them.
+    let b0 = Upload {
+        content_type: String::new(),
+        filename: String::new(),
+        ..upload("b0", BOB, SHA_EMPTY, 0, 1_000)
+    };
+    // Not in time order, so the order must come from `created`.
+    for u in [&b3, &c1, &b1, &b2, &b0] {
+        store.upload_put(u).await.unwrap();
+    }
+    for u in [&b0, &b1, &b2, &b3, &c1] {
+        assert_eq!(store.upload_get(&u.slot).await.unwrap().as_ref(), Some(u));
+    }
+
+    // A taken slot, by its owner or anyone else, changes nothing.
+    for dup in [
+        upload("b1", BOB, SHA_B, 5, 9_000),
+        upload("b1", CAROL, SHA_C, 5, 9_000),
+    ] {
+        let r = store.upload_put(&dup).await;
+        assert!(matches!(r, Err(StoreError::Conflict)), "{r:?}");
+    }
+    assert_eq!(store.upload_get("b1").await.unwrap(), Some(b1.clone()));
+    // An owner without an account.
+    assert_not_found(
+        store
+            .upload_put(&upload("n1", NOBODY, SHA_D, 5, 1_000))
+            .await,
+    );
+    assert_eq!(store.upload_get("n1").await.unwrap(), None);
+    assert!(!store.blob_referenced(SHA_D).await.unwrap());
+    // Sizes: up to i64::MAX round-trips, more is refused.
+    let max = upload("max", CAROL, SHA_D, i64::MAX as u64, 1_000);
+    store.upload_put(&max).await.unwrap();
+    assert_eq!(store.upload_get("max").await.unwrap(), Some(max));
+    assert!(store.upload_delete("max").await.unwrap());
+    for size in [i64::MAX as u64 + 1, u64::MAX] {
+        let r = store
+            .upload_put(&upload("big", CAROL, SHA_D, size, 1_000))
+            .await;
+        assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+        assert_eq!(store.upload_get("big").await.unwrap(), None);
+    }
+
+    // Usage: at or after `since`, and in total.
+    for (since, recent) in [
+        (0, 220),
+        (1_000, 220),
+        (1_001, 120),
+        (1_200, 120),
+        (1_201, 20),
+        (2_000, 20),
+        (2_001, 0),
+    ] {
+        assert_eq!(
+            store.upload_usage(BOB, since).await.unwrap(),
+            (recent, 220),
+            "{since}"
+        );
+    }
+    assert_eq!(store.upload_usage(CAROL, 0).await.unwrap(), (7, 7));
+    assert_eq!(store.upload_usage(NOBODY, 0).await.unwrap(), (0, 0));
+    assert_eq!(store.upload_total().await.unwrap(), 227);
+
+    // Listing, oldest first.
+    assert_eq!(
+        store.uploads_of(BOB).await.unwrap(),
+        [b0.clone(), b1.clone(), b3.clone(), b2.clone()]
+    );
+    assert_eq!(
+        store.uploads_of(CAROL).await.unwrap(),
+        std::slice::from_ref(&c1)
+    );
+    assert!(store.uploads_of(NOBODY).await.unwrap().is_empty());
+
+    // Expiry: strictly before, oldest first, at most `limit`.
+    assert_eq!(
+        store.uploads_before(i64::MAX, 100).await.unwrap(),
+        [b0.clone(), b1.clone(), b3.clone(), c1.clone(), b2.clone()]
+    );
+    for (before, limit, slots) in [
+        (1_500, 100, &["b0", "b1", "b3"][..]),
+        (1_501, 100, &["b0", "b1", "b3", "c1"]),
+        (1_000, 100, &[]),
+        (1_001, 100, &["b0", "b1"]),
+        (i64::MAX, 2, &["b0", "b1"]),
+        (i64::MAX, 3, &["b0", "b1", "b3"]),
+        (i64::MAX, 0, &[]),
+        (i64::MAX, usize::MAX, &["b0", "b1", "b3", "c1", "b2"]),
+    ] {
+        let got = store.uploads_before(before, limit).await.unwrap();
+        assert_eq!(slots_of(&got), slots, "before {before}, limit {limit}");
+    }
+
+    // Blob references: A by two slots, until both are gone.
+    for sha in [SHA_A, SHA_B, SHA_C, SHA_EMPTY] {
+        assert!(store.blob_referenced(sha).await.unwrap(), "{sha}");
+    }
+    assert!(!store.blob_referenced(SHA_D).await.unwrap());
+    assert!(store.upload_delete("b1").await.unwrap());
+    assert!(!store.upload_delete("b1").await.unwrap());
+    assert_eq!(store.upload_get("b1").await.unwrap(), None);
+    assert!(store.blob_referenced(SHA_A).await.unwrap());
+    assert!(store.upload_delete("b3").await.unwrap());
+    assert!(!store.blob_referenced(SHA_A).await.unwrap());
+    assert!(store.upload_delete("b0").await.unwrap());
+    assert!(!store.blob_referenced(SHA_EMPTY).await.unwrap());
+    assert!(!store.upload_delete("nope").await.unwrap());
+    assert!(store.blob_referenced(SHA_B).await.unwrap());
+
+    // Deletions show in usage, totals and listings.
+    assert_eq!(store.upload_usage(BOB, 0).await.unwrap(), (20, 20));
+    assert_eq!(store.upload_total().await.unwrap(), 27);
+    assert_eq!(
+        store.uploads_of(BOB).await.unwrap(),
+        std::slice::from_ref(&b2)
+    );
+    assert_eq!(store.uploads_before(i64::MAX, 100).await.unwrap(), [c1, b2]);
+}
+
 /// Gives Alice something in every new table, for the deletion checks.
 async fn populate_alice(store: &dyn Store) {
     store
@@ -1969,6 +2134,14 @@ async fn populate_alice(store: &dyn Store) {
         )
         .await
         .unwrap();
+    // One blob shared with Bob's b2, one of her own.
+    for u in [
+        upload("a1", ALICE, SHA_B, 30, 4_000),
+        upload("a2", ALICE, SHA_D, 40, 5_000),
+    ] {
+        store.upload_put(&u).await.unwrap();
+    }
+    assert_eq!(store.upload_usage(ALICE, 0).await.unwrap(), (70, 70));
 }
 
 /// Everything of `user` in the new tables is gone.
@@ -1993,6 +2166,8 @@ async fn assert_no_feature_data(store: &dyn Store, user: &str) {
             .unwrap(),
         None
     );
+    assert!(store.uploads_of(user).await.unwrap().is_empty());
+    assert_eq!(store.upload_usage(user, 0).await.unwrap(), (0, 0));
 }
 
 fn unix_now() -> i64 {
@@ -2005,6 +2180,7 @@ fn unix_now() -> i64 {
 async fn delete_cascades(store: &dyn Store) {
     let last_version = store.roster_version(ALICE).await.unwrap();
     assert!(last_version > 0);
+    let uploaded = store.upload_total().await.unwrap();
     let before = unix_now();
     store.delete_account(ALICE).await.unwrap();
     let after = unix_now();
@@ -2047,6 +2223,15 @@ async fn delete_cascades(store: &dyn Store) {
         "<message><body>for the cascade</body></message>"
     );
     assert_eq!(store.pep_nodes(CAROL).await.unwrap().len(), 1);
+    // Alice's uploads are gone; the blob she shared with Bob is still referenced, hers
+    // alone is not (blob garbage collection may delete it).
+    for slot in ["a1", "a2"] {
+        assert_eq!(store.upload_get(slot).await.unwrap(), None);
+    }
+    assert_eq!(store.upload_total().await.unwrap(), uploaded - 70);
+    assert!(store.blob_referenced(SHA_B).await.unwrap());
+    assert!(!store.blob_referenced(SHA_D).await.unwrap());
+    assert_eq!(slots_of(&store.uploads_of(BOB).await.unwrap()), ["b2"]);
 
     let again = store.delete_account(ALICE).await;
     assert!(matches!(again, Err(StoreError::NotFound)), "{again:?}");
