@@ -29,6 +29,50 @@ pub struct Config {
     pub components: std::collections::BTreeMap<String, ComponentConfig>,
     /// XEP-0045 group chats.
     pub muc: Muc,
+    /// XEP-0363 HTTP File Upload.
+    pub upload: UploadConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploadConfig {
+    /// Serve uploads at `<subdomain>.<domain>` for every domain.
+    pub enabled: bool,
+    pub subdomain: String,
+    /// Largest file, in bytes.
+    pub max_file_size: u64,
+    /// Bytes one user may upload per 24 hours (0: no limit).
+    pub daily_quota: u64,
+    /// Bytes one user may have stored (0: no limit).
+    pub user_quota: u64,
+    /// Bytes of all uploads together (0: no limit).
+    pub global_quota: u64,
+    /// How long a slot may be used for its upload.
+    pub slot_ttl_secs: u64,
+    /// Delete uploads older than this many days (0: keep).
+    pub expire_days: u64,
+    /// Content types accepted (`image/*` for a family); empty: any.
+    pub allowed_types: Vec<String>,
+    /// Key that signs upload slots; set the same on every node of a
+    /// cluster. Empty: derived from this node's data_dir/fake-salt.key.
+    pub secret: String,
+}
+
+impl Default for UploadConfig {
+    fn default() -> Self {
+        UploadConfig {
+            enabled: true,
+            subdomain: "upload".into(),
+            max_file_size: 100 * 1024 * 1024,
+            daily_quota: 1024 * 1024 * 1024,
+            user_quota: 0,
+            global_quota: 0,
+            slot_ttl_secs: 300,
+            expire_days: 0,
+            allowed_types: Vec::new(),
+            secret: String::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -287,6 +331,7 @@ impl Default for Config {
             external_services: Vec::new(),
             components: Default::default(),
             muc: Muc::default(),
+            upload: UploadConfig::default(),
         }
     }
 }
@@ -558,6 +603,16 @@ impl Config {
                 if self.serves(&service) || self.components.contains_key(&service) {
                     anyhow::bail!("muc.subdomain: {service} is already a domain or a component");
                 }
+            }
+        }
+        if self.upload.enabled {
+            let label = &self.upload.subdomain;
+            let valid = jid::BareJid::new(&format!("{label}.x")).is_ok_and(|j| j.node().is_none());
+            if label.is_empty() || !valid || (self.muc.enabled && *label == self.muc.subdomain) {
+                anyhow::bail!("upload.subdomain: {label:?} is not a domain label of its own");
+            }
+            if self.upload.max_file_size == 0 || self.upload.slot_ttl_secs == 0 {
+                anyhow::bail!("upload.max_file_size and upload.slot_ttl_secs must be at least 1");
             }
         }
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {

@@ -144,7 +144,11 @@ async fn component_and_user_exchange_messages() {
         .children()
         .filter_map(|i| i.attr("jid"))
         .collect();
-    assert_eq!(jids, [BOT, "conference.localhost"], "{items}");
+    assert_eq!(
+        jids,
+        [BOT, "conference.localhost", "upload.localhost"],
+        "{items}"
+    );
 
     // A second connection for the same domain is refused.
     let (mut again, id) = open(addr, BOT).await;

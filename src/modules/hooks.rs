@@ -218,6 +218,24 @@ pub struct Service {
     pub listed: bool,
 }
 
+impl Service {
+    /// One listed service at `<label>.<domain>` for every served domain.
+    pub fn per_domain(
+        domains: &[String],
+        label: &str,
+        (category, kind, name): (&str, &str, &str),
+    ) -> Vec<Service> {
+        domains
+            .iter()
+            .map(|d| Service {
+                domain: format!("{label}.{d}"),
+                identity: (category.into(), kind.into(), name.into()),
+                listed: true,
+            })
+            .collect()
+    }
+}
+
 /// An ordered hook table: for each point, the modules (by index) that
 /// run there, highest priority first (ties: registration order).
 pub(crate) struct Table<K> {

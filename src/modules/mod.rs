@@ -27,6 +27,7 @@ pub mod presence;
 pub mod private;
 pub mod register;
 pub mod roster;
+pub mod upload;
 pub mod vcard;
 pub mod version;
 pub mod vocab;
@@ -327,6 +328,7 @@ impl Modules {
             Arc::new(extdisco::ExtDisco::default()),
             Arc::new(component::Components::default()),
             Arc::new(muc::Muc::default()),
+            Arc::new(upload::Uploads::default()),
         ];
         list.extend(extra);
         Self::new(config, list)

@@ -320,11 +320,6 @@ pub struct Muc {
     joined: Mutex<HashMap<FullJid, HashSet<BareJid>>>,
 }
 
-/// The MUC service domain of `domain`.
-pub fn service_domain(config: &Config, domain: &str) -> String {
-    format!("{}.{domain}", config.muc.subdomain)
-}
-
 fn send(state: &ServerState, to: &FullJid, el: &Element) {
     state.routing.deliver(to, &Outbound::new(el, 0));
 }
@@ -350,15 +345,11 @@ impl Module for Muc {
         if !config.muc.enabled {
             return Vec::new();
         }
-        config
-            .domains
-            .iter()
-            .map(|d| Service {
-                domain: service_domain(config, d),
-                identity: ("conference".into(), "text".into(), "Group chats".into()),
-                listed: true,
-            })
-            .collect()
+        Service::per_domain(
+            &config.domains,
+            &config.muc.subdomain,
+            ("conference", "text", "Group chats"),
+        )
     }
     /// Direct invitations (XEP-0249) are 1:1 messages: seen on their way.
     fn hooks(&self) -> &'static [(Hook, i32)] {

@@ -1270,15 +1270,38 @@ pub async fn http_request(
     path: &str,
     headers: &str,
 ) -> (u16, String, String) {
+    let (status, head, body) = http_bytes(addr, method, path, headers, b"").await;
+    (status, head, String::from_utf8_lossy(&body).to_string())
+}
+
+/// One HTTP/1.1 request with a body (sent with its Content-Length unless
+/// `headers` has one): (status, response head, body bytes).
+pub async fn http_bytes(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
     let mut s = TcpStream::connect(addr).await.expect("HTTP connect");
+    let length = if headers.to_ascii_lowercase().contains("content-length:") {
+        String::new()
+    } else {
+        format!("Content-Length: {}\r\n", body.len())
+    };
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}{length}Connection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.expect("HTTP request");
+    // The server may answer (and close) before the whole body is sent.
+    let _ = s.write_all(body).await;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.expect("HTTP response");
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head");
+    let _ = s.read_to_end(&mut raw).await;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, head.to_string(), body.to_string())
+    (status, head, raw[split + 4..].to_vec())
 }
