@@ -308,3 +308,52 @@ async fn same_bytes_are_stored_once_and_quotas_hold() {
     assert!(blob_files(&srv).is_empty());
     assert_eq!(http_request(srv.http, "GET", &s2.path, "").await.0, 404);
 }
+
+/// A retracted group message takes its author's files with it: a blob
+/// nothing else refers to goes at once, one another upload shares stays.
+#[tokio::test]
+async fn a_retraction_frees_the_files_it_linked() {
+    let srv = start_server(|_| {}).await;
+    let (mut a, mut b) = srv.logged_in_pair().await;
+    let own = slot(&mut a, "mine.png", 4, "image/png").await.unwrap();
+    assert_eq!(put(&srv, &own, "image/png", b"mine").await.0, 201);
+    let shared = slot(&mut a, "meme.png", 6, "image/png").await.unwrap();
+    assert_eq!(put(&srv, &shared, "image/png", b"shared").await.0, 201);
+    let bobs = slot(&mut b, "meme.png", 6, "image/png").await.unwrap();
+    assert_eq!(put(&srv, &bobs, "image/png", b"shared").await.0, 201);
+    assert_eq!(blob_files(&srv).len(), 2);
+
+    // alice's room; she posts both links, then retracts the message.
+    let room = "pics@conference.localhost";
+    a.send(&xml(&format!(
+        "<presence to='{room}/alice'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+    )))
+    .await;
+    a.recv_until(|e| e.name == "message" && e.get_child("subject", NS_CLIENT).is_some())
+        .await;
+    let body = format!("look http://localhost{} and http://localhost{}", own.path, shared.path);
+    let msg = Element::new("message", NS_CLIENT)
+        .with_attr("to", room)
+        .with_attr("type", "groupchat")
+        .with_child(Element::new("body", NS_CLIENT).with_text(body.clone()));
+    a.send(&msg).await;
+    let echo = a
+        .recv_until(|e| e.child_text("body", NS_CLIENT).as_deref() == Some(body.as_str()))
+        .await;
+    let sid = echo
+        .get_child("stanza-id", "urn:xmpp:sid:0")
+        .unwrap()
+        .attr("id")
+        .unwrap()
+        .to_string();
+    a.send(&xml(&format!(
+        "<message to='{room}' type='groupchat'><retract xmlns='urn:xmpp:message-retract:1' id='{sid}'/></message>"
+    )))
+    .await;
+    a.recv_until(|e| e.get_child("retract", "urn:xmpp:message-retract:1").is_some())
+        .await;
+    assert_eq!(http_request(srv.http, "GET", &own.path, "").await.0, 404);
+    assert_eq!(http_request(srv.http, "GET", &shared.path, "").await.0, 404);
+    assert_eq!(http_bytes(srv.http, "GET", &bobs.path, "", b"").await.2, b"shared");
+    assert_eq!(blob_files(&srv).len(), 1, "only bob's copy is left");
+}

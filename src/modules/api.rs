@@ -83,3 +83,12 @@ pub trait Pep: Send + Sync {
     /// `subscriber` now has a presence subscription to `owner`.
     fn new_subscriber(&self, state: &ServerState, owner: &BareJid, subscriber: &BareJid);
 }
+
+/// Uploaded files (XEP-0363), for modules that remove messages.
+#[async_trait]
+pub trait Files: Send + Sync {
+    /// A message (`stanza`, serialized) that `author` sent was retracted or
+    /// moderated: the files it links to that `author` uploaded are deleted,
+    /// and their bytes with them unless another upload shares them.
+    async fn message_removed(&self, state: &ServerState, stanza: &str, author: &BareJid);
+}

@@ -1111,6 +1111,11 @@ impl Muc {
                 .room_archive_replace(r.jid.as_str(), &id, &tomb)
                 .await
                 .map_err(store_err)?;
+            if let Some(files) = state.modules.try_api::<dyn api::Files>() {
+                files
+                    .message_removed(state, &original.stanza, &from.to_bare())
+                    .await;
+            }
         }
         let mut out = msg.clone();
         out.remove_attr("to");
@@ -2050,6 +2055,12 @@ impl Muc {
             .room_archive_replace(r.jid.as_str(), id, &tomb)
             .await
             .map_err(store_err)?;
+        let author = BareJid::new(&original.with).ok();
+        if let (Some(files), Some(author)) = (state.modules.try_api::<dyn api::Files>(), author) {
+            files
+                .message_removed(state, &original.stanza, &author)
+                .await;
+        }
         let mut moderated = Element::new("moderated", NS_MODERATE)
             .with_attr("by", by)
             .with_child(

@@ -20,8 +20,12 @@
 //! expired uploads and blobs nothing refers to any more (after an hour's
 //! grace, so an upload racing a delete keeps its blob).
 //!
-//! Not yet: S3 storage, thumbnails, deleting files with retracted messages,
-//! statuses (issue 12 continues).
+//! When a group message is retracted or moderated, the files it links to
+//! that its author uploaded are deleted (`api::Files`), their bytes too
+//! unless another upload shares them.
+//!
+//! Not yet: S3 storage, thumbnails, 1:1 retractions, statuses (issue 12
+//! continues).
 
 use super::{new_id, vocab, Module, Service, Task};
 use crate::config::Config;
@@ -158,7 +162,8 @@ impl Module for Uploads {
         )
     }
     fn provide(self: std::sync::Arc<Self>, shared: &mut super::Shared) {
-        shared.provide::<Uploads>(self);
+        shared.provide::<Uploads>(self.clone());
+        shared.provide::<dyn super::api::Files>(self);
     }
     fn http(&self) -> Option<Router<ServerState>> {
         Some(
@@ -737,6 +742,58 @@ fn parse_range(r: &str, size: u64) -> Option<(u64, u64)> {
 }
 
 // ---------------------------------------------------------------------------
+// Files of removed messages
+// ---------------------------------------------------------------------------
+
+/// The slot ids of this server's upload URLs in `text`.
+fn linked_slots(text: &str) -> Vec<&str> {
+    let marker = format!("{PREFIX}/");
+    let mut out = Vec::new();
+    for (i, _) in text.match_indices(&marker) {
+        let rest = &text[i + marker.len()..];
+        if let Some(slot) = rest.get(..32) {
+            let is_slot =
+                slot.bytes().all(|b| b.is_ascii_hexdigit()) && rest[32..].starts_with('/');
+            if is_slot && !out.contains(&slot) {
+                out.push(slot);
+            }
+        }
+    }
+    out
+}
+
+#[async_trait]
+impl super::api::Files for Uploads {
+    async fn message_removed(&self, state: &ServerState, stanza: &str, author: &jid::BareJid) {
+        for slot in linked_slots(stanza) {
+            let upload = match state.store.upload_get(slot).await {
+                Ok(Some(u)) if u.owner == author.as_str() => u,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot look up a retracted message's file");
+                    continue;
+                }
+            };
+            let _placing = self.blobs.lock().await;
+            let gone = async {
+                state.store.upload_delete(slot).await?;
+                if !state.store.blob_referenced(&upload.sha256).await? {
+                    let path = blob_path(&state.config, &upload.sha256);
+                    if let Err(e) = tokio::fs::remove_file(&path).await {
+                        tracing::warn!(error = %e, "cannot delete a retracted file's blob");
+                    }
+                }
+                Ok::<(), StoreError>(())
+            }
+            .await;
+            if let Err(e) = gone {
+                tracing::warn!(error = %e, "cannot delete a retracted message's file");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Expiry and blob garbage collection
 // ---------------------------------------------------------------------------
 
@@ -811,6 +868,17 @@ pub async fn sweep(state: &ServerState) -> anyhow::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_linked_from_a_message() {
+        let a = "a".repeat(32);
+        let b = "0123456789abcdef".repeat(2);
+        let text = format!(
+            "<body>see https://x/upload/{a}/p.jpg and http://y/upload/{b}/q%20r.png \
+             https://x/upload/{a}/p.jpg /upload/short/x /upload/{a}x/y</body>"
+        );
+        assert_eq!(linked_slots(&text), vec![a.as_str(), b.as_str()]);
+    }
 
     #[test]
     fn ranges() {
