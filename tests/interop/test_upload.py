@@ -67,3 +67,29 @@ def test_upload_share_and_download(server):
             assert "file-too-large" in str(err.value.iq), err.value.iq
 
     run(scenario())
+
+
+def test_large_files_and_ranges(server):
+    """1 MB and 50 MB uploads come back byte-identical, whole and in ranges."""
+    add_users(server, PW, ALICE)
+
+    async def scenario():
+        async with Clients(server) as cs:
+            alice = await cs.login(ALICE, PW[ALICE])
+            alice.register_plugin("xep_0363")
+            for size in (1_000_000, 50_000_000):
+                data = os.urandom(size)
+                url = await alice.plugin["xep_0363"].upload_file(
+                    f"file-{size}.bin", size=size, content_type="application/octet-stream",
+                    input_file=io.BytesIO(data), timeout=6 * STEP)
+                async with aiohttp.ClientSession() as http:
+                    async with http.get(url) as resp:
+                        assert resp.status == 200
+                        assert await resp.read() == data
+                        assert resp.headers["Content-Disposition"].startswith("attachment")
+                    start, end = size // 3, size // 3 + 65_535
+                    async with http.get(url, headers={"Range": f"bytes={start}-{end}"}) as resp:
+                        assert resp.status == 206
+                        assert await resp.read() == data[start:end + 1]
+
+    run(scenario(), timeout=180)
