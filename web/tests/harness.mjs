@@ -3,6 +3,7 @@
 // playwright-core.
 
 import { spawn } from 'node:child_process';
+import { createServer } from 'node:net';
 import { mkdtempSync, mkdirSync, rmSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
@@ -14,8 +15,44 @@ export const REPO = resolve(WEB, '..');
 export const SHOTS = resolve(REPO, 'test-output', 'browser');
 export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 
-/** Start `natter serve`; resolves once it logged its bound addresses. */
-export async function startNatter() {
+/** A TCP port on 127.0.0.1 that was free a moment ago. */
+export function freePort() {
+  return new Promise((ok, fail) => {
+    const srv = createServer();
+    srv.on('error', fail);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => ok(port));
+    });
+  });
+}
+
+/**
+ * Start `natter serve`; resolves once it logged its bound addresses.
+ * Options (all optional; without them natter starts as it always did):
+ * `env`, extra NATTER_* configuration; `publicUrl: true`, the HTTP listener
+ * on a port picked beforehand (not port 0) with `http.public_url` set to
+ * `http://127.0.0.1:<port>`, the origin the page is loaded from, so URLs
+ * natter hands out (upload slots) point back at it.
+ */
+export async function startNatter({ env: extra = {}, publicUrl = false } = {}) {
+  if (!publicUrl) return startNatterOnce(extra);
+  // The picked port could be taken before natter binds it: try again.
+  for (let attempt = 1; ; attempt++) {
+    const port = await freePort();
+    try {
+      return await startNatterOnce({
+        NATTER_LISTEN_HTTP: `127.0.0.1:${port}`,
+        NATTER_HTTP_PUBLIC_URL: `http://127.0.0.1:${port}`,
+        ...extra,
+      });
+    } catch (e) {
+      if (attempt >= 3 || !/in use/i.test(e.message)) throw e;
+    }
+  }
+}
+
+async function startNatterOnce(extra) {
   const bin = process.env.NATTER_BIN || join(REPO, 'target', 'debug', 'natter');
   if (!existsSync(bin)) throw new Error(`${bin} not found: run \`cargo build -p natter\` first`);
   const dataDir = mkdtempSync(join(tmpdir(), 'natter-browser-'));
@@ -33,6 +70,7 @@ export async function startNatter() {
     NATTER_HTTP_WEB_ROOT: WEB,
     NATTER_LOG_LEVEL: process.env.WEBTEST_LOG || 'info',
     NATTER_LOG_FORMAT: 'text',
+    ...extra,
   };
   const proc = spawn(bin, ['serve'], { env, stdio: ['ignore', 'ignore', 'pipe'] });
   let log = '';
