@@ -181,6 +181,7 @@ pub async fn start_with(
         tasks: TaskTracker::new(),
         metrics,
         admin_token: Arc::new(admin_token),
+        http_addr: http.as_ref().and_then(|l| l.local_addr().ok()),
     });
     let mut bound = Bound::default();
     let mut tasks = JoinSet::new();

@@ -52,6 +52,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Bearer token of the admin endpoint (`data_dir/admin.token`).
     pub admin_token: Arc<String>,
+    /// Where the HTTP listener is bound (its real port when configured
+    /// with port 0), for URLs modules hand out.
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 impl Shared {

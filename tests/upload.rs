@@ -31,6 +31,7 @@ fn request(name: &str, size: usize, content_type: &str) -> Element {
 /// Ask for a slot; the URL's path (clients resolve the host; tests talk to
 /// the test server's port).
 async fn slot(
+    srv: &TestServer,
     c: &mut Client,
     name: &str,
     size: usize,
@@ -45,6 +46,12 @@ async fn slot(
     assert_eq!(put.attr("url"), get.attr("url"));
     let url = put.attr("url").unwrap();
     let path = url.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap();
+    // The listener's real port, also when configured as port 0.
+    let port = srv.http.port();
+    assert!(
+        url.starts_with(&format!("http://localhost:{port}/upload/")),
+        "{url}"
+    );
     let header = put.get_child("header", NS_UPLOAD).unwrap();
     assert_eq!(header.attr("name"), Some("Authorization"));
     Ok(Slot {
@@ -102,9 +109,15 @@ async fn upload_then_download_with_range_etag_and_caching() {
     assert!(text.contains("104857600"), "{info}");
 
     let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-    let s = slot(&mut a, "../holiday photo.jpg", body.len(), "image/jpeg")
-        .await
-        .unwrap();
+    let s = slot(
+        &srv,
+        &mut a,
+        "../holiday photo.jpg",
+        body.len(),
+        "image/jpeg",
+    )
+    .await
+    .unwrap();
     assert!(s.path.ends_with("/holiday%20photo.jpg"), "{}", s.path);
     let (status, text) = put(&srv, &s, "image/jpeg", &body).await;
     assert_eq!(status, 201, "{text}");
@@ -173,7 +186,7 @@ async fn slots_are_bound_to_size_type_signature_and_time() {
     let srv = start_server(|c| c.upload.max_file_size = 1000).await;
     let (mut a, _b) = srv.logged_in_pair().await;
     // Too large: file-too-large with the limit.
-    let err = slot(&mut a, "big.bin", 1001, "application/octet-stream")
+    let err = slot(&srv, &mut a, "big.bin", 1001, "application/octet-stream")
         .await
         .err()
         .unwrap();
@@ -191,7 +204,7 @@ async fn slots_are_bound_to_size_type_signature_and_time() {
         let res = a.iq(bad).await;
         assert_eq!(stanza_error(&res).as_deref(), Some("bad-request"), "{res}");
     }
-    let s = slot(&mut a, "a.txt", 10, "text/plain").await.unwrap();
+    let s = slot(&srv, &mut a, "a.txt", 10, "text/plain").await.unwrap();
     // Wrong size, wrong type, forged or missing token.
     assert_eq!(put(&srv, &s, "text/plain", b"0123456789x").await.0, 413);
     assert_eq!(put(&srv, &s, "text/plain", b"012345678").await.0, 400);
@@ -234,7 +247,9 @@ async fn slots_are_bound_to_size_type_signature_and_time() {
 async fn expired_slots_are_refused() {
     let srv = start_server(|c| c.upload.slot_ttl_secs = 1).await;
     let (mut a, _b) = srv.logged_in_pair().await;
-    let s = slot(&mut a, "late.txt", 3, "text/plain").await.unwrap();
+    let s = slot(&srv, &mut a, "late.txt", 3, "text/plain")
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     let (status, text) = put(&srv, &s, "text/plain", b"abc").await;
     assert_eq!(status, 403);
@@ -246,11 +261,11 @@ async fn same_bytes_are_stored_once_and_quotas_hold() {
     let srv = start_server(|c| c.upload.daily_quota = 25).await;
     let (mut a, mut b) = srv.logged_in_pair().await;
     let bytes = b"forwarded media".to_vec(); // 15 bytes
-    let s1 = slot(&mut a, "meme.png", bytes.len(), "image/png")
+    let s1 = slot(&srv, &mut a, "meme.png", bytes.len(), "image/png")
         .await
         .unwrap();
     assert_eq!(put(&srv, &s1, "image/png", &bytes).await.0, 201);
-    let s2 = slot(&mut b, "meme.png", bytes.len(), "image/png")
+    let s2 = slot(&srv, &mut b, "meme.png", bytes.len(), "image/png")
         .await
         .unwrap();
     assert_eq!(put(&srv, &s2, "image/png", &bytes).await.0, 201);
@@ -260,7 +275,7 @@ async fn same_bytes_are_stored_once_and_quotas_hold() {
         assert_eq!(http_bytes(srv.http, "GET", &s.path, "", b"").await.2, bytes);
     }
     // alice has 15 of her 25 daily bytes: 11 more are refused, naming the quota.
-    let err = slot(&mut a, "more.png", 11, "image/png")
+    let err = slot(&srv, &mut a, "more.png", 11, "image/png")
         .await
         .err()
         .unwrap();
@@ -273,7 +288,9 @@ async fn same_bytes_are_stored_once_and_quotas_hold() {
         err.to_string().contains("daily upload quota of 25 bytes"),
         "{err}"
     );
-    assert!(slot(&mut a, "fits.png", 10, "image/png").await.is_ok());
+    assert!(slot(&srv, &mut a, "fits.png", 10, "image/png")
+        .await
+        .is_ok());
 
     // One reference gone: the blob stays for the other; both gone (and the
     // grace period over): swept.
@@ -315,11 +332,17 @@ async fn same_bytes_are_stored_once_and_quotas_hold() {
 async fn a_retraction_frees_the_files_it_linked() {
     let srv = start_server(|_| {}).await;
     let (mut a, mut b) = srv.logged_in_pair().await;
-    let own = slot(&mut a, "mine.png", 4, "image/png").await.unwrap();
+    let own = slot(&srv, &mut a, "mine.png", 4, "image/png")
+        .await
+        .unwrap();
     assert_eq!(put(&srv, &own, "image/png", b"mine").await.0, 201);
-    let shared = slot(&mut a, "meme.png", 6, "image/png").await.unwrap();
+    let shared = slot(&srv, &mut a, "meme.png", 6, "image/png")
+        .await
+        .unwrap();
     assert_eq!(put(&srv, &shared, "image/png", b"shared").await.0, 201);
-    let bobs = slot(&mut b, "meme.png", 6, "image/png").await.unwrap();
+    let bobs = slot(&srv, &mut b, "meme.png", 6, "image/png")
+        .await
+        .unwrap();
     assert_eq!(put(&srv, &bobs, "image/png", b"shared").await.0, 201);
     assert_eq!(blob_files(&srv).len(), 2);
 
@@ -331,7 +354,10 @@ async fn a_retraction_frees_the_files_it_linked() {
     .await;
     a.recv_until(|e| e.name == "message" && e.get_child("subject", NS_CLIENT).is_some())
         .await;
-    let body = format!("look http://localhost{} and http://localhost{}", own.path, shared.path);
+    let body = format!(
+        "look http://localhost{} and http://localhost{}",
+        own.path, shared.path
+    );
     let msg = Element::new("message", NS_CLIENT)
         .with_attr("to", room)
         .with_attr("type", "groupchat")
@@ -350,10 +376,16 @@ async fn a_retraction_frees_the_files_it_linked() {
         "<message to='{room}' type='groupchat'><retract xmlns='urn:xmpp:message-retract:1' id='{sid}'/></message>"
     )))
     .await;
-    a.recv_until(|e| e.get_child("retract", "urn:xmpp:message-retract:1").is_some())
-        .await;
+    a.recv_until(|e| {
+        e.get_child("retract", "urn:xmpp:message-retract:1")
+            .is_some()
+    })
+    .await;
     assert_eq!(http_request(srv.http, "GET", &own.path, "").await.0, 404);
     assert_eq!(http_request(srv.http, "GET", &shared.path, "").await.0, 404);
-    assert_eq!(http_bytes(srv.http, "GET", &bobs.path, "", b"").await.2, b"shared");
+    assert_eq!(
+        http_bytes(srv.http, "GET", &bobs.path, "", b"").await.2,
+        b"shared"
+    );
     assert_eq!(blob_files(&srv).len(), 1, "only bob's copy is left");
 }

@@ -403,18 +403,14 @@ fn url_escape(s: &str) -> String {
     out
 }
 
+/// Where clients reach the HTTP listener: `http.public_url`, else the
+/// first domain at the port the listener is bound to.
 fn base_url(state: &ServerState) -> String {
     let public = state.config.http.public_url.trim_end_matches('/');
     if !public.is_empty() {
         return public.to_string();
     }
-    let port = state
-        .config
-        .listen
-        .http
-        .rsplit(':')
-        .next()
-        .unwrap_or("5280");
+    let port = state.http_addr.map_or(5280, |a| a.port());
     format!("http://{}:{port}", state.config.domains[0])
 }
 
