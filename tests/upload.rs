@@ -389,3 +389,28 @@ async fn a_retraction_frees_the_files_it_linked() {
     );
     assert_eq!(blob_files(&srv).len(), 1, "only bob's copy is left");
 }
+
+/// Two PUTs racing for one slot: one wins, the other is refused, and the
+/// stored bytes are exactly the winner's (they match their content address).
+#[tokio::test]
+async fn racing_puts_for_one_slot_store_one_file_intact() {
+    use sha2::Digest;
+    let srv = start_server(|_| {}).await;
+    let (mut a, _b) = srv.logged_in_pair().await;
+    let s = slot(&srv, &mut a, "race.bin", 300_000, "application/octet-stream")
+        .await
+        .unwrap();
+    let one = vec![1u8; 300_000];
+    let two = vec![2u8; 300_000];
+    let (r1, r2) = tokio::join!(
+        put(&srv, &s, "application/octet-stream", &one),
+        put(&srv, &s, "application/octet-stream", &two)
+    );
+    let mut codes = [r1.0, r2.0];
+    codes.sort();
+    assert_eq!(codes, [201, 409], "{r1:?} {r2:?}");
+    let (_, head, got) = http_bytes(srv.http, "GET", &s.path, "", b"").await;
+    assert!(got == one || got == two);
+    let etag = header(&head, "etag").unwrap().trim_matches('"').to_string();
+    assert_eq!(etag, hex::encode(sha2::Sha256::digest(&got)));
+}

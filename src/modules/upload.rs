@@ -456,6 +456,9 @@ async fn put_file(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    if !is_slot(&slot) {
+        return plain(StatusCode::NOT_FOUND, "no such upload slot");
+    }
     let Some(g) = verify(&state, &slot, &name, &headers) else {
         return plain(
             StatusCode::FORBIDDEN,
@@ -567,7 +570,9 @@ async fn receive(
 ) -> Result<(PathBuf, String), Response> {
     let tmp_dir = blobs_dir(&state.config).join("tmp");
     natter_store::files::create_dir(&tmp_dir).map_err(io_error)?;
-    let tmp = tmp_dir.join(format!("{slot}.part"));
+    // Unique per request: two PUTs racing for one slot must not write into
+    // one file (the loser's bytes would end up under the winner's hash).
+    let tmp = tmp_dir.join(format!("{slot}.{}.part", new_id()));
     let mut file = tokio::fs::File::create(&tmp).await.map_err(io_error)?;
     let mut hasher = Sha256::new();
     let mut got: u64 = 0;
@@ -635,6 +640,9 @@ async fn get_file(
     Path((slot, name)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
+    if !is_slot(&slot) {
+        return plain(StatusCode::NOT_FOUND, "no such file");
+    }
     let upload = match state.store.upload_get(&slot).await {
         Ok(Some(u)) if u.filename == name => u,
         Ok(_) => return plain(StatusCode::NOT_FOUND, "no such file"),
@@ -741,6 +749,13 @@ fn parse_range(r: &str, size: u64) -> Option<(u64, u64)> {
 // Files of removed messages
 // ---------------------------------------------------------------------------
 
+/// Slot ids are 32 lowercase hex digits (two `new_id`s).
+fn is_slot(s: &str) -> bool {
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// The slot ids of this server's upload URLs in `text`.
 fn linked_slots(text: &str) -> Vec<&str> {
     let marker = format!("{PREFIX}/");
@@ -748,9 +763,7 @@ fn linked_slots(text: &str) -> Vec<&str> {
     for (i, _) in text.match_indices(&marker) {
         let rest = &text[i + marker.len()..];
         if let Some(slot) = rest.get(..32) {
-            let is_slot =
-                slot.bytes().all(|b| b.is_ascii_hexdigit()) && rest[32..].starts_with('/');
-            if is_slot && !out.contains(&slot) {
+            if is_slot(slot) && rest[32..].starts_with('/') && !out.contains(&slot) {
                 out.push(slot);
             }
         }
