@@ -3,6 +3,7 @@
 //! every run is bounded in count and time and stops by itself.
 
 mod chat;
+mod group;
 mod idle;
 mod login;
 mod mam;
@@ -27,7 +28,7 @@ use crate::xmpp::{Mech, Registered, Target, TlsMode};
     name = "natter-bench",
     version,
     about = "XMPP load generator (idle sessions, chat throughput/latency, login rate, \
-             offline catch-up, archive paging) for any server on a loopback address"
+             offline catch-up, archive paging, group fan-out) for any server on a loopback address"
 )]
 struct Cli {
     #[command(flatten)]
@@ -85,7 +86,7 @@ struct Common {
     resource: String,
     /// Server process whose CPU time (utime+stime from /proc/PID/stat) the
     /// scenarios report over their measured window (msgs, logins or pages
-    /// per CPU-second).
+    /// per CPU-second); group also reports its memory (VmRSS).
     #[arg(long, global = true)]
     server_pid: Option<u32>,
     /// Derive SCRAM keys (PBKDF2) on every login instead of caching them per
@@ -107,6 +108,9 @@ enum Cmd {
     Offline(offline::OfflineArgs),
     /// Archive paging (XEP-0313 + RSM): last page, pages backward, pages forward.
     Mam(mam::MamArgs),
+    /// Group chat fan-out (XEP-0045): rooms of N members, a few senders per
+    /// room at a fixed rate; every member's copies counted.
+    Group(group::GroupArgs),
     /// Only create accounts offset .. offset+N (XEP-0077; existing ones are fine).
     Register {
         /// Accounts to create.
@@ -298,6 +302,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Login(a) => login::run(ctx, register, a).await,
         Cmd::Offline(a) => offline::run(ctx, register, a).await,
         Cmd::Mam(a) => mam::run(ctx, register, a).await,
+        Cmd::Group(a) => group::run(ctx, register, a).await,
         Cmd::Register { n } => register_all(&ctx, (0..n).map(|i| ctx.offset + i).collect()).await,
     }
 }

@@ -111,6 +111,11 @@ impl Conn {
         Ok(Conn::new(io, t.step_timeout))
     }
 
+    /// Bound on every single wait for the server during negotiation.
+    pub fn step_timeout(&self) -> Duration {
+        self.step_timeout
+    }
+
     pub fn is_tls(&self) -> bool {
         matches!(self.io, Io::Tls(_))
     }
