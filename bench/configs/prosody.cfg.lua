@@ -42,3 +42,21 @@ ssl = { certificate = "@DIR@/cert.pem"; key = "@DIR@/key.pem" }
 
 VirtualHost "localhost"
   ssl = { certificate = "@DIR@/cert.pem"; key = "@DIR@/key.pem" }
+
+-- group fan-out (XEP-0045). Core mod_muc in 0.12 has no occupant-count or
+-- message-rate limit (those are the community mod_muc_limits, not loaded);
+-- the generator submits the room configuration form itself (members-only,
+-- persistent, non-anonymous, archived); the defaults below say the same.
+Component "conference.localhost" "muc"
+  modules_enabled = { "muc_mam" }
+  restrict_room_creation = false
+  muc_room_locking = true                 -- default: locked until configured (201)
+  muc_room_default_persistent = true
+  muc_room_default_members_only = true
+  muc_room_default_public = false
+  muc_room_default_public_jids = true     -- non-anonymous
+  muc_room_default_history_length = 20
+  muc_log_by_default = true               -- archive (mod_muc_mam)
+  muc_log_expires_after = "never"
+  muc_room_cache_size = 1000              -- rooms kept in memory
+  muc_tombstones = false
