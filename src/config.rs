@@ -91,6 +91,8 @@ pub struct Muc {
     pub burst: u32,
     /// History messages sent on join when the client does not say.
     pub history: usize,
+    /// Rooms one session may be joined to at once.
+    pub max_joined_per_session: usize,
 }
 
 impl Default for Muc {
@@ -103,6 +105,7 @@ impl Default for Muc {
             messages_per_minute: 120,
             burst: 30,
             history: 20,
+            max_joined_per_session: 100,
         }
     }
 }
@@ -592,10 +595,14 @@ impl Config {
                     self.muc.subdomain
                 );
             }
-            if self.muc.max_members == 0 || self.muc.messages_per_minute == 0 || self.muc.burst == 0
+            if self.muc.max_members == 0
+                || self.muc.messages_per_minute == 0
+                || self.muc.burst == 0
+                || self.muc.max_joined_per_session == 0
             {
                 anyhow::bail!(
-                    "muc.max_members, muc.messages_per_minute and muc.burst must be at least 1"
+                    "muc.max_members, muc.messages_per_minute, muc.burst and \
+                     muc.max_joined_per_session must be at least 1"
                 );
             }
             for d in &self.domains {

@@ -901,3 +901,29 @@ async fn history(c: &mut Client, room: &str, presence: Element) -> Vec<String> {
         }
     }
 }
+
+/// What a room keeps per occupant is bounded: rooms per session, and the
+/// bytes of the presence it stores.
+#[tokio::test]
+async fn joins_per_session_and_kept_presence_are_bounded() {
+    let srv = start_server(|c| c.muc.max_joined_per_session = 2).await;
+    let alice = srv.add_user("alice", PASSWORD).await;
+    let mut a = online(&srv, &alice, "r").await;
+    for n in 0..2 {
+        join(&mut a, &format!("room{n}@{SERVICE}"), "alice").await;
+    }
+    a.send(&join_presence(&format!("room2@{SERVICE}"), "alice", None)).await;
+    let e = a
+        .recv_until(|p| p.name == "presence" && p.attr("type") == Some("error"))
+        .await;
+    assert_eq!(stanza_error(&e).as_deref(), Some("policy-violation"), "{e}");
+    // A huge status is refused, not kept.
+    let big = join_presence(&format!("room0@{SERVICE}"), "alice", None)
+        .with_child(Element::new("status", NS_CLIENT).with_text("x".repeat(20_000)));
+    a.send(&big).await;
+    let e = a
+        .recv_until(|p| p.name == "presence" && p.attr("type") == Some("error"))
+        .await;
+    assert_eq!(stanza_error(&e).as_deref(), Some("policy-violation"), "{e}");
+    srv.assert_healthy().await;
+}

@@ -65,6 +65,9 @@ pub const NS_READ: &str = "urn:natter:muc:read:0";
 /// The registration field a client sets to get messages while not joined.
 pub const OFFLINE_FIELD: &str = "{http://tigase.org/protocol/muc}offline";
 const VCARD: &str = "vcard-temp";
+/// Bytes of presence payload (show, status, caps, …) a room keeps per
+/// occupant.
+const MAX_KEPT_PRESENCE: usize = 16 * 1024;
 /// Copies a fan-out queues before it yields to other tasks.
 const FAN_OUT_SLICE: usize = 64;
 
@@ -630,6 +633,15 @@ impl Muc {
     ) -> Result<(), StanzaError> {
         let bare = from.to_bare();
         let extra: Vec<Element> = presence_payload(p);
+        // The room keeps this presence for as long as the occupant stays:
+        // bounded in bytes, like the number of rooms a session joins.
+        let kept: usize = extra.iter().map(|e| e.to_string().len()).sum();
+        if kept > MAX_KEPT_PRESENCE {
+            return Err(err(
+                Condition::PolicyViolation,
+                &format!("presence payload over {MAX_KEPT_PRESENCE} bytes"),
+            ));
+        }
         if let Some(current) = r.nick_of(from).map(str::to_string) {
             if current == nick {
                 // A presence update.
@@ -644,6 +656,18 @@ impl Muc {
         let aff = r.doc.affiliation(bare.as_str());
         if aff == Affiliation::Outcast {
             return Err(err(Condition::Forbidden, "you are banned from this room"));
+        }
+        let max_joined = state.config.muc.max_joined_per_session;
+        if self
+            .joined
+            .lock()
+            .get(from)
+            .is_some_and(|j| j.len() >= max_joined)
+        {
+            return Err(err(
+                Condition::PolicyViolation,
+                &format!("a session may be in {max_joined} rooms at most"),
+            ));
         }
         if r.doc.config.members_only && !aff.is_member() {
             return Err(StanzaError::with_text(
