@@ -368,13 +368,15 @@ impl Default for C2s {
             preauth_timeout_secs: 10,
             max_preauth_per_ip: 20,
             max_preauth_total: 4096,
-            max_queue: 1000,
+            // A join to a full room (muc.max_members) queues one presence
+            // per occupant at once.
+            max_queue: 2048,
             max_queue_bytes: 4 * 1024 * 1024,
             max_user_bytes: 16 * 1024 * 1024,
             write_timeout_secs: 30,
             max_resources: 10,
             resume_timeout_secs: 300,
-            max_unacked: 1000,
+            max_unacked: 2048,
         }
     }
 }
@@ -605,6 +607,13 @@ impl Config {
                      muc.max_joined_per_session must be at least 1"
                 );
             }
+            let burst = self.muc.max_members + 64;
+            if self.c2s.max_queue < burst || self.c2s.max_unacked < burst {
+                anyhow::bail!(
+                    "c2s.max_queue and c2s.max_unacked must be at least muc.max_members + 64 \
+                     ({burst}): joining a full room sends one presence per occupant at once"
+                );
+            }
             for d in &self.domains {
                 let service = format!("{}.{d}", self.muc.subdomain);
                 if self.serves(&service) || self.components.contains_key(&service) {
@@ -674,6 +683,18 @@ fn env_value(key: &str, value: &str) -> toml::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_room_fits_in_a_session_queue() {
+        let c = Config::from_parts("[muc]\nmax_members = 4000\n", &[]).unwrap_err();
+        let msg = format!("{c:#}");
+        assert!(
+            msg.contains("c2s.max_queue") && msg.contains("4064"),
+            "{msg}"
+        );
+        let ok = "[muc]\nmax_members = 4000\n[c2s]\nmax_queue = 4064\nmax_unacked = 4064\n";
+        assert!(Config::from_parts(ok, &[]).is_ok());
+    }
 
     #[test]
     fn defaults_serve_localhost_with_registration() {

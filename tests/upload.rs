@@ -397,9 +397,15 @@ async fn racing_puts_for_one_slot_store_one_file_intact() {
     use sha2::Digest;
     let srv = start_server(|_| {}).await;
     let (mut a, _b) = srv.logged_in_pair().await;
-    let s = slot(&srv, &mut a, "race.bin", 300_000, "application/octet-stream")
-        .await
-        .unwrap();
+    let s = slot(
+        &srv,
+        &mut a,
+        "race.bin",
+        300_000,
+        "application/octet-stream",
+    )
+    .await
+    .unwrap();
     let one = vec![1u8; 300_000];
     let two = vec![2u8; 300_000];
     let (r1, r2) = tokio::join!(
