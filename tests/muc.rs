@@ -912,7 +912,8 @@ async fn joins_per_session_and_kept_presence_are_bounded() {
     for n in 0..2 {
         join(&mut a, &format!("room{n}@{SERVICE}"), "alice").await;
     }
-    a.send(&join_presence(&format!("room2@{SERVICE}"), "alice", None)).await;
+    a.send(&join_presence(&format!("room2@{SERVICE}"), "alice", None))
+        .await;
     let e = a
         .recv_until(|p| p.name == "presence" && p.attr("type") == Some("error"))
         .await;
