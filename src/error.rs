@@ -104,13 +104,19 @@ pub struct StanzaError {
     pub kind: ErrorType,
     pub condition: Condition,
     pub text: Option<String>,
-    /// An application-specific condition (RFC 6120 §8.3.4): (name, namespace, attributes),
-    /// e.g. XEP-0191 `<blocked xmlns='urn:xmpp:blocking:errors'/>`.
+    /// An application-specific condition (RFC 6120 §8.3.4): (name, namespace, attributes,
+    /// text-only children), e.g. XEP-0191 `<blocked xmlns='urn:xmpp:blocking:errors'/>`.
     pub app: Option<AppCondition>,
 }
 
-/// (element name, namespace, attributes) of an application-specific condition.
-pub type AppCondition = (&'static str, &'static str, Vec<(&'static str, String)>);
+/// (element name, namespace, attributes, children with text) of an
+/// application-specific condition.
+pub type AppCondition = (
+    &'static str,
+    &'static str,
+    Vec<(&'static str, String)>,
+    Vec<(&'static str, String)>,
+);
 
 impl StanzaError {
     pub fn new(condition: Condition) -> Self {
@@ -131,14 +137,23 @@ impl StanzaError {
 
     /// Add an application-specific condition element `<name xmlns=ns/>`.
     pub fn with_app(mut self, name: &'static str, ns: &'static str) -> Self {
-        self.app = Some((name, ns, Vec::new()));
+        self.app = Some((name, ns, Vec::new(), Vec::new()));
         self
     }
 
     /// Add an attribute to the application-specific condition.
     pub fn with_app_attr(mut self, name: &'static str, value: impl Into<String>) -> Self {
-        if let Some((_, _, attrs)) = &mut self.app {
+        if let Some((_, _, attrs, _)) = &mut self.app {
             attrs.push((name, value.into()));
+        }
+        self
+    }
+
+    /// Add a child with text to the application-specific condition, in
+    /// its namespace (XEP-0363's `<max-file-size>`).
+    pub fn with_app_child(mut self, name: &'static str, text: impl Into<String>) -> Self {
+        if let Some((_, _, _, children)) = &mut self.app {
+            children.push((name, text.into()));
         }
         self
     }
@@ -168,10 +183,13 @@ impl StanzaError {
                     .with_text(t.clone()),
             );
         }
-        if let Some((name, ns, attrs)) = &self.app {
+        if let Some((name, ns, attrs, children)) = &self.app {
             let mut a = Element::new(*name, *ns);
             for (k, v) in attrs {
                 a.set_attr(*k, v.clone());
+            }
+            for (k, v) in children {
+                a.append_child(Element::new(*k, *ns).with_text(v.clone()));
             }
             e.append_child(a);
         }

@@ -195,7 +195,11 @@ async fn slots_are_bound_to_size_type_signature_and_time() {
         Some("not-acceptable"),
         "{err}"
     );
-    assert!(err.to_string().contains("file-too-large") && err.to_string().contains("1000"));
+    let limit = err
+        .get_child("error", NS_CLIENT)
+        .and_then(|e| e.get_child("file-too-large", NS_UPLOAD))
+        .and_then(|f| f.child_text("max-file-size", NS_UPLOAD));
+    assert_eq!(limit.as_deref(), Some("1000"), "{err}");
     for bad in [
         request("", 10, "text/plain"),
         request("a.txt", 0, "text/plain"),

@@ -251,15 +251,13 @@ fn info(config: &Config) -> Element {
 }
 
 fn file_too_large(max: u64) -> StanzaError {
-    // XEP-0363 §5: <file-too-large><max-file-size/></file-too-large>; the
-    // error helper carries a childless condition, so the limit goes in the
-    // text too.
+    // XEP-0363 §5: <file-too-large><max-file-size/></file-too-large>.
     StanzaError::with_text(
         Condition::NotAcceptable,
         format!("file too large: at most {max} bytes"),
     )
     .with_app("file-too-large", NS)
-    .with_app_attr("max-file-size", max.to_string())
+    .with_app_child("max-file-size", max.to_string())
 }
 
 /// A usable file name: what the client gave, without path, control or

@@ -64,7 +64,10 @@ def test_upload_share_and_download(server):
                     alice.plugin["xep_0363"].upload_service, "big.bin", MAX + 1,
                     "application/octet-stream", timeout=STEP)
             assert err.value.condition == "not-acceptable", err.value
-            assert "file-too-large" in str(err.value.iq), err.value.iq
+            too_large = err.value.iq.xml.find(
+                "{jabber:client}error/{urn:xmpp:http:upload:0}file-too-large/"
+                "{urn:xmpp:http:upload:0}max-file-size")
+            assert too_large is not None and too_large.text == str(MAX), err.value.iq
 
     run(scenario())
 
