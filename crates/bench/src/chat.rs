@@ -244,13 +244,9 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: ChatArgs) -> anyhow::Result<(
         ooo += r.out_of_order;
         failures.extend(r.failure);
         if let Some((first, last)) = *range {
-            for seq in first..=last {
-                if is_set(&r.seen, seq) {
-                    delivered += 1;
-                } else {
-                    lost += 1;
-                }
-            }
+            let (d, l) = tally(&r.seen, first, last);
+            delivered += d;
+            lost += l;
         }
     }
     for f in failures.iter().take(5) {
@@ -326,6 +322,12 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: ChatArgs) -> anyhow::Result<(
 pub(crate) fn new_hist() -> Histogram<u64> {
     // Microseconds, 1 µs .. 60 s, 3 significant digits.
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// (seen, missing) among the sequence numbers `first..=last`.
+pub(crate) fn tally(bits: &[u64], first: u64, last: u64) -> (u64, u64) {
+    let seen = (first..=last).filter(|&i| is_set(bits, i)).count() as u64;
+    (seen, last - first + 1 - seen)
 }
 
 pub(crate) fn is_set(bits: &[u64], i: u64) -> bool {

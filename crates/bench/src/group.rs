@@ -33,7 +33,7 @@ use hdrhistogram::Histogram;
 use natter_xml::{escape_attr, Element, NS_CLIENT};
 use tokio::sync::{watch, Semaphore};
 
-use crate::chat::{is_set, new_hist, setup, Then};
+use crate::chat::{new_hist, setup, tally, Then};
 use crate::net::need_files;
 use crate::xmpp::{stanza_error, Conn};
 use crate::{instant_at, now_ns, proc_cpu_secs, register_all, Ctx};
@@ -454,13 +454,9 @@ async fn run_size(
         ooo += r.out_of_order;
         for (s, t) in r.tracks.iter().enumerate() {
             if let Some((first, last)) = ranges[(r.room * a.senders + s as u64) as usize] {
-                for seq in first..=last {
-                    if is_set(&t.seen, seq) {
-                        delivered += 1;
-                    } else {
-                        lost += 1;
-                    }
-                }
+                let (d, l) = tally(&t.seen, first, last);
+                delivered += d;
+                lost += l;
             }
         }
     }
