@@ -18,6 +18,8 @@
 //!       </result>…</archive>
 //!       <prefs xmlns='urn:xmpp:mam:2' …/>  <blocklist xmlns='urn:xmpp:blocking'>…</blocklist>
 //!       <last xmlns='urn:natter:backup:0' at='…' status='…'/>
+//!       <uploads xmlns='urn:natter:backup:0'><upload slot='…' sha256='…' size='…'
+//!         type='…' name='…' created='…'/>…</uploads>
 //!     </user>
 //!   </host>
 //! </server-data>
@@ -28,14 +30,23 @@
 //! last activity) rides in elements of natter's own namespace, which other
 //! importers ignore; restore derives them when they are absent.
 //!
+//! Uploads (XEP-0363) are recorded by slot and content hash; the bytes
+//! themselves are copied only with `--blobs DIR` (`backup_blobs`,
+//! `restore_blobs`): a content-addressed tree `DIR/ab/cd/<sha256>` that a
+//! later backup into the same DIR only adds to. Restoring without it
+//! expects the blob store to hold the bytes already (the same S3 bucket,
+//! or a copy of `data_dir/blobs`).
+//!
 //! Backup reads through the `Store` trait user by user, so it works while
 //! the server runs (SQLite WAL: readers don't block the writer). Restore
 //! refuses to overwrite: every account in the file must be new.
 
+use crate::modules::upload::blobs::BlobStore;
 use crate::progress::{Progress, Unit};
 use anyhow::{bail, Context};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use futures::StreamExt;
 use natter_store::{
     AccountCredentials, ArchiveQuery, ArchivedMessage, MamPrefs, PepNodeConfig, RosterItem, Store,
     StoredCredentials, Subscription,
@@ -70,6 +81,7 @@ pub struct Summary {
     pub archived: usize,
     pub offline: usize,
     pub pep_items: usize,
+    pub uploads: usize,
 }
 
 impl std::fmt::Display for Summary {
@@ -77,13 +89,14 @@ impl std::fmt::Display for Summary {
         write!(
             f,
             "{} accounts, {} roster items, {} vCards, {} archived messages, \
-             {} offline messages, {} PEP items",
+             {} offline messages, {} PEP items, {} uploads",
             self.accounts,
             self.roster_items,
             self.vcards,
             self.archived,
             self.offline,
-            self.pep_items
+            self.pep_items,
+            self.uploads
         )
     }
 }
@@ -237,7 +250,11 @@ async fn export_user(store: &dyn Store, user: &str, sum: &mut Summary) -> anyhow
                     cfg.send_last_published_item.clone(),
                 ))
                 .with_child(field("pubsub#notify_retract", flag(cfg.notify_retract)))
-                .with_child(field("pubsub#notify_delete", flag(cfg.notify_delete)));
+                .with_child(field("pubsub#notify_delete", flag(cfg.notify_delete)))
+                .with_child(field(
+                    "pubsub#item_expire",
+                    cfg.item_expire_secs.to_string(),
+                ));
             owner.append_child(
                 Element::new("configure", NS_PUBSUB_OWNER)
                     .with_attr("node", node)
@@ -287,6 +304,23 @@ async fn export_user(store: &dyn Store, user: &str, sum: &mut Summary) -> anyhow
             b.append_child(Element::new("item", NS_BLOCKING).with_attr("jid", j));
         }
         u.append_child(b);
+    }
+    let uploads = store.uploads_of(user).await?;
+    if !uploads.is_empty() {
+        let mut e = Element::new("uploads", NS_NATTER);
+        for up in &uploads {
+            e.append_child(
+                Element::new("upload", NS_NATTER)
+                    .with_attr("slot", &up.slot)
+                    .with_attr("sha256", &up.sha256)
+                    .with_attr("size", up.size.to_string())
+                    .with_attr("type", &up.content_type)
+                    .with_attr("name", &up.filename)
+                    .with_attr("created", up.created.to_string()),
+            );
+        }
+        sum.uploads += uploads.len();
+        u.append_child(e);
     }
     sum.accounts += 1;
     Ok(u)
@@ -452,6 +486,122 @@ pub async fn backup_to_file(store: &dyn Store, path: &Path) -> anyhow::Result<Su
         let _ = std::fs::remove_file(&tmp);
     }
     done
+}
+
+/// Where `--blobs DIR` keeps a blob: DIR/ab/cd/<sha256>.
+fn blob_copy_path(dir: &Path, sha256: &str) -> std::path::PathBuf {
+    dir.join(&sha256[0..2]).join(&sha256[2..4]).join(sha256)
+}
+
+/// `natter backup FILE --blobs DIR`: copy the bytes of every upload into
+/// DIR, verified against their hash; blobs DIR holds already are kept (a
+/// content address never changes). Returns (blobs copied, bytes copied).
+pub async fn backup_blobs(
+    store: &dyn Store,
+    blobs: &dyn BlobStore,
+    dir: &Path,
+) -> anyhow::Result<(usize, u64)> {
+    use sha2::Digest;
+    use tokio::io::AsyncWriteExt;
+    let (mut copied, mut bytes) = (0, 0);
+    for user in store.list_accounts(None).await? {
+        for up in store.uploads_of(&user).await? {
+            let dest = blob_copy_path(dir, &up.sha256);
+            if tokio::fs::try_exists(&dest).await? {
+                continue;
+            }
+            let Some(mut stream) = blobs.read(&up.sha256, 0..up.size).await? else {
+                bail!("the blob {} of an upload of {user} is missing", up.sha256);
+            };
+            natter_store::files::create_dir(dest.parent().expect("blob paths have a parent"))?;
+            let tmp = dest.with_extension("partial");
+            let mut f = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .await
+                .with_context(|| format!("cannot create {}", tmp.display()))?;
+            let mut hash = sha2::Sha256::new();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                hash.update(&chunk);
+                f.write_all(&chunk).await?;
+            }
+            f.sync_all().await?;
+            if hex::encode(hash.finalize()) != up.sha256 {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                bail!("the blob {} does not match its hash: not copied", up.sha256);
+            }
+            tokio::fs::rename(&tmp, &dest).await?;
+            copied += 1;
+            bytes += up.size;
+        }
+    }
+    Ok((copied, bytes))
+}
+
+/// `natter restore FILE --blobs DIR`: put the blobs of DIR that restored
+/// uploads refer to into the blob store, verified against their hash.
+/// Returns (blobs copied, bytes copied).
+pub async fn restore_blobs(
+    store: &dyn Store,
+    blobs: &dyn BlobStore,
+    dir: &Path,
+) -> anyhow::Result<(usize, u64)> {
+    use sha2::Digest;
+    use tokio::io::AsyncReadExt;
+    let (mut copied, mut bytes) = (0, 0);
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let mut entries = tokio::fs::read_dir(&d)
+            .await
+            .with_context(|| format!("cannot read {}", d.display()))?;
+        while let Some(entry) = entries.next_entry().await? {
+            if entry.file_type().await?.is_dir() {
+                dirs.push(entry.path());
+                continue;
+            }
+            let sha256 = entry.file_name().to_string_lossy().to_string();
+            if !crate::modules::upload::blobs::is_blob_key(&sha256)
+                || !store.blob_referenced(&sha256).await?
+            {
+                continue;
+            }
+            let mut f = tokio::fs::File::open(entry.path()).await?;
+            let mut w = blobs.writer(&format!("restore-{sha256}")).await?;
+            let mut hash = sha2::Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            let written: anyhow::Result<u64> = async {
+                let mut n_total = 0u64;
+                loop {
+                    let n = f.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    hash.update(&buf[..n]);
+                    w.write(bytes::Bytes::copy_from_slice(&buf[..n])).await?;
+                    n_total += n as u64;
+                }
+                Ok(n_total)
+            }
+            .await;
+            let ok = written.is_ok() && hex::encode(hash.finalize()) == sha256;
+            if !ok {
+                w.abort().await;
+                written?;
+                bail!(
+                    "{} does not match its hash: not restored",
+                    entry.path().display()
+                );
+            }
+            w.commit(&sha256).await?;
+            copied += 1;
+            bytes += written.unwrap_or_default();
+        }
+    }
+    Ok((copied, bytes))
 }
 
 // ---------------------------------------------------------------------------
@@ -634,6 +784,9 @@ fn pep_config(configure: &Element) -> PepNodeConfig {
                 Some("pubsub#send_last_published_item") => cfg.send_last_published_item = v,
                 Some("pubsub#notify_retract") => cfg.notify_retract = on,
                 Some("pubsub#notify_delete") => cfg.notify_delete = on,
+                Some("pubsub#item_expire") => {
+                    cfg.item_expire_secs = v.parse().unwrap_or(cfg.item_expire_secs)
+                }
                 _ => {}
             }
         }
@@ -721,6 +874,25 @@ async fn import_rest(
             .filter_map(|i| i.attr("jid").map(str::to_string))
             .collect();
         store.block(user, &jids).await?;
+    }
+    if let Some(ups) = u.get_child("uploads", NS_NATTER) {
+        for e in ups.children().filter(|c| c.is("upload", NS_NATTER)) {
+            let attr = |a: &str| e.attr(a).unwrap_or_default().to_string();
+            let up = natter_store::Upload {
+                slot: attr("slot"),
+                owner: user.to_string(),
+                sha256: attr("sha256"),
+                size: attr("size").parse().context("an upload's size")?,
+                content_type: attr("type"),
+                filename: attr("name"),
+                created: attr("created").parse().context("an upload's created")?,
+            };
+            if !crate::modules::upload::blobs::is_blob_key(&up.sha256) || up.slot.is_empty() {
+                bail!("an upload of {user} lacks its slot or SHA-256");
+            }
+            store.upload_put(&up).await?;
+            sum.uploads += 1;
+        }
     }
     Ok(())
 }
@@ -1105,6 +1277,7 @@ mod tests {
             send_last_published_item: "never".into(),
             notify_retract: false,
             notify_delete: true,
+            item_expire_secs: 0,
         };
         assert_eq!(pep_config(&now), want);
         // Older natter packed the options into publish_model.

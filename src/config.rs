@@ -31,6 +31,71 @@ pub struct Config {
     pub muc: Muc,
     /// XEP-0363 HTTP File Upload.
     pub upload: UploadConfig,
+    /// 24-hour statuses (stories) on PEP.
+    pub stories: StoriesConfig,
+    /// XEP-0357 push notifications.
+    pub push: PushConfig,
+    /// RFC 6120 server-to-server federation.
+    pub s2s: S2sConfig,
+}
+
+/// Federation with other XMPP servers (`[s2s]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S2sConfig {
+    /// Unset: on when some served domain is not `localhost`.
+    pub enabled: Option<bool>,
+    /// Only these remote domains (empty: any not denied).
+    pub allow: Vec<String>,
+    /// Never these remote domains.
+    pub deny: Vec<String>,
+    /// Static addresses of remote domains ("host:port"), used instead of DNS.
+    pub hosts: std::collections::BTreeMap<String, String>,
+    /// Seconds an unused server-to-server connection stays open.
+    pub idle_timeout_secs: u64,
+    /// Seconds to connect and authenticate before queued stanzas bounce.
+    pub connect_timeout_secs: u64,
+    /// Most stanzas queued for one remote domain while connecting.
+    pub max_queue: usize,
+    /// Most bytes queued for one remote domain while connecting.
+    pub max_queue_bytes: usize,
+}
+
+impl Default for S2sConfig {
+    fn default() -> Self {
+        S2sConfig {
+            enabled: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            hosts: Default::default(),
+            idle_timeout_secs: 600,
+            connect_timeout_secs: 30,
+            max_queue: 1024,
+            max_queue_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoriesConfig {
+    /// Seconds a story lives: the stories node's `pubsub#item_expire`, and the
+    /// most a user may set there.
+    pub item_expire_secs: u64,
+    /// Stories one user may have live at once.
+    pub max_live: u32,
+    /// Largest story item (its serialized payload), in bytes.
+    pub max_item_bytes: usize,
+}
+
+impl Default for StoriesConfig {
+    fn default() -> Self {
+        StoriesConfig {
+            item_expire_secs: 86_400,
+            max_live: 30,
+            max_item_bytes: 16 * 1024,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -56,6 +121,93 @@ pub struct UploadConfig {
     /// Key that signs upload slots; set the same on every node of a
     /// cluster. Empty: derived from this node's data_dir/fake-salt.key.
     pub secret: String,
+    /// Where the bytes live: "disk" (data_dir/blobs) or "s3".
+    pub storage: String,
+    pub s3: S3Config,
+}
+
+/// XEP-0357 push notifications to app servers.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    pub enabled: bool,
+    /// A burst of messages within this many milliseconds is one push.
+    pub coalesce_ms: u64,
+    /// Pushes per device per minute, at most.
+    pub max_per_minute: usize,
+    /// Send message bodies to the app server (off: it learns only that
+    /// and from whom a message came).
+    pub include_body: bool,
+    /// The body an important push (a message with a body, an OMEMO
+    /// payload or a call proposal) carries instead of the real one.
+    pub important_body: String,
+    /// Web Push (RFC 8030) subscriptions of the chat page's service worker.
+    pub webpush: bool,
+    /// PEM file of the VAPID (RFC 8292) P-256 private key; the same on
+    /// every node of a cluster. Empty: data_dir/vapid.key, created once.
+    pub vapid_private_key: String,
+    /// Who push services may contact (`mailto:` or `https:`). Empty: the
+    /// page's URL (`http.public_url`, else `https://<first domain>`).
+    pub vapid_subject: String,
+    /// Accept `http://` subscription endpoints on loopback (tests only).
+    pub webpush_allow_http: bool,
+    /// Seconds a push service has to accept a push.
+    pub webpush_timeout_secs: u64,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            enabled: true,
+            coalesce_ms: 1000,
+            max_per_minute: 6,
+            include_body: false,
+            important_body: "New message".into(),
+            webpush: true,
+            vapid_private_key: String::new(),
+            vapid_subject: String::new(),
+            webpush_allow_http: false,
+            webpush_timeout_secs: 10,
+        }
+    }
+}
+
+/// S3-compatible object storage for uploads (`upload.storage = "s3"`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    pub bucket: String,
+    pub region: String,
+    /// Empty: AWS; else the storage's URL (MinIO, Ceph, R2, ...).
+    pub endpoint: String,
+    /// Empty: credentials from the environment (AWS_ACCESS_KEY_ID, ...).
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// Accept an `http://` endpoint.
+    pub allow_http: bool,
+    /// Key prefix inside the bucket.
+    pub prefix: String,
+    /// "proxy": downloads pass through natter; "redirect": natter answers
+    /// GET with a presigned URL of the storage's.
+    pub downloads: String,
+    /// Lifetime of a presigned download URL.
+    pub url_ttl_secs: u64,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            bucket: String::new(),
+            region: "us-east-1".into(),
+            endpoint: String::new(),
+            access_key_id: String::new(),
+            secret_access_key: String::new(),
+            allow_http: false,
+            prefix: String::new(),
+            downloads: "proxy".into(),
+            url_ttl_secs: 3600,
+        }
+    }
 }
 
 impl Default for UploadConfig {
@@ -71,6 +223,8 @@ impl Default for UploadConfig {
             expire_days: 0,
             allowed_types: Vec::new(),
             secret: String::new(),
+            storage: "disk".into(),
+            s3: S3Config::default(),
         }
     }
 }
@@ -121,6 +275,8 @@ pub struct Listen {
     pub http: String,
     /// XEP-0114 external components; opened only when `components` are configured.
     pub component: String,
+    /// Server-to-server (RFC 6120); opened only when s2s is enabled.
+    pub s2s: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -335,6 +491,9 @@ impl Default for Config {
             components: Default::default(),
             muc: Muc::default(),
             upload: UploadConfig::default(),
+            stories: StoriesConfig::default(),
+            push: PushConfig::default(),
+            s2s: S2sConfig::default(),
         }
     }
 }
@@ -346,6 +505,7 @@ impl Default for Listen {
             c2s_tls: "0.0.0.0:5223".into(),
             http: "0.0.0.0:5280".into(),
             component: "127.0.0.1:5347".into(),
+            s2s: "0.0.0.0:5269".into(),
         }
     }
 }
@@ -375,7 +535,7 @@ impl Default for C2s {
             max_user_bytes: 16 * 1024 * 1024,
             write_timeout_secs: 30,
             max_resources: 10,
-            resume_timeout_secs: 300,
+            resume_timeout_secs: 3600,
             max_unacked: 2048,
         }
     }
@@ -445,6 +605,11 @@ const SECTIONS: &[&str] = &[
     "store",
     "log",
     "contact",
+    "muc",
+    "upload",
+    "stories",
+    "push",
+    "s2s",
 ];
 
 impl Config {
@@ -630,7 +795,53 @@ impl Config {
             if self.upload.max_file_size == 0 || self.upload.slot_ttl_secs == 0 {
                 anyhow::bail!("upload.max_file_size and upload.slot_ttl_secs must be at least 1");
             }
+            match self.upload.storage.as_str() {
+                "disk" => {}
+                "s3" => {
+                    let s3 = &self.upload.s3;
+                    if !matches!(s3.downloads.as_str(), "proxy" | "redirect") {
+                        anyhow::bail!(
+                            "upload.s3.downloads: {:?} is neither \"proxy\" nor \"redirect\"",
+                            s3.downloads
+                        );
+                    }
+                    if s3.access_key_id.is_empty() != s3.secret_access_key.is_empty() {
+                        anyhow::bail!(
+                            "upload.s3.access_key_id and upload.s3.secret_access_key must be given together"
+                        );
+                    }
+                    if s3.url_ttl_secs == 0 || s3.url_ttl_secs > 7 * 86_400 {
+                        anyhow::bail!(
+                            "upload.s3.url_ttl_secs must be between 1 and 604800 (S3's limit)"
+                        );
+                    }
+                    crate::modules::upload::blobs::open(self)?;
+                }
+                other => anyhow::bail!("upload.storage: {other:?} is neither \"disk\" nor \"s3\""),
+            }
         }
+        if self.stories.item_expire_secs == 0 {
+            anyhow::bail!("stories.item_expire_secs must be at least 1: stories always expire");
+        }
+        if self.stories.max_live == 0 || self.stories.max_live > 1000 {
+            anyhow::bail!("stories.max_live must be between 1 and 1000 (a PEP node's most items)");
+        }
+        if self.stories.max_item_bytes < 256 {
+            anyhow::bail!("stories.max_item_bytes must be at least 256");
+        }
+        if self.push.max_per_minute == 0 || self.push.coalesce_ms > 60_000 {
+            anyhow::bail!(
+                "push.max_per_minute must be at least 1 and push.coalesce_ms at most 60000"
+            );
+        }
+        let sub = &self.push.vapid_subject;
+        if !sub.is_empty() && !sub.starts_with("mailto:") && !sub.starts_with("https://") {
+            anyhow::bail!("push.vapid_subject must be a mailto: or https: URI, not {sub:?}");
+        }
+        if !(1..=120).contains(&self.push.webpush_timeout_secs) {
+            anyhow::bail!("push.webpush_timeout_secs must be between 1 and 120");
+        }
+        self.validate_s2s()?;
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {
             anyhow::bail!("tls.cert and tls.key must be given together");
         }
@@ -646,6 +857,53 @@ impl Config {
         self.registration
             .enabled
             .unwrap_or(self.domains.len() == 1 && self.domains[0] == "localhost")
+    }
+
+    fn validate_s2s(&self) -> anyhow::Result<()> {
+        let s = &self.s2s;
+        let domain = |d: &str| jid::BareJid::new(d).is_ok_and(|j| j.node().is_none());
+        for (key, list) in [("s2s.allow", &s.allow), ("s2s.deny", &s.deny)] {
+            if let Some(d) = list.iter().find(|d| !domain(d)) {
+                anyhow::bail!("{key}: {d:?} is not a domain");
+            }
+        }
+        for (d, addr) in &s.hosts {
+            if !domain(d) || self.serves(d) {
+                anyhow::bail!("s2s.hosts: {d:?} is not a remote domain");
+            }
+            if addr
+                .rsplit_once(':')
+                .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+            {
+                anyhow::bail!("s2s.hosts.{d:?}: {addr:?} is not host:port");
+            }
+        }
+        if s.idle_timeout_secs == 0 || s.connect_timeout_secs == 0 {
+            anyhow::bail!("s2s.idle_timeout_secs and s2s.connect_timeout_secs must be at least 1");
+        }
+        if s.max_queue == 0 || s.max_queue_bytes < self.limits.max_stanza_bytes {
+            anyhow::bail!(
+                "s2s.max_queue must be at least 1 and s2s.max_queue_bytes at least \
+                 limits.max_stanza_bytes ({})",
+                self.limits.max_stanza_bytes
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether federation runs: `s2s.enabled`, else on unless every
+    /// served domain is `localhost` (a local test server talks to no one).
+    pub fn s2s_enabled(&self) -> bool {
+        self.s2s
+            .enabled
+            .unwrap_or(self.domains.iter().any(|d| d != "localhost"))
+    }
+
+    /// Whether stanzas may go to (or come from) `domain` over s2s.
+    pub fn s2s_allows(&self, domain: &str) -> bool {
+        let s = &self.s2s;
+        !s.deny.iter().any(|d| d == domain)
+            && (s.allow.is_empty() || s.allow.iter().any(|d| d == domain))
     }
 
     pub fn serves(&self, domain: &str) -> bool {
@@ -710,8 +968,14 @@ mod tests {
             ("NATTER_LISTEN_C2S_TLS".into(), "127.0.0.1:1".into()),
             ("NATTER_DOMAINS".into(), "a.example,b.example".into()),
             ("NATTER_LIMITS_MAX_DEPTH".into(), "7".into()),
+            ("NATTER_UPLOAD_MAX_FILE_SIZE".into(), "2048".into()),
+            ("NATTER_MUC_MAX_MEMBERS".into(), "50".into()),
+            ("NATTER_S2S_ENABLED".into(), "false".into()),
         ];
         let c = Config::from_parts("[listen]\nc2s_tls = \"x:2\"\n", &env).unwrap();
+        assert_eq!(c.upload.max_file_size, 2048);
+        assert_eq!(c.muc.max_members, 50);
+        assert_eq!(c.s2s.enabled, Some(false));
         assert_eq!(c.listen.c2s_tls, "127.0.0.1:1");
         assert_eq!(c.domains, vec!["a.example", "b.example"]);
         assert_eq!(c.limits.max_depth, 7);

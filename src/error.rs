@@ -32,6 +32,7 @@ pub enum Condition {
     RecipientUnavailable,
     RegistrationRequired,
     RemoteServerNotFound,
+    RemoteServerTimeout,
     ResourceConstraint,
     ServiceUnavailable,
     UndefinedCondition,
@@ -56,6 +57,7 @@ impl Condition {
             RecipientUnavailable => "recipient-unavailable",
             RegistrationRequired => "registration-required",
             RemoteServerNotFound => "remote-server-not-found",
+            RemoteServerTimeout => "remote-server-timeout",
             ResourceConstraint => "resource-constraint",
             ServiceUnavailable => "service-unavailable",
             UndefinedCondition => "undefined-condition",
@@ -79,6 +81,7 @@ impl Condition {
             Conflict => 409,
             InternalServerError | ResourceConstraint | UndefinedCondition => 500,
             FeatureNotImplemented => 501,
+            RemoteServerTimeout => 504,
             ServiceUnavailable => 503,
             UnexpectedRequest => 400,
         }
@@ -90,9 +93,8 @@ impl Condition {
         match self {
             BadRequest | JidMalformed | NotAcceptable | PolicyViolation => ErrorType::Modify,
             Forbidden | NotAuthorized | RegistrationRequired => ErrorType::Auth,
-            InternalServerError | RecipientUnavailable | ResourceConstraint | UnexpectedRequest => {
-                ErrorType::Wait
-            }
+            InternalServerError | RecipientUnavailable | RemoteServerTimeout
+            | ResourceConstraint | UnexpectedRequest => ErrorType::Wait,
             _ => ErrorType::Cancel,
         }
     }

@@ -150,6 +150,7 @@ pub async fn start_with(
     let admin_token = admin::create_token(&config.data_dir)?;
     let fake_salt = c2s::fake_salt::load_or_create(&config.data_dir)?;
     let modules = Arc::new(modules::Modules::with(&config, extra));
+    modules.prepare(&config)?;
     let router = Arc::new(router::Router::new());
     let mut module_listeners = Vec::new();
     for (m, i, what, addr) in modules.listeners(&config) {

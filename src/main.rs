@@ -45,12 +45,20 @@ enum Command {
     Backup {
         /// Export file to create.
         file: PathBuf,
+        /// Also copy the uploaded files' bytes into DIR (content-addressed:
+        /// a later backup into the same DIR only adds new ones).
+        #[arg(long, value_name = "DIR")]
+        blobs: Option<PathBuf>,
     },
     /// Load a XEP-0227 export into the store. Every account in it must be
     /// new: restore into a fresh data directory, then start the server.
     Restore {
         /// XEP-0227 export written by `natter backup` (or another server).
         file: PathBuf,
+        /// Put the uploaded files' bytes from DIR (written by `natter
+        /// backup --blobs DIR`) into this server's upload storage.
+        #[arg(long, value_name = "DIR")]
+        blobs: Option<PathBuf>,
     },
 }
 
@@ -231,20 +239,40 @@ async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn backup(config: Config, file: PathBuf) -> anyhow::Result<()> {
+async fn backup(config: Config, file: PathBuf, blobs: Option<PathBuf>) -> anyhow::Result<()> {
     let store = natter::open_store(&config).await?;
-    let r = natter::backup::backup_to_file(store.as_ref(), &file).await;
+    let r = async {
+        let sum = natter::backup::backup_to_file(store.as_ref(), &file).await?;
+        println!("backed up {sum} to {}", file.display());
+        if let Some(dir) = blobs {
+            let blob_store = natter::modules::upload::blobs::open(&config)?;
+            let (n, bytes) =
+                natter::backup::backup_blobs(store.as_ref(), blob_store.as_ref(), &dir).await?;
+            println!("copied {n} new blobs ({bytes} bytes) to {}", dir.display());
+        }
+        Ok(())
+    }
+    .await;
     store.close().await;
-    println!("backed up {} to {}", r?, file.display());
-    Ok(())
+    r
 }
 
-async fn restore(config: Config, file: PathBuf) -> anyhow::Result<()> {
+async fn restore(config: Config, file: PathBuf, blobs: Option<PathBuf>) -> anyhow::Result<()> {
     let store = natter::open_store(&config).await?;
-    let r = natter::backup::restore_from_file(store.as_ref(), &file, &config.domains).await;
+    let r = async {
+        let sum = natter::backup::restore_from_file(store.as_ref(), &file, &config.domains).await?;
+        println!("restored {sum} from {}", file.display());
+        if let Some(dir) = blobs {
+            let blob_store = natter::modules::upload::blobs::open(&config)?;
+            let (n, bytes) =
+                natter::backup::restore_blobs(store.as_ref(), blob_store.as_ref(), &dir).await?;
+            println!("restored {n} blobs ({bytes} bytes) from {}", dir.display());
+        }
+        Ok(())
+    }
+    .await;
     store.close().await;
-    println!("restored {} from {}", r?, file.display());
-    Ok(())
+    r
 }
 
 /// `d` normalized (case, trailing dot), if this server serves it: an
@@ -319,8 +347,8 @@ fn main() -> std::process::ExitCode {
             Command::Serve => serve(config).await,
             Command::User(cmd) => user(config, cmd).await,
             Command::Admin(cmd) => admin(config, cmd).await,
-            Command::Backup { file } => backup(config, file).await,
-            Command::Restore { file } => restore(config, file).await,
+            Command::Backup { file, blobs } => backup(config, file, blobs).await,
+            Command::Restore { file, blobs } => restore(config, file, blobs).await,
         }
     });
     match r {

@@ -465,3 +465,75 @@ async fn a_truncated_backup_restores_nothing() {
         "accounts were written from a truncated backup"
     );
 }
+
+/// Uploads are backed up by slot and hash; `--blobs DIR` copies their bytes
+/// (each blob once), and `restore --blobs DIR` puts them back: the same
+/// URLs serve the same bytes on the restored server.
+#[tokio::test]
+async fn uploads_and_their_bytes_survive_backup_and_restore() {
+    let server = start_server(sqlite_only).await;
+    let (mut a, mut b) = server.logged_in_pair().await;
+    let mut paths = Vec::new();
+    for (who, body) in [(0, b"photo".as_slice()), (1, b"photo"), (0, b"voice note")] {
+        let c = if who == 0 { &mut a } else { &mut b };
+        let res = c
+            .iq(xml(&format!(
+                "<iq type='get' to='upload.localhost'><request xmlns='urn:xmpp:http:upload:0' \
+                 filename='f.bin' size='{}' content-type='application/octet-stream'/></iq>",
+                body.len()
+            )))
+            .await;
+        let slot = res.get_child("slot", "urn:xmpp:http:upload:0").unwrap();
+        let put = slot.get_child("put", "urn:xmpp:http:upload:0").unwrap();
+        let url = put.attr("url").unwrap();
+        let path = format!("/{}", url.splitn(4, '/').nth(3).unwrap());
+        let auth = put.children().next().unwrap().text();
+        let headers =
+            format!("Authorization: {auth}\r\nContent-Type: application/octet-stream\r\n");
+        let (status, _, _) = http_bytes(server.http, "PUT", &path, &headers, body).await;
+        assert_eq!(status, 201);
+        paths.push((path, body.to_vec()));
+    }
+    let keep = tempfile::tempdir().unwrap();
+    let file = keep.path().join("backup.xml");
+    let blobs = keep.path().join("blobs");
+    let cfg = server.state().config.clone();
+    let args = [
+        "backup",
+        file.to_str().unwrap(),
+        "--blobs",
+        blobs.to_str().unwrap(),
+    ];
+    let out = natter_cli(&cfg, &args);
+    assert!(out.contains("3 uploads"), "{out}");
+    assert!(out.contains("copied 2 new blobs"), "stored once: {out}");
+    // A second backup into the same DIR adds nothing.
+    let out = natter_cli(&cfg, &args);
+    assert!(out.contains("copied 0 new blobs"), "{out}");
+    a.close().await;
+    b.close().await;
+    server.stop().await;
+
+    let fresh = tempfile::tempdir().unwrap();
+    let mut fresh_cfg = test_config(fresh.path());
+    sqlite_only(&mut fresh_cfg);
+    let out = natter_cli(
+        &fresh_cfg,
+        &[
+            "restore",
+            file.to_str().unwrap(),
+            "--blobs",
+            blobs.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.contains("3 uploads") && out.contains("restored 2 blobs"),
+        "{out}"
+    );
+    let restored = start_server(|c| c.clone_from(&fresh_cfg)).await;
+    for (path, body) in &paths {
+        let (status, _, got) = http_bytes(restored.http, "GET", path, "", b"").await;
+        assert_eq!((status, &got), (200, body));
+    }
+    restored.stop().await;
+}

@@ -7,12 +7,10 @@ mod common;
 
 use common::*;
 use natter_xml::NS_CLIENT;
-use sha1::{Digest, Sha1};
 use std::net::SocketAddr;
 
 const BOT: &str = "bot.localhost";
 const SECRET: &str = "s3cret-for-the-bot";
-const NS_ACCEPT: &str = "jabber:component:accept";
 
 async fn server() -> TestServer {
     start_server(|c| {
@@ -27,52 +25,9 @@ async fn server() -> TestServer {
     .await
 }
 
-fn component_addr(srv: &TestServer) -> SocketAddr {
-    srv.running
-        .bound
-        .modules
-        .iter()
-        .find(|(what, _)| what.contains("XEP-0114"))
-        .map(|(_, a)| *a)
-        .expect("component listener bound")
-}
-
-/// A component stream to `domain`, up to the server's header; returns the
-/// connection and the stream id.
-async fn open(addr: SocketAddr, domain: &str) -> (Client, String) {
-    let mut c = Client::tcp_raw(addr).await;
-    c.send_raw(
-        format!(
-            "<?xml version='1.0'?><stream:stream xmlns='{NS_ACCEPT}' \
-             xmlns:stream='http://etherx.jabber.org/streams' to='{domain}'>"
-        )
-        .as_bytes(),
-    )
-    .await;
-    let Event::Open(attrs) = c.next_event().await else {
-        panic!("no stream header");
-    };
-    let id = attrs
-        .iter()
-        .find(|(k, _)| k == "id")
-        .map(|(_, v)| v.clone())
-        .expect("stream id");
-    (c, id)
-}
-
-fn handshake(id: &str, secret: &str) -> String {
-    let digest = Sha1::digest(format!("{id}{secret}").as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("<handshake>{hex}</handshake>")
-}
-
 /// A component logged in to BOT.
 async fn connect(addr: SocketAddr) -> Client {
-    let (mut c, id) = open(addr, BOT).await;
-    c.send_raw(handshake(&id, SECRET).as_bytes()).await;
-    let ok = c.recv().await;
-    assert!(ok.is("handshake", NS_ACCEPT), "{ok}");
-    c
+    component_connect(addr, BOT, SECRET).await
 }
 
 #[tokio::test]
@@ -151,8 +106,10 @@ async fn component_and_user_exchange_messages() {
     );
 
     // A second connection for the same domain is refused.
-    let (mut again, id) = open(addr, BOT).await;
-    again.send_raw(handshake(&id, SECRET).as_bytes()).await;
+    let (mut again, id) = component_open(addr, BOT).await;
+    again
+        .send_raw(component_handshake(&id, SECRET).as_bytes())
+        .await;
     assert_eq!(again.expect_stream_error().await, "conflict");
 
     // Speaking for another domain ends the stream.
@@ -169,12 +126,12 @@ async fn wrong_secret_and_unknown_domain_are_refused() {
     let srv = server().await;
     let addr = component_addr(&srv);
 
-    let (mut c, id) = open(addr, BOT).await;
-    c.send_raw(handshake(&id, "not-the-secret").as_bytes())
+    let (mut c, id) = component_open(addr, BOT).await;
+    c.send_raw(component_handshake(&id, "not-the-secret").as_bytes())
         .await;
     assert_eq!(c.expect_stream_error().await, "not-authorized");
 
-    let (mut c, _) = open(addr, "other.localhost").await;
+    let (mut c, _) = component_open(addr, "other.localhost").await;
     assert_eq!(c.expect_stream_error().await, "host-unknown");
 
     // The right secret still works afterwards.

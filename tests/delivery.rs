@@ -335,14 +335,6 @@ async fn receipts_and_markers_reach_the_senders_other_devices() {
 // kill -9 of the real binary in the middle of a burst
 // ---------------------------------------------------------------------------
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Binary {
     config: std::path::PathBuf,
     c2s_tls: SocketAddr,

@@ -107,6 +107,19 @@ const FEATURE_XEP: &[(&str, &str)] = &[
         "xep-0223.html",
     ),
     ("jabber:iq:roster", "rfc6121"),
+    (
+        "http://jabber.org/protocol/pubsub#member-affiliation",
+        "xep-0060.html",
+    ),
+    (
+        "http://jabber.org/protocol/pubsub#modify-affiliations",
+        "xep-0060.html",
+    ),
+    ("urn:xmpp:push:0", "xep-0357.html"),
+    // Web Push subscriptions of natter's own page: push's other transport.
+    ("urn:natter:webpush:0", "xep-0357.html"),
+    // 24-hour stories: Atom entries on a PEP node, after XEP-0472.
+    ("urn:natter:stories:0", "xep-0472.html"),
 ];
 
 #[test]

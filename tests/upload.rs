@@ -1,12 +1,17 @@
 //! XEP-0363 HTTP File Upload: slots signed for one user, size and type;
 //! PUT streamed and checked; GET/HEAD with Range, ETag and caching; the same
 //! bytes stored once; quotas and limits answered with clear errors;
-//! unreferenced blobs swept.
+//! unreferenced blobs swept. The storage-touching tests run twice: on
+//! the local disk and on S3 (a real moto server on loopback).
 
 mod common;
 
 use common::*;
+use natter::config::Config;
+use natter::modules::upload::blobs::is_blob_key;
+use natter::modules::upload::Uploads;
 use natter_xml::NS_CLIENT;
+use std::time::Duration;
 
 const NS_UPLOAD: &str = "urn:xmpp:http:upload:0";
 const SERVICE: &str = "upload.localhost";
@@ -76,24 +81,68 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-fn blob_files(srv: &TestServer) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut dirs = vec![srv.state().config.data_dir.join("blobs")];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
-            if e.path().is_dir() {
-                dirs.push(e.path());
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
+#[derive(Clone, Copy)]
+enum Blobs {
+    Disk,
+    S3,
 }
 
-#[tokio::test]
-async fn upload_then_download_with_range_etag_and_caching() {
-    let srv = start_server(|_| {}).await;
+/// A server whose uploads live on `blobs` (and the S3 server, if any,
+/// which must outlive it).
+async fn start_on(blobs: Blobs, tweak: impl FnOnce(&mut Config)) -> (TestServer, Option<S3Server>) {
+    let s3 = match blobs {
+        Blobs::Disk => None,
+        Blobs::S3 => Some(S3Server::start().await),
+    };
+    let bucket = match &s3 {
+        Some(s3) => Some(s3.bucket().await),
+        None => None,
+    };
+    let srv = start_server(|c| {
+        if let (Some(s3), Some(bucket)) = (&s3, bucket) {
+            s3.use_in(c, bucket);
+        }
+        tweak(c);
+    })
+    .await;
+    (srv, s3)
+}
+
+/// Run a test on the disk and on S3.
+macro_rules! on_both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn disk() {
+                super::$name(super::Blobs::Disk).await
+            }
+            #[tokio::test]
+            async fn s3() {
+                super::$name(super::Blobs::S3).await
+            }
+        }
+    };
+}
+
+/// The stored blobs' hashes, whichever the backend.
+async fn blob_files(srv: &TestServer) -> Vec<String> {
+    let uploads = srv.state().modules.api::<Uploads>();
+    let mut keys: Vec<String> = uploads
+        .blobs()
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .filter(|k| is_blob_key(k))
+        .collect();
+    keys.sort();
+    keys
+}
+
+on_both!(upload_then_download_with_range_etag_and_caching);
+async fn upload_then_download_with_range_etag_and_caching(blobs: Blobs) {
+    let (srv, _s3) = start_on(blobs, |_| {}).await;
     let (mut a, _b) = srv.logged_in_pair().await;
     // Advertised with the size limit clients read.
     let info = a
@@ -128,6 +177,10 @@ async fn upload_then_download_with_range_etag_and_caching() {
     let (status, head, got) = http_bytes(srv.http, "GET", &s.path, "", b"").await;
     assert_eq!(status, 200, "{head}");
     assert_eq!(got, body);
+    if let Blobs::S3 = blobs {
+        let on_disk = srv.state().config.data_dir.join("blobs");
+        assert!(!on_disk.exists(), "S3 uploads must not touch {on_disk:?}");
+    }
     assert_eq!(header(&head, "content-type"), Some("image/jpeg"));
     assert_eq!(header(&head, "x-content-type-options"), Some("nosniff"));
     assert_eq!(header(&head, "access-control-allow-origin"), Some("*"));
@@ -181,9 +234,9 @@ async fn upload_then_download_with_range_etag_and_caching() {
     srv.assert_healthy().await;
 }
 
-#[tokio::test]
-async fn slots_are_bound_to_size_type_signature_and_time() {
-    let srv = start_server(|c| c.upload.max_file_size = 1000).await;
+on_both!(slots_are_bound_to_size_type_signature_and_time);
+async fn slots_are_bound_to_size_type_signature_and_time(blobs: Blobs) {
+    let (srv, _s3) = start_on(blobs, |c| c.upload.max_file_size = 1000).await;
     let (mut a, _b) = srv.logged_in_pair().await;
     // Too large: file-too-large with the limit.
     let err = slot(&srv, &mut a, "big.bin", 1001, "application/octet-stream")
@@ -237,7 +290,7 @@ async fn slots_are_bound_to_size_type_signature_and_time() {
     assert_eq!(status, 403);
     // The genuine one still works; nothing was stored by the failures.
     assert_eq!(put(&srv, &s, "text/plain", b"0123456789").await.0, 201);
-    let files = blob_files(&srv);
+    let files = blob_files(&srv).await;
     assert_eq!(files.len(), 1, "{files:?}");
     // Disposition: not inline for what a browser would run.
     let (_, head, _) = http_bytes(srv.http, "HEAD", &s.path, "", b"").await;
@@ -260,9 +313,9 @@ async fn expired_slots_are_refused() {
     assert!(text.contains("expired"), "{text}");
 }
 
-#[tokio::test]
-async fn same_bytes_are_stored_once_and_quotas_hold() {
-    let srv = start_server(|c| c.upload.daily_quota = 25).await;
+on_both!(same_bytes_are_stored_once_and_quotas_hold);
+async fn same_bytes_are_stored_once_and_quotas_hold(blobs: Blobs) {
+    let (srv, _s3) = start_on(blobs, |c| c.upload.daily_quota = 25).await;
     let (mut a, mut b) = srv.logged_in_pair().await;
     let bytes = b"forwarded media".to_vec(); // 15 bytes
     let s1 = slot(&srv, &mut a, "meme.png", bytes.len(), "image/png")
@@ -274,7 +327,7 @@ async fn same_bytes_are_stored_once_and_quotas_hold() {
         .unwrap();
     assert_eq!(put(&srv, &s2, "image/png", &bytes).await.0, 201);
     assert_ne!(s1.path, s2.path);
-    assert_eq!(blob_files(&srv).len(), 1, "stored once");
+    assert_eq!(blob_files(&srv).await.len(), 1, "stored once");
     for s in [&s1, &s2] {
         assert_eq!(http_bytes(srv.http, "GET", &s.path, "", b"").await.2, bytes);
     }
@@ -299,42 +352,30 @@ async fn same_bytes_are_stored_once_and_quotas_hold() {
     // One reference gone: the blob stays for the other; both gone (and the
     // grace period over): swept.
     let store = &srv.state().store;
+    let sweep = |grace| natter::modules::upload::sweep_older_than(srv.state(), grace);
     let slot_of = |s: &Slot| s.path.split('/').nth(2).unwrap().to_string();
     assert!(store.upload_delete(&slot_of(&s1)).await.unwrap());
-    let age = |f: &std::path::Path| {
-        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
-        std::fs::File::options()
-            .write(true)
-            .open(f)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-    };
-    for f in blob_files(&srv) {
-        age(&f);
-    }
-    assert_eq!(
-        natter::modules::upload::sweep(srv.state()).await.unwrap(),
-        0
-    );
+    // One reference left: kept, also past the grace period.
+    assert_eq!(sweep(Duration::ZERO).await.unwrap(), 0);
     assert_eq!(
         http_bytes(srv.http, "GET", &s2.path, "", b"").await.2,
         bytes
     );
+    // None left: a young blob is kept (an upload in flight may be about to
+    // refer to it); past the grace period it is swept.
     assert!(store.upload_delete(&slot_of(&s2)).await.unwrap());
-    assert_eq!(
-        natter::modules::upload::sweep(srv.state()).await.unwrap(),
-        1
-    );
-    assert!(blob_files(&srv).is_empty());
+    assert_eq!(sweep(Duration::from_secs(3600)).await.unwrap(), 0);
+    assert_eq!(blob_files(&srv).await.len(), 1);
+    assert_eq!(sweep(Duration::ZERO).await.unwrap(), 1);
+    assert!(blob_files(&srv).await.is_empty());
     assert_eq!(http_request(srv.http, "GET", &s2.path, "").await.0, 404);
 }
 
+on_both!(a_retraction_frees_the_files_it_linked);
 /// A retracted group message takes its author's files with it: a blob
 /// nothing else refers to goes at once, one another upload shares stays.
-#[tokio::test]
-async fn a_retraction_frees_the_files_it_linked() {
-    let srv = start_server(|_| {}).await;
+async fn a_retraction_frees_the_files_it_linked(blobs: Blobs) {
+    let (srv, _s3) = start_on(blobs, |_| {}).await;
     let (mut a, mut b) = srv.logged_in_pair().await;
     let own = slot(&srv, &mut a, "mine.png", 4, "image/png")
         .await
@@ -348,7 +389,7 @@ async fn a_retraction_frees_the_files_it_linked() {
         .await
         .unwrap();
     assert_eq!(put(&srv, &bobs, "image/png", b"shared").await.0, 201);
-    assert_eq!(blob_files(&srv).len(), 2);
+    assert_eq!(blob_files(&srv).await.len(), 2);
 
     // alice's room; she posts both links, then retracts the message.
     let room = "pics@conference.localhost";
@@ -391,15 +432,15 @@ async fn a_retraction_frees_the_files_it_linked() {
         http_bytes(srv.http, "GET", &bobs.path, "", b"").await.2,
         b"shared"
     );
-    assert_eq!(blob_files(&srv).len(), 1, "only bob's copy is left");
+    assert_eq!(blob_files(&srv).await.len(), 1, "only bob's copy is left");
 }
 
+on_both!(racing_puts_for_one_slot_store_one_file_intact);
 /// Two PUTs racing for one slot: one wins, the other is refused, and the
 /// stored bytes are exactly the winner's (they match their content address).
-#[tokio::test]
-async fn racing_puts_for_one_slot_store_one_file_intact() {
+async fn racing_puts_for_one_slot_store_one_file_intact(blobs: Blobs) {
     use sha2::Digest;
-    let srv = start_server(|_| {}).await;
+    let (srv, _s3) = start_on(blobs, |_| {}).await;
     let (mut a, _b) = srv.logged_in_pair().await;
     let s = slot(
         &srv,
@@ -423,4 +464,245 @@ async fn racing_puts_for_one_slot_store_one_file_intact() {
     assert!(got == one || got == two);
     let etag = header(&head, "etag").unwrap().trim_matches('"').to_string();
     assert_eq!(etag, hex::encode(sha2::Sha256::digest(&got)));
+}
+
+/// S3 with `downloads = "redirect"`: GET answers with a presigned URL of
+/// the storage, which serves the bytes, ranges and the upload's type and
+/// disposition; HEAD and the checks stay with natter.
+#[tokio::test]
+async fn s3_downloads_can_redirect_to_presigned_urls() {
+    let (srv, s3) = start_on(Blobs::S3, |c| c.upload.s3.downloads = "redirect".into()).await;
+    let s3 = s3.unwrap();
+    let (mut a, _b) = srv.logged_in_pair().await;
+    let body: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+    let s = slot(&srv, &mut a, "clip.mp4", body.len(), "video/mp4")
+        .await
+        .unwrap();
+    assert_eq!(put(&srv, &s, "video/mp4", &body).await.0, 201);
+    let (status, head, _) = http_request(srv.http, "GET", &s.path, "").await;
+    assert_eq!(status, 302, "{head}");
+    let location = header(&head, "location").unwrap().to_string();
+    let presigned = location
+        .strip_prefix(&s3.endpoint)
+        .unwrap_or_else(|| panic!("{location} is not on {}", s3.endpoint));
+    assert!(presigned.contains("X-Amz-Signature="), "{presigned}");
+    let (status, head, got) = http_bytes(s3.addr, "GET", presigned, "", b"").await;
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(got, body);
+    assert_eq!(header(&head, "content-type"), Some("video/mp4"));
+    assert!(header(&head, "content-disposition")
+        .unwrap()
+        .starts_with("inline"));
+    let (status, _, got) =
+        http_bytes(s3.addr, "GET", presigned, "Range: bytes=10-19\r\n", b"").await;
+    assert_eq!((status, got.as_slice()), (206, &body[10..20]));
+    // The signature covers the path: another object is refused.
+    let other = presigned.replacen("/natter-", "/natter-x", 1);
+    assert_eq!(http_request(s3.addr, "GET", &other, "").await.0, 403);
+    // HEAD is natter's own.
+    let (status, head, _) = http_request(srv.http, "HEAD", &s.path, "").await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&head, "content-length"), Some("50000"));
+    // A cut-off upload leaves nothing behind in the bucket.
+    let s2 = slot(&srv, &mut a, "cut.bin", 1000, "application/octet-stream")
+        .await
+        .unwrap();
+    let cut = format!(
+        "Authorization: {}\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000\r\n",
+        s2.auth
+    );
+    cut_off(
+        srv.http,
+        &format!("PUT {} HTTP/1.1\r\nHost: x\r\n{cut}\r\n", s2.path),
+        &[7u8; 400],
+    )
+    .await;
+    // The server notices the cut and cleans up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let uploads = srv.state().modules.api::<Uploads>();
+    let keys: Vec<String> = uploads
+        .blobs()
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(keys.len(), 1, "only the video's blob: {keys:?}");
+    srv.assert_healthy().await;
+}
+
+/// XEP-0424 in a 1:1 chat: the author's retraction (by origin-id) frees
+/// the file the message linked; another user's retraction of a message
+/// that is not theirs frees nothing.
+#[tokio::test]
+async fn a_1to1_retraction_frees_the_file_it_linked() {
+    let srv = start_server(|_| {}).await;
+    let (mut a, mut b) = srv.logged_in_pair().await;
+    let pic = slot(&srv, &mut a, "pic.png", 3, "image/png").await.unwrap();
+    assert_eq!(put(&srv, &pic, "image/png", b"pic").await.0, 201);
+    let url = format!("http://localhost{}", pic.path);
+    // Full JIDs: these sessions sent no presence, so bare-JID messages
+    // would wait offline.
+    let bob = b.jid().to_string();
+    let alice = a.jid().to_string();
+    a.send(&xml(&format!(
+        "<message to='{bob}' type='chat' id='m1'><body>{url}</body>\
+         <origin-id xmlns='urn:xmpp:sid:0' id='o-1'/></message>"
+    )))
+    .await;
+    b.recv_until(|e| e.child_text("body", NS_CLIENT).as_deref() == Some(url.as_str()))
+        .await;
+    // bob "retracts" alice's message: not his, nothing happens. Then
+    // alice retracts it: gone.
+    retract_1to1(&mut b, &mut a, &alice, "o-1").await;
+    assert_eq!(http_request(srv.http, "GET", &pic.path, "").await.0, 200);
+    retract_1to1(&mut a, &mut b, &bob, "o-1").await;
+    assert_eq!(http_request(srv.http, "GET", &pic.path, "").await.0, 404);
+    assert!(blob_files(&srv).await.is_empty());
+    srv.assert_healthy().await;
+}
+
+/// `from` retracts message `id` in its chat with `to` (XEP-0424).
+async fn retract_1to1(from: &mut Client, to: &mut Client, to_jid: &str, id: &str) {
+    from.send(&xml(&format!(
+        "<message to='{to_jid}' type='chat'><retract xmlns='urn:xmpp:message-retract:1' id='{id}'/>\
+         <body>/me retracted</body></message>"
+    )))
+    .await;
+    to.recv_until(|e| {
+        e.get_child("retract", "urn:xmpp:message-retract:1")
+            .is_some()
+    })
+    .await;
+}
+
+/// Send a request whose body stops short, then close the connection.
+async fn cut_off(addr: std::net::SocketAddr, head: &str, body: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+}
+
+/// A PNG header claiming `w`×`h` pixels, with no pixel data: what a
+/// decompression bomb shows a decoder first.
+fn png_header(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = (crc >> 1) ^ (0xEDB8_8320 & (!(crc & 1)).wrapping_add(1));
+            }
+        }
+        !crc
+    }
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend_from_slice(&13u32.to_be_bytes());
+    png.extend_from_slice(&ihdr);
+    png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    png
+}
+
+on_both!(image_previews_are_made_once_and_bounded);
+/// `?thumb=N`: a JPEG preview at most N pixels on its long side, cached in
+/// the blob store and released with the blob; sizes, types and bombs
+/// refused with clear statuses.
+async fn image_previews_are_made_once_and_bounded(blobs: Blobs) {
+    let (srv, _s3) = start_on(blobs, |_| {}).await;
+    let (mut a, _b) = srv.logged_in_pair().await;
+    let photo = image::RgbImage::from_fn(600, 300, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, 90])
+    });
+    let mut png = Vec::new();
+    photo
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let s = slot(&srv, &mut a, "wide.png", png.len(), "image/png")
+        .await
+        .unwrap();
+    assert_eq!(put(&srv, &s, "image/png", &png).await.0, 201);
+    let thumb = format!("{}?thumb=256", s.path);
+    let (status, head, jpeg) = http_bytes(srv.http, "GET", &thumb, "", b"").await;
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(header(&head, "content-type"), Some("image/jpeg"));
+    assert!(header(&head, "cache-control")
+        .unwrap()
+        .contains("immutable"));
+    let preview = image::load_from_memory(&jpeg).unwrap();
+    assert_eq!((preview.width(), preview.height()), (256, 128));
+    // Cached: stored in the blob store, the same bytes served again, and
+    // revalidated by its own ETag.
+    let uploads = srv.state().modules.api::<Uploads>();
+    let keys = || async {
+        let mut k: Vec<String> = uploads
+            .blobs()
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        k.sort();
+        k
+    };
+    assert!(
+        keys().await.iter().any(|k| k.starts_with("thumbs/")),
+        "{:?}",
+        keys().await
+    );
+    assert_eq!(http_bytes(srv.http, "GET", &thumb, "", b"").await.2, jpeg);
+    let etag = header(&head, "etag").unwrap();
+    let (status, _, _) = http_bytes(
+        srv.http,
+        "GET",
+        &thumb,
+        &format!("If-None-Match: {etag}\r\n"),
+        b"",
+    )
+    .await;
+    assert_eq!(status, 304);
+    // Refusals: a size not offered, a type previews are not made for,
+    // bytes that are no image (what encrypted media looks like), a bomb.
+    assert_eq!(
+        http_request(srv.http, "GET", &format!("{}?thumb=100", s.path), "")
+            .await
+            .0,
+        400
+    );
+    let cases: [(&str, &str, Vec<u8>, u16); 3] = [
+        ("doc.bin", "application/octet-stream", vec![1; 100], 415),
+        (
+            "secret.jpg",
+            "image/jpeg",
+            (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect(),
+            415,
+        ),
+        ("bomb.png", "image/png", png_header(60_000, 60_000), 422),
+    ];
+    for (name, ty, bytes, want) in cases {
+        let s = slot(&srv, &mut a, name, bytes.len(), ty).await.unwrap();
+        assert_eq!(put(&srv, &s, ty, &bytes).await.0, 201);
+        let (status, head, _) =
+            http_request(srv.http, "GET", &format!("{}?thumb=256", s.path), "").await;
+        assert_eq!(status, want, "{name}: {head}");
+    }
+    // The preview goes with its blob.
+    let store = &srv.state().store;
+    for slot in store.uploads_before(i64::MAX, 100).await.unwrap() {
+        store.upload_delete(&slot.slot).await.unwrap();
+    }
+    natter::modules::upload::sweep_older_than(srv.state(), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(keys().await, Vec::<String>::new());
+    srv.assert_healthy().await;
 }

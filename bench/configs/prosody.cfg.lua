@@ -11,7 +11,8 @@ interfaces = { "127.0.0.1" }
 c2s_ports = { @PORT_C2S@ }          -- STARTTLS, and plain SASL (below)
 c2s_direct_tls_ports = { @PORT_TLS@ } -- direct TLS (XEP-0368)
 s2s_ports = { }
-http_ports = { }
+http_ports = { @PORT_HTTP@ }        -- mod_http loads only with the upload block's component
+http_interfaces = { "127.0.0.1" }
 https_ports = { }
 component_ports = { }
 
@@ -60,3 +61,13 @@ Component "conference.localhost" "muc"
   muc_log_expires_after = "never"
   muc_room_cache_size = 1000              -- rooms kept in memory
   muc_tombstones = false
+
+-- @UPLOAD-BEGIN@ file transfer (XEP-0363); side-by-side keeps this block
+-- only for the upload runs. mod_http_file_share: PUT bodies over
+-- http_max_content_size (10 MiB) are streamed to a file, smaller ones
+-- buffered; files written, never fsynced. Limits raised like natter's.
+Component "upload.localhost" "http_file_share"
+  http_file_share_size_limit = 2147483648      -- default 10 MiB; the 1 GiB upload
+  http_file_share_daily_quota = 1099511627776  -- default 10 x the size limit
+  http_file_share_expires_after = 86400
+-- @UPLOAD-END@

@@ -130,7 +130,14 @@ impl Session {
         let deadline = Instant::now() + Duration::from_secs(secs);
         let shutdown = self.state.shutdown.clone();
         tracing::info!(jid = %h.jid, secs, "connection lost; session waits for resumption");
-        let ev = modules::Event::Parked;
+        let unacked_messages = self.sm.as_ref().map_or(0, |sm| {
+            sm.unacked
+                .iter()
+                .chain(&sm.unsent)
+                .filter(|o| o.is_message())
+                .count()
+        });
+        let ev = modules::Event::Parked { unacked_messages };
         self.state.modules.emit(&self.state, Some(&h), &ev).await;
         if let Some(sm) = self.sm.as_mut() {
             sm.ack_deadline = None;

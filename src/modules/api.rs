@@ -9,9 +9,18 @@ use crate::router::{Outbound, QueueRx, SessionHandle};
 use crate::state::ServerState;
 use async_trait::async_trait;
 use jid::{BareJid, FullJid, Jid};
-use natter_store::NewArchiveEntry;
+use natter_store::{NewArchiveEntry, PepNodeConfig};
 use natter_xml::Element;
 use std::sync::Arc;
+
+/// Server-to-server federation: stanzas for domains natter does not serve.
+pub trait Remote: Send + Sync {
+    /// Whether federation runs (`s2s.enabled`).
+    fn enabled(&self, state: &ServerState) -> bool;
+    /// Queue a stanza (`from` a local JID, `to` a remote one) for its
+    /// domain's server; failures later come back to the sender as errors.
+    fn send(&self, state: &ServerState, stanza: &Element) -> Result<(), StanzaError>;
+}
 
 /// Routing several messages from one session with one durable write.
 #[async_trait]
@@ -75,13 +84,43 @@ pub trait Archive: Send + Sync {
 pub trait Blocklist: Send + Sync {
     /// Whether presence (or a PEP notification) from `from` may reach `to`.
     async fn presence_allowed(&self, state: &ServerState, from: &Jid, to: &SessionHandle) -> bool;
+    /// The same for an addressee that has no session here (a remote JID).
+    async fn allowed(&self, state: &ServerState, from: &Jid, to: &Jid) -> bool;
 }
 
-/// XEP-0163 PEP: what presence handling tells it.
+/// XEP-0163 PEP: what presence handling tells it, and what other modules
+/// built on PEP nodes ask it.
 #[async_trait]
 pub trait Pep: Send + Sync {
     /// `subscriber` now has a presence subscription to `owner`.
     fn new_subscriber(&self, state: &ServerState, owner: &BareJid, subscriber: &BareJid);
+    /// Whether `who` may read `owner`'s `node` under its access model
+    /// (`item-not-found` when there is no such node).
+    async fn may_read(
+        &self,
+        state: &ServerState,
+        owner: &BareJid,
+        node: &str,
+        who: &BareJid,
+    ) -> Result<(), StanzaError>;
+}
+
+/// A module that owns some PEP nodes' semantics (stories): their defaults,
+/// and what happens when their items go.
+#[async_trait]
+pub trait PepNodes: Send + Sync {
+    /// The configuration a new `node` gets before the request's options, if
+    /// this module owns the node.
+    fn defaults(&self, config: &crate::config::Config, node: &str) -> Option<PepNodeConfig>;
+    /// Items (serialized payloads) left `owner`'s `node` by retraction,
+    /// purge, node deletion or expiry — not by being replaced.
+    async fn items_removed(
+        &self,
+        state: &ServerState,
+        owner: &BareJid,
+        node: &str,
+        payloads: &[(String, String)],
+    );
 }
 
 /// Uploaded files (XEP-0363), for modules that remove messages.
@@ -91,4 +130,14 @@ pub trait Files: Send + Sync {
     /// moderated: the files it links to that `author` uploaded are deleted,
     /// and their bytes with them unless another upload shares them.
     async fn message_removed(&self, state: &ServerState, stanza: &str, author: &BareJid);
+}
+
+/// Answers to IQs the server sent on its own or an account's behalf
+/// (pushes to app servers), arriving from components, which have no
+/// session for `Hook::IqReply` to run in (remote servers' answers do run
+/// it).
+#[async_trait]
+pub trait IqReplies: Send + Sync {
+    /// Whether the reply was one this module waited for (consumed).
+    async fn reply(&self, state: &ServerState, stanza: &Element) -> bool;
 }

@@ -138,6 +138,9 @@ impl api::Blocklist for Blocking {
     async fn presence_allowed(&self, state: &ServerState, from: &Jid, to: &SessionHandle) -> bool {
         presence_allowed(state, from, to).await
     }
+    async fn allowed(&self, state: &ServerState, from: &Jid, to: &Jid) -> bool {
+        check(state, from, to).await.is_none()
+    }
 }
 
 /// The JIDs of a block/unblock request (normalized, deduplicated).

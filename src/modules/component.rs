@@ -208,6 +208,14 @@ async fn from_component(
 /// resources or the offline queue; presence to the available resources.
 async fn route(state: &ServerState, stanza: &Element) -> Result<(), StanzaError> {
     let to = parse_to(stanza)?.ok_or_else(|| StanzaError::new(Condition::BadRequest))?;
+    if stanza.name == "iq" && matches!(stanza.attr("type"), Some("result" | "error")) {
+        // An answer to a request the server sent (a push to an app server).
+        if let Some(r) = state.modules.try_api::<dyn api::IqReplies>() {
+            if r.reply(state, stanza).await {
+                return Ok(());
+            }
+        }
+    }
     if !state.serves(to.domain().as_str()) {
         return Err(StanzaError::new(Condition::RemoteServerNotFound));
     }
@@ -259,7 +267,7 @@ fn to_available(
 }
 
 /// Stanza namespace between the component stream and the core's.
-fn set_ns(e: &mut Element, from: &str, to: &str) {
+pub(crate) fn set_ns(e: &mut Element, from: &str, to: &str) {
     if e.ns == from {
         e.ns = to.to_string();
     }

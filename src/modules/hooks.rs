@@ -160,7 +160,10 @@ pub enum Event<'a> {
         presence: &'a Element,
     },
     Heartbeat,
-    Parked,
+    Parked {
+        /// Messages sent to it that it never acknowledged (XEP-0198).
+        unacked_messages: usize,
+    },
     Resumed,
     Closed,
     OfflineQueued {
@@ -184,7 +187,7 @@ impl Event<'_> {
             Event::Available { .. } => EventKind::Available,
             Event::Unavailable { .. } => EventKind::Unavailable,
             Event::Heartbeat => EventKind::Heartbeat,
-            Event::Parked => EventKind::Parked,
+            Event::Parked { .. } => EventKind::Parked,
             Event::Resumed => EventKind::Resumed,
             Event::Closed => EventKind::Closed,
             Event::OfflineQueued { .. } => EventKind::OfflineQueued,

@@ -167,6 +167,10 @@ pub fn archivable(msg: &Element, kind: &str) -> bool {
 
 /// Whether `owner`'s preferences keep messages exchanged with `other`.
 async fn keeps(state: &ServerState, owner: &BareJid, other: &BareJid) -> Result<bool, StoreError> {
+    // A remote user's archive is their own server's business.
+    if !state.serves(owner.domain().as_str()) {
+        return Ok(false);
+    }
     let prefs = prefs_of(state, owner).await?;
     let other = other.as_str();
     if prefs.never.iter().any(|j| j == other) {

@@ -13,12 +13,22 @@
 //! survives a crash. A store failure is answered with
 //! `internal-server-error` (type wait), never a silent drop.
 //!
+//! To a user on another server (federation): the same acceptance — the
+//! sender's archive copy is written first, sent carbons go to the sender's
+//! other devices — then the message is queued for the remote server with
+//! `api::Remote`. What "accepted" promises there is less: the archive has
+//! the message before the sender's ack, but the s2s hop has no stream
+//! management (XEP-0198 for s2s is not built), so a stream that breaks
+//! after the write may lose it on the way; an unreachable server bounces
+//! it back to the sender (`remote-server-not-found`/`-timeout`), and the
+//! sender's archive keeps it either way.
+//!
 //! Everything else (headlines, errors, groupchat, chat states alone,
 //! `<no-store/>`) is routed as before: to available resources, or answered
 //! with `service-unavailable` (RFC 6121 §8.5.2.2.1) when nobody is there —
 //! except chat states, which are dropped (XEP-0160 §4).
 
-use super::{api, parse_to, vocab, Cx, Flow, Hook, HookStanza, Kind, Module, Shared};
+use super::{api, parse_to, remote_for, vocab, Cx, Flow, Hook, HookStanza, Kind, Module, Shared};
 use crate::error::{Condition, StanzaError};
 use async_trait::async_trait;
 use jid::{BareJid, Jid};
@@ -88,6 +98,8 @@ enum Plan {
 }
 
 struct Accept {
+    /// On another server: handed to federation after the sender's copy.
+    remote: Option<Arc<dyn api::Remote>>,
     bare: BareJid,
     full: Option<jid::FullJid>,
     msg: Element,
@@ -168,15 +180,18 @@ async fn plan(cx: &Cx<'_>, msg: Element) -> Result<Plan, StanzaError> {
     }
     // No `to`: the sender's own account (RFC 6120 §10.3.1).
     let to = parse_to(&msg)?.unwrap_or_else(|| Jid::from(cx.session.bare.clone()));
-    if !cx.state.serves(to.domain().as_str()) {
-        return Err(StanzaError::new(Condition::RemoteServerNotFound));
-    }
-    if to.node().is_none() {
+    let remote = if cx.state.serves(to.domain().as_str()) {
+        None
+    } else {
+        let r = remote_for(cx.state, &to);
+        Some(r.ok_or_else(|| StanzaError::new(Condition::RemoteServerNotFound))?)
+    };
+    if to.node().is_none() && remote.is_none() {
         // Messages to the server itself carry nothing we act on.
         return Ok(Plan::Done);
     }
     let offline = cx.state.modules.api::<dyn api::OfflineQueue>();
-    if !offline.storable(&msg, &kind) {
+    if !offline.storable(&msg, &kind) || (remote.is_some() && to.node().is_none()) {
         return Ok(Plan::Direct { to, msg, kind });
     }
     let state = cx.state;
@@ -186,7 +201,7 @@ async fn plan(cx: &Cx<'_>, msg: Element) -> Result<Plan, StanzaError> {
         .ok()
         .filter(|f| state.routing.session(f).is_some())
         .cloned();
-    if full.is_none() && !offline.online(state, &bare) {
+    if remote.is_none() && full.is_none() && !offline.online(state, &bare) {
         // It would be queued: refuse early (before archiving) when it can't be.
         if state.store.credentials(bare.as_str()).await?.is_none() {
             return Err(StanzaError::new(Condition::ServiceUnavailable));
@@ -204,6 +219,7 @@ async fn plan(cx: &Cx<'_>, msg: Element) -> Result<Plan, StanzaError> {
         _ => (Vec::new(), None, None),
     };
     Ok(Plan::Accept(Box::new(Accept {
+        remote,
         bare,
         full,
         msg,
@@ -233,6 +249,10 @@ async fn append(
 
 async fn direct(cx: &Cx<'_>, to: &Jid, msg: Element, kind: &str) -> Result<(), StanzaError> {
     let bare = to.to_bare();
+    if let Some(r) = remote_for(cx.state, to) {
+        r.send(cx.state, &msg)?;
+        return delivered(cx, &msg, None, &bare, false, None).await;
+    }
     if let Ok(full) = to.try_as_full() {
         if let Some(h) = cx.state.routing.session(full) {
             h.send(msg.clone());
@@ -266,6 +286,11 @@ async fn finish(cx: &Cx<'_>, a: Accept, ids: &[String]) -> Result<(), StanzaErro
     // the sender's own devices (in the sent carbon), never to the recipient.
     if let Some(id) = a.sent_ix.and_then(|i| ids.get(i)) {
         sent_copy.append_child(vocab::stanza_id(id, sender));
+    }
+    if let Some(r) = &a.remote {
+        // The sender's copy is durable; the remote server archives its own.
+        r.send(state, &delivered)?;
+        return self::delivered(cx, &delivered, Some(&sent_copy), &a.bare, false, None).await;
     }
     let offline = state.modules.api::<dyn api::OfflineQueue>();
     let got = offline

@@ -25,8 +25,11 @@ pub mod pep;
 pub mod ping;
 pub mod presence;
 pub mod private;
+pub mod push;
 pub mod register;
 pub mod roster;
+pub mod s2s;
+pub mod stories;
 pub mod upload;
 pub mod vcard;
 pub mod version;
@@ -103,6 +106,22 @@ pub type Identity = (&'static str, &'static str, &'static str);
 /// A background task a module runs for the server's lifetime.
 pub type Task = futures::future::BoxFuture<'static, ()>;
 
+/// A task running `round` every `period` until shutdown (sweeps).
+pub fn periodic<F>(state: ServerState, period: std::time::Duration, mut round: F) -> Task
+where
+    F: FnMut(ServerState) -> Task + Send + 'static,
+{
+    Box::pin(async move {
+        loop {
+            tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            round(state.clone()).await;
+        }
+    })
+}
+
 /// A capability. Everything it adds to the server is declared by the
 /// methods below (all optional) and read once when `Modules` is built:
 /// the core never names a module.
@@ -163,6 +182,11 @@ pub trait Module: Send + Sync + 'static {
     /// Interfaces this module offers other modules (`Modules::api`), and
     /// its own state for its free functions (by its concrete type).
     fn provide(self: Arc<Self>, _shared: &mut Shared) {}
+    /// Load or create what the module keeps on disk (keys), once at start
+    /// before anything is served; an error stops the start, naming why.
+    fn prepare(&self, _config: &Config) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// Background tasks, spawned at start and ended at shutdown.
     fn tasks(&self, _state: &ServerState) -> Vec<Task> {
         Vec::new()
@@ -328,7 +352,10 @@ impl Modules {
             Arc::new(extdisco::ExtDisco::default()),
             Arc::new(component::Components::default()),
             Arc::new(muc::Muc::default()),
-            Arc::new(upload::Uploads::default()),
+            Arc::new(upload::Uploads::new(config)),
+            Arc::new(stories::Stories::default()),
+            Arc::new(push::Push::default()),
+            Arc::new(s2s::S2s::default()),
         ];
         list.extend(extra);
         Self::new(config, list)
@@ -401,6 +428,11 @@ impl Modules {
 
     pub fn stream_features(&self) -> Vec<Element> {
         self.list.iter().flat_map(|m| m.stream_features()).collect()
+    }
+
+    /// Every module's `prepare`, in order; the first error stops.
+    pub fn prepare(&self, config: &Config) -> anyhow::Result<()> {
+        self.list.iter().try_for_each(|m| m.prepare(config))
     }
 
     /// Every module's HTTP routes, merged.
@@ -542,6 +574,13 @@ async fn route(cx: &Cx<'_>, stanza: &Element) -> Result<(), StanzaError> {
     {
         return m.service_stanza(cx.state, stanza.clone()).await;
     }
+    // Messages and presence to remote domains go through their modules
+    // (archive, carbons, roster), which hand them to `api::Remote`.
+    if kind == Kind::Iq {
+        if let Some(remote) = to.as_ref().and_then(|t| remote_for(cx.state, t)) {
+            return remote.send(cx.state, stanza);
+        }
+    }
     match kind {
         Kind::Iq => handle_iq(cx, stanza, to).await,
         Kind::Message | Kind::Presence => {
@@ -616,6 +655,28 @@ pub async fn presence_allowed(state: &ServerState, from: &Jid, to: &SessionHandl
         Some(b) => b.presence_allowed(state, from, to).await,
         None => true,
     }
+}
+
+/// XEP-0191: whether presence from `from` may go to `to`, a JID without a
+/// session here (a remote contact).
+pub async fn presence_allowed_to(state: &ServerState, from: &Jid, to: &Jid) -> bool {
+    match state.modules.try_api::<dyn api::Blocklist>() {
+        Some(b) => b.allowed(state, from, to).await,
+        None => true,
+    }
+}
+
+/// Federation, when `to` is a domain neither served nor a service here
+/// and s2s runs (RFC 6120 §10.4: a remote domain).
+pub fn remote_for(state: &ServerState, to: &Jid) -> Option<Arc<dyn api::Remote>> {
+    let d = to.domain().as_str();
+    if state.serves(d) || state.modules.is_service(d) {
+        return None;
+    }
+    state
+        .modules
+        .try_api::<dyn api::Remote>()
+        .filter(|r| r.enabled(state))
 }
 
 /// Parse the `to` of a stanza; None when absent.

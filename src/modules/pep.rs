@@ -10,12 +10,17 @@
 //!   by id), retract, delete, purge, node configuration and default
 //!   configuration (owner only).
 //! - Configuration: `pubsub#access_model` open | presence | whitelist
-//!   (whitelist = the owner only: there is no affiliation management),
+//!   (whitelist = the owner and the node's `member`s, set by the owner with
+//!   XEP-0060 §8.9 affiliation management),
 //!   `pubsub#max_items` (a number up to [`MAX_NODE_ITEMS`], or `max` =
 //!   that limit), `pubsub#persist_items` (false keeps only the last item,
 //!   which PEP needs for last-published delivery),
 //!   `pubsub#send_last_published_item` never | on_sub | on_sub_and_presence,
-//!   `pubsub#notify_retract`, `pubsub#notify_delete`, and
+//!   `pubsub#notify_retract`, `pubsub#notify_delete`, `pubsub#item_expire`
+//!   (seconds, 0 = never: older items are not returned and a background
+//!   sweep retracts them, notifying like a retraction; the expiry instant is
+//!   stored with each item, so it survives restarts and any node of a
+//!   cluster may sweep — the one whose delete succeeds notifies), and
 //!   `pubsub#publish_model` / `pubsub#deliver_payloads` /
 //!   `pubsub#deliver_notifications` at their only supported values
 //!   (publishers, true, true). Any other field is refused.
@@ -83,6 +88,14 @@ pub const MAX_NODE_ITEMS: u32 = 1000;
 pub const MAX_NODES: usize = 512;
 /// Longest node name or item id, in bytes.
 pub const MAX_NAME: usize = 1024;
+/// Longest `pubsub#item_expire`, in seconds (ten years).
+pub const MAX_ITEM_EXPIRE: u64 = 10 * 365 * 86_400;
+/// Most affiliations one node may list.
+pub const MAX_AFFILIATIONS: usize = 1000;
+/// How often expired items are swept (reads hide them at once).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Expired items handled per store read in a sweep.
+const SWEEP_BATCH: usize = 500;
 /// Verified capabilities kept in memory (cleared when full).
 const MAX_CAPS_CACHE: usize = 10_000;
 /// Outstanding disco#info queries to clients.
@@ -106,6 +119,8 @@ const FEATURES: &[&str] = &[
     "http://jabber.org/protocol/pubsub#filtered-notifications",
     "http://jabber.org/protocol/pubsub#item-ids",
     "http://jabber.org/protocol/pubsub#last-published",
+    "http://jabber.org/protocol/pubsub#member-affiliation",
+    "http://jabber.org/protocol/pubsub#modify-affiliations",
     "http://jabber.org/protocol/pubsub#multi-items",
     "http://jabber.org/protocol/pubsub#persistent-items",
     "http://jabber.org/protocol/pubsub#presence-notifications",
@@ -169,6 +184,15 @@ impl Module for Pep {
     fn provide(self: Arc<Self>, shared: &mut Shared) {
         shared.provide::<Pep>(self.clone());
         shared.provide::<dyn api::Pep>(self);
+    }
+    fn tasks(&self, state: &ServerState) -> Vec<super::Task> {
+        vec![super::periodic(state.clone(), SWEEP_EVERY, |state| {
+            Box::pin(async move {
+                if let Err(e) = sweep(&state).await {
+                    tracing::warn!(error = %e, "PEP expiry sweep failed");
+                }
+            })
+        })]
     }
     fn features(&self) -> &'static [&'static str] {
         FEATURES
@@ -263,9 +287,22 @@ impl Module for Pep {
     }
 }
 
+#[async_trait]
 impl api::Pep for Pep {
     fn new_subscriber(&self, state: &ServerState, owner: &BareJid, subscriber: &BareJid) {
         new_subscriber(state, owner, subscriber)
+    }
+    async fn may_read(
+        &self,
+        state: &ServerState,
+        owner: &BareJid,
+        node: &str,
+        who: &BareJid,
+    ) -> Result<(), StanzaError> {
+        let Some(cfg) = node_config(state, owner, node).await? else {
+            return Err(StanzaError::new(Condition::ItemNotFound));
+        };
+        authorize(state, owner, node, &cfg, who).await
     }
 }
 
@@ -332,6 +369,8 @@ pub struct NodeConfig {
     pub send_last: SendLast,
     pub notify_retract: bool,
     pub notify_delete: bool,
+    /// `pubsub#item_expire` in seconds; 0 = never.
+    pub item_expire: u64,
 }
 
 fn is_omemo(node: &str) -> bool {
@@ -359,6 +398,7 @@ impl NodeConfig {
             send_last: SendLast::OnSubAndPresence,
             notify_retract: true,
             notify_delete: true,
+            item_expire: 0,
         };
         if is_omemo(node) {
             c.access = Access::Open;
@@ -384,6 +424,7 @@ impl NodeConfig {
             send_last_published_item: self.send_last.as_str().into(),
             notify_retract: self.notify_retract,
             notify_delete: self.notify_delete,
+            item_expire_secs: self.item_expire,
         }
     }
 
@@ -396,6 +437,7 @@ impl NodeConfig {
             send_last: SendLast::parse(&c.send_last_published_item).unwrap_or(SendLast::Never),
             notify_retract: c.notify_retract,
             notify_delete: c.notify_delete,
+            item_expire: c.item_expire_secs.min(MAX_ITEM_EXPIRE),
         }
     }
 
@@ -432,6 +474,12 @@ impl NodeConfig {
             }
             "pubsub#notify_retract" => self.notify_retract = parse_bool(value).ok_or(())?,
             "pubsub#notify_delete" => self.notify_delete = parse_bool(value).ok_or(())?,
+            "pubsub#item_expire" => {
+                self.item_expire = match value.trim().parse::<u64>() {
+                    Ok(n) if n <= MAX_ITEM_EXPIRE => n,
+                    _ => return Err(()),
+                }
+            }
             "pubsub#publish_model" if value == "publishers" => {}
             "pubsub#deliver_payloads" | "pubsub#deliver_notifications"
                 if parse_bool(value) == Some(true) => {}
@@ -496,6 +544,12 @@ impl NodeConfig {
             "boolean",
             "Notify when the node is deleted",
             b(self.notify_delete),
+        ));
+        x.append_child(field(
+            "pubsub#item_expire",
+            "text-single",
+            "Seconds after publication an item is deleted (0: never)",
+            &self.item_expire.to_string(),
         ));
         x.append_child(list(
             "pubsub#publish_model",
@@ -620,10 +674,24 @@ async fn subscribed(state: &ServerState, owner: &BareJid, who: &BareJid) -> bool
     )
 }
 
+/// Whether `who` is listed as a member (or publisher) of a whitelist node.
+async fn whitelisted(state: &ServerState, owner: &BareJid, node: &str, who: &BareJid) -> bool {
+    match state.store.pep_affiliations(owner.as_str(), node).await {
+        Ok(list) => list
+            .iter()
+            .any(|(j, a)| j == who.as_str() && matches!(a.as_str(), "member" | "publisher")),
+        Err(e) => {
+            tracing::warn!(error = %e, "PEP affiliations read failed");
+            false
+        }
+    }
+}
+
 /// XEP-0060 §6.5.9 / XEP-0163 §4.2: may `who` read `owner`'s node?
 async fn authorize(
     state: &ServerState,
     owner: &BareJid,
+    node: &str,
     cfg: &NodeConfig,
     who: &BareJid,
 ) -> Result<(), StanzaError> {
@@ -637,7 +705,36 @@ async fn authorize(
             Condition::NotAuthorized,
             "presence-subscription-required",
         )),
+        Access::Whitelist if whitelisted(state, owner, node, who).await => Ok(()),
         Access::Whitelist => Err(pubsub_error(Condition::NotAllowed, "closed-node")),
+    }
+}
+
+/// The configuration a new node gets: a module owning the node decides
+/// (`api::PepNodes`), else PEP's own defaults.
+fn node_defaults(state: &ServerState, node: &str) -> NodeConfig {
+    state
+        .modules
+        .try_api::<dyn api::PepNodes>()
+        .and_then(|m| m.defaults(&state.config, node))
+        .map_or_else(
+            || NodeConfig::default_for(node),
+            |c| NodeConfig::from_store(&c),
+        )
+}
+
+/// Tell the module owning `node` (if any) that these (id, payload) items left it.
+async fn items_removed(
+    state: &ServerState,
+    owner: &BareJid,
+    node: &str,
+    items: &[(String, String)],
+) {
+    if items.is_empty() {
+        return;
+    }
+    if let Some(m) = state.modules.try_api::<dyn api::PepNodes>() {
+        m.items_removed(state, owner, node, items).await;
     }
 }
 
@@ -746,7 +843,7 @@ async fn publish(cx: &Cx<'_>, owner: &BareJid, own: bool, op: &Element, p: &Elem
             cfg
         }
         None => {
-            let mut cfg = NodeConfig::default_for(&node);
+            let mut cfg = node_defaults(state, &node);
             for (k, v) in &options {
                 if cfg.apply(k, v).is_err() {
                     return Err(precondition_not_met());
@@ -798,15 +895,27 @@ async fn retract(cx: &Cx<'_>, owner: &BareJid, own: bool, op: &Element) -> IqRes
     let Some(cfg) = node_config(state, owner, &node).await? else {
         return Err(StanzaError::new(Condition::ItemNotFound));
     };
-    let mut gone = Vec::new();
-    for id in &ids {
-        if state.store.pep_retract(owner.as_str(), &node, id).await? {
-            gone.push(id.clone());
+    // Read first: the owning module gets the payloads of what goes. An
+    // expired item is already gone for everyone; the sweep retracts it.
+    let found = state
+        .store
+        .pep_items(owner.as_str(), &node, None, Some(&ids))
+        .await?;
+    let mut removed = Vec::new();
+    for it in found {
+        if state
+            .store
+            .pep_retract(owner.as_str(), &node, &it.id)
+            .await?
+        {
+            removed.push((it.id, it.payload));
         }
     }
-    if gone.is_empty() {
+    if removed.is_empty() {
         return Err(StanzaError::new(Condition::ItemNotFound));
     }
+    items_removed(state, owner, &node, &removed).await;
+    let gone: Vec<String> = removed.into_iter().map(|(id, _)| id).collect();
     let notify_attr = op.attr("notify").map(parse_bool);
     let wanted = match notify_attr {
         Some(Some(b)) => b,
@@ -843,7 +952,7 @@ async fn create(cx: &Cx<'_>, owner: &BareJid, own: bool, p: &Element) -> IqResul
     if node_config(state, owner, &node).await?.is_some() {
         return Err(StanzaError::new(Condition::Conflict));
     }
-    let mut cfg = NodeConfig::default_for(&node);
+    let mut cfg = node_defaults(state, &node);
     if let Some(x) = p
         .get_child("configure", NS)
         .and_then(|c| c.get_child("x", NS_DATA))
@@ -869,7 +978,7 @@ async fn items(cx: &Cx<'_>, owner: &BareJid, op: &Element) -> IqResult {
     let Some(cfg) = node_config(state, owner, &node).await? else {
         return Err(StanzaError::new(Condition::ItemNotFound));
     };
-    authorize(state, owner, &cfg, &cx.session.bare).await?;
+    authorize(state, owner, &node, &cfg, &cx.session.bare).await?;
     let ids: Vec<String> = op
         .children()
         .filter(|c| c.is("item", NS))
@@ -954,7 +1063,14 @@ async fn owner_request(cx: &Cx<'_>, kind: IqType, p: &Element) -> IqResult {
             let Some(cfg) = node_config(state, owner, &node).await? else {
                 return Err(StanzaError::new(Condition::ItemNotFound));
             };
+            let items = state
+                .store
+                .pep_items(owner.as_str(), &node, None, None)
+                .await?;
             state.store.pep_delete_node(owner.as_str(), &node).await?;
+            let removed: Vec<(String, String)> =
+                items.into_iter().map(|it| (it.id, it.payload)).collect();
+            items_removed(state, owner, &node, &removed).await;
             if cfg.notify_delete {
                 let del = Element::new("delete", NS_EVENT).with_attr("node", node.clone());
                 notify(state, owner, &node, &cfg, del).await;
@@ -966,25 +1082,147 @@ async fn owner_request(cx: &Cx<'_>, kind: IqType, p: &Element) -> IqResult {
             let Some(cfg) = node_config(state, owner, &node).await? else {
                 return Err(StanzaError::new(Condition::ItemNotFound));
             };
+            let mut removed = Vec::new();
             for it in state
                 .store
                 .pep_items(owner.as_str(), &node, None, None)
                 .await?
             {
-                state
+                if state
                     .store
                     .pep_retract(owner.as_str(), &node, &it.id)
-                    .await?;
+                    .await?
+                {
+                    removed.push((it.id, it.payload));
+                }
             }
+            items_removed(state, owner, &node, &removed).await;
             if cfg.notify_retract {
                 let purge = Element::new("purge", NS_EVENT).with_attr("node", node.clone());
                 notify(state, owner, &node, &cfg, purge).await;
             }
             Ok(None)
         }
-        (_, "affiliations") => Err(unsupported("modify-affiliations")),
+        (IqType::Get, "affiliations") => {
+            let node = node_name(op)?;
+            if node_config(state, owner, &node).await?.is_none() {
+                return Err(StanzaError::new(Condition::ItemNotFound));
+            }
+            let mut list = Element::new("affiliations", NS_OWNER).with_attr("node", node.clone());
+            for (jid, aff) in state.store.pep_affiliations(owner.as_str(), &node).await? {
+                list.append_child(
+                    Element::new("affiliation", NS_OWNER)
+                        .with_attr("jid", jid)
+                        .with_attr("affiliation", aff),
+                );
+            }
+            Ok(Some(Element::new("pubsub", NS_OWNER).with_child(list)))
+        }
+        (IqType::Set, "affiliations") => set_affiliations(state, owner, op).await,
         (_, "subscriptions") => Err(unsupported("manage-subscriptions")),
         _ => Err(StanzaError::new(Condition::BadRequest)),
+    }
+}
+
+/// XEP-0060 §8.9.2: the owner sets `member` or `none` for bare JIDs (the
+/// only affiliations a PEP node needs: who a whitelist node lets read).
+/// All changes are checked before any is applied.
+async fn set_affiliations(state: &ServerState, owner: &BareJid, op: &Element) -> IqResult {
+    let node = node_name(op)?;
+    if node_config(state, owner, &node).await?.is_none() {
+        return Err(StanzaError::new(Condition::ItemNotFound));
+    }
+    let mut changes = Vec::new();
+    for a in op.children().filter(|c| c.is("affiliation", NS_OWNER)) {
+        let jid = a
+            .attr("jid")
+            .and_then(|j| BareJid::new(j).ok())
+            .filter(|j| j != owner)
+            .ok_or_else(|| {
+                StanzaError::with_text(
+                    Condition::BadRequest,
+                    "an affiliation needs the bare JID of someone other than the owner",
+                )
+            })?;
+        let aff = match a.attr("affiliation") {
+            Some("member") => Some("member"),
+            Some("none") => None,
+            _ => return Err(unsupported("modify-affiliations")),
+        };
+        changes.push((jid, aff));
+    }
+    if changes.is_empty() {
+        return Err(StanzaError::with_text(
+            Condition::BadRequest,
+            "no affiliation to change",
+        ));
+    }
+    let current = state.store.pep_affiliations(owner.as_str(), &node).await?;
+    let added = changes
+        .iter()
+        .filter(|(j, a)| a.is_some() && !current.iter().any(|(c, _)| c == j.as_str()))
+        .count();
+    if current.len() + added > MAX_AFFILIATIONS {
+        return Err(StanzaError::with_text(
+            Condition::ResourceConstraint,
+            format!("a node lists at most {MAX_AFFILIATIONS} affiliations"),
+        ));
+    }
+    for (jid, aff) in changes {
+        state
+            .store
+            .pep_set_affiliation(owner.as_str(), &node, jid.as_str(), aff)
+            .await?;
+    }
+    Ok(None)
+}
+
+// ---------------------------------------------------------------------------
+// Expiry (pubsub#item_expire)
+// ---------------------------------------------------------------------------
+
+/// Retract every item past its node's `item_expire`, as a retraction by
+/// the owner would (notifications, the owning module told). Several nodes
+/// of a cluster may sweep at once: only the one whose delete succeeds acts.
+/// Returns how many items this call retracted.
+pub async fn sweep(state: &ServerState) -> Result<usize, natter_store::StoreError> {
+    let mut done = 0;
+    loop {
+        let now = chrono::Utc::now().timestamp_micros();
+        let due = state.store.pep_expired(now, SWEEP_BATCH).await?;
+        let batch = due.len();
+        for e in due {
+            if !state
+                .store
+                .pep_retract(&e.owner, &e.node, &e.item.id)
+                .await?
+            {
+                continue;
+            }
+            done += 1;
+            let Ok(owner) = BareJid::new(&e.owner) else {
+                continue;
+            };
+            items_removed(
+                state,
+                &owner,
+                &e.node,
+                &[(e.item.id.clone(), e.item.payload)],
+            )
+            .await;
+            let cfg = state.store.pep_node(&e.owner, &e.node).await?;
+            if let Some(cfg) = cfg.map(|c| NodeConfig::from_store(&c)) {
+                if cfg.notify_retract {
+                    let items = Element::new("items", NS_EVENT)
+                        .with_attr("node", e.node.clone())
+                        .with_child(Element::new("retract", NS_EVENT).with_attr("id", e.item.id));
+                    notify(state, &owner, &e.node, &cfg, items).await;
+                }
+            }
+        }
+        if batch < SWEEP_BATCH {
+            return Ok(done);
+        }
     }
 }
 
@@ -999,6 +1237,21 @@ fn event_message(owner: &BareJid, to: &FullJid, payload: Element) -> Element {
         .with_attr("type", "headline")
         .with_attr("id", new_id())
         .with_child(Element::new("event", NS_EVENT).with_child(payload))
+}
+
+/// The local-or-not bare JIDs a whitelist node lets read, besides the owner.
+async fn whitelist_members(state: &ServerState, owner: &BareJid, node: &str) -> Vec<BareJid> {
+    match state.store.pep_affiliations(owner.as_str(), node).await {
+        Ok(list) => list
+            .into_iter()
+            .filter(|(_, a)| matches!(a.as_str(), "member" | "publisher"))
+            .filter_map(|(j, _)| BareJid::new(&j).ok())
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "PEP notification: affiliations read failed");
+            Vec::new()
+        }
+    }
 }
 
 /// Whether session `h` has `node+notify` in its capabilities.
@@ -1019,7 +1272,11 @@ async fn notify(
     payload: Element,
 ) {
     let mut targets: Vec<Arc<SessionHandle>> = state.routing.resources(owner);
-    if cfg.access != Access::Whitelist {
+    if cfg.access == Access::Whitelist {
+        for jid in whitelist_members(state, owner, node).await {
+            targets.extend(state.routing.resources(&jid));
+        }
+    } else {
         match state.store.roster(owner.as_str()).await {
             Ok((_, roster)) => {
                 for item in roster.iter().filter(|i| has_from(i.subscription)) {
@@ -1108,7 +1365,7 @@ async fn send_last_items_of(
                 continue;
             };
             if cfg.send_last == SendLast::Never
-                || authorize(state, owner, &cfg, &h.bare).await.is_err()
+                || authorize(state, owner, node, &cfg, &h.bare).await.is_err()
             {
                 continue;
             }
@@ -1369,7 +1626,7 @@ async fn disco_items(
         let Some(cfg) = node_config(state, owner, &node).await? else {
             continue;
         };
-        if authorize(state, owner, &cfg, who).await.is_ok() {
+        if authorize(state, owner, &node, &cfg, who).await.is_ok() {
             q.push(
                 Element::new("item", NS_DISCO_ITEMS)
                     .with_attr("jid", owner.to_string())
@@ -1391,7 +1648,7 @@ async fn disco_node_info(
     let Some(cfg) = node_config(state, owner, node).await? else {
         return Err(StanzaError::new(Condition::ItemNotFound));
     };
-    if authorize(state, owner, &cfg, who).await.is_err() {
+    if authorize(state, owner, node, &cfg, who).await.is_err() {
         return Err(StanzaError::new(Condition::ItemNotFound));
     }
     Ok(Some(

@@ -18,14 +18,25 @@
 //! - XEP-0115 `<c/>`, XEP-0153 `<x/>` and any other payload of a presence
 //!   travel untouched.
 //!
+//! - Federation: a contact on another server gets the same stanzas through
+//!   `api::Remote` (subscriptions stamped with the bare JID, broadcasts
+//!   addressed to the contact's bare JID, probes sent from the user's bare
+//!   JID at initial presence). What a remote server sends (`from_remote`)
+//!   is applied to the *local* user's roster only, through the inbound
+//!   tables; a remote probe is answered when the local user's roster says
+//!   the prober is subscribed, else with `unsubscribed` (§4.3.2).
+//!
 //! Invariant: presence reaches only subscribers, the user's own resources,
-//! or the addressee of a directed presence — never anyone else.
+//! or the addressee of a directed presence — never anyone else. A remote
+//! sender's stanza changes only the addressed local user's item for that
+//! sender, as RFC 6121 Appendix A.3 says.
 
 use super::hooks::Hold;
 use super::roster;
 use super::vocab::priority;
 use super::{
-    api, parse_to, presence_allowed, Cx, Event, EventKind, Flow, Hook, HookStanza, Kind, Module,
+    api, parse_to, presence_allowed, presence_allowed_to, remote_for, Cx, Event, EventKind, Flow,
+    Hook, HookStanza, Kind, Module,
 };
 use crate::error::{Condition, StanzaError};
 use crate::router::SessionHandle;
@@ -135,6 +146,9 @@ impl Sub {
 async fn handle(cx: &Cx<'_>, stanza: Element) -> Result<(), StanzaError> {
     let to = parse_to(&stanza)?;
     let own = &cx.session.bare;
+    if !cx.state.serves(own.domain().as_str()) {
+        return from_remote(cx.state, stanza, to).await;
+    }
     match stanza.attr("type") {
         None | Some("unavailable") => {
             let available = stanza.attr("type").is_none();
@@ -157,7 +171,7 @@ async fn handle(cx: &Cx<'_>, stanza: Element) -> Result<(), StanzaError> {
                 ));
             };
             let contact = to.to_bare();
-            if !cx.state.serves(contact.domain().as_str()) {
+            if !cx.state.serves(contact.domain().as_str()) && !is_remote(cx.state, &contact) {
                 return Err(StanzaError::new(Condition::RemoteServerNotFound));
             }
             if contact == *own {
@@ -179,6 +193,8 @@ async fn handle(cx: &Cx<'_>, stanza: Element) -> Result<(), StanzaError> {
             if let Some(Ok(full)) = to.map(Jid::try_into_full) {
                 if let Some(h) = cx.state.routing.session(&full) {
                     h.send(stanza);
+                } else if let Some(r) = remote_for(cx.state, &Jid::from(full)) {
+                    r.send(cx.state, &stanza)?;
                 }
             }
             Ok(())
@@ -236,6 +252,9 @@ fn current_presence(h: &SessionHandle) -> Option<Element> {
 struct Targets {
     seen: HashSet<u64>,
     list: Vec<Arc<SessionHandle>>,
+    /// Contacts on other servers (bare JIDs, or the full JID of a directed
+    /// presence), each once.
+    remote: Vec<Jid>,
 }
 
 impl Targets {
@@ -251,11 +270,21 @@ impl Targets {
         }
     }
 
-    /// Subscribers (`from`/`both`) of a roster, on this server.
+    fn add_remote(&mut self, jid: Jid) {
+        if !self.remote.contains(&jid) {
+            self.remote.push(jid);
+        }
+    }
+
+    /// Subscribers (`from`/`both`) of a roster, here or on other servers.
     fn add_subscribers(&mut self, state: &ServerState, roster: &[RosterItem]) {
         for item in roster.iter().filter(|i| has_from(i.subscription)) {
             if let Ok(b) = BareJid::new(&item.jid) {
-                self.add_available(state, &b);
+                if is_remote(state, &b) {
+                    self.add_remote(Jid::from(b));
+                } else {
+                    self.add_available(state, &b);
+                }
             }
         }
     }
@@ -273,6 +302,42 @@ impl Targets {
             let mut p = p.clone();
             p.set_attr("to", h.jid.to_string());
             h.send(p);
+        }
+        for to in &self.remote {
+            if let Some(f) = &from {
+                if !presence_allowed_to(state, f, to).await {
+                    continue;
+                }
+            }
+            let mut p = p.clone();
+            p.set_attr("to", to.to_string());
+            send_remote(state, &p);
+        }
+    }
+}
+
+/// Whether `jid` is on another server that federation can reach.
+fn is_remote(state: &ServerState, jid: &BareJid) -> bool {
+    remote_for(state, &Jid::from(jid.clone())).is_some()
+}
+
+/// `<presence type=kind/>` from/to, built by the server.
+fn typed(from: &str, to: &str, kind: &str) -> Element {
+    Element::new("presence", NS_CLIENT)
+        .with_attr("from", from)
+        .with_attr("to", to)
+        .with_attr("type", kind)
+}
+
+/// Presence to another server (its `to` decides which). Best effort: a
+/// refused stanza is logged, and an unreachable server bounces it later.
+fn send_remote(state: &ServerState, p: &Element) {
+    let Some(to) = p.attr("to").and_then(|t| Jid::new(t).ok()) else {
+        return;
+    };
+    if let Some(r) = remote_for(state, &to) {
+        if let Err(e) = r.send(state, p) {
+            tracing::debug!(%to, error = ?e, "presence to a remote server refused");
         }
     }
 }
@@ -321,6 +386,11 @@ async fn broadcast(cx: &Cx<'_>, mut p: Element, available: bool) -> Result<(), S
     };
     for item in items.iter().filter(|i| has_to(i.subscription)) {
         if let Ok(contact) = BareJid::new(&item.jid) {
+            if is_remote(state, &contact) {
+                // §4.3.1: their server answers, to the user's bare JID.
+                send_remote(state, &typed(me.bare.as_str(), contact.as_str(), "probe"));
+                continue;
+            }
             for h in state.routing.resources(&contact) {
                 if presence_allowed(state, &Jid::from(h.jid.clone()), me).await {
                     deliver(&h);
@@ -336,12 +406,7 @@ async fn broadcast(cx: &Cx<'_>, mut p: Element, available: bool) -> Result<(), S
     }
     // §3.1.3: subscription requests that arrived while nobody was online.
     for item in items.iter().filter(|i| i.pending_in) {
-        me.send(
-            Element::new("presence", NS_CLIENT)
-                .with_attr("from", item.jid.clone())
-                .with_attr("to", me.bare.to_string())
-                .with_attr("type", "subscribe"),
-        );
+        me.send(typed(&item.jid, me.bare.as_str(), "subscribe"));
     }
     Ok(())
 }
@@ -374,6 +439,8 @@ async fn go_unavailable(
     }
     for d in directed {
         match Jid::new(&d).map(Jid::try_into_full) {
+            Ok(Ok(full)) if is_remote(state, &full.to_bare()) => targets.add_remote(full.into()),
+            Ok(Err(bare)) if is_remote(state, &bare) => targets.add_remote(bare.into()),
             Ok(Ok(full)) => {
                 if let Some(h) = state.routing.session(&full) {
                     targets.add(h);
@@ -391,10 +458,11 @@ async fn go_unavailable(
 /// unavailable when the user goes offline.
 async fn directed(cx: &Cx<'_>, p: Element, to: Jid, online: bool) -> Result<(), StanzaError> {
     let state = cx.state;
-    if !state.serves(to.domain().as_str()) {
+    let remote = remote_for(state, &to);
+    if !state.serves(to.domain().as_str()) && remote.is_none() {
         return Err(StanzaError::new(Condition::RemoteServerNotFound));
     }
-    if to.node().is_none() {
+    if to.node().is_none() && remote.is_none() {
         // Presence for the server itself: nothing here acts on it.
         return Ok(());
     }
@@ -418,6 +486,9 @@ async fn directed(cx: &Cx<'_>, p: Element, to: Jid, online: bool) -> Result<(), 
     } else {
         me.remove_directed(&key);
     }
+    if let Some(r) = remote {
+        return r.send(state, &p);
+    }
     // RFC 6121 §8.5.2.1.1 / §8.5.3.1: bare → every available resource,
     // full → that resource; an unknown account or resource drops it.
     match to.try_as_full() {
@@ -440,7 +511,14 @@ async fn directed(cx: &Cx<'_>, p: Element, to: Jid, online: bool) -> Result<(), 
 async fn probe(cx: &Cx<'_>, to: Jid) -> Result<(), StanzaError> {
     let state = cx.state;
     if !state.serves(to.domain().as_str()) {
-        return Err(StanzaError::new(Condition::RemoteServerNotFound));
+        // The contact's server decides what to answer.
+        return match remote_for(state, &to) {
+            Some(r) => {
+                let p = typed(cx.session.bare.as_str(), to.as_str(), "probe");
+                r.send(state, &p)
+            }
+            None => Err(StanzaError::new(Condition::RemoteServerNotFound)),
+        };
     }
     let contact = to.to_bare();
     if contact.node().is_none() {
@@ -469,12 +547,7 @@ async fn probe(cx: &Cx<'_>, to: Jid) -> Result<(), StanzaError> {
         }
     }
     if !sent {
-        me.send(
-            Element::new("presence", NS_CLIENT)
-                .with_attr("from", to.to_string())
-                .with_attr("to", me.jid.to_string())
-                .with_attr("type", "unavailable"),
-        );
+        me.send(typed(to.as_str(), me.jid.as_str(), "unavailable"));
     }
     Ok(())
 }
@@ -485,6 +558,15 @@ pub(crate) fn send_presences(state: &ServerState, from: &BareJid, to: &BareJid) 
     // XEP-0163 §4.3.1: the new subscriber also gets `from`'s last PEP items.
     if let Some(pep) = state.modules.try_api::<dyn api::Pep>() {
         pep.new_subscriber(state, from, to);
+    }
+    if is_remote(state, to) {
+        for h in state.routing.resources(from) {
+            if let Some(mut p) = current_presence(&h) {
+                p.set_attr("to", to.to_string());
+                send_remote(state, &p);
+            }
+        }
+        return;
     }
     let recipients = available(state, to);
     for h in state.routing.resources(from) {
@@ -501,15 +583,16 @@ pub(crate) fn send_presences(state: &ServerState, from: &BareJid, to: &BareJid) 
 /// Unavailable from each available resource of `from` to each available
 /// resource of `to` (a subscription ending, §3.2.2 / §3.3.3).
 pub(crate) fn send_unavailable(state: &ServerState, from: &BareJid, to: &BareJid) {
+    if is_remote(state, to) {
+        for h in available(state, from) {
+            send_remote(state, &typed(h.jid.as_str(), to.as_str(), "unavailable"));
+        }
+        return;
+    }
     let recipients = available(state, to);
     for h in available(state, from) {
         for r in &recipients {
-            r.send(
-                Element::new("presence", NS_CLIENT)
-                    .with_attr("from", h.jid.to_string())
-                    .with_attr("to", r.jid.to_string())
-                    .with_attr("type", "unavailable"),
-            );
+            r.send(typed(h.jid.as_str(), r.jid.as_str(), "unavailable"));
         }
     }
 }
@@ -613,9 +696,10 @@ enum Reply {
     Unavailable,
 }
 
-/// Deliver a subscription stanza from `from` to local `to` and apply it to
-/// `to`'s roster (RFC 6121 Appendix A.3), with the automatic replies. The
-/// caller holds the roster lock for both.
+/// Deliver a subscription stanza from `from` to `to` and apply it to
+/// `to`'s roster (RFC 6121 Appendix A.3), with the automatic replies; a
+/// party on another server gets its stanza through federation instead. The
+/// caller holds the roster lock for the local parties.
 pub(crate) async fn route_locked(
     state: &ServerState,
     from: &BareJid,
@@ -624,19 +708,133 @@ pub(crate) async fn route_locked(
     original: Option<&Element>,
 ) -> Result<(), StanzaError> {
     let stanza = subscription_stanza(original, from, to, kind);
-    let reply = inbound(state, to, from, kind, stanza).await?;
+    let reply = inbound_or_remote(state, to, from, kind, stanza).await?;
     match reply {
         None => {}
         Some(Reply::Subscribed) => {
             let back = subscription_stanza(None, to, from, Sub::Subscribed);
-            inbound(state, from, to, Sub::Subscribed, back).await?;
+            inbound_or_remote(state, from, to, Sub::Subscribed, back).await?;
             send_presences(state, to, from);
         }
         Some(Reply::Unsubscribed) => {
             let back = subscription_stanza(None, to, from, Sub::Unsubscribed);
-            inbound(state, from, to, Sub::Unsubscribed, back).await?;
+            inbound_or_remote(state, from, to, Sub::Unsubscribed, back).await?;
         }
         Some(Reply::Unavailable) => send_unavailable(state, to, from),
+    }
+    Ok(())
+}
+
+/// `inbound` for a local `owner`; for a remote one, the stanza goes to its
+/// server, which applies its own tables (and replies on its own).
+async fn inbound_or_remote(
+    state: &ServerState,
+    owner: &BareJid,
+    peer: &BareJid,
+    kind: Sub,
+    stanza: Element,
+) -> Result<Option<Reply>, StanzaError> {
+    match remote_for(state, &Jid::from(owner.clone())) {
+        Some(r) => r.send(state, &stanza).map(|()| None),
+        None => inbound(state, owner, peer, kind, stanza).await,
+    }
+}
+
+/// A presence stanza a remote server sent (`from` in the domain its stream
+/// authenticated, `to` a domain served here): only the addressed local
+/// user's roster item for the sender may change, by the inbound tables.
+async fn from_remote(
+    state: &ServerState,
+    stanza: Element,
+    to: Option<Jid>,
+) -> Result<(), StanzaError> {
+    let from = stanza
+        .attr("from")
+        .and_then(|f| Jid::new(f).ok())
+        .ok_or_else(|| StanzaError::new(Condition::JidMalformed))?;
+    let Some(to) = to else {
+        return Err(StanzaError::with_text(
+            Condition::BadRequest,
+            "presence between servers needs a 'to'",
+        ));
+    };
+    let user = to.to_bare();
+    match stanza.attr("type") {
+        // §4.2.3 / §4.6.3: broadcast or directed presence for the user.
+        None | Some("unavailable") | Some("error") => {
+            if user.node().is_none() {
+                return Ok(());
+            }
+            let targets = match to.try_as_full() {
+                Ok(full) => state.routing.session(full).into_iter().collect(),
+                // An error goes only to the resource that caused it.
+                Err(_) if stanza.attr("type") == Some("error") => Vec::new(),
+                Err(bare) => available(state, bare),
+            };
+            for h in targets {
+                if presence_allowed(state, &from, &h).await {
+                    h.send(stanza.clone());
+                }
+            }
+            Ok(())
+        }
+        Some(t @ ("subscribe" | "subscribed" | "unsubscribe" | "unsubscribed")) => {
+            let kind = Sub::parse(t).expect("matched above");
+            let contact = from.to_bare();
+            let _guard = roster::lock(state, &[&user]).await;
+            route_locked(state, &contact, &user, kind, Some(&stanza)).await
+        }
+        Some("probe") => remote_probe(state, &from, &user).await,
+        Some(_) => Err(StanzaError::with_text(
+            Condition::BadRequest,
+            "unknown presence type",
+        )),
+    }
+}
+
+/// §4.3.2: a probe from `prober`'s server. Answered with the user's current
+/// presence (or unavailable) when the user's roster has the prober
+/// subscribed; otherwise `unsubscribed`, and nothing about the user leaks.
+async fn remote_probe(
+    state: &ServerState,
+    prober: &Jid,
+    user: &BareJid,
+) -> Result<(), StanzaError> {
+    if user.node().is_none() {
+        return Ok(());
+    }
+    let peer = prober.to_bare();
+    let item = match state.store.credentials(user.as_str()).await? {
+        Some(_) => {
+            state
+                .store
+                .roster_item(user.as_str(), peer.as_str())
+                .await?
+        }
+        None => None,
+    };
+    let reply = |kind: &str| typed(user.as_str(), prober.as_str(), kind);
+    match item {
+        Some(i) if has_from(i.subscription) => {}
+        // A request waits for the user's answer: say nothing yet.
+        Some(i) if i.pending_in => return Ok(()),
+        _ => {
+            send_remote(state, &reply("unsubscribed"));
+            return Ok(());
+        }
+    }
+    let mut sent = false;
+    for h in state.routing.resources(user) {
+        if let Some(mut p) = current_presence(&h) {
+            if presence_allowed_to(state, &Jid::from(h.jid.clone()), prober).await {
+                p.set_attr("to", prober.to_string());
+                send_remote(state, &p);
+                sent = true;
+            }
+        }
+    }
+    if !sent {
+        send_remote(state, &reply("unavailable"));
     }
     Ok(())
 }

@@ -196,8 +196,9 @@ async fn remove(cx: &Cx<'_>, user: &BareJid, contact: &BareJid) -> Result<(), St
         Err(e) => return Err(e.into()),
     };
     push(cx.state, user, removed_element(contact), version);
-    if !cx.state.serves(contact.domain().as_str()) {
-        // No server-to-server yet: nobody to tell.
+    let remote = super::remote_for(cx.state, &jid::Jid::from(contact.clone())).is_some();
+    if !cx.state.serves(contact.domain().as_str()) && !remote {
+        // Not reachable (federation off): nobody to tell.
         return Ok(());
     }
     let had_to = matches!(old.subscription, Subscription::To | Subscription::Both);

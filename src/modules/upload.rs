@@ -1,7 +1,8 @@
 //! XEP-0363 HTTP File Upload on `<upload.subdomain>.<domain>` (default
-//! `upload.<domain>`), with the bytes in content-addressed blob storage on
-//! the local disk (`data_dir/blobs`, SHA-256 named: the same bytes uploaded
-//! twice are stored once).
+//! `upload.<domain>`), with the bytes in content-addressed blob storage
+//! (`blobs`: the local disk under `data_dir/blobs`, or S3-compatible
+//! object storage; SHA-256 named, so the same bytes uploaded twice are
+//! stored once).
 //!
 //! A slot request is answered with one URL for PUT and GET,
 //! `<base>/upload/<slot>/<name>`, where `<slot>` is 128 random bits (the URL
@@ -12,7 +13,10 @@
 //! slot until its bytes arrive. PUT streams the body to a temporary file,
 //! hashing it on the way, and refuses it unless signature, expiry, exact
 //! size and type match; GET/HEAD serve `Range`, `ETag` (the hash),
-//! immutable caching, `nosniff`, and CORS for browser clients.
+//! immutable caching, `nosniff`, and CORS for browser clients. With S3
+//! and `upload.s3.downloads = "redirect"`, GET answers with a redirect to
+//! a presigned URL of the storage, so the bytes do not pass through
+//! natter.
 //!
 //! Quotas (like Prosody's mod_http_file_share): per file, per user per
 //! day, per user in total and for the whole server; optional expiry after
@@ -20,35 +24,34 @@
 //! expired uploads and blobs nothing refers to any more (after an hour's
 //! grace, so an upload racing a delete keeps its blob).
 //!
-//! When a group message is retracted or moderated, the files it links to
-//! that its author uploaded are deleted (`api::Files`), their bytes too
-//! unless another upload shares them.
+//! When a message is retracted (XEP-0424: 1:1, seen here on its way from
+//! the author; groups, by the MUC module) or moderated (XEP-0425), the
+//! files it links to that its author uploaded are deleted (`api::Files`),
+//! their bytes too unless another upload shares them.
 //!
-//! Not yet: S3 storage, thumbnails, 1:1 retractions, statuses (issue 12
-//! continues).
 
-use super::{new_id, vocab, Module, Service, Task};
+use super::muc::NS_RETRACT;
+use super::{new_id, vocab, Cx, Flow, Hook, HookStanza, Kind, Module, Service, Task};
 use crate::config::Config;
 use crate::error::{Condition, StanzaError};
 use crate::router::Outbound;
 use crate::state::ServerState;
 use async_trait::async_trait;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use axum::Router;
+use blobs::{BlobStore, BlobWriter};
 use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use jid::FullJid;
 use natter_store::{StoreError, Upload};
 use natter_xml::{Element, NS_CLIENT};
 use sha2::{Digest, Sha256};
-use std::path::PathBuf;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 pub const NS: &str = "urn:xmpp:http:upload:0";
 /// Where the HTTP routes live.
@@ -58,24 +61,32 @@ const PREFIX: &str = "/upload";
 const GRACE: Duration = Duration::from_secs(3600);
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
-/// Serializes placing a blob and recording its reference against the
-/// sweep's "unreferenced? delete" on this node, so a new upload of the
-/// same bytes never loses its blob to a concurrent sweep.
-#[derive(Default)]
+pub mod blobs;
+pub mod thumb;
+
 pub struct Uploads {
-    blobs: tokio::sync::Mutex<()>,
+    blobs: Box<dyn BlobStore>,
+    thumbs: thumb::Thumbnailer,
+    /// Serializes placing a blob and recording its reference against the
+    /// sweep's "unreferenced? delete" on this node, so a new upload of the
+    /// same bytes never loses its blob to a concurrent sweep.
+    placing: tokio::sync::Mutex<()>,
 }
 
-fn blobs_dir(config: &Config) -> PathBuf {
-    config.data_dir.join("blobs")
-}
+impl Uploads {
+    pub fn new(config: &Config) -> Self {
+        Uploads {
+            blobs: blobs::open(config)
+                .expect("upload storage settings are checked when the config loads"),
+            thumbs: thumb::Thumbnailer::new(thumb::Limits::default()),
+            placing: Default::default(),
+        }
+    }
 
-/// Where a blob lives: blobs/ab/cd/<hash>.
-fn blob_path(config: &Config, sha256: &str) -> PathBuf {
-    blobs_dir(config)
-        .join(&sha256[0..2])
-        .join(&sha256[2..4])
-        .join(sha256)
+    /// The blob store uploads live in (backups read it).
+    pub fn blobs(&self) -> &dyn BlobStore {
+        &*self.blobs
+    }
 }
 
 /// The key slots are signed with: `upload.secret` (shared by a cluster's
@@ -97,6 +108,8 @@ struct Grant {
     owner: String,
     size: u64,
     content_type: String,
+    /// Unix milliseconds: a slot lives its TTL to the millisecond, not
+    /// to the end of a second.
     expires: i64,
 }
 
@@ -142,6 +155,10 @@ fn verify(state: &ServerState, slot: &str, name: &str, headers: &HeaderMap) -> O
     bool::from(given.ct_eq(&want)).then_some(g)
 }
 
+fn now_millis() -> i64 {
+    vocab::now_micros() / 1000
+}
+
 fn now_secs() -> i64 {
     vocab::now_micros() / 1_000_000
 }
@@ -160,6 +177,30 @@ impl Module for Uploads {
             &config.upload.subdomain,
             ("store", "file", "HTTP File Upload"),
         )
+    }
+    /// 1:1 retractions, on their way from the author.
+    fn hooks(&self) -> &'static [(Hook, i32)] {
+        &[(Hook::PreRoute(Kind::Message), 50)]
+    }
+    async fn on_stanza(
+        &self,
+        _hook: Hook,
+        cx: &Cx<'_>,
+        s: &HookStanza<'_>,
+    ) -> Result<Flow, StanzaError> {
+        if let (Some(retract), Some(to)) = (s.stanza.get_child("retract", NS_RETRACT), s.to) {
+            let from = s
+                .stanza
+                .attr("from")
+                .and_then(|f| f.parse::<jid::Jid>().ok());
+            if s.stanza.attr("type") != Some("groupchat") {
+                if let (Some(id), Some(from)) = (retract.attr("id"), from) {
+                    self.retracted_1to1(cx.state, &from.to_bare(), &to.to_bare(), id)
+                        .await;
+                }
+            }
+        }
+        Ok(Flow::Continue)
     }
     fn provide(self: std::sync::Arc<Self>, shared: &mut super::Shared) {
         shared.provide::<Uploads>(self.clone());
@@ -370,7 +411,7 @@ async fn slot(state: &ServerState, from: &FullJid, req: &Element) -> Result<Elem
         owner,
         size,
         content_type,
-        expires: now_secs() + cfg.slot_ttl_secs as i64,
+        expires: now_millis() + cfg.slot_ttl_secs as i64 * 1000,
     };
     let encoded: String = url_escape(&name);
     let url = format!("{}{PREFIX}/{slot}/{encoded}", base_url(state));
@@ -463,7 +504,7 @@ async fn put_file(
             "this upload slot is not valid (bad or missing Authorization)",
         );
     };
-    if g.expires < now_secs() {
+    if g.expires < now_millis() {
         return plain(
             StatusCode::FORBIDDEN,
             "this upload slot has expired: request a new one",
@@ -504,14 +545,16 @@ async fn put_file(
         Ok(Some(_)) => return plain(StatusCode::CONFLICT, "this slot was used already"),
         Err(e) => return store_failed(e),
     }
-    let (tmp, sha256) = match receive(&state, &slot, g.size, body).await {
+    let uploads = state.modules.api::<Uploads>();
+    let (written, sha256) = match receive(&*uploads.blobs, &slot, g.size, body).await {
         Ok(h) => h,
         Err(r) => return r,
     };
-    let uploads = state.modules.api::<Uploads>();
-    let _placing = uploads.blobs.lock().await;
-    if let Err(r) = place(&state, &tmp, &sha256).await {
-        return r;
+    let _placing = uploads.placing.lock().await;
+    // Replacing an existing copy of these bytes restarts the sweep's
+    // grace period for them.
+    if let Err(e) = written.commit(&sha256).await {
+        return io_error(e);
     }
     let upload = Upload {
         slot,
@@ -558,20 +601,20 @@ fn io_error(e: std::io::Error) -> Response {
     }
 }
 
-/// Stream the body into a temporary file, hashing it on the way; returns
-/// the file and the hash.
+/// Stream the body into the blob store, hashing it on the way; returns
+/// the written (uncommitted) object and the hash.
 async fn receive(
-    state: &ServerState,
+    blobs: &dyn BlobStore,
     slot: &str,
     size: u64,
     body: Body,
-) -> Result<(PathBuf, String), Response> {
-    let tmp_dir = blobs_dir(&state.config).join("tmp");
-    natter_store::files::create_dir(&tmp_dir).map_err(io_error)?;
+) -> Result<(Box<dyn BlobWriter>, String), Response> {
     // Unique per request: two PUTs racing for one slot must not write into
-    // one file (the loser's bytes would end up under the winner's hash).
-    let tmp = tmp_dir.join(format!("{slot}.{}.part", new_id()));
-    let mut file = tokio::fs::File::create(&tmp).await.map_err(io_error)?;
+    // one object (the loser's bytes would end up under the winner's hash).
+    let mut writer = blobs
+        .writer(&format!("{slot}.{}.part", new_id()))
+        .await
+        .map_err(io_error)?;
     let mut hasher = Sha256::new();
     let mut got: u64 = 0;
     let mut stream = body.into_data_stream();
@@ -587,7 +630,7 @@ async fn receive(
                 ));
             }
             hasher.update(&chunk);
-            file.write_all(&chunk).await.map_err(io_error)?;
+            writer.write(chunk).await.map_err(io_error)?;
         }
         if got != size {
             return Err(plain(
@@ -595,47 +638,23 @@ async fn receive(
                 &format!("got {got} of {size} bytes"),
             ));
         }
-        file.sync_all().await.map_err(io_error)?;
         Ok(())
     }
     .await;
-    drop(file);
-    if let Err(r) = result {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(r);
-    }
-    Ok((tmp, hex::encode(hasher.finalize())))
-}
-
-/// Move a received file to its content address, or drop it when those
-/// bytes are stored already. Called under `Uploads::blobs`.
-async fn place(state: &ServerState, tmp: &std::path::Path, sha256: &str) -> Result<(), Response> {
-    let dest = blob_path(&state.config, sha256);
-    let placed = async {
-        natter_store::files::create_dir(dest.parent().expect("blob paths have a parent"))?;
-        if tokio::fs::try_exists(&dest).await? {
-            tokio::fs::remove_file(tmp).await?;
-            // Restart the sweep's grace period for these bytes.
-            std::fs::File::options()
-                .write(true)
-                .open(&dest)?
-                .set_modified(std::time::SystemTime::now())?;
-        } else {
-            tokio::fs::rename(tmp, &dest).await?;
+    match result {
+        Ok(()) => Ok((writer, hex::encode(hasher.finalize()))),
+        Err(r) => {
+            writer.abort().await;
+            Err(r)
         }
-        Ok::<(), std::io::Error>(())
     }
-    .await;
-    placed.map_err(|e| {
-        let _ = std::fs::remove_file(tmp);
-        io_error(e)
-    })
 }
 
 async fn get_file(
     State(state): State<ServerState>,
     method: Method,
     Path((slot, name)): Path<(String, String)>,
+    Query(query): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Response {
     if !is_slot(&slot) {
@@ -646,22 +665,12 @@ async fn get_file(
         Ok(_) => return plain(StatusCode::NOT_FOUND, "no such file"),
         Err(e) => return store_failed(e),
     };
+    if let Some((_, size)) = query.iter().find(|(k, _)| k == "thumb") {
+        return get_thumb(&state, &upload, size, &method, &headers).await;
+    }
     let etag = format!("\"{}\"", upload.sha256);
-    let mut resp = Response::builder()
-        .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")
-        .header(header::ETAG, &etag)
-        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
-        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
-        .header(
-            header::CONTENT_SECURITY_POLICY,
-            "default-src 'none'; sandbox",
-        )
-        .header(header::ACCEPT_RANGES, "bytes");
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
-    {
+    let mut resp = immutable(&etag).header(header::ACCEPT_RANGES, "bytes");
+    if not_modified(&headers, &etag) {
         return resp
             .status(StatusCode::NOT_MODIFIED)
             .body(Body::empty())
@@ -678,6 +687,24 @@ async fn get_file(
         if inline { "inline" } else { "attachment" },
         url_escape(&upload.filename)
     );
+    let blobs = &state.modules.api::<Uploads>().blobs;
+    if method == Method::GET {
+        if let Some(url) = blobs
+            .direct_url(&upload.sha256, &upload.content_type, &disposition)
+            .await
+        {
+            // The storage serves the bytes (and ranges); the presigned URL
+            // expires, so the redirect is cached for less than its life.
+            let max_age = state.config.upload.s3.url_ttl_secs / 2;
+            return Response::builder()
+                .status(StatusCode::FOUND)
+                .header(header::LOCATION, url)
+                .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")
+                .header(header::CACHE_CONTROL, format!("private, max-age={max_age}"))
+                .body(Body::empty())
+                .unwrap_or_default();
+        }
+    }
     resp = resp
         .header(header::CONTENT_TYPE, &upload.content_type)
         .header(header::CONTENT_DISPOSITION, disposition);
@@ -702,19 +729,124 @@ async fn get_file(
     if method == Method::HEAD {
         return resp.body(Body::empty()).unwrap_or_default();
     }
-    let path = blob_path(&state.config, &upload.sha256);
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::error!(slot = %upload.slot, error = %e, "an upload's blob is missing");
-            return plain(StatusCode::NOT_FOUND, "no such file");
+    match blobs.read(&upload.sha256, start..start + len).await {
+        Ok(Some(stream)) => resp.body(Body::from_stream(stream)).unwrap_or_default(),
+        Ok(None) => {
+            tracing::error!(slot = %upload.slot, "an upload's blob is missing");
+            plain(StatusCode::NOT_FOUND, "no such file")
         }
-    };
-    if start > 0 && file.seek(std::io::SeekFrom::Start(start)).await.is_err() {
-        return plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the file");
+        Err(e) => {
+            tracing::warn!(slot = %upload.slot, error = %e, "cannot read an upload's blob");
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage unavailable, try again later",
+            )
+        }
     }
-    let stream = tokio_util::io::ReaderStream::new(file.take(len));
-    resp.body(Body::from_stream(stream)).unwrap_or_default()
+}
+
+/// The headers of content that never changes at its URL.
+fn immutable(etag: &str) -> axum::http::response::Builder {
+    Response::builder()
+        .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")
+        .header(header::ETAG, etag)
+        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .header(
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; sandbox",
+        )
+}
+
+fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+}
+
+/// `GET …?thumb=N`: a JPEG preview of an image upload, made once (bounded
+/// in pixels, bytes and time: `thumb`) and kept in the blob store.
+async fn get_thumb(
+    state: &ServerState,
+    upload: &Upload,
+    size: &str,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Response {
+    let refuse = |e: thumb::ThumbError| {
+        let (status, text) = e.status();
+        plain(status, text)
+    };
+    let size = size.parse::<u32>().unwrap_or(0);
+    if !thumb::SIZES.contains(&size) {
+        return refuse(thumb::ThumbError::BadSize(size));
+    }
+    if !thumb::thumbnailable(&upload.content_type) {
+        return refuse(thumb::ThumbError::Unsupported);
+    }
+    if upload.size > thumb::MAX_INPUT {
+        return refuse(thumb::ThumbError::TooLarge);
+    }
+    let etag = format!("\"{}-{size}\"", upload.sha256);
+    let resp = immutable(&etag)
+        .header(header::CONTENT_TYPE, thumb::CONTENT_TYPE)
+        .header(header::CONTENT_DISPOSITION, "inline");
+    if not_modified(headers, &etag) {
+        return resp
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .unwrap_or_default();
+    }
+    let uploads = state.modules.api::<Uploads>();
+    let key = thumb::cache_key(&upload.sha256, size);
+    let unavailable = |e: std::io::Error| {
+        tracing::warn!(error = %e, "cannot read for a preview");
+        plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage unavailable, try again later",
+        )
+    };
+    let jpeg = match read_all(&*uploads.blobs, &key, thumb::MAX_INPUT).await {
+        Ok(Some(cached)) => cached,
+        Ok(None) => {
+            let original = match read_all(&*uploads.blobs, &upload.sha256, thumb::MAX_INPUT).await {
+                Ok(Some(b)) => b,
+                Ok(None) => return plain(StatusCode::NOT_FOUND, "no such file"),
+                Err(e) => return unavailable(e),
+            };
+            let jpeg = match uploads
+                .thumbs
+                .make_bounded(original, &upload.content_type, size)
+                .await
+            {
+                Ok(j) => j,
+                Err(e) => return refuse(e),
+            };
+            if let Err(e) = uploads.blobs.put_small(&key, jpeg.clone().into()).await {
+                tracing::warn!(error = %e, "cannot cache a preview");
+            }
+            jpeg
+        }
+        Err(e) => return unavailable(e),
+    };
+    let resp = resp.header(header::CONTENT_LENGTH, jpeg.len());
+    if *method == Method::HEAD {
+        return resp.body(Body::empty()).unwrap_or_default();
+    }
+    resp.body(Body::from(jpeg)).unwrap_or_default()
+}
+
+/// All of `key` (at most `cap` bytes), or None if there is no such object.
+async fn read_all(blobs: &dyn BlobStore, key: &str, cap: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let Some(mut stream) = blobs.read(key, 0..cap).await? else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    Ok(Some(out))
 }
 
 /// One `bytes=` range (the forms clients send) as inclusive (start, end).
@@ -769,6 +901,61 @@ fn linked_slots(text: &str) -> Vec<&str> {
     out
 }
 
+/// How far back in a conversation a 1:1 retraction is looked for.
+const RETRACT_LOOKBACK: usize = 500;
+
+impl Uploads {
+    /// `author` retracted their message `id` (its origin-id or id) to
+    /// `peer`: release its files. The message is found in the author's
+    /// archive, among the latest RETRACT_LOOKBACK of the conversation.
+    async fn retracted_1to1(
+        &self,
+        state: &ServerState,
+        author: &jid::BareJid,
+        peer: &jid::BareJid,
+        id: &str,
+    ) {
+        let mut q = natter_store::ArchiveQuery {
+            with: Some(peer.to_string()),
+            last_page: true,
+            max: 100,
+            ..Default::default()
+        };
+        let mut seen = 0;
+        loop {
+            let page = match state.store.archive_query(author.as_str(), &q).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot look up a retracted message");
+                    return;
+                }
+            };
+            seen += page.items.len();
+            let limits = natter_xml::Limits::default();
+            let found = page.items.iter().rev().filter(|m| m.outgoing).find(|m| {
+                natter_xml::parse_frame(m.stanza.as_bytes(), &limits).is_ok_and(|el| {
+                    el.attr("id") == Some(id)
+                        || el
+                            .get_child("origin-id", vocab::NS_SID)
+                            .and_then(|o| o.attr("id"))
+                            == Some(id)
+                })
+            });
+            if let Some(m) = found {
+                super::api::Files::message_removed(self, state, &m.stanza, author).await;
+                return;
+            }
+            match page.items.first() {
+                Some(oldest) if !page.complete && seen < RETRACT_LOOKBACK => {
+                    q.before_id = Some(oldest.id.clone());
+                    q.last_page = false;
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl super::api::Files for Uploads {
     async fn message_removed(&self, state: &ServerState, stanza: &str, author: &jid::BareJid) {
@@ -781,12 +968,11 @@ impl super::api::Files for Uploads {
                     continue;
                 }
             };
-            let _placing = self.blobs.lock().await;
+            let _placing = self.placing.lock().await;
             let gone = async {
                 state.store.upload_delete(slot).await?;
                 if !state.store.blob_referenced(&upload.sha256).await? {
-                    let path = blob_path(&state.config, &upload.sha256);
-                    if let Err(e) = tokio::fs::remove_file(&path).await {
+                    if let Err(e) = delete_blob(&*self.blobs, &upload.sha256).await {
                         tracing::warn!(error = %e, "cannot delete a retracted file's blob");
                     }
                 }
@@ -817,8 +1003,13 @@ async fn sweep_task(state: ServerState) {
 }
 
 /// Delete expired uploads, then blobs nothing refers to (older than the
-/// grace period). Returns how many blobs were deleted.
+/// grace period). Returns how many objects were deleted.
 pub async fn sweep(state: &ServerState) -> anyhow::Result<usize> {
+    sweep_older_than(state, GRACE).await
+}
+
+/// `sweep` with another grace period (tests).
+pub async fn sweep_older_than(state: &ServerState, grace: Duration) -> anyhow::Result<usize> {
     let days = state.config.upload.expire_days;
     if days > 0 {
         let before = now_secs() - days as i64 * 86_400;
@@ -834,42 +1025,41 @@ pub async fn sweep(state: &ServerState) -> anyhow::Result<usize> {
     }
     let uploads = state.modules.api::<Uploads>();
     let mut deleted = 0;
-    let root = blobs_dir(&state.config);
-    let mut dirs = vec![root.clone()];
-    while let Some(dir) = dirs.pop() {
-        let Ok(mut entries) = tokio::fs::read_dir(&dir).await else {
+    for obj in uploads.blobs.list().await? {
+        let old = obj.modified.elapsed().is_ok_and(|age| age >= grace);
+        if !old {
+            continue;
+        }
+        // Leftovers of cut-off uploads; blobs nothing refers to, and
+        // previews of them.
+        let source = if obj.key.starts_with("tmp/") {
+            None
+        } else if let Some(thumb) = obj.key.strip_prefix("thumbs/") {
+            Some(thumb.get(..64).unwrap_or_default())
+        } else if blobs::is_blob_key(&obj.key) {
+            Some(obj.key.as_str())
+        } else {
             continue;
         };
-        while let Some(entry) = entries.next_entry().await? {
-            let path = entry.path();
-            let meta = entry.metadata().await?;
-            if meta.is_dir() {
-                dirs.push(path);
+        let _placing = uploads.placing.lock().await;
+        if let Some(sha256) = source {
+            if state.store.blob_referenced(sha256).await? {
                 continue;
-            }
-            let old = meta
-                .modified()
-                .ok()
-                .and_then(|m| m.elapsed().ok())
-                .is_some_and(|age| age > GRACE);
-            if !old {
-                continue;
-            }
-            let name = entry.file_name().to_string_lossy().to_string();
-            // Leftovers of cut-off uploads, and blobs nothing refers to.
-            if name.ends_with(".part") {
-                tokio::fs::remove_file(&path).await?;
-                deleted += 1;
-            } else if name.len() == 64 {
-                let _placing = uploads.blobs.lock().await;
-                if !state.store.blob_referenced(&name).await? {
-                    tokio::fs::remove_file(&path).await?;
-                    deleted += 1;
-                }
             }
         }
+        uploads.blobs.delete(&obj.key).await?;
+        deleted += 1;
     }
     Ok(deleted)
+}
+
+/// Delete a blob and its previews.
+async fn delete_blob(blobs: &dyn BlobStore, sha256: &str) -> std::io::Result<()> {
+    blobs.delete(sha256).await?;
+    for size in thumb::SIZES {
+        blobs.delete(&thumb::cache_key(sha256, *size)).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

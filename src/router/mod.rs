@@ -369,6 +369,22 @@ impl Router {
         Ok((handle, rx, replaced))
     }
 
+    /// A handle for an entity with no session here (a remote sender over
+    /// s2s): never in the table, so routing never finds it; what modules
+    /// send it arrives on the returned queue.
+    pub fn detached(&self, jid: FullJid, limits: QueueLimits) -> (Arc<SessionHandle>, QueueRx) {
+        let (tx, rx) = queue::queue(limits, UserBytes::default());
+        let handle = Arc::new(SessionHandle {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            bare: jid.to_bare(),
+            jid,
+            tx,
+            closing: AtomicBool::new(false),
+            state: Mutex::new(SessionState::default()),
+        });
+        (handle, rx)
+    }
+
     /// Remove a session (only this exact one: a replacement under the same
     /// JID stays).
     pub fn unbind(&self, handle: &SessionHandle) {

@@ -231,7 +231,10 @@ impl TestServer {
 
     /// A logged-in client over direct TLS.
     pub async fn login(&self, user: &str, password: &str, resource: &str) -> Client {
-        let mut c = Client::connect_tls(self.c2s_tls).await;
+        let mut c = Client::tls_raw(self.c2s_tls).await;
+        // The stream goes to the server's own (first) domain.
+        c.domain = self.domain.clone();
+        c.open().await;
         c.login(user, password, resource).await;
         c
     }
@@ -342,6 +345,16 @@ pub fn stanza_error(el: &Element) -> Option<String> {
         .map(|c| c.name.clone())
 }
 
+/// A free loopback port (for servers that must know each other's
+/// address before they start).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn next_id() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     format!("t{}", N.fetch_add(1, Ordering::Relaxed))
@@ -377,63 +390,8 @@ pub fn rss_bytes() -> u64 {
 // TLS (test only: accepts the server's self-signed certificate)
 // ---------------------------------------------------------------------------
 
-#[derive(Debug)]
-struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 pub fn tls_connector() -> tokio_rustls::TlsConnector {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
-        .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(natter::net::tls::unverified_client_config())
 }
 
 async fn tls_handshake(
@@ -1304,4 +1262,134 @@ pub async fn http_bytes(
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     (status, head, raw[split + 4..].to_vec())
+}
+
+/// A real S3-compatible server on loopback for the upload service's S3
+/// backend: moto (`moto[server]` from PyPI, installed into `.venv` by
+/// scripts/test-all and .ci/run; `NATTER_TEST_MOTO` names another
+/// binary). Killed when dropped. Missing moto fails the test, naming the
+/// cause: the S3 suite must not pass untested.
+pub struct S3Server {
+    child: std::process::Child,
+    pub endpoint: String,
+    pub addr: SocketAddr,
+}
+
+impl S3Server {
+    pub async fn start() -> S3Server {
+        let bin = std::env::var("NATTER_TEST_MOTO")
+            .unwrap_or_else(|_| format!("{}/.venv/bin/moto_server", env!("CARGO_MANIFEST_DIR")));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = std::process::Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the S3 tests need moto_server ({bin}: {e}); run scripts/test-all, \
+                     or pip install 'moto[server]' into .venv"
+                )
+            });
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut server = S3Server {
+            child,
+            endpoint: format!("http://{addr}"),
+            addr,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(addr).await.is_err() {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("moto_server ({bin}) exited at start: {status}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "moto_server did not listen within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        server
+    }
+
+    /// A new empty bucket; returns its name.
+    pub async fn bucket(&self) -> String {
+        let name = format!("natter-{:016x}", rand::random::<u64>());
+        let (status, head, _) = http_request(self.addr, "PUT", &format!("/{name}"), "").await;
+        assert_eq!(status, 200, "creating bucket {name}: {head}");
+        name
+    }
+
+    /// Point `c`'s upload service at `bucket` of this server.
+    pub fn use_in(&self, c: &mut Config, bucket: String) {
+        c.upload.storage = "s3".into();
+        c.upload.s3.endpoint = self.endpoint.clone();
+        c.upload.s3.bucket = bucket;
+        c.upload.s3.allow_http = true;
+        c.upload.s3.access_key_id = "test".into();
+        c.upload.s3.secret_access_key = "test".into();
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub const NS_ACCEPT: &str = "jabber:component:accept";
+
+/// Where the server's XEP-0114 listener is bound.
+pub fn component_addr(srv: &TestServer) -> SocketAddr {
+    srv.running
+        .bound
+        .modules
+        .iter()
+        .find(|(what, _)| what.contains("XEP-0114"))
+        .map(|(_, a)| *a)
+        .expect("component listener bound")
+}
+
+/// A component stream to `domain`, up to the server's header; returns the
+/// connection and the stream id.
+pub async fn component_open(addr: SocketAddr, domain: &str) -> (Client, String) {
+    let mut c = Client::tcp_raw(addr).await;
+    c.send_raw(
+        format!(
+            "<?xml version='1.0'?><stream:stream xmlns='{NS_ACCEPT}' \
+             xmlns:stream='http://etherx.jabber.org/streams' to='{domain}'>"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let Event::Open(attrs) = c.next_event().await else {
+        panic!("no stream header");
+    };
+    let id = attrs
+        .iter()
+        .find(|(k, _)| k == "id")
+        .map(|(_, v)| v.clone())
+        .expect("stream id");
+    (c, id)
+}
+
+/// XEP-0114 §3: SHA-1 of stream id and secret, in hex.
+pub fn component_handshake(id: &str, secret: &str) -> String {
+    use sha1::{Digest, Sha1};
+    let digest = Sha1::digest(format!("{id}{secret}").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("<handshake>{hex}</handshake>")
+}
+
+/// A component logged in to `domain`.
+pub async fn component_connect(addr: SocketAddr, domain: &str, secret: &str) -> Client {
+    let (mut c, id) = component_open(addr, domain).await;
+    c.send_raw(component_handshake(&id, secret).as_bytes())
+        .await;
+    let ok = c.recv().await;
+    assert!(ok.is("handshake", NS_ACCEPT), "{ok}");
+    c
 }

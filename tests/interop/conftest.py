@@ -13,6 +13,11 @@ Store: env NATTER_TEST_STORE=postgres gives each server a fresh PostgreSQL
 database `natter_test_<random>` on the server NATTER_TEST_PG_URL names
 (default postgres://postgres@127.0.0.1:5432/postgres), created and dropped
 with psql; unreachable, the test fails (never passes on SQLite instead).
+
+Blob storage: a test that takes the `blob_storage` fixture runs twice, on
+the local disk and on S3 (a moto server on loopback, `moto[server]` from
+requirements.txt, one per session; a fresh bucket per test). Without moto
+the S3 run fails, naming the cause.
 """
 from __future__ import annotations
 
@@ -287,10 +292,71 @@ def read_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
     return data.decode("utf-8", "replace")
 
 
+MOTO = os.environ.get("NATTER_TEST_MOTO", str(REPO / ".venv" / "bin" / "moto_server"))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on loopback for this session."""
+    if not Path(MOTO).exists():
+        pytest.fail(f"the S3 tests need moto_server ({MOTO}): pip install 'moto[server]' "
+                    "into .venv (scripts/test-all does)", pytrace=False)
+    port = free_ports(1)[0]
+    proc = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + STARTUP_SECS
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto_server did not start on port {port}", pytrace=False)
+            time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(params=["disk", "s3"])
+def blob_storage(request):
+    """Extra config putting uploads on the disk or in a fresh S3 bucket."""
+    if request.param == "disk":
+        return {}
+    import urllib.request
+    endpoint = request.getfixturevalue("s3_endpoint")
+    bucket = f"natter-{secrets.token_hex(6)}"
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"))
+    return {"upload": {"storage": "s3", "s3": {
+        "endpoint": endpoint, "bucket": bucket, "allow_http": True,
+        "access_key_id": "test", "secret_access_key": "test"}}}
+
+
+def stored_blobs(server) -> list[str]:
+    """The hashes of the blobs a server's upload service holds, disk or S3."""
+    upload = server.config.get("upload", {})
+    if upload.get("storage") == "s3":
+        import boto3
+        s3 = upload["s3"]
+        client = boto3.client("s3", endpoint_url=s3["endpoint"], region_name="us-east-1",
+                              aws_access_key_id="test", aws_secret_access_key="test")
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=s3["bucket"])
+        names = [o["Key"].rsplit("/", 1)[-1] for p in pages for o in p.get("Contents", [])]
+    else:
+        names = [f.name for f in (server.data_dir / "blobs").rglob("*") if f.is_file()]
+    return sorted(n for n in names if len(n) == 64)
+
+
 @pytest.fixture
 def server(request, tmp_path):
     marker = request.node.get_closest_marker("natter_config")
-    srv = NatterServer(tmp_path, marker.args[0] if marker else None)
+    extra = marker.args[0] if marker else {}
+    if "blob_storage" in request.fixturenames:
+        extra = merge(extra, request.getfixturevalue("blob_storage"))
+    srv = NatterServer(tmp_path, extra)
     request.node.stash[_server_log_key] = srv.log_path
     try:
         srv.start()

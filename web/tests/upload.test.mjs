@@ -16,39 +16,12 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { deflateSync, crc32 } from 'node:zlib';
 import {
-  startNatter, launchChromium, shot, register, addContact, contact, converseOverrides,
+  startNatter, launchChromium, shot, register, addContact, contact, converseOverrides, solidPng,
 } from './harness.mjs';
 
 const STEP = 30000; // ms for any one UI expectation (the machine is slow)
 const FILE = 'natter-green.png';
-
-/** A WIDTH x HEIGHT PNG of one colour (8-bit RGB, no interlace). */
-function solidPng(width, height, [r, g, b]) {
-  const chunk = (type, data) => {
-    const len = Buffer.alloc(4);
-    len.writeUInt32BE(data.length);
-    const body = Buffer.concat([Buffer.from(type, 'ascii'), data]);
-    const crc = Buffer.alloc(4);
-    crc.writeUInt32BE(crc32(body));
-    return Buffer.concat([len, body, crc]);
-  };
-  const ihdr = Buffer.alloc(13);
-  ihdr.writeUInt32BE(width, 0);
-  ihdr.writeUInt32BE(height, 4);
-  ihdr[8] = 8; // bit depth
-  ihdr[9] = 2; // colour type: RGB
-  const row = Buffer.alloc(1 + width * 3); // filter byte 0, then pixels
-  for (let x = 0; x < width; x++) row.set([r, g, b], 1 + x * 3);
-  const raw = Buffer.concat(Array.from({ length: height }, () => row));
-  return Buffer.concat([
-    Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]),
-    chunk('IHDR', ihdr),
-    chunk('IDAT', deflateSync(raw)),
-    chunk('IEND', Buffer.alloc(0)),
-  ]);
-}
 
 const PNG = solidPng(64, 64, [0x12, 0x8c, 0x7e]); // natter's green
 

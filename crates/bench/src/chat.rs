@@ -1,5 +1,6 @@
 //! `chat`: P pairs, sender user(2i) → receiver user(2i+1), each its own
-//! session. Open loop (`--rate`, total msgs/s) or closed loop (`--window`
+//! session. `s2s`: the same with the receivers on another server, so every
+//! message crosses a server-to-server stream (CPU reported for both). Open loop (`--rate`, total msgs/s) or closed loop (`--window`
 //! unacknowledged messages per pair; the receiver task hands the credit back
 //! in-process, so the server carries no extra ack traffic).
 //!
@@ -61,6 +62,21 @@ pub struct ChatArgs {
     pub json: bool,
 }
 
+#[derive(clap::Args)]
+pub struct S2sArgs {
+    #[command(flatten)]
+    pub chat: ChatArgs,
+    /// The receivers' server: c2s port (same --host).
+    #[arg(long)]
+    pub peer_port: u16,
+    /// The receivers' XMPP domain.
+    #[arg(long)]
+    pub peer_domain: String,
+    /// The receivers' server process, for its CPU time.
+    #[arg(long)]
+    pub peer_server_pid: Option<u32>,
+}
+
 /// Messages written in one go at most.
 const BATCH: usize = 64;
 /// Open loop: a message sent at most this late counts from when it was sent.
@@ -95,7 +111,15 @@ struct ReceiverResult {
     failure: Option<String>,
 }
 
-pub async fn run(ctx: Arc<Ctx>, register: bool, a: ChatArgs) -> anyhow::Result<()> {
+/// Senders log in through `ctx`, receivers through `rx_ctx` (the same
+/// server for `chat`, another one for `s2s`).
+pub async fn run(
+    ctx: Arc<Ctx>,
+    rx_ctx: Arc<Ctx>,
+    register: bool,
+    a: ChatArgs,
+) -> anyhow::Result<()> {
+    let s2s = !Arc::ptr_eq(&ctx, &rx_ctx);
     if a.pairs == 0 {
         bail!("--pairs must be at least 1");
     }
@@ -110,14 +134,18 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: ChatArgs) -> anyhow::Result<(
     let window = a.window.unwrap_or(64).max(1);
     need_files(2 * a.pairs, &format!("{} pairs", a.pairs))?;
     let n = 2 * a.pairs;
-    if register {
+    if register && !s2s {
         register_all(&ctx, (0..n).map(|i| ctx.offset + i).collect()).await?;
+    } else if register {
+        let nums = |r: u64| (0..a.pairs).map(|p| ctx.offset + 2 * p + r).collect();
+        register_all(&ctx, nums(0)).await?;
+        register_all(&rx_ctx, nums(1)).await?;
     }
 
     // Receivers first, so that nothing is sent to a session that is not there.
     eprintln!("setting up {} receivers and {} senders", a.pairs, a.pairs);
     let receivers = setup(
-        &ctx,
+        &rx_ctx,
         (0..a.pairs).map(|p| ctx.offset + 2 * p + 1).collect(),
         Then::Presence,
     )
@@ -141,12 +169,19 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: ChatArgs) -> anyhow::Result<(
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     // Server CPU time over exactly the measured window.
-    let cpu_task = ctx.server_pid.map(|pid| {
+    // (with s2s: both servers' CPU, summed).
+    let pids: Vec<u32> = [ctx.server_pid, rx_ctx.server_pid.filter(|_| s2s)]
+        .into_iter()
+        .flatten()
+        .collect();
+    let cpu_task = (!pids.is_empty()).then(|| {
         tokio::spawn(async move {
+            let total =
+                |pids: &[u32]| -> Option<f64> { pids.iter().map(|p| proc_cpu_secs(*p)).sum() };
             tokio::time::sleep_until(instant_at(warm_end)).await;
-            let c0 = proc_cpu_secs(pid);
+            let c0 = total(&pids);
             tokio::time::sleep_until(instant_at(send_end)).await;
-            let c1 = proc_cpu_secs(pid);
+            let c1 = total(&pids);
             c0.zip(c1).map(|(a, b)| b - a)
         })
     });
@@ -160,7 +195,7 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: ChatArgs) -> anyhow::Result<(
             To::Bare => format!(
                 "{}@{}",
                 ctx.user(ctx.offset + 2 * p as u64 + 1),
-                ctx.target.domain
+                rx_ctx.target.domain
             ),
         };
         let closed_loop = a.rate.is_none();
@@ -286,7 +321,7 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: ChatArgs) -> anyhow::Result<(
     );
     if a.json {
         let j = serde_json::json!({
-            "scenario": "chat",
+            "scenario": if s2s { "s2s" } else { "chat" },
             "pairs": a.pairs,
             "mode": if a.rate.is_some() { "rate" } else { "window" },
             "rate": a.rate,

@@ -100,13 +100,7 @@ const MAX_SEQ: u64 = 1 << 24;
 
 /// Resident memory (VmRSS, KiB) of process `pid`.
 pub fn proc_rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    crate::proc_status_kib(pid, "VmRSS:")
 }
 
 /// The send schedule, known once everyone has joined.

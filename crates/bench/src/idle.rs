@@ -22,6 +22,12 @@ pub struct IdleArgs {
     /// Seconds allowed for bringing all sessions up.
     #[arg(long, default_value_t = 600)]
     pub setup_timeout: u64,
+    /// Leave parked sessions instead of connected ones: each enables
+    /// XEP-0198 resumption, then drops its connection without closing the
+    /// stream (a phone losing its network), so the server holds it for
+    /// `c2s.resume_timeout_secs` (what a parked session costs).
+    #[arg(long)]
+    pub park: bool,
 }
 
 #[derive(Default)]
@@ -58,12 +64,26 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: IdleArgs) -> anyhow::Result<(
         let (ctx, counters, errors, sem) =
             (ctx.clone(), counters.clone(), errors.clone(), sem.clone());
         let mut stop = stop_rx.clone();
+        let park = a.park;
         tasks.spawn(async move {
             let setup = async {
                 let _permit = sem.acquire().await?;
                 let mut c =
                     Conn::login(&ctx.target, &ctx.user(i), &ctx.password, &ctx.resource).await?;
                 c.roster_and_presence().await?;
+                if park {
+                    c.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+                        .await?;
+                    loop {
+                        let el = c.next_step("<enabled/>").await?;
+                        if el.name == "enabled" {
+                            break;
+                        }
+                        if el.name == "failed" {
+                            anyhow::bail!("stream management refused: {el}");
+                        }
+                    }
+                }
                 anyhow::Ok(c)
             };
             let conn = tokio::select! {
@@ -87,6 +107,11 @@ pub async fn run(ctx: Arc<Ctx>, register: bool, a: IdleArgs) -> anyhow::Result<(
             };
             counters.done.fetch_add(1, Ordering::Relaxed);
             counters.changed.notify_one();
+            if park {
+                // Dropped, not closed: the server parks the session.
+                drop(conn);
+                return;
+            }
             // Hold: answer pings until told to stop or the server drops us.
             loop {
                 tokio::select! {

@@ -10,6 +10,7 @@ mod mam;
 mod net;
 mod offline;
 mod scram;
+mod upload;
 mod xmpp;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,7 +29,7 @@ use crate::xmpp::{Mech, Registered, Target, TlsMode};
     name = "natter-bench",
     version,
     about = "XMPP load generator (idle sessions, chat throughput/latency, login rate, \
-             offline catch-up, archive paging, group fan-out) for any server on a loopback address"
+             offline catch-up, archive paging, group fan-out, file upload) for any server on a loopback address"
 )]
 struct Cli {
     #[command(flatten)]
@@ -101,6 +102,10 @@ enum Cmd {
     Idle(idle::IdleArgs),
     /// Message pairs: throughput, loss, order and latency.
     Chat(chat::ChatArgs),
+    /// Message pairs across two federated servers: senders on this server,
+    /// receivers on the --peer-* server (server-to-server throughput and
+    /// latency).
+    S2s(chat::S2sArgs),
     /// N logins (connect, TLS, SCRAM, bind, close) with --concurrency at once.
     Login(login::LoginArgs),
     /// Offline catch-up (XEP-0160): messages stored for offline receivers,
@@ -111,6 +116,9 @@ enum Cmd {
     /// Group chat fan-out (XEP-0045): rooms of N members, a few senders per
     /// room at a fixed rate; every member's copies counted.
     Group(group::GroupArgs),
+    /// HTTP File Upload (XEP-0363): slots, PUTs streamed from a generator,
+    /// parallel GETs checked by SHA-256; MB/s both ways and server memory.
+    Upload(upload::UploadArgs),
     /// Only create accounts offset .. offset+N (XEP-0077; existing ones are fine).
     Register {
         /// Accounts to create.
@@ -129,6 +137,7 @@ pub fn instant_at(ns: u64) -> tokio::time::Instant {
     tokio::time::Instant::from_std(*EPOCH.get_or_init(Instant::now) + Duration::from_nanos(ns))
 }
 
+#[derive(Clone)]
 pub struct Ctx {
     pub target: Arc<Target>,
     pub users: String,
@@ -151,6 +160,17 @@ pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     Some((utime + stime) / if tck > 0 { tck as f64 } else { 100.0 })
+}
+
+/// A `/proc/PID/status` field in KiB, e.g. `VmRSS:`.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Prints the server's CPU time over a window of `secs` in which `work`
@@ -201,6 +221,11 @@ impl Errors {
 
     pub fn count(&self) -> usize {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// The first few errors kept.
+    pub fn first(&self) -> Vec<String> {
+        self.first.lock().unwrap().clone()
     }
 
     pub fn report(&self, what: &str) {
@@ -298,11 +323,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let register = c.register;
     match cli.cmd {
         Cmd::Idle(a) => idle::run(ctx, register, a).await,
-        Cmd::Chat(a) => chat::run(ctx, register, a).await,
+        Cmd::Chat(a) => chat::run(ctx.clone(), ctx, register, a).await,
+        Cmd::S2s(a) => {
+            let peer = Arc::new(Target {
+                addr: loopback_target(&c.host, a.peer_port).await?,
+                domain: a.peer_domain.clone(),
+                ..Target::clone(&ctx.target)
+            });
+            let rx = Arc::new(Ctx {
+                target: peer,
+                server_pid: a.peer_server_pid,
+                ..Ctx::clone(&ctx)
+            });
+            chat::run(ctx, rx, register, a.chat).await
+        }
         Cmd::Login(a) => login::run(ctx, register, a).await,
         Cmd::Offline(a) => offline::run(ctx, register, a).await,
         Cmd::Mam(a) => mam::run(ctx, register, a).await,
         Cmd::Group(a) => group::run(ctx, register, a).await,
+        Cmd::Upload(a) => upload::run(ctx, register, a).await,
         Cmd::Register { n } => register_all(&ctx, (0..n).map(|i| ctx.offset + i).collect()).await,
     }
 }

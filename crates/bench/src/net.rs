@@ -165,6 +165,13 @@ pub struct Sources {
     next: AtomicUsize,
 }
 
+impl Clone for Sources {
+    /// A fresh round-robin over the same addresses.
+    fn clone(&self) -> Self {
+        Sources::new(self.n)
+    }
+}
+
 impl Sources {
     pub fn new(n: usize) -> Self {
         Sources {

@@ -43,6 +43,7 @@ pub enum Mech {
 }
 
 /// Where and how to connect; shared by every session of a run.
+#[derive(Clone)]
 pub struct Target {
     pub addr: SocketAddr,
     pub domain: String,

@@ -241,6 +241,9 @@ pub struct PepNodeConfig {
     pub notify_retract: bool,
     /// `pubsub#notify_delete`.
     pub notify_delete: bool,
+    /// `pubsub#item_expire`: items older than this many seconds are not returned and
+    /// are listed by `pep_expired`; 0 = never.
+    pub item_expire_secs: u64,
 }
 
 impl Default for PepNodeConfig {
@@ -255,6 +258,7 @@ impl Default for PepNodeConfig {
             send_last_published_item: "on_sub_and_presence".into(),
             notify_retract: true,
             notify_delete: true,
+            item_expire_secs: 0,
         }
     }
 }
@@ -267,6 +271,14 @@ pub struct PepItem {
     pub payload: String,
     /// When it was (last) published, unix microseconds.
     pub published_micros: i64,
+}
+
+/// A PEP item past its node's `item_expire`, with where it lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PepExpiredItem {
+    pub owner: String,
+    pub node: String,
+    pub item: PepItem,
 }
 
 /// A finished upload (XEP-0363): the slot's metadata and the content hash of
@@ -537,6 +549,15 @@ aggregates! {
         async fn pep_delete_node(&self, owner: &str, node: &str) -> Result<bool, StoreError>;
         /// The owner's node names, sorted.
         async fn pep_nodes(&self, owner: &str) -> Result<Vec<String>, StoreError>;
+        /// Items whose node's `item_expire` has passed at `now_micros`, soonest expired
+        /// first, at most `limit`, across all accounts (the expiry sweep; whoever deletes
+        /// one with `pep_retract` owns its clean-up).
+        async fn pep_expired(&self, now_micros: i64, limit: usize) -> Result<Vec<PepExpiredItem>, StoreError>;
+        /// The node's affiliations (XEP-0060 §8.9) as (jid, affiliation), sorted by jid.
+        async fn pep_affiliations(&self, owner: &str, node: &str) -> Result<Vec<(String, String)>, StoreError>;
+        /// Sets one affiliation; `None` removes it. [`StoreError::NotFound`] if the node
+        /// doesn't exist.
+        async fn pep_set_affiliation(&self, owner: &str, node: &str, jid: &str, affiliation: Option<&str>) -> Result<(), StoreError>;
     }
 
     /// Privacy: blocked JIDs (XEP-0191), as given by the client (bare, full or domain).

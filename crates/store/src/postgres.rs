@@ -178,7 +178,7 @@ impl PgStore {
     /// The node row stays locked until the publish commits, so concurrent publishers (on
     /// any node) take turns.
     const NODE_FOR_PUBLISH: &'static str =
-        "SELECT max_items FROM pep_nodes WHERE owner = $1 AND node = $2 FOR UPDATE";
+        "SELECT max_items, item_expire FROM pep_nodes WHERE owner = $1 AND node = $2 FOR UPDATE";
 
     fn read_pool(&self) -> &PgPool {
         &self.pool

@@ -325,8 +325,8 @@ pub(crate) fn check_mam_default(prefs: &crate::MamPrefs) -> Result<(), StoreErro
 }
 
 /// (access_model, max_items, publish_model, persist_items, send_last_published_item,
-/// notify_retract, notify_delete)
-pub(crate) type PepNodeRow = (String, i64, String, bool, String, bool, bool);
+/// notify_retract, notify_delete, item_expire)
+pub(crate) type PepNodeRow = (String, i64, String, bool, String, bool, bool, i64);
 
 pub(crate) fn to_pep_config(
     (
@@ -337,6 +337,7 @@ pub(crate) fn to_pep_config(
         send_last_published_item,
         notify_retract,
         notify_delete,
+        item_expire,
     ): PepNodeRow,
 ) -> Result<crate::PepNodeConfig, StoreError> {
     Ok(crate::PepNodeConfig {
@@ -348,6 +349,8 @@ pub(crate) fn to_pep_config(
         send_last_published_item,
         notify_retract,
         notify_delete,
+        item_expire_secs: u64::try_from(item_expire)
+            .map_err(|_| StoreError::Backend(format!("corrupt item_expire {item_expire}")))?,
     })
 }
 

@@ -289,6 +289,11 @@ impl $store {
     }
 }
 
+/// `pubsub#item_expire` seconds as stored (BIGINT; 0 = never).
+fn expire_secs(secs: u64) -> i64 {
+    i64::try_from(secs).unwrap_or(i64::MAX)
+}
+
 /// Drops the oldest items of the node beyond `max_items`.
 async fn trim_pep_items(
     tx: &mut Tx,
@@ -853,7 +858,7 @@ impl PepStore for $store {
     async fn pep_node(&self, owner: &str, node: &str) -> Result<Option<PepNodeConfig>, StoreError> {
         let row: Option<crate::sql::PepNodeRow> = sqlx::query_as(
             "SELECT access_model, max_items, publish_model, persist_items, \
-                 send_last_published_item, notify_retract, notify_delete \
+                 send_last_published_item, notify_retract, notify_delete, item_expire \
              FROM pep_nodes WHERE owner = $1 AND node = $2",
         )
         .bind(owner)
@@ -876,15 +881,17 @@ impl PepStore for $store {
         }
         sqlx::query(
             "INSERT INTO pep_nodes (owner, node, access_model, publish_model, max_items, \
-                 persist_items, send_last_published_item, notify_retract, notify_delete) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 persist_items, send_last_published_item, notify_retract, notify_delete, \
+                 item_expire) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (owner, node) DO UPDATE SET \
                  access_model = excluded.access_model, \
                  publish_model = excluded.publish_model, max_items = excluded.max_items, \
                  persist_items = excluded.persist_items, \
                  send_last_published_item = excluded.send_last_published_item, \
                  notify_retract = excluded.notify_retract, \
-                 notify_delete = excluded.notify_delete",
+                 notify_delete = excluded.notify_delete, \
+                 item_expire = excluded.item_expire",
         )
         .bind(owner)
         .bind(node)
@@ -895,6 +902,19 @@ impl PepStore for $store {
         .bind(&cfg.send_last_published_item)
         .bind(cfg.notify_retract)
         .bind(cfg.notify_delete)
+        .bind(expire_secs(cfg.item_expire_secs))
+        .execute(&mut *tx)
+        .await
+        .db()?;
+        // A new item_expire applies to the items already there too.
+        sqlx::query(
+            "UPDATE pep_items SET expires = CASE WHEN $3 > 0 \
+                 THEN published + $3 * 1000000 ELSE NULL END \
+             WHERE owner = $1 AND node = $2",
+        )
+        .bind(owner)
+        .bind(node)
+        .bind(expire_secs(cfg.item_expire_secs))
         .execute(&mut *tx)
         .await
         .db()?;
@@ -911,8 +931,8 @@ impl PepStore for $store {
         payload: &str,
     ) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
-        let max_items: i64 =
-            sqlx::query_scalar(Self::NODE_FOR_PUBLISH)
+        let (max_items, item_expire): (i64, i64) =
+            sqlx::query_as(Self::NODE_FOR_PUBLISH)
                 .bind(owner)
                 .bind(node)
                 .fetch_optional(&mut *tx)
@@ -927,15 +947,18 @@ impl PepStore for $store {
             .execute(&mut *tx)
             .await
             .db()?;
+        let now = now_micros();
+        let expires = (item_expire > 0).then(|| now.saturating_add(item_expire.saturating_mul(1_000_000)));
         sqlx::query(
-            "INSERT INTO pep_items (owner, node, item_id, payload, published) \
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO pep_items (owner, node, item_id, payload, published, expires) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(owner)
         .bind(node)
         .bind(item_id)
         .bind(payload)
-        .bind(now_micros())
+        .bind(now)
+        .bind(expires)
         .execute(&mut *tx)
         .await
         .db()?;
@@ -954,6 +977,8 @@ impl PepStore for $store {
         let mut qb = QueryBuilder::new("SELECT item_id, payload, published FROM pep_items");
         qb.push(" WHERE owner = ").push_bind(owner);
         qb.push(" AND node = ").push_bind(node);
+        // Expired but not swept yet: already gone for readers.
+        qb.push(" AND (expires IS NULL OR expires > ").push_bind(now_micros()).push(")");
         match ids {
             None => {}
             Some([]) => return Ok(Vec::new()),
@@ -1013,6 +1038,92 @@ impl PepStore for $store {
                 .await
                 .db()?,
         )
+    }
+
+    async fn pep_expired(
+        &self,
+        now_micros: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::PepExpiredItem>, StoreError> {
+        let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(
+            "SELECT owner, node, item_id, payload, published FROM pep_items \
+             WHERE expires IS NOT NULL AND expires <= $1 ORDER BY expires LIMIT $2",
+        )
+        .bind(now_micros)
+        .bind(limit_of(limit))
+        .fetch_all(self.read_pool())
+        .await
+        .db()?;
+        Ok(rows
+            .into_iter()
+            .map(|(owner, node, id, payload, published_micros)| crate::PepExpiredItem {
+                owner,
+                node,
+                item: PepItem {
+                    id,
+                    payload,
+                    published_micros,
+                },
+            })
+            .collect())
+    }
+
+    async fn pep_affiliations(
+        &self,
+        owner: &str,
+        node: &str,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT jid, affiliation FROM pep_affiliations \
+             WHERE owner = $1 AND node = $2 ORDER BY jid",
+        )
+        .bind(owner)
+        .bind(node)
+        .fetch_all(self.read_pool())
+        .await
+        .db()?)
+    }
+
+    async fn pep_set_affiliation(
+        &self,
+        owner: &str,
+        node: &str,
+        jid: &str,
+        affiliation: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT max_items FROM pep_nodes WHERE owner = $1 AND node = $2")
+                .bind(owner)
+                .bind(node)
+                .fetch_optional(&mut *tx)
+                .await
+                .db()?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound);
+        }
+        match affiliation {
+            Some(a) => sqlx::query(
+                "INSERT INTO pep_affiliations (owner, node, jid, affiliation) \
+                 VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (owner, node, jid) DO UPDATE SET affiliation = excluded.affiliation",
+            )
+            .bind(owner)
+            .bind(node)
+            .bind(jid)
+            .bind(a),
+            None => sqlx::query(
+                "DELETE FROM pep_affiliations WHERE owner = $1 AND node = $2 AND jid = $3",
+            )
+            .bind(owner)
+            .bind(node)
+            .bind(jid),
+        }
+        .execute(&mut *tx)
+        .await
+        .db()?;
+        tx.commit().await.db()?;
+        Ok(())
     }
 }
 

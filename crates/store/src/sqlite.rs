@@ -352,7 +352,7 @@ impl SqliteStore {
     }
     /// Write transactions are serialized already (`BEGIN IMMEDIATE`): no lock to take.
     const NODE_FOR_PUBLISH: &'static str =
-        "SELECT max_items FROM pep_nodes WHERE owner = $1 AND node = $2";
+        "SELECT max_items, item_expire FROM pep_nodes WHERE owner = $1 AND node = $2";
 
     async fn delete_offline(&self, user: &str, seqs: &[u64]) -> Result<u64, StoreError> {
         // One statement for the whole list: the seqs travel as one JSON array.

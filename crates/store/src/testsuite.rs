@@ -51,6 +51,7 @@ pub async fn conformance(store: &dyn Store) {
     mam_prefs(store).await;
     offline(store).await;
     pep(store).await;
+    pep_expiry_and_affiliations(store).await;
     blocking(store).await;
     kv(store).await;
     rooms(store).await;
@@ -1339,6 +1340,7 @@ async fn pep(store: &dyn Store) {
         send_last_published_item: "never".into(),
         notify_retract: false,
         notify_delete: false,
+        item_expire_secs: 0,
     };
     store
         .pep_create_or_configure(BOB, BOOKMARKS, &cfg)
@@ -1407,6 +1409,129 @@ async fn pep(store: &dyn Store) {
         vec!["transient", AVATAR, BOOKMARKS]
     );
     assert_eq!(store.pep_nodes(CAROL).await.unwrap(), vec![AVATAR]);
+}
+
+/// `pubsub#item_expire` (hidden from reads once due, listed for the sweep, kept over a
+/// restart because it is stored) and whitelist affiliations.
+async fn pep_expiry_and_affiliations(store: &dyn Store) {
+    const STORIES: &str = "urn:xmpp:pubsub-stories:0";
+    let expiring = |secs| PepNodeConfig {
+        max_items: 30,
+        item_expire_secs: secs,
+        ..PepNodeConfig::default()
+    };
+    store
+        .pep_create_or_configure(CAROL, STORIES, &expiring(3600))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.pep_node(CAROL, STORIES).await.unwrap(),
+        Some(expiring(3600))
+    );
+    store
+        .pep_publish(CAROL, STORIES, "s1", "<s1/>")
+        .await
+        .unwrap();
+    store
+        .pep_publish(CAROL, STORIES, "s2", "<s2/>")
+        .await
+        .unwrap();
+    let items = store.pep_items(CAROL, STORIES, None, None).await.unwrap();
+    assert_eq!(items.len(), 2);
+    let now = items[0].published_micros;
+    // Nothing is due now; an hour later both are, oldest first, with where they live.
+    assert!(store.pep_expired(now, 10).await.unwrap().is_empty());
+    let due = store.pep_expired(now + 3_601_000_000, 10).await.unwrap();
+    let ids: Vec<&str> = due.iter().map(|e| e.item.id.as_str()).collect();
+    assert_eq!(ids, ["s1", "s2"]);
+    assert!(due.iter().all(|e| e.owner == CAROL && e.node == STORIES));
+    assert_eq!(due[0].item.payload, "<s1/>");
+    assert_eq!(
+        store
+            .pep_expired(now + 3_601_000_000, 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // Nodes without item_expire never expire.
+    assert!(store
+        .pep_expired(i64::MAX, 100)
+        .await
+        .unwrap()
+        .iter()
+        .all(|e| e.node == STORIES));
+    // Reconfiguring applies to the items already there: with 1 s, they are due
+    // within a second and then hidden from reads.
+    store
+        .pep_create_or_configure(CAROL, STORIES, &expiring(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.pep_expired(now + 1_100_000, 10).await.unwrap().len(),
+        2
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert!(pep_ids(store, CAROL, STORIES).await.is_empty());
+    assert!(store
+        .pep_items(CAROL, STORIES, Some(1), Some(&["s2".to_string()]))
+        .await
+        .unwrap()
+        .is_empty());
+    // The sweep's delete is the usual retraction; a second one finds nothing.
+    assert!(store.pep_retract(CAROL, STORIES, "s1").await.unwrap());
+    assert!(!store.pep_retract(CAROL, STORIES, "s1").await.unwrap());
+    // Back to no expiry: the remaining item is readable again and no longer due.
+    store
+        .pep_create_or_configure(CAROL, STORIES, &expiring(0))
+        .await
+        .unwrap();
+    assert_eq!(pep_ids(store, CAROL, STORIES).await, vec!["s2"]);
+    assert!(store.pep_expired(i64::MAX, 10).await.unwrap().is_empty());
+
+    // Affiliations: per node, sorted, replaced, removed; none for an unknown node.
+    assert!(store
+        .pep_affiliations(CAROL, STORIES)
+        .await
+        .unwrap()
+        .is_empty());
+    for jid in [BOB, "zed@remote.net", "amy@remote.net"] {
+        store
+            .pep_set_affiliation(CAROL, STORIES, jid, Some("member"))
+            .await
+            .unwrap();
+    }
+    store
+        .pep_set_affiliation(CAROL, STORIES, "zed@remote.net", Some("outcast"))
+        .await
+        .unwrap();
+    store
+        .pep_set_affiliation(CAROL, STORIES, "amy@remote.net", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.pep_affiliations(CAROL, STORIES).await.unwrap(),
+        vec![
+            (BOB.to_string(), "member".to_string()),
+            ("zed@remote.net".to_string(), "outcast".to_string())
+        ]
+    );
+    let r = store
+        .pep_set_affiliation(CAROL, "no-such-node", BOB, Some("member"))
+        .await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    // Deleting the node takes its affiliations.
+    assert!(store.pep_delete_node(CAROL, STORIES).await.unwrap());
+    store
+        .pep_create_or_configure(CAROL, STORIES, &expiring(0))
+        .await
+        .unwrap();
+    assert!(store
+        .pep_affiliations(CAROL, STORIES)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store.pep_delete_node(CAROL, STORIES).await.unwrap());
 }
 
 async fn blocking(store: &dyn Store) {

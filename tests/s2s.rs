@@ -1,0 +1,741 @@
+//! RFC 6120 federation between two in-process servers on loopback
+//! (`a.test` and `b.test`, found through `s2s.hosts`): STARTTLS, XEP-0220
+//! dialback, chat both ways with receipts and archiving, IQs answered
+//! across, presence subscriptions and broadcast (RFC 6121) both ways, the
+//! sender's archive copy and carbons of messages to remote users, bounces
+//! for unreachable domains, and a peer forging another domain's `from`
+//! refused with `invalid-from`; and natter with Debian's Prosody.
+
+mod common;
+
+use common::*;
+use natter_xml::{Element, NS_CLIENT};
+use std::net::SocketAddr;
+
+const NS_RECEIPTS: &str = "urn:xmpp:receipts";
+
+async fn federated(domain: &str, port: u16, peers: &[(&str, String)]) -> TestServer {
+    let peers: Vec<(String, String)> = peers
+        .iter()
+        .map(|(d, a)| (d.to_string(), a.clone()))
+        .collect();
+    let domain = domain.to_string();
+    start_server(move |c| {
+        c.domains = vec![domain];
+        c.listen.s2s = format!("127.0.0.1:{port}");
+        c.s2s.connect_timeout_secs = 5;
+        c.s2s.hosts = peers.into_iter().collect();
+    })
+    .await
+}
+
+async fn pair() -> (TestServer, TestServer) {
+    let (pa, pb) = (free_port(), free_port());
+    let a = federated("a.test", pa, &[("b.test", format!("127.0.0.1:{pb}"))]).await;
+    let b = federated("b.test", pb, &[("a.test", format!("127.0.0.1:{pa}"))]).await;
+    (a, b)
+}
+
+fn body(el: &Element) -> Option<String> {
+    el.child_text("body", NS_CLIENT)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_on_two_servers_chat_both_ways_with_receipts() {
+    let (a, b) = pair().await;
+    let alice = a.add_user("alice", "password").await;
+    let bob = b.add_user("bob", "password").await;
+    let mut ca = a.login(&alice, "password", "phone").await;
+    let mut cb = b.login(&bob, "password", "laptop").await;
+    ca.send(&xml("<presence/>")).await;
+    cb.send(&xml("<presence/>")).await;
+
+    let mut m = message(&bob, "hello from a");
+    m.append_child(Element::new("request", NS_RECEIPTS));
+    let id = m.attr("id").unwrap().to_string();
+    ca.send(&m).await;
+    let got = cb.recv_until(|e| e.name == "message").await;
+    assert_eq!(body(&got).as_deref(), Some("hello from a"));
+    assert_eq!(got.attr("from"), Some(ca.jid()));
+    // The receiving server archived it for bob (XEP-0359 stanza-id by bob).
+    let sid = got
+        .get_child("stanza-id", "urn:xmpp:sid:0")
+        .expect("stanza-id");
+    assert_eq!(sid.attr("by"), Some(bob.as_str()));
+
+    // Bob's receipt and reply travel back over b → a.
+    let receipt = Element::new("message", NS_CLIENT)
+        .with_attr("to", ca.jid())
+        .with_child(Element::new("received", NS_RECEIPTS).with_attr("id", id.as_str()));
+    cb.send(&receipt).await;
+    let r = ca.recv_until(|e| e.name == "message").await;
+    assert_eq!(
+        r.get_child("received", NS_RECEIPTS)
+            .and_then(|x| x.attr("id")),
+        Some(id.as_str())
+    );
+    assert_eq!(r.attr("from"), Some(cb.jid()));
+    cb.send(&message(&alice, "hi back from b")).await;
+    let back = ca
+        .recv_until(|e| e.name == "message" && body(e).is_some())
+        .await;
+    assert_eq!(body(&back).as_deref(), Some("hi back from b"));
+    // A burst crosses in runs (one archive write per run on the receiving
+    // side): complete and in order.
+    for i in 0..300 {
+        cb.send(&message(&alice, &format!("burst {i}"))).await;
+    }
+    for i in 0..300 {
+        let got = ca
+            .recv_until(|e| e.name == "message" && body(e).is_some())
+            .await;
+        assert_eq!(body(&got), Some(format!("burst {i}")));
+        assert!(got.get_child("stanza-id", "urn:xmpp:sid:0").is_some());
+    }
+
+    // An IQ to a remote full JID is relayed, and its result comes back.
+    let mut ping = ping_iq(Some(cb.jid()));
+    ping.set_attr("id", "p1");
+    ca.send(&ping).await;
+    let got = cb.recv_until(|e| e.name == "iq").await;
+    assert_eq!(got.attr("from"), Some(ca.jid()));
+    let pong = Element::new("iq", NS_CLIENT)
+        .with_attr("type", "result")
+        .with_attr("id", "p1")
+        .with_attr("to", ca.jid());
+    cb.send(&pong).await;
+    let r = ca.recv_until(|e| e.name == "iq").await;
+    assert_eq!(
+        (r.attr("type"), r.attr("from")),
+        (Some("result"), Some(cb.jid()))
+    );
+
+    // Alice's received message is in bob's archive on b (MAM).
+    let q = xml("<iq type='set' id='q1'><query xmlns='urn:xmpp:mam:2'/></iq>");
+    cb.send(&q).await;
+    let hit = cb
+        .recv_until(|e| e.name == "message" && e.get_child("result", "urn:xmpp:mam:2").is_some())
+        .await;
+    assert!(hit.to_string().contains("hello from a"), "{hit}");
+
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_domain_bounces_remote_server_not_found() {
+    let closed = free_port();
+    let a = federated(
+        "a.test",
+        free_port(),
+        &[("nowhere.test", format!("127.0.0.1:{closed}"))],
+    )
+    .await;
+    let alice = a.add_user("alice", "password").await;
+    let mut ca = a.login(&alice, "password", "r").await;
+    let _ = alice;
+    ca.send(&message("someone@nowhere.test", "anyone there?"))
+        .await;
+    let e = ca.recv_until(|e| e.name == "message").await;
+    assert_eq!(e.attr("type"), Some("error"));
+    assert_eq!(stanza_error(&e).as_deref(), Some("remote-server-not-found"));
+    assert_eq!(e.attr("from"), Some("someone@nowhere.test"));
+    // Accepted before the bounce: the sender's archive keeps it.
+    assert_eq!(archived_bodies(&mut ca).await, ["anyone there?"]);
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_domain_bounces_remote_server_timeout() {
+    // Accepts TCP and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = silent.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let port = free_port();
+    let a = start_server(move |c| {
+        c.domains = vec!["a.test".into()];
+        c.listen.s2s = format!("127.0.0.1:{port}");
+        c.s2s.connect_timeout_secs = 1;
+        c.s2s.hosts = [("silent.test".to_string(), addr.to_string())]
+            .into_iter()
+            .collect();
+    })
+    .await;
+    let alice = a.add_user("alice", "password").await;
+    let mut ca = a.login(&alice, "password", "r").await;
+    ca.send(&message("x@silent.test", "hello?")).await;
+    let e = ca.recv_until(|e| e.name == "message").await;
+    assert_eq!(stanza_error(&e).as_deref(), Some("remote-server-timeout"));
+    hold.abort();
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_domains_are_refused_at_once() {
+    let a = start_server(|c| {
+        c.domains = vec!["a.test".into()];
+        c.listen.s2s = "127.0.0.1:0".into();
+        c.s2s.deny = vec!["evil.test".into()];
+    })
+    .await;
+    let alice = a.add_user("alice", "password").await;
+    let mut ca = a.login(&alice, "password", "r").await;
+    ca.send(&message("x@evil.test", "hi")).await;
+    let e = ca.recv_until(|e| e.name == "message").await;
+    assert_eq!(stanza_error(&e).as_deref(), Some("remote-server-not-found"));
+    a.stop().await;
+}
+
+/// Read into `buf` until it holds `needle` (5 s at most).
+async fn read_until<S: tokio::io::AsyncRead + Unpin>(s: &mut S, buf: &mut String, needle: &str) {
+    use tokio::io::AsyncReadExt;
+    let wait = async {
+        while !buf.contains(needle) {
+            let mut b = [0u8; 4096];
+            let n = s.read(&mut b).await.unwrap();
+            assert!(n > 0, "connection closed waiting for {needle:?}: {buf}");
+            buf.push_str(std::str::from_utf8(&b[..n]).unwrap());
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), wait)
+        .await
+        .unwrap_or_else(|_| panic!("no {needle:?} in {buf}"));
+}
+
+fn header(from: &str, to: &str, id: &str) -> String {
+    format!(
+        "<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' \
+         xmlns:db='jabber:server:dialback' from='{from}' to='{to}' id='{id}' version='1.0'>"
+    )
+}
+
+/// The server of `evil.test` as dialback sees it: it vouches for any key.
+async fn vouching_server(l: tokio::net::TcpListener) {
+    use tokio::io::AsyncWriteExt;
+    let ck = rcgen::generate_simple_self_signed(vec!["evil.test".into()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.key_pair.serialize_der()).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    while let Ok((mut s, _)) = l.accept().await {
+        let mut buf = String::new();
+        read_until(&mut s, &mut buf, "'>").await;
+        let features = "<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/></stream:features>";
+        s.write_all((header("evil.test", "b.test", "v1") + features).as_bytes())
+            .await
+            .unwrap();
+        read_until(&mut s, &mut buf, "<starttls").await;
+        s.write_all(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+            .await
+            .unwrap();
+        let mut t = acceptor.accept(s).await.unwrap();
+        let mut buf = String::new();
+        read_until(&mut t, &mut buf, "'>").await;
+        t.write_all((header("evil.test", "b.test", "v2") + "<stream:features/>").as_bytes())
+            .await
+            .unwrap();
+        read_until(&mut t, &mut buf, "</verify>").await;
+        let id = buf
+            .rsplit(" id='")
+            .next()
+            .and_then(|r| r.split('\'').next())
+            .unwrap()
+            .to_string();
+        let ok = format!("<db:verify from='evil.test' to='b.test' id='{id}' type='valid'/>");
+        t.write_all(ok.as_bytes()).await.unwrap();
+        t.flush().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_forging_another_domains_from_is_refused() {
+    use tokio::io::AsyncWriteExt;
+    let evil = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let evil_addr = evil.local_addr().unwrap();
+    tokio::spawn(vouching_server(evil));
+    let pb = free_port();
+    let b = federated("b.test", pb, &[("evil.test", evil_addr.to_string())]).await;
+    let bob = b.add_user("bob", "password").await;
+    let mut cb = b.login(&bob, "password", "r").await;
+    cb.send(&xml("<presence/>")).await;
+
+    // evil.test authenticates honestly (its server vouches for its key)...
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", pb))
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.write_all(header("evil.test", "b.test", "").as_bytes())
+        .await
+        .unwrap();
+    read_until(&mut s, &mut buf, "</stream:features>").await;
+    assert!(buf.contains("starttls"), "{buf}");
+    s.write_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        .await
+        .unwrap();
+    read_until(&mut s, &mut buf, "<proceed").await;
+    let name = rustls::pki_types::ServerName::try_from("b.test").unwrap();
+    let mut t = tls_connector().connect(name, s).await.unwrap();
+    let mut buf = String::new();
+    t.write_all(header("evil.test", "b.test", "").as_bytes())
+        .await
+        .unwrap();
+    read_until(&mut t, &mut buf, "</stream:features>").await;
+    let id = buf
+        .split(" id='")
+        .nth(1)
+        .and_then(|r| r.split('\'').next())
+        .unwrap()
+        .to_string();
+    assert!(!id.is_empty());
+    t.write_all(b"<db:result from='evil.test' to='b.test'>anykey</db:result>")
+        .await
+        .unwrap();
+    read_until(&mut t, &mut buf, "type='valid'").await;
+
+    // ... then speaks for a.test: the stream ends with invalid-from.
+    t.write_all(
+        format!(
+            "<message from='mallory@a.test' to='{bob}' type='chat'><body>forged</body></message>"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    read_until(&mut t, &mut buf, "invalid-from").await;
+    // Nothing reached bob.
+    let got = cb.read_to_end(std::time::Duration::from_millis(300)).await;
+    assert!(!got.iter().any(|e| e.name == "message"), "{got:?}");
+    b.stop().await;
+}
+
+const NS_ROSTER: &str = "jabber:iq:roster";
+
+/// Logged in to `srv`, roster requested, available.
+async fn online(srv: &TestServer, bare: &str, res: &str) -> Client {
+    available(srv.login(bare, "password", res).await).await
+}
+
+/// Requests the roster (so roster pushes come) and sends initial presence.
+async fn available(mut c: Client) -> Client {
+    let r = c
+        .iq(xml(&format!(
+            "<iq type='get'><query xmlns='{NS_ROSTER}'/></iq>"
+        )))
+        .await;
+    assert_eq!(r.attr("type"), Some("result"), "{r}");
+    c.send(&xml("<presence/>")).await;
+    c
+}
+
+fn pres(to: &str, kind: Option<&str>) -> Element {
+    let p = Element::new("presence", NS_CLIENT).with_attr("to", to);
+    match kind {
+        Some(k) => p.with_attr("type", k),
+        None => p,
+    }
+}
+
+fn is_pres(e: &Element, from: &str, kind: Option<&str>) -> bool {
+    e.name == "presence" && e.attr("from") == Some(from) && e.attr("type") == kind
+}
+
+/// The subscription (and ask) a roster push gives `jid`.
+async fn pushed(c: &mut Client, jid: &str) -> (String, Option<String>) {
+    let iq = c
+        .recv_matching(|e| {
+            e.name == "iq"
+                && e.get_child("query", NS_ROSTER)
+                    .and_then(|q| q.children().next())
+                    .is_some_and(|i| i.attr("jid") == Some(jid))
+        })
+        .await;
+    let item = iq
+        .get_child("query", NS_ROSTER)
+        .unwrap()
+        .children()
+        .next()
+        .unwrap();
+    (
+        item.attr("subscription").unwrap().to_string(),
+        item.attr("ask").map(str::to_string),
+    )
+}
+
+/// Roster pushes for `jid` until one says `sub`.
+async fn until_sub(c: &mut Client, jid: &str, sub: &str) {
+    while pushed(c, jid).await.0 != sub {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_subscriptions_and_broadcast_across_servers() {
+    let (a, b) = pair().await;
+    let alice = a.add_user("alice", "password").await;
+    let bob = b.add_user("bob", "password").await;
+    let carol = b.add_user("carol", "password").await;
+    let mut ca = online(&a, &alice, "phone").await;
+    let mut cb = online(&b, &bob, "laptop").await;
+
+    // alice → bob: subscribe; bob's server keeps it pending and shows it.
+    ca.send(&pres(&bob, Some("subscribe"))).await;
+    assert_eq!(
+        pushed(&mut ca, &bob).await,
+        ("none".into(), Some("subscribe".into()))
+    );
+    cb.recv_matching(|e| is_pres(e, &alice, Some("subscribe")))
+        .await;
+    // bob approves: alice's item becomes `to` and she gets bob's presence.
+    cb.send(&pres(&alice, Some("subscribed"))).await;
+    assert_eq!(pushed(&mut cb, &alice).await.0, "from");
+    assert_eq!(pushed(&mut ca, &bob).await, ("to".into(), None));
+    ca.recv_matching(|e| is_pres(e, cb.jid(), None)).await;
+
+    // bob → alice, approved: both.
+    cb.send(&pres(&alice, Some("subscribe"))).await;
+    ca.recv_matching(|e| is_pres(e, &bob, Some("subscribe")))
+        .await;
+    ca.send(&pres(&bob, Some("subscribed"))).await;
+    until_sub(&mut ca, &bob, "both").await;
+    until_sub(&mut cb, &alice, "both").await;
+    cb.recv_matching(|e| is_pres(e, ca.jid(), None)).await;
+
+    // A status change reaches the remote subscriber.
+    ca.send(&xml("<presence><status>busy</status></presence>"))
+        .await;
+    let p = cb
+        .recv_matching(|e| {
+            is_pres(e, ca.jid(), None) && e.child_text("status", NS_CLIENT).is_some()
+        })
+        .await;
+    assert_eq!(p.child_text("status", NS_CLIENT).as_deref(), Some("busy"));
+
+    // A second device of alice logs in: its probe fetches bob's presence
+    // from b, and bob sees the new resource.
+    let mut ca2 = online(&a, &alice, "tablet").await;
+    ca2.recv_matching(|e| is_pres(e, cb.jid(), None)).await;
+    cb.recv_matching(|e| is_pres(e, ca2.jid(), None)).await;
+
+    // Directed presence to a stranger on b, then logout: carol gets both
+    // the available and the unavailable; bob gets the unavailable.
+    let mut cc = online(&b, &carol, "r").await;
+    ca2.send(&pres(&carol, None)).await;
+    cc.recv_matching(|e| is_pres(e, ca2.jid(), None)).await;
+    let gone = ca2.jid().to_string();
+    ca2.close().await;
+    cb.recv_matching(|e| is_pres(e, &gone, Some("unavailable")))
+        .await;
+    cc.recv_matching(|e| is_pres(e, &gone, Some("unavailable")))
+        .await;
+
+    // bob removes alice: she gets unsubscribe + unsubscribed and her item
+    // goes to `none`; bob's other presence stops reaching her.
+    let rm = format!(
+        "<iq type='set'><query xmlns='{NS_ROSTER}'><item jid='{alice}' subscription='remove'/></query></iq>"
+    );
+    let r = cb.iq(xml(&rm)).await;
+    assert_eq!(r.attr("type"), Some("result"), "{r}");
+    ca.recv_matching(|e| is_pres(e, cb.jid(), Some("unavailable")))
+        .await;
+    until_sub(&mut ca, &bob, "none").await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_user_cannot_change_a_roster_uninvited() {
+    let (a, b) = pair().await;
+    let alice = a.add_user("alice", "password").await;
+    let mallory = b.add_user("mallory", "password").await;
+    let mut ca = online(&a, &alice, "r").await;
+    let mut cm = online(&b, &mallory, "r").await;
+    // `subscribed` nobody asked for, `unsubscribe` with no subscription:
+    // RFC 6121 A.3.3 / A.3.2 say to ignore them.
+    cm.send(&pres(&alice, Some("subscribed"))).await;
+    cm.send(&pres(&alice, Some("unsubscribe"))).await;
+    // A probe from a non-subscriber gets no presence (alice's server says
+    // `unsubscribed`, which b drops as mallory never subscribed).
+    cm.send(&pres(&alice, Some("probe"))).await;
+    let got = cm.read_to_end(std::time::Duration::from_millis(500)).await;
+    let from_alice = |e: &Element| e.attr("from").is_some_and(|f| f.starts_with("alice@"));
+    assert!(
+        !got.iter().any(|e| e.name == "presence" && from_alice(e)),
+        "{got:?}"
+    );
+    let r = ca
+        .iq(xml(&format!(
+            "<iq type='get'><query xmlns='{NS_ROSTER}'/></iq>"
+        )))
+        .await;
+    let q = r.get_child("query", NS_ROSTER).unwrap();
+    assert_eq!(q.children().count(), 0, "{r}");
+    let got = ca.read_to_end(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !got.iter()
+            .any(|e| e.name == "presence" && e.attr("from") != Some(ca.jid())),
+        "{got:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The bodies in `c`'s own archive (XEP-0313), oldest first.
+async fn archived_bodies(c: &mut Client) -> Vec<String> {
+    c.send(&xml(
+        "<iq type='set' id='mam'><query xmlns='urn:xmpp:mam:2' queryid='q'/></iq>",
+    ))
+    .await;
+    let mut out = Vec::new();
+    loop {
+        let e = c
+            .recv_until(|e| e.name == "message" || (e.name == "iq" && e.attr("id") == Some("mam")))
+            .await;
+        if e.name == "iq" {
+            return out;
+        }
+        if let Some(r) = e.get_child("result", "urn:xmpp:mam:2") {
+            let fwd = r.get_child("forwarded", "urn:xmpp:forward:0").unwrap();
+            let m = fwd.get_child("message", NS_CLIENT).unwrap();
+            out.extend(body(m));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_to_remote_users_are_archived_and_carbon_copied() {
+    let (a, b) = pair().await;
+    let alice = a.add_user("alice", "password").await;
+    let bob = b.add_user("bob", "password").await;
+    let mut phone = online(&a, &alice, "phone").await;
+    let mut laptop = online(&a, &alice, "laptop").await;
+    let r = laptop
+        .iq(xml(
+            "<iq type='set'><enable xmlns='urn:xmpp:carbons:2'/></iq>",
+        ))
+        .await;
+    assert_eq!(r.attr("type"), Some("result"), "{r}");
+    let mut cb = online(&b, &bob, "r").await;
+
+    phone.send(&message(&bob, "to b, with copies")).await;
+    let got = cb.recv_until(|e| e.name == "message").await;
+    assert_eq!(body(&got).as_deref(), Some("to b, with copies"));
+    // Only bob's server's stanza-id reaches bob, not alice's archive id.
+    let ids: Vec<_> = got
+        .children()
+        .filter(|c| c.is("stanza-id", "urn:xmpp:sid:0"))
+        .map(|c| c.attr("by").unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(ids, [bob.as_str()]);
+
+    // XEP-0280: the laptop gets a sent carbon with alice's archive id.
+    let carbon = laptop
+        .recv_until(|e| e.name == "message" && e.get_child("sent", "urn:xmpp:carbons:2").is_some())
+        .await;
+    let inner = carbon
+        .get_child("sent", "urn:xmpp:carbons:2")
+        .and_then(|s| s.get_child("forwarded", "urn:xmpp:forward:0"))
+        .and_then(|f| f.get_child("message", NS_CLIENT))
+        .unwrap();
+    assert_eq!(body(inner).as_deref(), Some("to b, with copies"));
+    let sid = inner.get_child("stanza-id", "urn:xmpp:sid:0").unwrap();
+    assert_eq!(sid.attr("by"), Some(alice.as_str()));
+
+    // XEP-0313: alice's own archive has it.
+    assert_eq!(archived_bodies(&mut phone).await, ["to b, with copies"]);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Debian's Prosody as a child process: its own config, data and
+/// certificate in a temp dir, c2s and s2s on free loopback ports, dialback
+/// with `s2s_secure_auth = false` (self-signed certificates both ways).
+struct Prosody {
+    child: tokio::process::Child,
+    c2s: SocketAddr,
+    s2s: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Prosody {
+    async fn start(domain: &str, users: &[&str]) -> Prosody {
+        let bin = std::process::Command::new("prosody").arg("-v").output();
+        assert!(
+            bin.is_ok(),
+            "prosody is not installed (apt-get install -y prosody)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+        let ck = rcgen::generate_simple_self_signed(vec![domain.to_string()]).unwrap();
+        std::fs::write(path("p.crt"), ck.cert.pem()).unwrap();
+        std::fs::write(path("p.key"), ck.key_pair.serialize_pem()).unwrap();
+        std::fs::create_dir(path("data")).unwrap();
+        let (c2s, s2s) = (free_port(), free_port());
+        let cfg = format!(
+            r#"run_as_root = true
+pidfile = "{pid}"
+data_path = "{data}"
+certificates = "{dir}"
+interfaces = {{ "127.0.0.1" }}
+c2s_ports = {{ {c2s} }}
+s2s_ports = {{ {s2s} }}
+s2s_require_encryption = true
+s2s_secure_auth = false
+authentication = "internal_plain"
+log = {{ debug = "{log}" }}
+modules_enabled = {{ "roster", "saslauth", "tls", "dialback", "disco", "ping" }}
+ssl = {{ certificate = "{crt}", key = "{key}" }}
+VirtualHost "{domain}"
+"#,
+            pid = path("p.pid"),
+            data = path("data"),
+            dir = dir.path().display(),
+            log = path("prosody.log"),
+            crt = path("p.crt"),
+            key = path("p.key"),
+        );
+        let cfg_path = path("prosody.cfg.lua");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        for u in users {
+            let st = std::process::Command::new("prosodyctl")
+                .args(["--config", &cfg_path, "register", u, domain, "password"])
+                .output()
+                .unwrap();
+            assert!(st.status.success(), "prosodyctl register: {st:?}");
+        }
+        let child = tokio::process::Command::new("prosody")
+            .args(["-F", "--config", &cfg_path])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let c2s: SocketAddr = format!("127.0.0.1:{c2s}").parse().unwrap();
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(c2s).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Prosody {
+            child,
+            c2s,
+            s2s: format!("127.0.0.1:{s2s}").parse().unwrap(),
+            _dir: dir,
+        }
+    }
+
+    /// A c2s client logged in (PLAIN over STARTTLS), roster requested,
+    /// available.
+    async fn online(&self, domain: &str, user: &str, res: &str) -> Client {
+        let mut c = Client::tcp_raw(self.c2s).await;
+        c.domain = domain.to_string();
+        c.open().await;
+        c.starttls().await;
+        c.open().await;
+        let jid = format!("{user}@{domain}");
+        c.login_with(natter_sasl::Mechanism::Plain, &jid, "password", res)
+            .await;
+        available(c).await
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("prosody.log")).unwrap_or_default()
+    }
+}
+
+/// natter ↔ Prosody. Prosody finds a server by DNS only (SRV, then A on
+/// 5269; no static host map), so natter's domain here is an IP literal
+/// (RFC 7622 allows it), which Prosody connects to on port 5269 without
+/// DNS: natter listens on 127.0.0.N:5269 with N random, so parallel runs
+/// don't collide. natter finds Prosody through `s2s.hosts`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn natter_and_prosody_chat_and_subscribe() {
+    let n = 2 + (std::process::id() % 250);
+    let natter_domain = format!("127.0.0.{n}");
+    let prosody = Prosody::start("prosody.test", &["alice"]).await;
+    let nd = natter_domain.clone();
+    let ps2s = prosody.s2s.to_string();
+    let srv = start_server(move |c| {
+        c.domains = vec![nd.clone()];
+        c.listen.s2s = format!("{nd}:5269");
+        c.s2s.connect_timeout_secs = 10;
+        c.s2s.hosts = [
+            ("prosody.test".to_string(), ps2s),
+            (
+                "nowhere.test".to_string(),
+                format!("127.0.0.1:{}", free_port()),
+            ),
+        ]
+        .into_iter()
+        .collect();
+    })
+    .await;
+    let bob = srv.add_user("bob", "password").await;
+    let mut cb = online(&srv, &bob, "laptop").await;
+    let mut ca = prosody.online("prosody.test", "alice", "phone").await;
+    let alice = "alice@prosody.test";
+
+    // natter → Prosody.
+    cb.send(&message(alice, "hello prosody")).await;
+    let got = ca
+        .recv_until(|e| e.name == "message" && body(e).is_some())
+        .await;
+    assert_eq!(
+        body(&got).as_deref(),
+        Some("hello prosody"),
+        "{}",
+        prosody.log()
+    );
+    assert_eq!(got.attr("from"), Some(cb.jid()));
+    // Prosody → natter.
+    ca.send(&message(&bob, "hello natter")).await;
+    let got = cb
+        .recv_until(|e| e.name == "message" && body(e).is_some())
+        .await;
+    assert_eq!(body(&got).as_deref(), Some("hello natter"));
+    assert_eq!(got.attr("from"), Some(ca.jid()));
+
+    // bob subscribes to alice, she approves: bob's item is `to` and he
+    // gets her presence.
+    cb.send(&pres(alice, Some("subscribe"))).await;
+    ca.recv_matching(|e| is_pres(e, &bob, Some("subscribe")))
+        .await;
+    ca.send(&pres(&bob, Some("subscribed"))).await;
+    until_sub(&mut cb, alice, "to").await;
+    cb.recv_matching(|e| is_pres(e, ca.jid(), None)).await;
+    // alice subscribes to bob, he approves: both, and she sees him.
+    ca.send(&pres(&bob, Some("subscribe"))).await;
+    cb.recv_matching(|e| is_pres(e, alice, Some("subscribe")))
+        .await;
+    cb.send(&pres(alice, Some("subscribed"))).await;
+    until_sub(&mut cb, alice, "both").await;
+    ca.recv_matching(|e| is_pres(e, cb.jid(), None)).await;
+    // Presence changes travel both ways.
+    cb.send(&xml("<presence><show>away</show></presence>"))
+        .await;
+    ca.recv_matching(|e| is_pres(e, cb.jid(), None) && e.child_text("show", NS_CLIENT).is_some())
+        .await;
+    let gone = ca.jid().to_string();
+    ca.close().await;
+    cb.recv_matching(|e| is_pres(e, &gone, Some("unavailable")))
+        .await;
+
+    // A domain nobody answers for bounces.
+    cb.send(&message("x@nowhere.test", "anyone?")).await;
+    let e = cb
+        .recv_until(|e| e.name == "message" && e.attr("type") == Some("error"))
+        .await;
+    assert_eq!(stanza_error(&e).as_deref(), Some("remote-server-not-found"));
+    srv.stop().await;
+    let mut p = prosody;
+    let _ = p.child.kill().await;
+}
