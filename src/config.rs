@@ -49,8 +49,13 @@ pub struct S2sConfig {
     pub allow: Vec<String>,
     /// Never these remote domains.
     pub deny: Vec<String>,
-    /// Static addresses of remote domains ("host:port"), used instead of DNS.
+    /// Static addresses of remote domains, used instead of DNS:
+    /// "host:port" (STARTTLS) or "tls://host:port" (direct TLS, XEP-0368).
     pub hosts: std::collections::BTreeMap<String, String>,
+    /// PEM file of extra certificate authorities (beside the system's) that
+    /// peers' certificates may chain to for SASL EXTERNAL (XEP-0178):
+    /// private networks and tests. Empty: the system's roots only.
+    pub ca_file: String,
     /// Seconds an unused server-to-server connection stays open.
     pub idle_timeout_secs: u64,
     /// Seconds to connect and authenticate before queued stanzas bounce.
@@ -68,6 +73,7 @@ impl Default for S2sConfig {
             allow: Vec::new(),
             deny: Vec::new(),
             hosts: Default::default(),
+            ca_file: String::new(),
             idle_timeout_secs: 600,
             connect_timeout_secs: 30,
             max_queue: 1024,
@@ -277,6 +283,9 @@ pub struct Listen {
     pub component: String,
     /// Server-to-server (RFC 6120); opened only when s2s is enabled.
     pub s2s: String,
+    /// Server-to-server with direct TLS (XEP-0368, `_xmpps-server._tcp`);
+    /// opened only when s2s is enabled. Empty disables.
+    pub s2s_tls: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -506,6 +515,7 @@ impl Default for Listen {
             http: "0.0.0.0:5280".into(),
             component: "127.0.0.1:5347".into(),
             s2s: "0.0.0.0:5269".into(),
+            s2s_tls: "0.0.0.0:5270".into(),
         }
     }
 }
@@ -872,10 +882,11 @@ impl Config {
                 anyhow::bail!("s2s.hosts: {d:?} is not a remote domain");
             }
             if addr
+                .trim_start_matches("tls://")
                 .rsplit_once(':')
                 .is_none_or(|(_, p)| p.parse::<u16>().is_err())
             {
-                anyhow::bail!("s2s.hosts.{d:?}: {addr:?} is not host:port");
+                anyhow::bail!("s2s.hosts.{d:?}: {addr:?} is not host:port or tls://host:port");
             }
         }
         if s.idle_timeout_secs == 0 || s.connect_timeout_secs == 0 {

@@ -15,18 +15,7 @@ use std::net::SocketAddr;
 const NS_RECEIPTS: &str = "urn:xmpp:receipts";
 
 async fn federated(domain: &str, port: u16, peers: &[(&str, String)]) -> TestServer {
-    let peers: Vec<(String, String)> = peers
-        .iter()
-        .map(|(d, a)| (d.to_string(), a.clone()))
-        .collect();
-    let domain = domain.to_string();
-    start_server(move |c| {
-        c.domains = vec![domain];
-        c.listen.s2s = format!("127.0.0.1:{port}");
-        c.s2s.connect_timeout_secs = 5;
-        c.s2s.hosts = peers.into_iter().collect();
-    })
-    .await
+    federated_with(domain, port, peers, |_| {}).await
 }
 
 async fn pair() -> (TestServer, TestServer) {
@@ -189,6 +178,204 @@ async fn denied_domains_are_refused_at_once() {
     let e = ca.recv_until(|e| e.name == "message").await;
     assert_eq!(stanza_error(&e).as_deref(), Some("remote-server-not-found"));
     a.stop().await;
+}
+
+/// A federated server whose peers are reached as `peers` says, with
+/// `tweak` applied last.
+async fn federated_with(
+    domain: &str,
+    port: u16,
+    peers: &[(&str, String)],
+    tweak: impl FnOnce(&mut natter::config::Config) + Send + 'static,
+) -> TestServer {
+    let peers: Vec<(String, String)> = peers
+        .iter()
+        .map(|(d, a)| (d.to_string(), a.clone()))
+        .collect();
+    let domain = domain.to_string();
+    start_server(move |c| {
+        c.domains = vec![domain];
+        c.listen.s2s = format!("127.0.0.1:{port}");
+        c.s2s.connect_timeout_secs = 5;
+        c.s2s.hosts = peers.into_iter().collect();
+        tweak(c);
+    })
+    .await
+}
+
+/// One message from alice@`a` to bob@`b` arrives, from alice.
+async fn one_message_arrives(a: &TestServer, b: &TestServer, text: &str) {
+    let alice = a.add_user("alice", "password").await;
+    let bob = b.add_user("bob", "password").await;
+    let mut ca = a.login(&alice, "password", "phone").await;
+    let mut cb = b.login(&bob, "password", "laptop").await;
+    cb.send(&xml("<presence/>")).await;
+    ca.send(&message(&bob, text)).await;
+    let got = cb.recv_until(|e| e.name == "message").await;
+    assert_eq!(body(&got).as_deref(), Some(text), "{got}");
+    assert_eq!(got.attr("from"), Some(ca.jid()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_streams_carry_federation() {
+    // XEP-0368: a.test reaches b.test's direct TLS listener (no STARTTLS
+    // on the wire); b.test answers dialback over its own connection.
+    let (pa, pb, pb_tls) = (free_port(), free_port(), free_port());
+    let a = federated(
+        "a.test",
+        pa,
+        &[("b.test", format!("tls://127.0.0.1:{pb_tls}"))],
+    )
+    .await;
+    let b = federated_with(
+        "b.test",
+        pb,
+        &[("a.test", format!("127.0.0.1:{pa}"))],
+        move |c| {
+            c.listen.s2s_tls = format!("127.0.0.1:{pb_tls}");
+        },
+    )
+    .await;
+    one_message_arrives(&a, &b, "over direct TLS").await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_notifications_reach_an_app_server_on_another_server() {
+    // XEP-0357 with the app server on another domain, as Conversations'
+    // is: here a client session on b.test plays it.
+    let (a, b) = pair().await;
+    let alice = a.add_user("alice", "password").await;
+    let carol = a.add_user("carol", "password").await;
+    let app = b.add_user("app", "password").await;
+    let mut capp = b.login(&app, "password", "server").await;
+    capp.send(&xml("<presence/>")).await;
+    let mut ca = a.login(&alice, "password", "phone").await;
+    let enable = xml(&format!(
+        "<iq type='set'><enable xmlns='urn:xmpp:push:0' jid='{}' node='device-1'/></iq>",
+        capp.jid()
+    ));
+    let res = ca.iq(enable).await;
+    assert_eq!(res.attr("type"), Some("result"), "{res}");
+    ca.close().await;
+    let mut cc = a.login(&carol, "password", "r").await;
+    cc.send(&message(&alice, "private words")).await;
+    let iq = capp.recv_until(|e| e.name == "iq").await;
+    assert_eq!(iq.attr("from"), Some(alice.as_str()), "{iq}");
+    let text = iq.to_string();
+    assert!(
+        text.contains("device-1") && text.contains("urn:xmpp:push:summary"),
+        "{iq}"
+    );
+    assert!(!text.contains("private words"), "{iq}");
+    let result = Element::new("iq", NS_CLIENT)
+        .with_attr("type", "result")
+        .with_attr("id", iq.attr("id").unwrap())
+        .with_attr("to", alice.as_str());
+    capp.send(&result).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A test CA and, per domain, a certificate it signed (PEM files in `dir`).
+fn ca_and_certs(dir: &std::path::Path, domains: &[&str]) -> std::path::PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "natter test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    for d in domains {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![d.to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, *d);
+        let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        std::fs::write(dir.join(format!("{d}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{d}.key")), key.serialize_pem()).unwrap();
+    }
+    let path = dir.join("ca.crt");
+    std::fs::write(&path, ca_cert.pem()).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_external_authenticates_a_peer_with_a_valid_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = ca_and_certs(certs.path(), &["a.test", "b.test"]);
+    let with_cert = |d: &'static str| {
+        let (dir, ca) = (certs.path().to_path_buf(), ca.clone());
+        move |c: &mut natter::config::Config| {
+            c.tls.cert = dir.join(format!("{d}.crt")).display().to_string();
+            c.tls.key = dir.join(format!("{d}.key")).display().to_string();
+            c.s2s.ca_file = ca.display().to_string();
+        }
+    };
+    let (pa, pb) = (free_port(), free_port());
+    let a = federated_with(
+        "a.test",
+        pa,
+        &[("b.test", format!("127.0.0.1:{pb}"))],
+        with_cert("a.test"),
+    )
+    .await;
+    // b.test cannot reach a.test at all: dialback (which connects back)
+    // would fail, so the message arriving proves EXTERNAL.
+    let closed = free_port();
+    let b = federated_with(
+        "b.test",
+        pb,
+        &[("a.test", format!("127.0.0.1:{closed}"))],
+        with_cert("b.test"),
+    )
+    .await;
+    one_message_arrives(&a, &b, "authenticated by certificate").await;
+
+    // A peer with a.test's certificate that claims another domain is not
+    // offered EXTERNAL, and an EXTERNAL attempt for it fails.
+    use tokio::io::AsyncWriteExt;
+    let tls = {
+        let id = natter::net::tls::identity(&{
+            let mut c = natter::config::Config::default();
+            with_cert("a.test")(&mut c);
+            c
+        })
+        .unwrap();
+        natter::net::tls::unverified_client_config_with(id).unwrap()
+    };
+    let s = tokio::net::TcpStream::connect(("127.0.0.1", pb))
+        .await
+        .unwrap();
+    let mut s = s;
+    let mut buf = String::new();
+    s.write_all(header("c.test", "b.test", "").as_bytes())
+        .await
+        .unwrap();
+    read_until(&mut s, &mut buf, "</stream:features>").await;
+    s.write_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        .await
+        .unwrap();
+    read_until(&mut s, &mut buf, "<proceed").await;
+    let name = rustls::pki_types::ServerName::try_from("b.test").unwrap();
+    let mut t = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, s)
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    t.write_all(header("c.test", "b.test", "").as_bytes())
+        .await
+        .unwrap();
+    read_until(&mut t, &mut buf, "</stream:features>").await;
+    assert!(!buf.contains("EXTERNAL"), "{buf}");
+    t.write_all(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>")
+        .await
+        .unwrap();
+    read_until(&mut t, &mut buf, "not-authorized").await;
+    a.stop().await;
+    b.stop().await;
 }
 
 /// Read into `buf` until it holds `needle` (5 s at most).

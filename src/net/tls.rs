@@ -7,6 +7,41 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub fn load(config: &crate::config::Config) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let id = identity(config)?;
+    let mismatch = id.mismatch();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(id.certs, id.key)
+        .context(mismatch)?;
+    // Browsers reach the WebSocket over plain HTTP here; ALPN stays unset
+    // for c2s (XEP-0368 clients send "xmpp-client", which rustls accepts
+    // when the server offers no list).
+    cfg.alpn_protocols = Vec::new();
+    Ok(Arc::new(cfg))
+}
+
+/// The server's certificate chain and key: `tls.cert` / `tls.key`, or the
+/// self-signed pair under data_dir/tls (generated on first start).
+pub struct Identity {
+    pub certs: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    cert_path: std::path::PathBuf,
+    key_path: std::path::PathBuf,
+}
+
+impl Identity {
+    pub fn mismatch(&self) -> String {
+        format!(
+            "certificate {} does not match key {}",
+            self.cert_path.display(),
+            self.key_path.display()
+        )
+    }
+}
+
+pub fn identity(config: &crate::config::Config) -> anyhow::Result<Identity> {
     let (cert_path, key_path) = if config.tls.cert.is_empty() {
         let dir = config.data_dir.join("tls");
         let cert = dir.join("cert.pem");
@@ -27,27 +62,16 @@ pub fn load(config: &crate::config::Config) -> anyhow::Result<Arc<rustls::Server
             config.tls.key.clone().into(),
         )
     };
-    let certs = read_certs(&cert_path)?;
-    let key = read_key(&key_path)?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("TLS protocol versions")?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .with_context(|| {
-        format!(
-            "certificate {} does not match key {}",
-            cert_path.display(),
-            key_path.display()
-        )
-    })?;
-    // Browsers reach the WebSocket over plain HTTP here; ALPN stays unset
-    // for c2s (XEP-0368 clients send "xmpp-client", which rustls accepts
-    // when the server offers no list).
-    cfg.alpn_protocols = Vec::new();
-    Ok(Arc::new(cfg))
+    Ok(Identity {
+        certs: read_certs(&cert_path)?,
+        key: read_key(&key_path)?,
+        cert_path,
+        key_path,
+    })
+}
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn generate(dir: &Path, cert: &Path, key: &Path, domains: &[String]) -> anyhow::Result<()> {
@@ -69,7 +93,7 @@ fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::write(path, data)
 }
 
-fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+pub fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let data = std::fs::read(path)
         .with_context(|| format!("cannot read TLS certificate {}", path.display()))?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
@@ -93,14 +117,41 @@ fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
 /// whose peer something else authenticates (s2s dialback) and for tests
 /// against self-signed certificates. The connection is still encrypted.
 pub fn unverified_client_config() -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+    Arc::new(unverified_client().with_no_client_auth())
+}
+
+/// Like `unverified_client_config`, presenting `id` as the client
+/// certificate (s2s: the peer may accept it for SASL EXTERNAL).
+pub fn unverified_client_config_with(id: Identity) -> anyhow::Result<rustls::ClientConfig> {
+    let mismatch = id.mismatch();
+    unverified_client()
+        .with_client_auth_cert(id.certs, id.key)
+        .context(mismatch)
+}
+
+fn unverified_client(
+) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
+    let provider = provider();
+    rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default versions")
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-        .with_no_client_auth();
-    Arc::new(cfg)
+}
+
+/// Server settings that ask for (never require) a client certificate and
+/// take any that proves its key: the caller decides afterwards what the
+/// certificate is valid for (s2s SASL EXTERNAL checks it per domain).
+pub fn optional_client_cert_config(id: Identity) -> anyhow::Result<rustls::ServerConfig> {
+    let mismatch = id.mismatch();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_client_cert_verifier(Arc::new(AnyCert(provider())))
+        .with_single_cert(id.certs, id.key)
+        .context(mismatch)?;
+    cfg.alpn_protocols = Vec::new();
+    Ok(cfg)
 }
 
 #[derive(Debug)]
@@ -145,5 +196,44 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for AnyCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::client::danger::ServerCertVerifier::verify_tls12_signature(self, message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::client::danger::ServerCertVerifier::verify_tls13_signature(self, message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::client::danger::ServerCertVerifier::supported_verify_schemes(self)
     }
 }

@@ -175,6 +175,7 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     c.listen.c2s = "127.0.0.1:0".into();
     c.listen.c2s_tls = "127.0.0.1:0".into();
     c.listen.http = "127.0.0.1:0".into();
+    c.listen.s2s_tls = "127.0.0.1:0".into();
     c.c2s.allow_plaintext_loopback = false;
     c.c2s.write_timeout_secs = 5;
     c.log.level = "warn".into();

@@ -1,9 +1,13 @@
-//! Incoming s2s: STARTTLS, dialback (verified by connecting back, or
-//! answering `db:verify` for our own keys), then stanzas from the
-//! authenticated domains, checked and dispatched like a client's.
+//! Incoming s2s: TLS (STARTTLS, or direct on `listen.s2s_tls`), then SASL
+//! EXTERNAL for a peer whose certificate names its domain, or dialback
+//! (verified by connecting back, or answering `db:verify` for our own
+//! keys), then stanzas from the authenticated domains, checked and
+//! dispatched like a client's.
 
-use super::outgoing;
-use super::stream::{self, Conn, Tls, NS_DIALBACK, NS_DIALBACK_FEATURE, NS_SERVER, NS_TLS};
+use super::stream::{
+    self, Conn, Tls, NS_DIALBACK, NS_DIALBACK_FEATURE, NS_SASL, NS_SERVER, NS_TLS,
+};
+use super::{certs, outgoing};
 use super::{set_ns, S2s};
 use crate::error::{StreamCondition, StreamError};
 use crate::modules::{api, dispatch, new_id, Cx};
@@ -16,19 +20,36 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
-pub(super) async fn serve(s2s: &S2s, state: &ServerState, socket: TcpStream, peer: SocketAddr) {
+pub(super) async fn serve(
+    s2s: &S2s,
+    state: &ServerState,
+    socket: TcpStream,
+    peer: SocketAddr,
+    direct_tls: bool,
+) {
+    let Some(certs) = s2s.certs() else {
+        return;
+    };
     let write = Duration::from_secs(state.config.c2s.write_timeout_secs);
     let mut conn = Conn::new(
         Box::new(socket),
         crate::c2s_limits(&state.config, true),
         write,
     );
+    if direct_tls {
+        let preauth = Duration::from_secs(state.config.c2s.preauth_timeout_secs);
+        match tokio::time::timeout(preauth, conn.upgrade(Tls::Server(&certs.server))).await {
+            Ok(Ok(c)) => conn = c,
+            _ => return,
+        }
+    }
     let mut authed = HashSet::new();
-    // Each turn is one stream; STARTTLS restarts it on the new transport.
+    // Each turn is one stream; STARTTLS and SASL restart it.
     loop {
         match stream(s2s, state, &mut conn, &mut authed).await {
             Ok(Next::Close) => return conn.close(None).await,
-            Ok(Next::StartTls) => match conn.upgrade(Tls::Server(&state.tls)).await {
+            Ok(Next::Restart) => conn.restart(),
+            Ok(Next::StartTls) => match conn.upgrade(Tls::Server(&certs.server)).await {
                 Ok(c) => conn = c,
                 Err(_) => return,
             },
@@ -43,6 +64,8 @@ pub(super) async fn serve(s2s: &S2s, state: &ServerState, socket: TcpStream, pee
 enum Next {
     Close,
     StartTls,
+    /// After SASL success: a new stream on the same transport.
+    Restart,
 }
 
 async fn stream(
@@ -65,8 +88,20 @@ async fn stream(
     if !state.serves(&local) {
         return Err(StreamError::new(StreamCondition::HostUnknown));
     }
+    // EXTERNAL only for a domain whose certificate the peer presented, not
+    // yet authenticated on this connection and allowed here (XEP-0178).
+    let external = conn.tls
+        && !authed.contains(&from)
+        && state.config.s2s_allows(&from)
+        && !state.serves(&from)
+        && s2s
+            .certs()
+            .is_some_and(|c| c.valid_for(&conn.peer_certs, &from));
     let mut features = Element::new("features", NS_STREAM)
         .with_child(Element::new("dialback", NS_DIALBACK_FEATURE));
+    if external {
+        features.append_child(certs::external_feature());
+    }
     if !conn.tls {
         features.append_child(
             Element::new("starttls", NS_TLS).with_child(Element::new("required", NS_TLS)),
@@ -102,7 +137,23 @@ async fn stream(
                 "STARTTLS is required",
             ));
         }
-        if el.is("result", NS_DIALBACK) {
+        if el.is("auth", NS_SASL) {
+            let wanted = certs::requested_identity(&el, &from);
+            if external
+                && el.attr("mechanism") == Some("EXTERNAL")
+                && wanted.as_ref() == Some(&from)
+            {
+                conn.write(&Element::new("success", NS_SASL)).await?;
+                tracing::info!(%local, remote = %from, "incoming s2s authenticated by SASL EXTERNAL");
+                authed.insert(from);
+                return Ok(Next::Restart);
+            }
+            conn.write(
+                &Element::new("failure", NS_SASL)
+                    .with_child(Element::new("not-authorized", NS_SASL)),
+            )
+            .await?;
+        } else if el.is("result", NS_DIALBACK) {
             dialback_result(s2s, state, conn, authed, &local, &id, &el).await?;
         } else if el.is("verify", NS_DIALBACK) {
             let (from, to) = (el.attr("from").unwrap_or(""), el.attr("to").unwrap_or(""));

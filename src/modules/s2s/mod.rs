@@ -1,16 +1,20 @@
-//! RFC 6120 server-to-server federation, authenticated by XEP-0220
-//! dialback over STARTTLS.
+//! RFC 6120 server-to-server federation over STARTTLS or direct TLS
+//! (XEP-0368), authenticated by SASL EXTERNAL (XEP-0178) when the peer's
+//! certificate is valid for its domain, else by XEP-0220 dialback.
 //!
 //! - Outgoing (`outgoing.rs`): a stanza for a domain natter does not serve
 //!   goes to `api::Remote::send`, which queues it per (local, remote)
 //!   domain pair — bounded in stanzas and bytes, held serialized — and one
 //!   task per pair connects (`s2s.hosts`, else DNS SRV
-//!   `_xmpp-server._tcp`, else the domain on 5269), upgrades with
-//!   STARTTLS, proves the local domain by dialback and writes the queue;
-//!   it closes when idle. When the domain cannot be reached the queue
+//!   `_xmpps-server._tcp` and `_xmpp-server._tcp` merged by priority,
+//!   else the domain on 5269), starts TLS (at once, or by STARTTLS),
+//!   proves the local domain (EXTERNAL when offered, else dialback) and
+//!   writes the queue; it closes when idle. When the domain cannot be reached the queue
 //!   bounces with `remote-server-not-found` (or `remote-server-timeout`).
 //! - Incoming (`incoming.rs`): the `listen.s2s` listener offers STARTTLS
-//!   and dialback; a `db:result` is verified by connecting back to the
+//!   (`listen.s2s_tls` starts with TLS), then EXTERNAL to a peer whose
+//!   certificate names the domain it claims (`certs.rs`) and dialback to
+//!   any; a `db:result` is verified by connecting back to the
 //!   claimed domain's server (`db:verify`), and `db:verify` requests for
 //!   our own keys are answered. Stanzas then must come from a domain the
 //!   stream authenticated (else `invalid-from`) to one we serve; they are
@@ -22,6 +26,7 @@
 //! Dialback keys (XEP-0185): HMAC-SHA256 keyed with SHA-256 of a random
 //! secret of this node, over "receiving originating stream-id".
 
+mod certs;
 mod incoming;
 mod outgoing;
 mod stream;
@@ -51,7 +56,8 @@ pub struct S2s {
     /// made it, which is the node the peer connects back to only when the
     /// domain has one node or all nodes share it; see ARCHITECTURE.md).
     secret: [u8; 32],
-    tls: Arc<rustls::ClientConfig>,
+    /// TLS settings, loaded at start (`prepare`) when s2s is enabled.
+    certs: std::sync::OnceLock<certs::Certs>,
 }
 
 impl Default for S2s {
@@ -62,7 +68,7 @@ impl Default for S2s {
         S2s {
             links: Mutex::new(HashMap::new()),
             secret,
-            tls: stream::client_config(),
+            certs: std::sync::OnceLock::new(),
         }
     }
 }
@@ -72,24 +78,29 @@ impl Module for S2s {
     fn name(&self) -> &'static str {
         "s2s"
     }
+    fn prepare(&self, config: &Config) -> anyhow::Result<()> {
+        if config.s2s_enabled() && self.certs.get().is_none() {
+            let _ = self.certs.set(certs::Certs::load(config)?);
+        }
+        Ok(())
+    }
     fn listeners(&self, config: &Config) -> Vec<(&'static str, String)> {
         if !config.s2s_enabled() {
             return Vec::new();
         }
-        vec![("s2s", config.listen.s2s.clone())]
+        // Index 0 is STARTTLS, 1 direct TLS (`accept` tells them apart).
+        let mut l = vec![("s2s", config.listen.s2s.clone())];
+        if !config.listen.s2s_tls.is_empty() {
+            l.push(("s2s direct TLS", config.listen.s2s_tls.clone()));
+        }
+        l
     }
     fn provide(self: Arc<Self>, shared: &mut super::Shared) {
         shared.provide::<dyn api::Remote>(self.clone());
         shared.provide::<S2s>(self);
     }
-    async fn accept(
-        &self,
-        state: &ServerState,
-        _index: usize,
-        socket: TcpStream,
-        peer: SocketAddr,
-    ) {
-        incoming::serve(self, state, socket, peer).await;
+    async fn accept(&self, state: &ServerState, index: usize, socket: TcpStream, peer: SocketAddr) {
+        incoming::serve(self, state, socket, peer, index == 1).await;
     }
 }
 
@@ -137,6 +148,11 @@ impl api::Remote for S2s {
 }
 
 impl S2s {
+    /// TLS settings; only None when s2s is disabled (nothing connects then).
+    fn certs(&self) -> Option<&certs::Certs> {
+        self.certs.get()
+    }
+
     /// XEP-0185 dialback key.
     fn key(&self, receiving: &str, originating: &str, id: &str) -> String {
         let k = Sha256::digest(self.secret);
@@ -161,36 +177,66 @@ impl S2s {
     }
 }
 
-/// Where to connect for `domain`: the static host map, else DNS SRV
-/// `_xmpp-server._tcp` (by priority), else the domain on 5269.
-async fn addresses(state: &ServerState, domain: &str) -> Vec<String> {
+/// One place a remote domain's server may listen.
+#[derive(Debug, PartialEq)]
+struct Target {
+    addr: String,
+    /// TLS from the first byte (XEP-0368), else STARTTLS.
+    direct_tls: bool,
+}
+
+/// Where to connect for `domain`, best first: the static host map, else DNS
+/// SRV `_xmpps-server._tcp` and `_xmpp-server._tcp` merged by priority and
+/// weight (direct TLS first at equal priority, XEP-0368), else the domain
+/// on 5269.
+async fn targets(state: &ServerState, domain: &str) -> Vec<Target> {
     if let Some(a) = state.config.s2s.hosts.get(domain) {
-        return vec![a.clone()];
+        return vec![match a.strip_prefix("tls://") {
+            Some(addr) => Target {
+                addr: addr.to_string(),
+                direct_tls: true,
+            },
+            None => Target {
+                addr: a.clone(),
+                direct_tls: false,
+            },
+        }];
     }
-    let mut out = Vec::new();
+    let mut srv = Vec::new();
+    // A "." `_xmpp-server` record forbids the 5269 fallback; `_xmpps-server`
+    // records say nothing about STARTTLS.
+    let mut starttls_record = false;
     if let Ok(r) = hickory_resolver::TokioResolver::builder_tokio().and_then(|b| b.build()) {
-        if let Ok(l) = r.srv_lookup(format!("_xmpp-server._tcp.{domain}.")).await {
-            let mut srv: Vec<_> = l
-                .answers()
-                .iter()
-                .filter_map(|r| match &r.data {
-                    hickory_resolver::proto::rr::RData::SRV(s) => Some(s.clone()),
-                    _ => None,
-                })
-                .collect();
-            srv.sort_by_key(|s| (s.priority, std::cmp::Reverse(s.weight)));
-            for s in srv {
-                let host = s.target.to_utf8();
-                // "." means the service is decidedly not available (RFC 2782).
-                if host == "." {
-                    return Vec::new();
+        for (service, direct_tls) in [("_xmpps-server", true), ("_xmpp-server", false)] {
+            let Ok(l) = r.srv_lookup(format!("{service}._tcp.{domain}.")).await else {
+                continue;
+            };
+            for rec in l.answers() {
+                if let hickory_resolver::proto::rr::RData::SRV(s) = &rec.data {
+                    starttls_record |= !direct_tls;
+                    let host = s.target.to_utf8();
+                    // "." means this service is decidedly not available (RFC 2782).
+                    if host != "." {
+                        let addr = format!("{}:{}", host.trim_end_matches('.'), s.port);
+                        srv.push((s.priority, !direct_tls, std::cmp::Reverse(s.weight), addr));
+                    }
                 }
-                out.push(format!("{}:{}", host.trim_end_matches('.'), s.port));
             }
         }
     }
-    if out.is_empty() {
-        out.push(format!("{domain}:5269"));
+    srv.sort();
+    let mut out: Vec<Target> = srv
+        .into_iter()
+        .map(|(_, starttls, _, addr)| Target {
+            addr,
+            direct_tls: !starttls,
+        })
+        .collect();
+    if out.is_empty() && !starttls_record {
+        out.push(Target {
+            addr: format!("{domain}:5269"),
+            direct_tls: false,
+        });
     }
     out
 }

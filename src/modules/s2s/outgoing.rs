@@ -1,8 +1,9 @@
 //! Outgoing s2s: the per-domain-pair queue and the task that connects,
 //! authenticates by dialback, writes the queue and closes when idle.
 
-use super::stream::{self, Conn, Tls, NS_DIALBACK, NS_TLS};
-use super::{addresses, deliver_local, S2s};
+use super::certs;
+use super::stream::{self, Conn, Tls, NS_DIALBACK, NS_SASL, NS_TLS};
+use super::{deliver_local, targets, S2s};
 use crate::config::S2sConfig;
 use crate::error::{Condition, StanzaError, StreamCondition, StreamError};
 use crate::state::ServerState;
@@ -148,22 +149,29 @@ async fn serve(state: &ServerState, link: &Link, mut conn: Conn) -> Result<(), S
     }
 }
 
-/// Connect to `remote`'s server, STARTTLS, and open a stream from `local`
-/// (the stream id of the TLS-protected stream is returned with it).
+/// Connect to `remote`'s server, start TLS (directly or by STARTTLS) and
+/// open a stream from `local`: the stream id of the TLS-protected stream
+/// and its features are returned with it.
 pub(super) async fn connect(
     state: &ServerState,
     s2s: &S2s,
     local: &str,
     remote: &str,
-) -> Result<(Conn, String), StreamError> {
+) -> Result<(Conn, String, Element), StreamError> {
+    let certs = s2s.certs().ok_or_else(|| {
+        StreamError::with_text(
+            StreamCondition::UndefinedCondition,
+            "federation is not configured",
+        )
+    })?;
     let mut sock = None;
-    for addr in addresses(state, remote).await {
-        if let Ok(s) = TcpStream::connect(&addr).await {
-            sock = Some(s);
+    for t in targets(state, remote).await {
+        if let Ok(s) = TcpStream::connect(&t.addr).await {
+            sock = Some((s, t.direct_tls));
             break;
         }
     }
-    let Some(sock) = sock else {
+    let Some((sock, direct_tls)) = sock else {
         return Err(StreamError::with_text(
             StreamCondition::HostUnknown,
             "no server of the domain answers",
@@ -176,22 +184,30 @@ pub(super) async fn connect(
         crate::c2s_limits(&state.config, true),
         write,
     );
-    conn.open(local, remote, None).await?;
-    conn.header().await?;
-    let features = conn.element().await?;
-    if features.get_child("starttls", NS_TLS).is_none() {
-        // Dialback over plaintext would let anyone on the path read and
-        // change everything: TLS is required.
-        return Err(StreamError::with_text(
-            StreamCondition::PolicyViolation,
-            "the peer does not offer STARTTLS",
-        ));
+    if direct_tls {
+        conn = conn
+            .upgrade(Tls::Client(certs.direct.clone(), remote))
+            .await?;
+    } else {
+        conn.open(local, remote, None).await?;
+        conn.header().await?;
+        let features = conn.element().await?;
+        if features.get_child("starttls", NS_TLS).is_none() {
+            // Dialback over plaintext would let anyone on the path read and
+            // change everything: TLS is required.
+            return Err(StreamError::with_text(
+                StreamCondition::PolicyViolation,
+                "the peer does not offer STARTTLS",
+            ));
+        }
+        conn.write(&Element::new("starttls", NS_TLS)).await?;
+        if !conn.element().await?.is("proceed", NS_TLS) {
+            return Err(StreamError::new(StreamCondition::PolicyViolation));
+        }
+        conn = conn
+            .upgrade(Tls::Client(certs.starttls.clone(), remote))
+            .await?;
     }
-    conn.write(&Element::new("starttls", NS_TLS)).await?;
-    if !conn.element().await?.is("proceed", NS_TLS) {
-        return Err(StreamError::new(StreamCondition::PolicyViolation));
-    }
-    let mut conn = conn.upgrade(Tls::Client(s2s.tls.clone(), remote)).await?;
     conn.open(local, remote, None).await?;
     let attrs = conn.header().await?;
     let id = stream::attr(&attrs, "id").unwrap_or_default().to_string();
@@ -199,17 +215,33 @@ pub(super) async fn connect(
     if !features.is("features", NS_STREAM) || id.is_empty() {
         return Err(StreamError::new(StreamCondition::BadFormat));
     }
-    Ok((conn, id))
+    Ok((conn, id, features))
 }
 
-/// A connection on which `local` is authenticated to `remote` (dialback).
+/// A connection on which `local` is authenticated to `remote`: by SASL
+/// EXTERNAL when the peer offers it (it accepted our certificate), else by
+/// dialback on the same stream.
 async fn authenticated(
     state: &ServerState,
     s2s: &S2s,
     local: &str,
     remote: &str,
 ) -> Result<Conn, StreamError> {
-    let (mut conn, id) = connect(state, s2s, local, remote).await?;
+    let (mut conn, id, features) = connect(state, s2s, local, remote).await?;
+    if certs::offers_external(&features) {
+        conn.write(&certs::auth(local)).await?;
+        let answer = conn.element().await?;
+        if answer.is("success", NS_SASL) {
+            // RFC 6120 §6.4.6: the stream restarts after SASL.
+            conn.restart();
+            conn.open(local, remote, None).await?;
+            conn.header().await?;
+            conn.element().await?;
+            tracing::info!(%local, %remote, "outgoing s2s authenticated by SASL EXTERNAL");
+            return Ok(conn);
+        }
+        tracing::info!(%local, %remote, "SASL EXTERNAL refused; trying dialback");
+    }
     let key = s2s.key(remote, local, &id);
     conn.write(
         &Element::new("result", NS_DIALBACK)
@@ -240,7 +272,7 @@ pub(super) async fn verify(
     key: &str,
 ) -> bool {
     let ask = async {
-        let (mut conn, _) = connect(state, s2s, local, remote).await?;
+        let (mut conn, _, _) = connect(state, s2s, local, remote).await?;
         conn.write(
             &Element::new("verify", NS_DIALBACK)
                 .with_attr("from", local)

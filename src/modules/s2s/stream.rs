@@ -4,6 +4,7 @@
 
 use crate::error::{StreamCondition, StreamError};
 use natter_xml::{Element, StreamEvent, StreamParser, NS_STREAM};
+use rustls::pki_types::CertificateDer;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ pub const NS_SERVER: &str = "jabber:server";
 pub const NS_DIALBACK: &str = "jabber:server:dialback";
 pub const NS_DIALBACK_FEATURE: &str = "urn:xmpp:features:dialback";
 pub const NS_TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
+pub use crate::c2s::NS_SASL;
 
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -25,6 +27,8 @@ pub struct Conn {
     events: VecDeque<StreamEvent>,
     write_timeout: Duration,
     pub tls: bool,
+    /// The certificate chain the peer presented in the TLS handshake.
+    pub peer_certs: Vec<CertificateDer<'static>>,
 }
 
 impl Conn {
@@ -37,6 +41,7 @@ impl Conn {
             events: VecDeque::new(),
             write_timeout,
             tls: false,
+            peer_certs: Vec::new(),
         }
     }
 
@@ -52,6 +57,13 @@ impl Conn {
             };
             self.events.extend(self.parser.feed(&self.buf[..n])?);
         }
+    }
+
+    /// A new stream on the same transport (after SASL): a fresh parser for
+    /// the new header. Anything the peer sent before it is dropped.
+    pub fn restart(&mut self) {
+        self.parser = StreamParser::new(self.limits);
+        self.events.clear();
     }
 
     /// The next event if it is already parsed and is a stanza `pred`
@@ -144,29 +156,39 @@ impl Conn {
         let _ = self.io.shutdown().await;
     }
 
-    /// TLS after `<proceed/>` (either side); the stream restarts.
+    /// TLS after `<proceed/>` (either side), or at once for direct TLS;
+    /// the stream restarts.
     pub async fn upgrade(self, tls: Tls<'_>) -> Result<Conn, StreamError> {
         let failed = |_| StreamError::with_text(StreamCondition::UndefinedCondition, "TLS failed");
-        let io: Box<dyn Io> = match tls {
-            Tls::Server(cfg) => Box::new(
-                tokio_rustls::TlsAcceptor::from(cfg.clone())
+        let owned = |c: Option<&[CertificateDer<'_>]>| -> Vec<CertificateDer<'static>> {
+            c.unwrap_or_default()
+                .iter()
+                .map(|c| c.clone().into_owned())
+                .collect()
+        };
+        let (io, peer_certs): (Box<dyn Io>, _) = match tls {
+            Tls::Server(cfg) => {
+                let s = tokio_rustls::TlsAcceptor::from(cfg.clone())
                     .accept(self.io)
                     .await
-                    .map_err(failed)?,
-            ),
+                    .map_err(failed)?;
+                let certs = owned(s.get_ref().1.peer_certificates());
+                (Box::new(s), certs)
+            }
             Tls::Client(cfg, name) => {
                 let name = rustls::pki_types::ServerName::try_from(name.to_string())
                     .map_err(|_| StreamError::new(StreamCondition::HostUnknown))?;
-                Box::new(
-                    tokio_rustls::TlsConnector::from(cfg)
-                        .connect(name, self.io)
-                        .await
-                        .map_err(failed)?,
-                )
+                let s = tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, self.io)
+                    .await
+                    .map_err(failed)?;
+                let certs = owned(s.get_ref().1.peer_certificates());
+                (Box::new(s), certs)
             }
         };
         let mut c = Conn::new(io, self.limits, self.write_timeout);
         c.tls = true;
+        c.peer_certs = peer_certs;
         Ok(c)
     }
 }
@@ -182,12 +204,4 @@ pub fn attr<'a>(attrs: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .iter()
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.as_str())
-}
-
-/// TLS client settings for s2s: any certificate is accepted, because
-/// dialback (not the certificate) authenticates the peer here; TLS still
-/// keeps the stream private. SASL EXTERNAL, which would trust the
-/// certificate, is not offered or used.
-pub fn client_config() -> Arc<rustls::ClientConfig> {
-    crate::net::tls::unverified_client_config()
 }
