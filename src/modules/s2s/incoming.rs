@@ -168,20 +168,18 @@ async fn stream(
             )
             .await?;
         } else if el.ns == NS_SERVER && el.name == "message" {
-            // Messages from one sender already read in the same burst are
-            // routed together: one archive write for the run (as c2s does).
-            let sender = el.attr("from").map(str::to_string);
-            let mut run = vec![el];
-            while run.len() < MAX_RUN {
-                let same = |e: &Element| {
-                    e.ns == NS_SERVER && e.name == "message" && e.attr("from") == sender.as_deref()
-                };
-                match conn.buffered_stanza(same) {
-                    Some(next) => run.push(next),
+            // Messages already read in the same burst go together: one run
+            // per sender (in order, one archive write) and all senders'
+            // runs at once, so their writes share group commits instead of
+            // waiting for each other on this one stream.
+            let mut batch = vec![el];
+            while batch.len() < MAX_BATCH {
+                match conn.buffered_stanza(|e| e.ns == NS_SERVER && e.name == "message") {
+                    Some(next) => batch.push(next),
                     None => break,
                 }
             }
-            messages(state, authed, run).await?;
+            messages(state, authed, batch).await?;
         } else if el.ns == NS_SERVER && matches!(el.name.as_str(), "presence" | "iq") {
             stanza(state, authed, el).await?;
         } else {
@@ -224,8 +222,8 @@ async fn dialback_result(
     Ok(())
 }
 
-/// Most messages routed as one run.
-const MAX_RUN: usize = 64;
+/// Most messages routed as one batch.
+const MAX_BATCH: usize = 256;
 
 /// A stanza from an authenticated peer: its `from` must be in a domain the
 /// stream proved, its `to` one we serve; then it goes through `dispatch`
@@ -251,24 +249,37 @@ async fn stanza(
     Ok(())
 }
 
-/// A run of messages from one sender: checked one by one, routed with one
-/// durable archive write (`dispatch_messages`).
+/// A batch of messages: checked one by one (a stream error ends the
+/// stream after what came before it is routed), then routed as one run per
+/// sender, the runs concurrently.
 async fn messages(
     state: &ServerState,
     authed: &HashSet<String>,
-    run: Vec<Element>,
+    batch: Vec<Element>,
 ) -> Result<(), StreamError> {
-    let mut msgs = Vec::with_capacity(run.len());
-    let mut sender = None;
-    for el in run {
-        if let Some((el, from)) = admit(state, authed, el)? {
-            sender = Some(from);
-            msgs.push(el);
+    let mut runs: Vec<(FullJid, Vec<Element>)> = Vec::new();
+    let mut failed = None;
+    for el in batch {
+        match admit(state, authed, el) {
+            Ok(Some((el, from))) => match runs.iter_mut().find(|(f, _)| *f == from) {
+                Some((_, run)) => run.push(el),
+                None => runs.push((from, vec![el])),
+            },
+            Ok(None) => {}
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
         }
     }
-    let Some(sender) = sender else {
-        return Ok(());
-    };
+    futures::future::join_all(runs.into_iter().map(|(from, run)| sender_run(state, from, run)))
+        .await;
+    failed.map_or(Ok(()), Err)
+}
+
+/// One sender's messages, routed with one durable archive write
+/// (`dispatch_messages`); stanza errors go back over s2s.
+async fn sender_run(state: &ServerState, sender: FullJid, msgs: Vec<Element>) {
     let (proxy, rx) = detached(state, sender);
     let originals = msgs.clone();
     let results = crate::modules::dispatch_messages(
@@ -287,7 +298,6 @@ async fn messages(
         }
     }
     answer(state, rx);
-    Ok(())
 }
 
 /// Check a stanza from the peer and make it a client stanza: Ok(None) when
