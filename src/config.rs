@@ -64,6 +64,10 @@ pub struct S2sConfig {
     pub max_queue: usize,
     /// Most bytes queued for one remote domain while connecting.
     pub max_queue_bytes: usize,
+    /// Bytes per second read from one incoming server-to-server stream;
+    /// past the burst, reading pauses (the peer's TCP window fills up).
+    pub rate_bytes_per_sec: u64,
+    pub rate_burst_bytes: u64,
 }
 
 impl Default for S2sConfig {
@@ -78,6 +82,8 @@ impl Default for S2sConfig {
             connect_timeout_secs: 30,
             max_queue: 1024,
             max_queue_bytes: 1024 * 1024,
+            rate_bytes_per_sec: 8 * 1024 * 1024,
+            rate_burst_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -888,6 +894,13 @@ impl Config {
             {
                 anyhow::bail!("s2s.hosts.{d:?}: {addr:?} is not host:port or tls://host:port");
             }
+        }
+        if s.rate_bytes_per_sec == 0 || s.rate_burst_bytes < self.limits.max_stanza_bytes as u64 {
+            anyhow::bail!(
+                "s2s.rate_bytes_per_sec must be at least 1 and s2s.rate_burst_bytes at least \
+                 limits.max_stanza_bytes ({})",
+                self.limits.max_stanza_bytes
+            );
         }
         if s.idle_timeout_secs == 0 || s.connect_timeout_secs == 0 {
             anyhow::bail!("s2s.idle_timeout_secs and s2s.connect_timeout_secs must be at least 1");

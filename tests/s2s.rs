@@ -278,6 +278,48 @@ async fn push_notifications_reach_an_app_server_on_another_server() {
     b.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incoming_stream_over_its_rate_is_slowed_and_loses_nothing() {
+    let (pa, pb) = (free_port(), free_port());
+    let a = federated("a.test", pa, &[("b.test", format!("127.0.0.1:{pb}"))]).await;
+    let b = federated_with(
+        "b.test",
+        pb,
+        &[("a.test", format!("127.0.0.1:{pa}"))],
+        |c| {
+            c.limits.max_stanza_bytes = 16 * 1024;
+            c.s2s.max_queue_bytes = 1024 * 1024;
+            c.s2s.rate_bytes_per_sec = 16 * 1024;
+            c.s2s.rate_burst_bytes = 16 * 1024;
+        },
+    )
+    .await;
+    let alice = a.add_user("alice", "password").await;
+    let bob = b.add_user("bob", "password").await;
+    let mut ca = a.login(&alice, "password", "phone").await;
+    let mut cb = b.login(&bob, "password", "laptop").await;
+    cb.send(&xml("<presence/>")).await;
+    // About 80 KB: five seconds at 16 KB/s once the burst is spent.
+    let pad = "x".repeat(800);
+    let start = std::time::Instant::now();
+    for i in 0..100 {
+        ca.send(&message(&bob, &format!("{i} {pad}"))).await;
+    }
+    for i in 0..100 {
+        let got = cb
+            .recv_until(|e| e.name == "message" && body(e).is_some())
+            .await;
+        assert_eq!(body(&got), Some(format!("{i} {pad}")));
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= std::time::Duration::from_secs(3),
+        "not slowed: {took:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A test CA and, per domain, a certificate it signed (PEM files in `dir`).
 fn ca_and_certs(dir: &std::path::Path, domains: &[&str]) -> std::path::PathBuf {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};

@@ -36,6 +36,11 @@ pub(super) async fn serve(
         crate::c2s_limits(&state.config, true),
         write,
     );
+    let cfg = &state.config.s2s;
+    conn.bucket = Some(crate::c2s::throttle::TokenBucket::new(
+        cfg.rate_bytes_per_sec,
+        cfg.rate_burst_bytes,
+    ));
     if direct_tls {
         let preauth = Duration::from_secs(state.config.c2s.preauth_timeout_secs);
         match tokio::time::timeout(preauth, conn.upgrade(Tls::Server(&certs.server))).await {
@@ -272,8 +277,11 @@ async fn messages(
             }
         }
     }
-    futures::future::join_all(runs.into_iter().map(|(from, run)| sender_run(state, from, run)))
-        .await;
+    futures::future::join_all(
+        runs.into_iter()
+            .map(|(from, run)| sender_run(state, from, run)),
+    )
+    .await;
     failed.map_or(Ok(()), Err)
 }
 

@@ -2,6 +2,7 @@
 //! stream parser with the c2s limits, headers, and writes under the c2s
 //! write timeout. Both directions (outgoing and incoming) use it.
 
+use crate::c2s::throttle::TokenBucket;
 use crate::error::{StreamCondition, StreamError};
 use natter_xml::{Element, StreamEvent, StreamParser, NS_STREAM};
 use rustls::pki_types::CertificateDer;
@@ -29,6 +30,8 @@ pub struct Conn {
     pub tls: bool,
     /// The certificate chain the peer presented in the TLS handshake.
     pub peer_certs: Vec<CertificateDer<'static>>,
+    /// Incoming streams: the read rate limit (`s2s.rate_bytes_per_sec`).
+    pub bucket: Option<TokenBucket>,
 }
 
 impl Conn {
@@ -42,6 +45,7 @@ impl Conn {
             write_timeout,
             tls: false,
             peer_certs: Vec::new(),
+            bucket: None,
         }
     }
 
@@ -56,6 +60,11 @@ impl Conn {
                 Ok(n) => n,
             };
             self.events.extend(self.parser.feed(&self.buf[..n])?);
+            if let Some(pause) = self.bucket.as_mut().and_then(|b| b.take(n)) {
+                // Reading stops while the debt is paid: the peer's writes
+                // back up in TCP, as c2s clients' do.
+                tokio::time::sleep(pause).await;
+            }
         }
     }
 
@@ -189,6 +198,7 @@ impl Conn {
         let mut c = Conn::new(io, self.limits, self.write_timeout);
         c.tls = true;
         c.peer_certs = peer_certs;
+        c.bucket = self.bucket;
         Ok(c)
     }
 }
