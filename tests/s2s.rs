@@ -18,10 +18,22 @@ async fn federated(domain: &str, port: u16, peers: &[(&str, String)]) -> TestSer
     federated_with(domain, port, peers, |_| {}).await
 }
 
+/// a.test and b.test, each finding the other and its group service.
 async fn pair() -> (TestServer, TestServer) {
     let (pa, pb) = (free_port(), free_port());
-    let a = federated("a.test", pa, &[("b.test", format!("127.0.0.1:{pb}"))]).await;
-    let b = federated("b.test", pb, &[("a.test", format!("127.0.0.1:{pa}"))]).await;
+    let (to_a, to_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let a = federated(
+        "a.test",
+        pa,
+        &[("b.test", to_b.clone()), ("conference.b.test", to_b)],
+    )
+    .await;
+    let b = federated(
+        "b.test",
+        pb,
+        &[("a.test", to_a.clone()), ("conference.a.test", to_a)],
+    )
+    .await;
     (a, b)
 }
 
@@ -316,6 +328,67 @@ async fn an_incoming_stream_over_its_rate_is_slowed_and_loses_nothing() {
         took >= std::time::Duration::from_secs(3),
         "not slowed: {took:?}"
     );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_member_joins_a_group_and_chats_in_it() {
+    const NS_MUC: &str = "http://jabber.org/protocol/muc";
+    let (a, b) = pair().await;
+    let alice = a.add_user("alice", "password").await;
+    let bob = b.add_user("bob", "password").await;
+    let mut ca = online(&a, &alice, "phone").await;
+    let mut cb = online(&b, &bob, "laptop").await;
+    let room = "family@conference.a.test";
+    let join = |nick: &str| {
+        Element::new("presence", NS_CLIENT)
+            .with_attr("to", format!("{room}/{nick}"))
+            .with_child(Element::new("x", NS_MUC))
+    };
+    let self_presence = |e: &Element| {
+        e.name == "presence"
+            && e.get_child("x", &format!("{NS_MUC}#user"))
+                .is_some_and(|x| {
+                    x.children()
+                        .any(|c| c.name == "status" && c.attr("code") == Some("110"))
+                })
+    };
+    ca.send(&join("alice")).await;
+    ca.recv_until(self_presence).await;
+    // New rooms are members-only groups: alice adds bob on b.test.
+    let add = xml(&format!(
+        "<iq type='set' to='{room}'><query xmlns='{NS_MUC}#admin'>\
+         <item jid='{bob}' affiliation='member'/></query></iq>"
+    ));
+    let r = ca.iq(add).await;
+    assert_eq!(r.attr("type"), Some("result"), "{r}");
+    // bob joins across federation and gets his self-presence and the subject.
+    cb.send(&join("bob")).await;
+    let me = cb
+        .recv_until(|e| self_presence(e) || e.attr("type") == Some("error"))
+        .await;
+    assert_ne!(me.attr("type"), Some("error"), "{me}");
+    assert_eq!(me.attr("from"), Some(format!("{room}/bob").as_str()));
+    ca.recv_until(|e| e.name == "presence" && e.attr("from") == Some(&format!("{room}/bob")))
+        .await;
+    let group = |text: &str| {
+        Element::new("message", NS_CLIENT)
+            .with_attr("to", room)
+            .with_attr("type", "groupchat")
+            .with_child(Element::new("body", NS_CLIENT).with_text(text))
+    };
+    ca.send(&group("hello bob")).await;
+    let got = cb
+        .recv_until(|e| e.name == "message" && body(e).is_some())
+        .await;
+    assert_eq!(body(&got).as_deref(), Some("hello bob"), "{got}");
+    assert_eq!(got.attr("from"), Some(format!("{room}/alice").as_str()));
+    cb.send(&group("hi from b")).await;
+    let got = ca
+        .recv_until(|e| e.name == "message" && body(e).as_deref() == Some("hi from b"))
+        .await;
+    assert_eq!(got.attr("from"), Some(format!("{room}/bob").as_str()));
     a.stop().await;
     b.stop().await;
 }

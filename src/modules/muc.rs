@@ -324,7 +324,16 @@ pub struct Muc {
 }
 
 fn send(state: &ServerState, to: &FullJid, el: &Element) {
-    state.routing.deliver(to, &Outbound::new(el, 0));
+    if state.serves(to.domain().as_str()) {
+        state.routing.deliver(to, &Outbound::new(el, 0));
+    } else if let Some(remote) = state.modules.try_api::<dyn api::Remote>() {
+        // An occupant on another server: over federation, addressed to it.
+        let mut el = el.clone();
+        el.set_attr("to", to.to_string());
+        if let Err(e) = remote.send(state, &el) {
+            tracing::debug!(%to, error = ?e.condition, "room stanza not sent to a remote occupant");
+        }
+    }
 }
 
 fn err(c: Condition, text: &str) -> StanzaError {

@@ -348,12 +348,17 @@ pub fn stanza_error(el: &Element) -> Option<String> {
 
 /// A free loopback port (for servers that must know each other's
 /// address before they start).
+/// A port free now, for a listener another server must know before it
+/// starts. Drawn below Linux's ephemeral range (32768–60999), where the
+/// port-0 listeners of servers started meanwhile never land.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use rand::Rng;
+    loop {
+        let port = rand::thread_rng().gen_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn next_id() -> String {

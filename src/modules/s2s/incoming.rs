@@ -8,7 +8,7 @@ use super::stream::{
     self, Conn, Tls, NS_DIALBACK, NS_DIALBACK_FEATURE, NS_SASL, NS_SERVER, NS_TLS,
 };
 use super::{certs, outgoing};
-use super::{set_ns, S2s};
+use super::{ours, set_ns, S2s};
 use crate::error::{StreamCondition, StreamError};
 use crate::modules::{api, dispatch, new_id, Cx};
 use crate::router::{Deliver, QueueLimits};
@@ -90,7 +90,7 @@ async fn stream(
     let local = stream::attr(&attrs, "to").unwrap_or_default().to_string();
     let from = stream::attr(&attrs, "from").unwrap_or_default().to_string();
     conn.open(&local, &from, Some(&id)).await?;
-    if !state.serves(&local) {
+    if !ours(state, &local) {
         return Err(StreamError::new(StreamCondition::HostUnknown));
     }
     // EXTERNAL only for a domain whose certificate the peer presented, not
@@ -98,7 +98,7 @@ async fn stream(
     let external = conn.tls
         && !authed.contains(&from)
         && state.config.s2s_allows(&from)
-        && !state.serves(&from)
+        && !ours(state, &from)
         && s2s
             .certs()
             .is_some_and(|c| c.valid_for(&conn.peer_certs, &from));
@@ -163,7 +163,7 @@ async fn stream(
         } else if el.is("verify", NS_DIALBACK) {
             let (from, to) = (el.attr("from").unwrap_or(""), el.attr("to").unwrap_or(""));
             let sid = el.attr("id").unwrap_or("");
-            let valid = state.serves(to) && s2s.valid_key(from, to, sid, &el.text());
+            let valid = ours(state, to) && s2s.valid_key(from, to, sid, &el.text());
             conn.write(
                 &Element::new("verify", NS_DIALBACK)
                     .with_attr("from", to)
@@ -207,7 +207,7 @@ async fn dialback_result(
     let remote = el.attr("from").unwrap_or("").to_string();
     let to = el.attr("to").unwrap_or("");
     let domain = Jid::new(&remote).is_ok_and(|j| j.node().is_none() && j.resource().is_none());
-    if !domain || to != local || state.serves(&remote) {
+    if !domain || to != local || ours(state, &remote) {
         return Err(StreamError::new(StreamCondition::InvalidFrom));
     }
     let valid = state.config.s2s_allows(&remote)
@@ -325,9 +325,7 @@ fn admit(
             "stanzas must come from a domain this stream authenticated",
         ));
     };
-    if !to.is_some_and(|t| {
-        state.serves(t.domain().as_str()) || state.modules.is_service(t.domain().as_str())
-    }) {
+    if !to.is_some_and(|t| ours(state, t.domain().as_str())) {
         return Err(StreamError::new(StreamCondition::HostUnknown));
     }
     set_ns(&mut el, NS_SERVER, NS_CLIENT);

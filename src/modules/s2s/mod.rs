@@ -119,7 +119,7 @@ impl api::Remote for S2s {
             return Err(StanzaError::new(Condition::JidMalformed));
         };
         let (local, remote) = (from.domain().as_str(), to.domain().as_str());
-        if !state.serves(local) || state.serves(remote) || state.modules.is_service(remote) {
+        if !ours(state, local) || ours(state, remote) {
             return Err(not_found());
         }
         if !state.config.s2s_allows(remote) {
@@ -175,6 +175,13 @@ impl S2s {
         }
         link.take_all()
     }
+}
+
+/// A domain this server answers for: a served domain or one of its
+/// services (`conference.`, `upload.`, components), each of which talks to
+/// other servers under its own name.
+fn ours(state: &ServerState, domain: &str) -> bool {
+    state.serves(domain) || state.modules.is_service(domain)
 }
 
 /// One place a remote domain's server may listen.
