@@ -393,6 +393,56 @@ async fn a_remote_member_joins_a_group_and_chats_in_it() {
     b.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_contact_fetches_omemo_keys_and_is_refused_private_nodes() {
+    // End-to-end encryption across servers: bob on b.test starts an OMEMO
+    // session with alice by fetching her device list from her PEP.
+    const NS_PUBSUB: &str = "http://jabber.org/protocol/pubsub";
+    const DEVICES: &str = "eu.siacs.conversations.axolotl.devicelist";
+    let (a, b) = pair().await;
+    let alice = a.add_user("alice", "password").await;
+    let bob = b.add_user("bob", "password").await;
+    let mut ca = online(&a, &alice, "phone").await;
+    let mut cb = online(&b, &bob, "laptop").await;
+    let publish = |node: &str, payload: &str| {
+        xml(&format!(
+            "<iq type='set'><pubsub xmlns='{NS_PUBSUB}'><publish node='{node}'>\
+             <item id='current'>{payload}</item></publish></pubsub></iq>"
+        ))
+    };
+    let r = ca
+        .iq(publish(
+            DEVICES,
+            "<list xmlns='eu.siacs.conversations.axolotl'><device id='7'/></list>",
+        ))
+        .await;
+    assert_eq!(r.attr("type"), Some("result"), "{r}");
+    let r = ca
+        .iq(publish(
+            "urn:xmpp:avatar:metadata",
+            "<metadata xmlns='urn:xmpp:avatar:metadata'/>",
+        ))
+        .await;
+    assert_eq!(r.attr("type"), Some("result"), "{r}");
+    let get = |node: &str| {
+        xml(&format!(
+            "<iq type='get' to='{alice}'><pubsub xmlns='{NS_PUBSUB}'><items node='{node}'/></pubsub></iq>"
+        ))
+    };
+    let r = cb.iq(get(DEVICES)).await;
+    assert_eq!(r.attr("type"), Some("result"), "{r}");
+    assert!(
+        r.to_string().contains("device id='7'") || r.to_string().contains("device id=\"7\""),
+        "{r}"
+    );
+    // Presence-access nodes stay closed to a non-contact on another server.
+    let r = cb.iq(get("urn:xmpp:avatar:metadata")).await;
+    assert_eq!(r.attr("type"), Some("error"), "{r}");
+    assert_eq!(stanza_error(&r).as_deref(), Some("not-authorized"), "{r}");
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A test CA and, per domain, a certificate it signed (PEM files in `dir`).
 fn ca_and_certs(dir: &std::path::Path, domains: &[&str]) -> std::path::PathBuf {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
