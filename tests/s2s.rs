@@ -335,11 +335,7 @@ async fn an_incoming_stream_over_its_rate_is_slowed_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_member_joins_a_group_and_chats_in_it() {
     const NS_MUC: &str = "http://jabber.org/protocol/muc";
-    let (a, b) = pair().await;
-    let alice = a.add_user("alice", "password").await;
-    let bob = b.add_user("bob", "password").await;
-    let mut ca = online(&a, &alice, "phone").await;
-    let mut cb = online(&b, &bob, "laptop").await;
+    let (a, b, _, bob, mut ca, mut cb) = alice_and_bob().await;
     let room = "family@conference.a.test";
     let join = |nick: &str| {
         Element::new("presence", NS_CLIENT)
@@ -399,11 +395,7 @@ async fn a_remote_contact_fetches_omemo_keys_and_is_refused_private_nodes() {
     // session with alice by fetching her device list from her PEP.
     const NS_PUBSUB: &str = "http://jabber.org/protocol/pubsub";
     const DEVICES: &str = "eu.siacs.conversations.axolotl.devicelist";
-    let (a, b) = pair().await;
-    let alice = a.add_user("alice", "password").await;
-    let bob = b.add_user("bob", "password").await;
-    let mut ca = online(&a, &alice, "phone").await;
-    let mut cb = online(&b, &bob, "laptop").await;
+    let (a, b, alice, _, mut ca, mut cb) = alice_and_bob().await;
     let publish = |node: &str, payload: &str| {
         xml(&format!(
             "<iq type='set'><pubsub xmlns='{NS_PUBSUB}'><publish node='{node}'>\
@@ -672,6 +664,16 @@ async fn a_peer_forging_another_domains_from_is_refused() {
 }
 
 const NS_ROSTER: &str = "jabber:iq:roster";
+
+/// a.test and b.test with alice on a and bob on b, both online.
+async fn alice_and_bob() -> (TestServer, TestServer, String, String, Client, Client) {
+    let (a, b) = pair().await;
+    let alice = a.add_user("alice", "password").await;
+    let bob = b.add_user("bob", "password").await;
+    let ca = online(&a, &alice, "phone").await;
+    let cb = online(&b, &bob, "laptop").await;
+    (a, b, alice, bob, ca, cb)
+}
 
 /// Logged in to `srv`, roster requested, available.
 async fn online(srv: &TestServer, bare: &str, res: &str) -> Client {
@@ -1090,4 +1092,92 @@ async fn natter_and_prosody_chat_and_subscribe() {
     srv.stop().await;
     let mut p = prosody;
     let _ = p.child.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pep_notifications_reach_remote_contacts_that_want_them() {
+    const NS_PUBSUB: &str = "http://jabber.org/protocol/pubsub";
+    const AVATAR: &str = "urn:xmpp:avatar:metadata";
+    let (a, b, alice, bob, mut ca, mut cb) = alice_and_bob().await;
+    // Mutual presence subscription across the two servers.
+    ca.send(&pres(&bob, Some("subscribe"))).await;
+    cb.recv_matching(|e| is_pres(e, &alice, Some("subscribe")))
+        .await;
+    cb.send(&pres(&alice, Some("subscribed"))).await;
+    cb.send(&pres(&alice, Some("subscribe"))).await;
+    ca.recv_matching(|e| is_pres(e, &bob, Some("subscribe")))
+        .await;
+    ca.send(&pres(&bob, Some("subscribed"))).await;
+    until_sub(&mut ca, &bob, "both").await;
+    until_sub(&mut cb, &alice, "both").await;
+
+    let publish = |id: &str| {
+        xml(&format!(
+            "<iq type='set'><pubsub xmlns='{NS_PUBSUB}'><publish node='{AVATAR}'>\
+             <item id='{id}'><metadata xmlns='{AVATAR}'/></item></publish></pubsub></iq>"
+        ))
+    };
+    let r = ca.iq(publish("first")).await;
+    assert_eq!(r.attr("type"), Some("result"), "{r}");
+
+    // bob's client announces capabilities; alice's server asks what they
+    // mean (disco#info over s2s) and bob's client answers with avatar
+    // +notify.
+    cb.send(&xml(
+        "<presence><c xmlns='http://jabber.org/protocol/caps' hash='sha-1' \
+         node='https://client.example' ver='opaque-ver'/></presence>",
+    ))
+    .await;
+    // bob's own server asks too (for its own PEP); both get the answer.
+    let mut asked_by_alice = false;
+    while !asked_by_alice {
+        let q = cb
+            .recv_matching(|e| e.name == "iq" && e.attr("type") == Some("get"))
+            .await;
+        let asker = q.attr("from").unwrap_or_default().to_string();
+        assert!(asker == alice || asker == "b.test", "{q}");
+        asked_by_alice = asker == alice;
+        let answer = xml(&format!(
+            "<iq type='result' id='{}' to='{asker}'><query xmlns='http://jabber.org/protocol/disco#info' \
+             node='https://client.example#opaque-ver'><identity category='client' type='pc'/>\
+             <feature var='http://jabber.org/protocol/disco#info'/>\
+             <feature var='{AVATAR}+notify'/></query></iq>",
+            q.attr("id").unwrap()
+        ));
+        cb.send(&answer).await;
+    }
+    let item_of = |e: &Element| {
+        e.get_child("event", "http://jabber.org/protocol/pubsub#event")
+            .and_then(|ev| ev.get_child("items", "http://jabber.org/protocol/pubsub#event"))
+            .filter(|i| i.attr("node") == Some(AVATAR))
+            .and_then(|i| i.children().next())
+            .and_then(|i| i.attr("id").map(str::to_string))
+    };
+    // The last item first (XEP-0163 §4.3.1), then a new one as published.
+    let last = cb
+        .recv_matching(|e| e.name == "message" && item_of(e).is_some())
+        .await;
+    assert_eq!(item_of(&last).as_deref(), Some("first"));
+    assert_eq!(last.attr("from"), Some(alice.as_str()));
+    let r = ca.iq(publish("second")).await;
+    assert_eq!(r.attr("type"), Some("result"), "{r}");
+    let live = cb
+        .recv_matching(|e| e.name == "message" && item_of(e).is_some())
+        .await;
+    assert_eq!(item_of(&live).as_deref(), Some("second"));
+
+    // A node bob's client did not ask for is not pushed to it.
+    let tune = xml(&format!(
+        "<iq type='set'><pubsub xmlns='{NS_PUBSUB}'><publish node='http://jabber.org/protocol/tune'>\
+         <item id='t'><tune xmlns='http://jabber.org/protocol/tune'/></item></publish></pubsub></iq>"
+    ));
+    let r = ca.iq(tune).await;
+    assert_eq!(r.attr("type"), Some("result"), "{r}");
+    let got = cb.read_to_end(std::time::Duration::from_millis(500)).await;
+    assert!(
+        !got.iter().any(|e| e.to_string().contains("protocol/tune")),
+        "{got:?}"
+    );
+    a.stop().await;
+    b.stop().await;
 }

@@ -58,8 +58,8 @@
 pub use super::disco::caps_verification_string;
 use super::vocab::{NS_CAPS, NS_DISCO_INFO, NS_DISCO_ITEMS};
 use super::{
-    api, new_id, presence_allowed, Cx, Event, EventKind, Flow, Hook, HookStanza, Identity, Iq,
-    IqResult, IqType, Module, Shared, Target,
+    api, new_id, presence_allowed, presence_allowed_to, Cx, Event, EventKind, Flow, Hook,
+    HookStanza, Identity, Iq, IqResult, IqType, Kind, Module, Shared, Target,
 };
 use crate::error::{Condition, StanzaError};
 use crate::router::SessionHandle;
@@ -149,7 +149,23 @@ pub struct Pep {
     pending: Mutex<HashMap<String, PendingCaps>>,
     /// ver → when it was last asked and which sessions wait for it.
     asking: Mutex<HashMap<String, (Instant, Vec<Waiting>)>>,
+    /// Contacts on other servers whose available presence reached a local
+    /// user: bare JID → resource → caps (XEP-0163 notifications go to
+    /// them over s2s). Bounded by `MAX_REMOTE_RESOURCES`.
+    remote: Mutex<HashMap<BareJid, HashMap<String, RemoteResource>>>,
 }
+
+/// An available resource of a contact on another server.
+struct RemoteResource {
+    ver: String,
+    /// None until its caps are known.
+    features: Option<Features>,
+}
+
+/// Remote contacts' resources remembered at most (each a few hundred bytes).
+const MAX_REMOTE_RESOURCES: usize = 100_000;
+/// `PendingCaps::session` of a query to a remote contact's resource.
+const REMOTE_SESSION: u64 = u64::MAX;
 
 /// A session (id, account) waiting for a caps answer.
 type Waiting = (u64, BareJid);
@@ -160,6 +176,9 @@ struct PendingCaps {
     node: String,
     ver: String,
     hash: String,
+    /// Remote queries: the local account whose contact it is (gets its
+    /// last items sent once the caps are known).
+    owner: Option<BareJid>,
 }
 
 #[async_trait]
@@ -176,7 +195,9 @@ impl Module for Pep {
         &[IDENTITY]
     }
     fn hooks(&self) -> &'static [(Hook, i32)] {
-        &[(Hook::IqReply, 0)]
+        // Presence from remote contacts is watched before `presence` (0)
+        // routes it.
+        &[(Hook::IqReply, 0), (Hook::Route(Kind::Presence), 10)]
     }
     fn events(&self) -> &'static [(EventKind, i32)] {
         &[(EventKind::Available, 0), (EventKind::Closed, 0)]
@@ -244,10 +265,14 @@ impl Module for Pep {
     }
     async fn on_stanza(
         &self,
-        _hook: Hook,
+        hook: Hook,
         cx: &Cx<'_>,
         s: &HookStanza<'_>,
     ) -> Result<Flow, StanzaError> {
+        if hook == Hook::Route(Kind::Presence) {
+            remote_presence(cx.state, s.stanza).await;
+            return Ok(Flow::Continue);
+        }
         Ok(if caps_reply(cx.state, cx.session, s.stanza).await {
             Flow::Stop
         } else {
@@ -1272,20 +1297,36 @@ async fn notify(
     payload: Element,
 ) {
     let mut targets: Vec<Arc<SessionHandle>> = state.routing.resources(owner);
+    let mut readers = Vec::new();
     if cfg.access == Access::Whitelist {
-        for jid in whitelist_members(state, owner, node).await {
-            targets.extend(state.routing.resources(&jid));
-        }
+        readers = whitelist_members(state, owner, node).await;
     } else {
         match state.store.roster(owner.as_str()).await {
             Ok((_, roster)) => {
-                for item in roster.iter().filter(|i| has_from(i.subscription)) {
-                    if let Ok(b) = BareJid::new(&item.jid) {
-                        targets.extend(state.routing.resources(&b));
+                readers = roster
+                    .iter()
+                    .filter(|i| has_from(i.subscription))
+                    .filter_map(|i| BareJid::new(&i.jid).ok())
+                    .collect();
+            }
+            Err(e) => tracing::warn!(error = %e, "PEP notification: roster read failed"),
+        }
+    }
+    // Contacts here by session; contacts elsewhere by the resources their
+    // presence announced with `node+notify` (sent over s2s).
+    let mut remote_targets = Vec::new();
+    let want = format!("{node}+notify");
+    for b in readers {
+        if state.serves(b.domain().as_str()) {
+            targets.extend(state.routing.resources(&b));
+        } else if let Some(res) = state.modules.api::<Pep>().remote.lock().get(&b) {
+            for (r, rr) in res {
+                if rr.features.as_ref().is_some_and(|f| f.contains(&want)) {
+                    if let Ok(full) = b.with_resource_str(r) {
+                        remote_targets.push(full);
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "PEP notification: roster read failed"),
         }
     }
     let from = Jid::from(owner.clone());
@@ -1297,6 +1338,12 @@ async fn notify(
             continue;
         }
         h.send(event_message(owner, &h.jid, payload.clone()));
+    }
+    for to in remote_targets {
+        let r = Recipient::Remote(to);
+        if r.allowed(state, &from).await {
+            r.send(state, event_message(owner, r.jid(), payload.clone()));
+        }
     }
 }
 
@@ -1340,12 +1387,59 @@ fn new_subscriber(state: &ServerState, owner: &BareJid, subscriber: &BareJid) {
     }
 }
 
+/// Who gets notifications: a session here, or a contact's resource on
+/// another server.
+enum Recipient {
+    Local(Arc<SessionHandle>),
+    Remote(FullJid),
+}
+
+impl Recipient {
+    fn jid(&self) -> &FullJid {
+        match self {
+            Recipient::Local(h) => &h.jid,
+            Recipient::Remote(j) => j,
+        }
+    }
+
+    /// Whether `from`'s presence (and so its notifications) may reach it.
+    async fn allowed(&self, state: &ServerState, from: &Jid) -> bool {
+        match self {
+            Recipient::Local(h) => presence_allowed(state, from, h).await,
+            Recipient::Remote(j) => presence_allowed_to(state, from, &Jid::from(j.clone())).await,
+        }
+    }
+
+    fn send(&self, state: &ServerState, el: Element) {
+        match self {
+            Recipient::Local(h) => {
+                h.send(el);
+            }
+            Recipient::Remote(_) => {
+                if let Some(r) = state.modules.try_api::<dyn api::Remote>() {
+                    let _ = r.send(state, &el);
+                }
+            }
+        }
+    }
+}
+
 async fn send_last_items_of(
     state: &ServerState,
     h: &Arc<SessionHandle>,
     features: &HashSet<String>,
     owners: &[BareJid],
 ) {
+    send_last_items_to(state, &Recipient::Local(h.clone()), features, owners).await
+}
+
+async fn send_last_items_to(
+    state: &ServerState,
+    h: &Recipient,
+    features: &HashSet<String>,
+    owners: &[BareJid],
+) {
+    let bare = h.jid().to_bare();
     let nodes_wanted: HashSet<&str> = features
         .iter()
         .filter_map(|f| f.strip_suffix("+notify"))
@@ -1354,7 +1448,7 @@ async fn send_last_items_of(
         return;
     }
     for owner in owners {
-        if *owner != h.bare && !presence_allowed(state, &Jid::from(owner.clone()), h).await {
+        if *owner != bare && !h.allowed(state, &Jid::from(owner.clone())).await {
             continue;
         }
         let Ok(nodes) = state.store.pep_nodes(owner.as_str()).await else {
@@ -1365,7 +1459,7 @@ async fn send_last_items_of(
                 continue;
             };
             if cfg.send_last == SendLast::Never
-                || authorize(state, owner, node, &cfg, &h.bare).await.is_err()
+                || authorize(state, owner, node, &cfg, &bare).await.is_err()
             {
                 continue;
             }
@@ -1381,7 +1475,7 @@ async fn send_last_items_of(
                 item.set_attr("id", it.id.clone());
                 let mut msg = event_message(
                     owner,
-                    &h.jid,
+                    h.jid(),
                     Element::new("items", NS_EVENT)
                         .with_attr("node", node.clone())
                         .with_child(item),
@@ -1396,7 +1490,7 @@ async fn send_last_items_of(
                             ),
                     );
                 }
-                h.send(msg);
+                h.send(state, msg);
             }
         }
     }
@@ -1461,30 +1555,62 @@ async fn on_available(state: &ServerState, me: &Arc<SessionHandle>, p: &Element)
 
 /// Send `h` a disco#info query for `node#ver`.
 fn ask_caps(state: &ServerState, h: &SessionHandle, node: &str, ver: &str, hash: &str) {
+    let domain = h.jid.domain().to_string();
+    let pending = PendingCaps {
+        jid: h.jid.clone(),
+        session: h.id,
+        node: node.to_string(),
+        ver: ver.to_string(),
+        hash: hash.to_string(),
+        owner: None,
+    };
+    if let Some(q) = caps_query(state, &domain, pending) {
+        h.send(q);
+    }
+}
+
+/// Remember `pending` under a new id and return the disco#info query from
+/// `from` to ask it (None when too many are outstanding).
+fn caps_query(state: &ServerState, from: &str, pending: PendingCaps) -> Option<Element> {
     let pep = state.modules.api::<Pep>();
     let id = format!("caps-{}", new_id());
-    {
-        let mut pending = pep.pending.lock();
-        if pending.len() >= MAX_PENDING {
-            return;
-        }
-        pending.insert(
-            id.clone(),
-            PendingCaps {
-                jid: h.jid.clone(),
-                session: h.id,
-                node: node.to_string(),
-                ver: ver.to_string(),
-                hash: hash.to_string(),
-            },
-        );
-    }
-    let domain = h.jid.domain().to_string();
-    h.send(
-        super::iq("get", &id, &domain, &h.jid.to_string()).with_child(
-            Element::new("query", NS_DISCO_INFO).with_attr("node", format!("{node}#{ver}")),
-        ),
+    let q = super::iq("get", &id, from, &pending.jid.to_string()).with_child(
+        Element::new("query", NS_DISCO_INFO)
+            .with_attr("node", format!("{}#{}", pending.node, pending.ver)),
     );
+    let mut map = pep.pending.lock();
+    if map.len() >= MAX_PENDING {
+        return None;
+    }
+    map.insert(id, pending);
+    Some(q)
+}
+
+/// The features a disco#info answer lists; remembered for its ver when
+/// the answer verifies (XEP-0115 §5.4).
+fn answered_features(
+    state: &ServerState,
+    pending: &PendingCaps,
+    query: &Element,
+) -> (Features, bool) {
+    let features: Features = Arc::new(
+        query
+            .children()
+            .filter(|c| c.is("feature", NS_DISCO_INFO))
+            .filter_map(|c| c.attr("var").map(str::to_string))
+            .collect(),
+    );
+    let verified =
+        pending.hash == "sha-1" && caps_verification_string(query).as_deref() == Some(&pending.ver);
+    if verified {
+        let pep = state.modules.api::<Pep>();
+        let mut by_ver = pep.by_ver.lock();
+        if by_ver.len() >= MAX_CAPS_CACHE {
+            by_ver.clear();
+        }
+        by_ver.insert(pending.ver.clone(), features.clone());
+    }
+    (features, verified)
 }
 
 /// An IQ result/error from a client: if it answers one of our caps
@@ -1497,13 +1623,24 @@ async fn caps_reply(state: &ServerState, from: &Arc<SessionHandle>, iq: &Element
     let pending = {
         let mut map = pep.pending.lock();
         match map.get(id) {
-            Some(p) if p.jid == from.jid && p.session == from.id => map.remove(id),
+            Some(p)
+                if p.jid == from.jid
+                    && (p.session == from.id
+                        || (p.session == REMOTE_SESSION
+                            && !state.serves(from.jid.domain().as_str()))) =>
+            {
+                map.remove(id)
+            }
             _ => None,
         }
     };
     let Some(pending) = pending else {
         return false;
     };
+    if pending.session == REMOTE_SESSION {
+        remote_caps_reply(state, pending, iq).await;
+        return true;
+    }
     let query = iq
         .get_child("query", NS_DISCO_INFO)
         .filter(|_| iq.attr("type") == Some("result"));
@@ -1512,24 +1649,9 @@ async fn caps_reply(state: &ServerState, from: &Arc<SessionHandle>, iq: &Element
         ask_next(state, &pending.ver, from.id);
         return true;
     };
-    let features: Arc<HashSet<String>> = Arc::new(
-        query
-            .children()
-            .filter(|c| c.is("feature", NS_DISCO_INFO))
-            .filter_map(|c| c.attr("var").map(str::to_string))
-            .collect(),
-    );
-    let verified =
-        pending.hash == "sha-1" && caps_verification_string(query).as_deref() == Some(&pending.ver);
+    let (features, verified) = answered_features(state, &pending, query);
     let mut served = vec![(from.id, from.bare.clone())];
     if verified {
-        {
-            let mut by_ver = pep.by_ver.lock();
-            if by_ver.len() >= MAX_CAPS_CACHE {
-                by_ver.clear();
-            }
-            by_ver.insert(pending.ver.clone(), features.clone());
-        }
         if let Some((_, waiting)) = pep.asking.lock().remove(&pending.ver) {
             served.extend(waiting);
         }
@@ -1549,6 +1671,135 @@ async fn caps_reply(state: &ServerState, from: &Arc<SessionHandle>, iq: &Element
         spawn_last_items(state, &h, features.clone());
     }
     true
+}
+
+/// Presence from a contact on another server to a local user: remember
+/// its available resources and their caps (asking for unknown ones), and
+/// send new `+notify` resources the addressee's last items.
+async fn remote_presence(state: &ServerState, p: &Element) {
+    let jid = |a| p.attr(a).and_then(|v| Jid::new(v).ok());
+    let (Some(from), Some(to)) = (jid("from"), jid("to")) else {
+        return;
+    };
+    let Ok(from) = from.try_into_full() else {
+        return;
+    };
+    let local = |d: &str| state.serves(d) || state.modules.is_service(d);
+    if local(from.domain().as_str()) || !state.serves(to.domain().as_str()) || to.node().is_none() {
+        return;
+    }
+    let pep = state.modules.api::<Pep>();
+    let (bare, res) = (from.to_bare(), from.resource().to_string());
+    let caps = p.get_child("c", NS_CAPS);
+    match p.attr("type") {
+        None => {}
+        Some("unavailable") => {
+            let mut remote = pep.remote.lock();
+            if let Some(r) = remote.get_mut(&bare) {
+                r.remove(&res);
+                if r.is_empty() {
+                    remote.remove(&bare);
+                }
+            }
+            return;
+        }
+        // Subscriptions, probes, errors: nothing about availability.
+        Some(_) => return,
+    }
+    let (Some(node), Some(ver)) = (
+        caps.and_then(|c| c.attr("node")),
+        caps.and_then(|c| c.attr("ver")),
+    ) else {
+        return;
+    };
+    let features = pep.by_ver.lock().get(ver).cloned();
+    {
+        let mut remote = pep.remote.lock();
+        if remote
+            .get(&bare)
+            .and_then(|r| r.get(&res))
+            .is_some_and(|r| r.ver == ver)
+        {
+            return;
+        }
+        let count: usize = remote.values().map(HashMap::len).sum();
+        if count >= MAX_REMOTE_RESOURCES && !remote.contains_key(&bare) {
+            return;
+        }
+        remote.entry(bare).or_default().insert(
+            res,
+            RemoteResource {
+                ver: ver.to_string(),
+                features: features.clone(),
+            },
+        );
+    }
+    let owner = to.to_bare();
+    match features {
+        Some(f) => spawn_remote_last_items(state, from, owner, f),
+        None => {
+            let pending = PendingCaps {
+                jid: from,
+                session: REMOTE_SESSION,
+                node: node.to_string(),
+                ver: ver.to_string(),
+                hash: caps
+                    .and_then(|c| c.attr("hash"))
+                    .unwrap_or_default()
+                    .to_string(),
+                owner: Some(owner.clone()),
+            };
+            let remote = state.modules.try_api::<dyn api::Remote>();
+            if let (Some(q), Some(r)) = (caps_query(state, owner.as_str(), pending), remote) {
+                let _ = r.send(state, &q);
+            }
+        }
+    }
+}
+
+/// A remote resource answered our caps query.
+async fn remote_caps_reply(state: &ServerState, pending: PendingCaps, iq: &Element) {
+    let pep = state.modules.api::<Pep>();
+    let Some(query) = iq
+        .get_child("query", NS_DISCO_INFO)
+        .filter(|_| iq.attr("type") == Some("result"))
+    else {
+        return;
+    };
+    let (features, _) = answered_features(state, &pending, query);
+    let bare = pending.jid.to_bare();
+    {
+        let mut remote = pep.remote.lock();
+        let Some(r) = remote
+            .get_mut(&bare)
+            .and_then(|r| r.get_mut(pending.jid.resource().as_str()))
+            .filter(|r| r.ver == pending.ver)
+        else {
+            return;
+        };
+        r.features = Some(features.clone());
+    }
+    if let Some(owner) = pending.owner {
+        spawn_remote_last_items(state, pending.jid, owner, features);
+    }
+}
+
+/// XEP-0163 §4.3.1 for a remote contact's resource: `owner`'s last items
+/// of the nodes it wants.
+fn spawn_remote_last_items(state: &ServerState, to: FullJid, owner: BareJid, features: Features) {
+    let state = state.clone();
+    let tasks = state.tasks.clone();
+    tasks.spawn(async move {
+        let subscribed = match state.store.roster(owner.as_str()).await {
+            Ok((_, roster)) => roster
+                .iter()
+                .any(|i| has_from(i.subscription) && i.jid == to.to_bare().as_str()),
+            Err(_) => false,
+        };
+        if subscribed {
+            send_last_items_to(&state, &Recipient::Remote(to), &features, &[owner]).await;
+        }
+    });
 }
 
 /// The session with id `sid` whose current presence advertises `ver`.
