@@ -37,6 +37,38 @@ pub struct Config {
     pub push: PushConfig,
     /// RFC 6120 server-to-server federation.
     pub s2s: S2sConfig,
+    /// Several nodes on PostgreSQL and NATS (`[cluster]`).
+    pub cluster: ClusterConfig,
+}
+
+/// Cluster mode (`[cluster]`): nodes share PostgreSQL and a NATS server
+/// (JetStream on).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub enabled: bool,
+    /// The NATS server (or one of its cluster), e.g. nats://10.0.0.5:4222.
+    pub nats_url: String,
+    /// This node's name, unique among the live nodes. Empty: the host name.
+    pub node_name: String,
+    /// The cluster's name: its NATS key-value buckets and subjects start
+    /// with it, so several clusters can share one NATS.
+    pub name: String,
+    /// Seconds a node's registry entry lives without a heartbeat: a dead
+    /// node disappears after this long (heartbeats every third of it).
+    pub lease_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            enabled: false,
+            nats_url: "nats://127.0.0.1:4222".into(),
+            node_name: String::new(),
+            name: "natter".into(),
+            lease_secs: 15,
+        }
+    }
 }
 
 /// Federation with other XMPP servers (`[s2s]`).
@@ -509,6 +541,7 @@ impl Default for Config {
             stories: StoriesConfig::default(),
             push: PushConfig::default(),
             s2s: S2sConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -626,6 +659,7 @@ const SECTIONS: &[&str] = &[
     "stories",
     "push",
     "s2s",
+    "cluster",
 ];
 
 impl Config {
@@ -858,6 +892,7 @@ impl Config {
             anyhow::bail!("push.webpush_timeout_secs must be between 1 and 120");
         }
         self.validate_s2s()?;
+        self.validate_cluster()?;
         if self.tls.cert.is_empty() != self.tls.key.is_empty() {
             anyhow::bail!("tls.cert and tls.key must be given together");
         }
@@ -913,6 +948,64 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    fn validate_cluster(&self) -> anyhow::Result<()> {
+        let c = &self.cluster;
+        if !c.enabled {
+            return Ok(());
+        }
+        if self.store.backend != "postgres" {
+            anyhow::bail!(
+                "cluster.enabled needs store.backend = \"postgres\": a SQLite file belongs to one node"
+            );
+        }
+        // NATS key-value keys and subject tokens.
+        let token = |v: &str| {
+            !v.is_empty()
+                && v.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+        };
+        if !token(&c.name) {
+            anyhow::bail!(
+                "cluster.name {:?}: use letters, digits, '-' and '_'",
+                c.name
+            );
+        }
+        if !c.node_name.is_empty() && !token(&c.node_name) {
+            anyhow::bail!(
+                "cluster.node_name {:?}: use letters, digits, '-' and '_'",
+                c.node_name
+            );
+        }
+        if c.lease_secs < 3 {
+            anyhow::bail!("cluster.lease_secs must be at least 3");
+        }
+        if c.nats_url.is_empty() {
+            anyhow::bail!("cluster.nats_url must name the NATS server");
+        }
+        Ok(())
+    }
+
+    /// This node's name in the cluster: `cluster.node_name`, else the host
+    /// name (with anything NATS can't take replaced by '-').
+    pub fn node_name(&self) -> String {
+        if !self.cluster.node_name.is_empty() {
+            return self.cluster.node_name.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| "node".into());
+        host.trim()
+            .chars()
+            .map(|ch| {
+                if ch.is_ascii_alphanumeric() || ch == '_' {
+                    ch
+                } else {
+                    '-'
+                }
+            })
+            .collect()
     }
 
     /// Whether federation runs: `s2s.enabled`, else on unless every
@@ -984,6 +1077,27 @@ mod tests {
         assert_eq!(c.domains, vec!["localhost"]);
         assert!(c.registration_enabled());
         assert_eq!(c.listen.c2s, "0.0.0.0:5222");
+    }
+
+    #[test]
+    fn a_cluster_needs_postgres_and_names_nats_can_take() {
+        let err = |text: &str| format!("{:#}", Config::from_parts(text, &[]).unwrap_err());
+        assert!(
+            err("[cluster]\nenabled = true\n").contains("store.backend = \"postgres\""),
+            "a cluster on SQLite"
+        );
+        let pg = "[store]\nbackend = \"postgres\"\nurl = \"postgres://x/y\"\n";
+        assert!(err(&format!(
+            "{pg}[cluster]\nenabled = true\nnode_name = \"a.b\"\n"
+        ))
+        .contains("cluster.node_name"));
+        assert!(
+            err(&format!("{pg}[cluster]\nenabled = true\nlease_secs = 1\n"))
+                .contains("cluster.lease_secs")
+        );
+        let env = vec![("NATTER_CLUSTER_NODE_NAME".into(), "n-7".into())];
+        let c = Config::from_parts(&format!("{pg}[cluster]\nenabled = true\n"), &env).unwrap();
+        assert_eq!(c.node_name(), "n-7");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod accounts;
 pub mod admin;
 pub mod backup;
 pub mod c2s;
+pub mod cluster;
 pub mod config;
 pub mod disk;
 pub mod error;
@@ -126,6 +127,26 @@ impl Running {
     }
 }
 
+/// Keep this node's registry entry alive (with its session count) until
+/// shutdown, then remove it.
+async fn cluster_heartbeat(
+    state: ServerState,
+    c: Arc<cluster::Cluster>,
+    mut info: cluster::NodeInfo,
+) {
+    loop {
+        info.sessions = state.router.count();
+        if let Err(e) = c.heartbeat(&info).await {
+            tracing::warn!(error = %e, "cluster heartbeat failed");
+        }
+        tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            _ = tokio::time::sleep(c.heartbeat_every()) => {}
+        }
+    }
+    c.leave().await;
+}
+
 /// Start everything the config describes. Fails fast, naming the cause:
 /// bad certificate, port in use, unreachable store.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
@@ -158,6 +179,23 @@ pub async fn start_with(
             module_listeners.push((m, i, what, l));
         }
     }
+    // Joined once the listeners are bound (a port in use fails first, and
+    // leaves no registry entry behind).
+    let cluster = match config.cluster.enabled {
+        true => {
+            let info = cluster::NodeInfo {
+                name: config.node_name(),
+                started: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                version: env!("CARGO_PKG_VERSION").into(),
+                ..Default::default()
+            };
+            let c = cluster::Cluster::join(&config, &info).await?;
+            Some((Arc::new(c), info))
+        }
+        false => None,
+    };
     let l = &config.limits;
     let state = ServerState::new(state::Shared {
         throttle: Arc::new(c2s::throttle::AuthThrottle::new(
@@ -183,6 +221,7 @@ pub async fn start_with(
         metrics,
         admin_token: Arc::new(admin_token),
         http_addr: http.as_ref().and_then(|l| l.local_addr().ok()),
+        cluster: cluster.as_ref().map(|(c, _)| c.clone()),
     });
     let mut bound = Bound::default();
     let mut tasks = JoinSet::new();
@@ -216,6 +255,10 @@ pub async fn start_with(
             bound.modules.push((what, a));
         }
         tasks.spawn(net::accept_module(l, state.clone(), m, i));
+    }
+    if let Some((c, mut info)) = cluster {
+        info.listeners = bound.to_string();
+        tasks.spawn(cluster_heartbeat(state.clone(), c, info));
     }
     tracing::info!(
         "natter started for {}: {bound}",

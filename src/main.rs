@@ -73,6 +73,8 @@ enum AdminCommand {
     },
     /// Server statistics: uptime, accounts, sessions, stanza counts.
     Stats,
+    /// The live nodes of the cluster (`[cluster]`), read from NATS.
+    Cluster,
 }
 
 #[derive(Subcommand)]
@@ -218,6 +220,30 @@ async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             for k in kicked {
                 println!("kicked {}", k.as_str().unwrap_or_default());
             }
+        }
+        AdminCommand::Cluster => {
+            if !config.cluster.enabled {
+                anyhow::bail!("cluster.enabled is off in this configuration: one node, no cluster");
+            }
+            let nodes = natter::cluster::live_nodes(&config).await?;
+            println!(
+                "{:<20} {:>8}  {:<20} listeners",
+                "node", "sessions", "started"
+            );
+            for n in &nodes {
+                let started = chrono::DateTime::from_timestamp(n.started as i64, 0)
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                    .unwrap_or_default();
+                println!(
+                    "{:<20} {:>8}  {:<20} {}",
+                    n.name, n.sessions, started, n.listeners
+                );
+            }
+            println!(
+                "{} live node(s) in cluster {:?}",
+                nodes.len(),
+                config.cluster.name
+            );
         }
         AdminCommand::Stats => {
             let v = admin::call(&config, "GET", "/admin/stats", "").await?;

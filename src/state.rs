@@ -55,6 +55,8 @@ pub struct Shared {
     /// Where the HTTP listener is bound (its real port when configured
     /// with port 0), for URLs modules hand out.
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Cluster membership (`cluster.enabled`).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Shared {

@@ -93,10 +93,15 @@ async fn metrics(State(state): State<ServerState>) -> Response {
         .into_response()
 }
 
-/// 200 while the store answers reads and its writes succeed; 503 naming the cause
+/// 200 while the store answers reads and its writes succeed (and, in a
+/// cluster, NATS is connected); 503 naming the cause
 /// otherwise (e.g. a full disk), so a load balancer sends new clients elsewhere. It turns
 /// 200 again by itself: with no traffic, `writable` probes with a write of its own.
 async fn ready(State(state): State<ServerState>) -> Response {
+    if state.cluster.as_ref().is_some_and(|c| !c.connected()) {
+        let why = "NATS unreachable (cluster.nats_url)\n";
+        return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    }
     let unready = match state.store.ping().await {
         Err(e) => format!("store unreachable: {e}\n"),
         Ok(()) => match state.store.writable().await {
