@@ -1178,6 +1178,22 @@ async fn pep_notifications_reach_remote_contacts_that_want_them() {
         !got.iter().any(|e| e.to_string().contains("protocol/tune")),
         "{got:?}"
     );
+
+    // A stranger's presence with caps is not tracked: no query, nothing
+    // remembered (contacts only).
+    let carol = b.add_user("carol", "password").await;
+    let mut cc = online(&b, &carol, "r").await;
+    cc.send(&xml(&format!(
+        "<presence to='{alice}'><c xmlns='http://jabber.org/protocol/caps' hash='sha-1' \
+         node='https://client.example' ver='other-ver'/></presence>"
+    )))
+    .await;
+    let got = cc.read_to_end(std::time::Duration::from_millis(500)).await;
+    assert!(
+        !got.iter()
+            .any(|e| e.name == "iq" && e.attr("from") == Some(alice.as_str())),
+        "{got:?}"
+    );
     a.stop().await;
     b.stop().await;
 }

@@ -179,6 +179,9 @@ struct PendingCaps {
     /// Remote queries: the local account whose contact it is (gets its
     /// last items sent once the caps are known).
     owner: Option<BareJid>,
+    /// When it was asked: unanswered queries make room after
+    /// `CAPS_QUERY_TIMEOUT`.
+    at: Instant,
 }
 
 #[async_trait]
@@ -1563,6 +1566,7 @@ fn ask_caps(state: &ServerState, h: &SessionHandle, node: &str, ver: &str, hash:
         ver: ver.to_string(),
         hash: hash.to_string(),
         owner: None,
+        at: Instant::now(),
     };
     if let Some(q) = caps_query(state, &domain, pending) {
         h.send(q);
@@ -1580,7 +1584,12 @@ fn caps_query(state: &ServerState, from: &str, pending: PendingCaps) -> Option<E
     );
     let mut map = pep.pending.lock();
     if map.len() >= MAX_PENDING {
-        return None;
+        // Peers that never answer (or a flood of made-up vers) must not
+        // block caps discovery for everyone.
+        map.retain(|_, p| p.at.elapsed() < CAPS_QUERY_TIMEOUT);
+        if map.len() >= MAX_PENDING {
+            return None;
+        }
     }
     map.insert(id, pending);
     Some(q)
@@ -1712,6 +1721,21 @@ async fn remote_presence(state: &ServerState, p: &Element) {
     ) else {
         return;
     };
+    if pep
+        .remote
+        .lock()
+        .get(&bare)
+        .and_then(|r| r.get(&res))
+        .is_some_and(|r| r.ver == ver)
+    {
+        return;
+    }
+    // Only contacts who may get notifications are remembered (not any
+    // stranger who sends presence; the map stays theirs).
+    let owner = to.to_bare();
+    if !subscribed_to(state, &owner, &bare).await {
+        return;
+    }
     let features = pep.by_ver.lock().get(ver).cloned();
     {
         let mut remote = pep.remote.lock();
@@ -1734,7 +1758,6 @@ async fn remote_presence(state: &ServerState, p: &Element) {
             },
         );
     }
-    let owner = to.to_bare();
     match features {
         Some(f) => spawn_remote_last_items(state, from, owner, f),
         None => {
@@ -1748,6 +1771,7 @@ async fn remote_presence(state: &ServerState, p: &Element) {
                     .unwrap_or_default()
                     .to_string(),
                 owner: Some(owner.clone()),
+                at: Instant::now(),
             };
             let remote = state.modules.try_api::<dyn api::Remote>();
             if let (Some(q), Some(r)) = (caps_query(state, owner.as_str(), pending), remote) {
@@ -1790,16 +1814,21 @@ fn spawn_remote_last_items(state: &ServerState, to: FullJid, owner: BareJid, fea
     let state = state.clone();
     let tasks = state.tasks.clone();
     tasks.spawn(async move {
-        let subscribed = match state.store.roster(owner.as_str()).await {
-            Ok((_, roster)) => roster
-                .iter()
-                .any(|i| has_from(i.subscription) && i.jid == to.to_bare().as_str()),
-            Err(_) => false,
-        };
-        if subscribed {
+        if subscribed_to(&state, &owner, &to.to_bare()).await {
             send_last_items_to(&state, &Recipient::Remote(to), &features, &[owner]).await;
         }
     });
+}
+
+/// Whether `contact` has a subscription to `owner`'s presence (from/both
+/// in `owner`'s roster).
+async fn subscribed_to(state: &ServerState, owner: &BareJid, contact: &BareJid) -> bool {
+    match state.store.roster(owner.as_str()).await {
+        Ok((_, roster)) => roster
+            .iter()
+            .any(|i| has_from(i.subscription) && i.jid == contact.as_str()),
+        Err(_) => false,
+    }
 }
 
 /// The session with id `sid` whose current presence advertises `ver`.
