@@ -130,14 +130,15 @@ impl Session {
         let deadline = Instant::now() + Duration::from_secs(secs);
         let shutdown = self.state.shutdown.clone();
         tracing::info!(jid = %h.jid, secs, "connection lost; session waits for resumption");
-        let unacked_messages = self.sm.as_ref().map_or(0, |sm| {
+        let unacked: Vec<_> = self.sm.as_ref().map_or_else(Vec::new, |sm| {
             sm.unacked
                 .iter()
                 .chain(&sm.unsent)
                 .filter(|o| o.is_message())
-                .count()
+                .filter_map(|o| o.to_element())
+                .collect()
         });
-        let ev = modules::Event::Parked { unacked_messages };
+        let ev = modules::Event::Parked { unacked: &unacked };
         self.state.modules.emit(&self.state, Some(&h), &ev).await;
         if let Some(sm) = self.sm.as_mut() {
             sm.ack_deadline = None;

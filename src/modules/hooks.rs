@@ -162,7 +162,7 @@ pub enum Event<'a> {
     Heartbeat,
     Parked {
         /// Messages sent to it that it never acknowledged (XEP-0198).
-        unacked_messages: usize,
+        unacked: &'a [Element],
     },
     Resumed,
     Closed,

@@ -300,14 +300,15 @@ impl Module for Push {
                     self.message_for(state, user, summary).await;
                 }
             }
-            Event::Parked { unacked_messages } => {
+            Event::Parked { unacked } => {
                 if let Some(h) = session {
                     self.parked.lock().insert(h.jid.clone());
                     // What it left unacknowledged waits: its device gets
                     // a push (messages counted while it was live are not:
                     // they reached it). A tab or app closed with
-                    // everything acknowledged gets none.
-                    if *unacked_messages > 0 {
+                    // everything worth a push acknowledged gets none —
+                    // unacked headlines, receipts or archive pages don't.
+                    if unacked.iter().any(|m| Summary::of(m).is_some()) {
                         self.flush_device(state, &h.jid).await;
                     }
                 }
