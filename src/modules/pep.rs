@@ -151,7 +151,8 @@ pub struct Pep {
     asking: Mutex<HashMap<String, (Instant, Vec<Waiting>)>>,
     /// Contacts on other servers whose available presence reached a local
     /// user: bare JID → resource → caps (XEP-0163 notifications go to
-    /// them over s2s). Bounded by `MAX_REMOTE_RESOURCES`.
+    /// them over s2s). Bounded by `MAX_REMOTE_CONTACTS` and
+    /// `MAX_REMOTE_RESOURCES` each.
     remote: Mutex<HashMap<BareJid, HashMap<String, RemoteResource>>>,
 }
 
@@ -162,8 +163,10 @@ struct RemoteResource {
     features: Option<Features>,
 }
 
-/// Remote contacts' resources remembered at most (each a few hundred bytes).
-const MAX_REMOTE_RESOURCES: usize = 100_000;
+/// Remote contacts remembered at most, and resources per contact (each a
+/// few hundred bytes): checked in O(1) on every presence.
+const MAX_REMOTE_CONTACTS: usize = 50_000;
+const MAX_REMOTE_RESOURCES: usize = 16;
 /// `PendingCaps::session` of a query to a remote contact's resource.
 const REMOTE_SESSION: u64 = u64::MAX;
 
@@ -1746,11 +1749,14 @@ async fn remote_presence(state: &ServerState, p: &Element) {
         {
             return;
         }
-        let count: usize = remote.values().map(HashMap::len).sum();
-        if count >= MAX_REMOTE_RESOURCES && !remote.contains_key(&bare) {
+        if remote.len() >= MAX_REMOTE_CONTACTS && !remote.contains_key(&bare) {
             return;
         }
-        remote.entry(bare).or_default().insert(
+        let resources = remote.entry(bare).or_default();
+        if resources.len() >= MAX_REMOTE_RESOURCES && !resources.contains_key(&res) {
+            return;
+        }
+        resources.insert(
             res,
             RemoteResource {
                 ver: ver.to_string(),
