@@ -189,12 +189,24 @@ pub async fn start_with(
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
                 version: env!("CARGO_PKG_VERSION").into(),
+                incarnation: rand::random(),
                 ..Default::default()
             };
             let c = cluster::Cluster::join(&config, &info).await?;
             Some((Arc::new(c), info))
         }
         false => None,
+    };
+    // In a cluster, modules route through the registry of every node's
+    // sessions; this node's table stays the one c2s binds in.
+    let remote = cluster.as_ref().map(|(c, _)| {
+        let changes = router.track_changes();
+        let r = Arc::new(cluster::routing::ClusterRouting::new(router.clone(), c));
+        (r, changes)
+    });
+    let routing: Arc<dyn router::Routing> = match &remote {
+        Some((r, _)) => r.clone(),
+        None => router.clone(),
     };
     let l = &config.limits;
     let state = ServerState::new(state::Shared {
@@ -212,7 +224,7 @@ pub async fn start_with(
         fake_salt,
         config: Arc::new(config),
         store,
-        routing: router.clone(),
+        routing,
         router,
         modules,
         tls,
@@ -255,6 +267,13 @@ pub async fn start_with(
             bound.modules.push((what, a));
         }
         tasks.spawn(net::accept_module(l, state.clone(), m, i));
+    }
+    if let (Some((c, _)), Some((r, changes))) = (&cluster, remote) {
+        for t in cluster::routing::start(state.clone(), c.clone(), r, changes).await? {
+            tasks.spawn(async move {
+                let _ = t.await;
+            });
+        }
     }
     if let Some((c, mut info)) = cluster {
         info.listeners = bound.to_string();

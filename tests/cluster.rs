@@ -209,3 +209,240 @@ async fn a_killed_node_disappears_when_its_lease_ends() {
     assert_eq!(names(&name, &db).await, ["doomed"]);
     n.stop().await;
 }
+
+/// Mutual presence subscription, straight in the shared store.
+async fn friends(srv: &TestServer, a: &str, b: &str) {
+    use natter_store::{RosterItem, Subscription};
+    for (owner, contact) in [(a, b), (b, a)] {
+        let mut it = RosterItem::new(contact);
+        it.subscription = Subscription::Both;
+        srv.state().store.put_roster_item(owner, &it).await.unwrap();
+    }
+}
+
+/// Wait until `srv` sees `full` bound somewhere in the cluster (the
+/// registry reached its mirror), available or not as asked.
+async fn routable(srv: &TestServer, full: &str, available: bool) {
+    let jid = jid::FullJid::new(full).unwrap();
+    for _ in 0..200 {
+        if srv
+            .state()
+            .routing
+            .session(&jid)
+            .is_some_and(|h| h.is_available() == available)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{full} never became routable (available: {available})");
+}
+
+/// Wait until `srv` no longer routes to `full`.
+async fn unroutable(srv: &TestServer, full: &str) {
+    let jid = jid::FullJid::new(full).unwrap();
+    for _ in 0..200 {
+        if srv.state().routing.session(&jid).is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{full} is still routable");
+}
+
+fn body_of(el: &natter_xml::Element) -> Option<String> {
+    el.get_child("body", "jabber:client").map(|b| b.text())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_on_different_nodes_chat_with_presence_carbons_and_iqs() {
+    let db = TestDb::create().await;
+    let name = cluster_name();
+    let n1 = node(&name, "n1", &db).await;
+    let n2 = node(&name, "n2", &db).await;
+    let alice = n1.add_user("alice", "password").await;
+    let bob = n1.add_user("bob", "password").await;
+    friends(&n1, &alice, &bob).await;
+
+    let mut a1 = n1.login(&alice, "password", "phone").await;
+    let mut a2 = n2.login(&alice, "password", "laptop").await;
+    let mut b = n2.login(&bob, "password", "phone").await;
+    for c in [&mut a1, &mut a2] {
+        let r = c
+            .iq(xml(
+                "<iq type='set'><enable xmlns='urn:xmpp:carbons:2'/></iq>",
+            ))
+            .await;
+        assert_eq!(r.attr("type"), Some("result"), "{r}");
+    }
+    a1.send(&xml("<presence/>")).await;
+    routable(&n2, &format!("{alice}/phone"), true).await;
+    a2.send(&xml("<presence/>")).await;
+    routable(&n1, &format!("{alice}/laptop"), true).await;
+
+    // Bob comes online on n2: alice's phone on n1 gets his presence, and
+    // bob gets both of alice's (the phone's through the registry's copy).
+    b.send(&xml("<presence><status>here</status></presence>"))
+        .await;
+    let p = a1
+        .recv_until(|e| e.name == "presence" && e.attr("from") == Some(&format!("{bob}/phone")))
+        .await;
+    assert_eq!(p.attr("type"), None, "{p}");
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 2 {
+        let p = b.recv_until(|e| e.name == "presence").await;
+        let from = p.attr("from").unwrap_or_default();
+        if from.starts_with(&format!("{alice}/")) {
+            seen.insert(from.to_string());
+        }
+    }
+    routable(&n1, &format!("{bob}/phone"), true).await;
+
+    // Alice's phone (n1) to bob (n2); her laptop (n2) gets the sent carbon.
+    a1.send(&message(&bob, "hello from n1")).await;
+    let m = b.recv_until(|e| e.name == "message").await;
+    assert_eq!(body_of(&m).as_deref(), Some("hello from n1"), "{m}");
+    assert_eq!(m.attr("from"), Some(format!("{alice}/phone").as_str()));
+    let carbon = a2
+        .recv_until(|e| e.name == "message" && e.get_child("sent", "urn:xmpp:carbons:2").is_some())
+        .await;
+    assert!(carbon.to_string().contains("hello from n1"), "{carbon}");
+
+    // Bob's reply to alice's bare JID reaches both of her devices.
+    b.send(&message(&alice, "hi both")).await;
+    for c in [&mut a1, &mut a2] {
+        let m = c
+            .recv_until(|e| e.name == "message" && body_of(e).is_some())
+            .await;
+        assert_eq!(body_of(&m).as_deref(), Some("hi both"), "{m}");
+    }
+
+    // An IQ to a full JID on the other node, and its answer back.
+    let id = next_id();
+    a1.send(&xml(&format!(
+        "<iq type='get' id='{id}' to='{bob}/phone'><query xmlns='jabber:iq:version'/></iq>"
+    )))
+    .await;
+    let q = b.recv_until(|e| e.name == "iq").await;
+    assert_eq!(q.attr("from"), Some(format!("{alice}/phone").as_str()));
+    b.send(&xml(&format!(
+        "<iq type='result' id='{id}' to='{alice}/phone'><query xmlns='jabber:iq:version'><name>t</name></query></iq>"
+    )))
+    .await;
+    let r = a1.recv_until(|e| e.name == "iq").await;
+    assert_eq!(r.attr("type"), Some("result"), "{r}");
+    assert_eq!(r.attr("from"), Some(format!("{bob}/phone").as_str()));
+
+    // Bob goes offline: n1 sees him leave, and what alice sends him from
+    // n1 waits in the shared offline queue until he is back (on n1).
+    b.close().await;
+    drop(b);
+    unroutable(&n1, &format!("{bob}/phone")).await;
+    a1.send(&message(&bob, "while you were away")).await;
+    a1.sync().await;
+    let mut b = n1.login(&bob, "password", "tablet").await;
+    b.send(&xml("<presence/>")).await;
+    let m = b
+        .recv_until(|e| e.name == "message" && body_of(e).is_some())
+        .await;
+    assert_eq!(body_of(&m).as_deref(), Some("while you were away"), "{m}");
+
+    // A node that stops takes its sessions out of the others' routing.
+    drop((a2, b));
+    n2.stop().await;
+    unroutable(&n1, &format!("{alice}/laptop")).await;
+    n1.stop().await;
+}
+
+/// A NATS server of the test's own (JetStream on, state in `dir`), so the
+/// test can kill and restart it.
+fn own_nats(port: u16, dir: &std::path::Path) -> KillOnDrop {
+    let child = KillOnDrop(
+        std::process::Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server (Debian package nats-server) on PATH"),
+    );
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("nats-server did not listen on {port}");
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_refused_with_wait_while_nats_is_down_and_flow_after() {
+    let db = TestDb::create().await;
+    let name = cluster_name();
+    let port = free_port();
+    let nats_dir = tempfile::tempdir().unwrap();
+    let mut nats = own_nats(port, nats_dir.path());
+    let url = format!("nats://127.0.0.1:{port}");
+    let start = |node: &'static str| {
+        let (name, url, db_url) = (name.clone(), url.clone(), db.url.clone());
+        start_server(move |c| {
+            clustered(c, &name, node, &db_url);
+            c.cluster.nats_url = url;
+        })
+    };
+    let n1 = start("n1").await;
+    let n2 = start("n2").await;
+    let alice = n1.add_user("alice", "password").await;
+    let bob = n1.add_user("bob", "password").await;
+    let mut a = n1.login(&alice, "password", "phone").await;
+    let mut b = n2.login(&bob, "password", "phone").await;
+    a.send(&xml("<presence/>")).await;
+    b.send(&xml("<presence/>")).await;
+    routable(&n1, &format!("{bob}/phone"), true).await;
+    a.send(&message(&bob, "before")).await;
+    let m = b.recv_until(|e| e.name == "message").await;
+    assert_eq!(body_of(&m).as_deref(), Some("before"));
+
+    // NATS goes away: n1 refuses messages (type wait), even to a user on
+    // n1 itself, rather than accept what it may not deliver.
+    drop(nats);
+    let c1 = n1.state().cluster.clone().unwrap();
+    until("n1 notices NATS is gone", || !c1.connected()).await;
+    let (status, _, body) = http_request(n1.http, "GET", "/ready", "").await;
+    assert_eq!(status, 503, "{body}");
+    let id = next_id();
+    let mut msg = message(&bob, "during");
+    msg.set_attr("id", &id);
+    a.send(&msg).await;
+    let err = a
+        .recv_until(|e| e.name == "message" && e.attr("id") == Some(&id))
+        .await;
+    assert_eq!(err.attr("type"), Some("error"), "{err}");
+    let e = err.get_child("error", "jabber:client").unwrap();
+    assert_eq!(e.attr("type"), Some("wait"), "{err}");
+
+    // NATS is back (same state directory): the nodes reconnect, bob is
+    // routable again, and messages flow.
+    nats = own_nats(port, nats_dir.path());
+    until("n1 reconnects", || c1.connected()).await;
+    routable(&n1, &format!("{bob}/phone"), true).await;
+    a.send(&message(&bob, "after")).await;
+    let m = b
+        .recv_until(|e| e.name == "message" && body_of(e).is_some())
+        .await;
+    assert_eq!(body_of(&m).as_deref(), Some("after"), "{m}");
+    drop((a, b));
+    n2.stop().await;
+    n1.stop().await;
+    drop(nats);
+}

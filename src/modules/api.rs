@@ -57,6 +57,9 @@ pub trait OfflineQueue: Send + Sync {
     async fn requeue(&self, state: &ServerState, stanzas: Vec<Outbound>);
     /// A parked session was resumed after its queue refused stanzas.
     fn resumed(&self, state: &ServerState, h: &Arc<SessionHandle>, rx: &QueueRx);
+    /// Messages were queued for `h`'s user on another node (a cluster):
+    /// hand `h` what is queued now, behind nothing newer.
+    fn catch_up_now(&self, state: &ServerState, h: &Arc<SessionHandle>);
 }
 
 /// XEP-0313 archiving decisions for the message router.

@@ -370,7 +370,7 @@ pub async fn presence_allowed(state: &ServerState, from: &Jid, to: &SessionHandl
 fn sessions_matching(state: &ServerState, item: &Jid) -> Vec<Arc<SessionHandle>> {
     match item.node() {
         Some(_) => state
-            .router
+            .routing
             .resources(&item.to_bare())
             .into_iter()
             .filter(|h| matches(item, &Jid::from(h.jid.clone())))
@@ -409,7 +409,7 @@ fn unavailable(from: &SessionHandle, to: &SessionHandle) -> Element {
 /// blocked sessions that may see them, and from those sessions to `user`.
 async fn presence_cut(state: &ServerState, user: &BareJid, item: &Jid) {
     let mine: Vec<_> = state
-        .router
+        .routing
         .resources(user)
         .into_iter()
         .filter(|h| h.is_available())

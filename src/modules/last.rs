@@ -118,7 +118,7 @@ impl Module for Last {
             }
         }
         if state
-            .router
+            .routing
             .resources(&account)
             .iter()
             .any(|h| h.is_available())

@@ -329,7 +329,7 @@ async fn deliver_to_bare(
     }
     let targets: Vec<_> = cx
         .state
-        .router
+        .routing
         .resources(bare)
         .into_iter()
         .filter(|h| h.is_available() && h.priority() >= 0)

@@ -9,6 +9,7 @@ pub mod api;
 pub mod blocking;
 mod cache;
 pub mod carbons;
+pub mod cluster;
 pub mod component;
 pub mod contact;
 pub mod disco;
@@ -331,6 +332,7 @@ impl Modules {
     /// The standard modules and `extra` (tests, embedders).
     pub fn with(config: &Config, extra: Vec<Arc<dyn Module>>) -> Self {
         let mut list: Vec<Arc<dyn Module>> = vec![
+            Arc::new(cluster::ClusterGate),
             Arc::new(disco::Disco),
             Arc::new(ping::Ping),
             Arc::new(roster::Roster::default()),

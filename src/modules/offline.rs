@@ -127,6 +127,12 @@ impl api::OfflineQueue for Offline {
     fn resumed(&self, state: &ServerState, h: &Arc<SessionHandle>, rx: &QueueRx) {
         resumed(state, h, rx)
     }
+    fn catch_up_now(&self, state: &ServerState, h: &Arc<SessionHandle>) {
+        if h.is_available() && h.priority() >= 0 {
+            mark_catching_up(self, h);
+            state.tasks.spawn(drain(state.clone(), h.clone()));
+        }
+    }
 }
 
 /// Offline-queue coordination shared by message routing and catch-ups.
@@ -188,7 +194,7 @@ fn storable(msg: &Element, kind: &str) -> bool {
 /// Available resources with non-negative priority (RFC 6121 §8.5.2.1).
 fn available(state: &ServerState, bare: &BareJid) -> Vec<Arc<SessionHandle>> {
     state
-        .router
+        .routing
         .resources(bare)
         .into_iter()
         .filter(|h| h.is_available() && h.priority() >= 0)
@@ -310,12 +316,7 @@ fn catch_up(state: &ServerState, h: &Arc<SessionHandle>, presence: &Element) -> 
     if !h.offline_for_messages() || priority(presence) < 0 {
         return None;
     }
-    let off = state.modules.api::<Offline>();
-    let mut users = off.users.lock();
-    let g = users.entry(h.bare.clone()).or_default();
-    if !g.catching_up.contains(&h.id) {
-        g.catching_up.push(h.id);
-    }
+    mark_catching_up(&state.modules.api::<Offline>(), h);
     Some(CatchUp {
         state: state.clone(),
         session: h.clone(),
@@ -490,6 +491,15 @@ async fn requeue(state: &ServerState, stanzas: Vec<Outbound>) {
     }
 }
 
+/// From now on, messages for `h` join the end of the offline queue.
+fn mark_catching_up(off: &Offline, h: &SessionHandle) {
+    let mut users = off.users.lock();
+    let g = users.entry(h.bare.clone()).or_default();
+    if !g.catching_up.contains(&h.id) {
+        g.catching_up.push(h.id);
+    }
+}
+
 /// A parked session was resumed after its queue refused stanzas (they went
 /// to offline storage, after everything the session still holds): it
 /// catches up on the offline queue now, as a session coming online does,
@@ -497,12 +507,7 @@ async fn requeue(state: &ServerState, stanzas: Vec<Outbound>) {
 fn resumed(state: &ServerState, h: &Arc<SessionHandle>, rx: &QueueRx) {
     let available = h.is_available() && h.priority() >= 0;
     if available {
-        let off = state.modules.api::<Offline>();
-        let mut users = off.users.lock();
-        let g = users.entry(h.bare.clone()).or_default();
-        if !g.catching_up.contains(&h.id) {
-            g.catching_up.push(h.id);
-        }
+        mark_catching_up(&state.modules.api::<Offline>(), h);
     }
     // Marked first: from here new messages join the offline queue's end.
     rx.clear_overflow();

@@ -99,7 +99,7 @@ impl Module for Presence {
         // Replaced by a new session under the same full JID that is already
         // online: contacts must not see that resource go away.
         let replaced = state
-            .router
+            .routing
             .session(&me.jid)
             .is_some_and(|h| h.id != me.id && h.is_available());
         let p = Element::new("presence", NS_CLIENT)
@@ -235,7 +235,7 @@ fn with_from(s: Subscription, on: bool) -> Subscription {
 /// Resources of `bare` that sent initial presence.
 fn available(state: &ServerState, bare: &BareJid) -> Vec<Arc<SessionHandle>> {
     state
-        .router
+        .routing
         .resources(bare)
         .into_iter()
         .filter(|h| h.is_available())

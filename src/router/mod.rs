@@ -70,6 +70,40 @@ pub struct SessionHandle {
     /// Private: other tasks read a snapshot or change one field through
     /// the methods below, never hold the lock across anything.
     state: Mutex<SessionState>,
+    /// In a cluster: where changes to its routing attributes are noted
+    /// for the session registry (`cluster::registry`).
+    changes: Option<Arc<Changes>>,
+}
+
+/// Sessions whose routing attributes changed since the cluster registry
+/// last published them (by id, with the full JID its key derives from):
+/// a burst of changes to one session is published once.
+#[derive(Default)]
+pub struct Changes {
+    pending: Mutex<HashMap<u64, FullJid>>,
+    pub notify: tokio::sync::Notify,
+}
+
+impl Changes {
+    fn note(&self, id: u64, jid: &FullJid) {
+        let fresh = self.pending.lock().insert(id, jid.clone()).is_none();
+        if fresh {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Take what changed since the last call.
+    pub fn take(&self) -> HashMap<u64, FullJid> {
+        std::mem::take(&mut *self.pending.lock())
+    }
+
+    /// Put back what could not be published (NATS unreachable).
+    pub fn restore(&self, back: HashMap<u64, FullJid>) {
+        let mut p = self.pending.lock();
+        for (id, jid) in back {
+            p.entry(id).or_insert(jid);
+        }
+    }
 }
 
 /// What the rest of the server sees of a bound resource (a copy).
@@ -139,6 +173,31 @@ impl SessionHandle {
     /// Stop routing to this session (it is ending).
     pub fn mark_closing(&self) {
         self.closing.store(true, Ordering::SeqCst);
+        self.changed();
+    }
+
+    /// Note a change for the cluster registry (nothing in embedded mode).
+    fn changed(&self) {
+        if let Some(c) = &self.changes {
+            c.note(self.id, &self.jid);
+        }
+    }
+
+    /// A session on another node, as the cluster registry describes it:
+    /// its routing attributes are copied in here (see `cluster::routing`).
+    pub(crate) fn set_remote(&self, r: &Resource, presence: Option<Element>) {
+        let mut st = self.state.lock();
+        st.available = r.available;
+        st.priority = r.priority;
+        st.carbons = r.carbons;
+        st.interested = r.interested;
+        st.presence = presence;
+    }
+
+    /// Stop the task that drains this handle's queue (a proxy whose
+    /// session is gone).
+    pub(crate) fn shut_queue(&self) {
+        self.tx.shutdown();
     }
 
     pub fn is_closing(&self) -> bool {
@@ -183,6 +242,8 @@ impl SessionHandle {
         st.available = true;
         st.priority = priority;
         st.presence = Some(p);
+        drop(st);
+        self.changed();
         initial
     }
 
@@ -194,7 +255,10 @@ impl SessionHandle {
         st.available = false;
         st.priority = 0;
         st.presence = None;
-        (was, std::mem::take(&mut st.directed))
+        let directed = std::mem::take(&mut st.directed);
+        drop(st);
+        self.changed();
+        (was, directed)
     }
 
     /// Record a directed presence to `to` (at most `max` entities).
@@ -213,11 +277,15 @@ impl SessionHandle {
 
     pub fn set_carbons(&self, on: bool) {
         self.state.lock().carbons = on;
+        self.changed();
     }
 
     /// It requested the roster (RFC 6121 §2.1.3).
     pub fn set_interested(&self) {
-        self.state.lock().interested = true;
+        let was = std::mem::replace(&mut self.state.lock().interested, true);
+        if !was {
+            self.changed();
+        }
     }
 
     pub fn interested(&self) -> bool {
@@ -244,9 +312,9 @@ impl SessionHandle {
 }
 
 /// How modules reach users' sessions: the routing seam. `Router` (this
-/// process's session table) is the implementation today; the cluster
-/// issue adds one over NATS that answers the same calls for sessions on
-/// other nodes. Modules hold an `Arc<dyn Routing>` (`ServerState::routing`)
+/// process's session table) implements it alone; in a cluster,
+/// `cluster::routing::ClusterRouting` answers the same calls for sessions
+/// on other nodes too. Modules hold an `Arc<dyn Routing>` (`ServerState::routing`)
 /// and never lock a session: they read `Resource` snapshots and change a
 /// resource's attributes through `SessionHandle`'s methods.
 pub trait Routing: Send + Sync {
@@ -301,6 +369,8 @@ pub struct Router {
     pub resumable: crate::c2s::sm::Registry,
     /// Stanzas handed to `modules::offline::requeue` by ending sessions.
     requeued: AtomicU64,
+    /// Set in a cluster: bound sessions note their changes here.
+    changes: std::sync::OnceLock<Arc<Changes>>,
     /// Bytes of stanzas ending sessions let go of since the last trim.
     freed: AtomicU64,
 }
@@ -351,6 +421,7 @@ impl Router {
             tx,
             closing: AtomicBool::new(false),
             state: Mutex::new(SessionState::default()),
+            changes: self.changes.get().cloned(),
         });
         let list = map.entry(key).or_default();
         let replaced = list
@@ -366,6 +437,8 @@ impl Router {
             return Err(BindError::TooManyResources);
         }
         list.push(handle.clone());
+        drop(map);
+        handle.changed();
         Ok((handle, rx, replaced))
     }
 
@@ -381,6 +454,7 @@ impl Router {
             tx,
             closing: AtomicBool::new(false),
             state: Mutex::new(SessionState::default()),
+            changes: None,
         });
         (handle, rx)
     }
@@ -396,6 +470,14 @@ impl Router {
                 map.remove(&key);
             }
         }
+        drop(map);
+        handle.changed();
+    }
+
+    /// Track changes to bound sessions for the cluster registry (once, at
+    /// start, before any session binds).
+    pub fn track_changes(&self) -> Arc<Changes> {
+        self.changes.get_or_init(Default::default).clone()
     }
 
     pub fn resources(&self, bare: &BareJid) -> Vec<Arc<SessionHandle>> {

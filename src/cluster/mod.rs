@@ -4,7 +4,10 @@
 //! keeps it alive with heartbeats; the bucket's `max_age` is the lease, so
 //! a node killed with `kill -9` disappears `cluster.lease_secs` later. A
 //! node that leaves cleanly deletes its entry. `natter admin cluster` and
-//! `/ready` read it. (Routing between nodes comes next: ARCHITECTURE.md.)
+//! `/ready` read it. The session registry and routing between nodes
+//! build on it: [`routing`].
+
+pub mod routing;
 
 use crate::config::Config;
 use anyhow::Context;
@@ -24,14 +27,21 @@ pub struct NodeInfo {
     pub listeners: String,
     /// Bound sessions at the last heartbeat.
     pub sessions: usize,
+    /// Random per start: registry entries of an earlier run of a node
+    /// with the same name are told apart by it.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 /// A node's membership: its NATS connection and registry entry.
 pub struct Cluster {
     pub node: String,
-    client: async_nats::Client,
-    nodes: kv::Store,
-    lease: Duration,
+    pub incarnation: u64,
+    /// The cluster's name: the prefix of its subjects and buckets.
+    pub name: String,
+    pub(crate) client: async_nats::Client,
+    pub(crate) nodes: kv::Store,
+    pub(crate) lease: Duration,
 }
 
 /// The registry bucket of cluster `name`.
@@ -92,6 +102,8 @@ impl Cluster {
         }
         Ok(Cluster {
             node,
+            incarnation: info.incarnation,
+            name: config.cluster.name.clone(),
             client,
             nodes,
             lease: Duration::from_secs(config.cluster.lease_secs),

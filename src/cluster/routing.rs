@@ -1,0 +1,680 @@
+//! Routing between nodes (the NATS implementation of the `Routing` seam).
+//!
+//! **Session registry.** Every bound session has an entry in the JetStream
+//! key-value bucket `<cluster>_sessions`, key `<node>.<hash of full JID>`,
+//! value its routing attributes (`RemoteEntry`: availability, priority,
+//! carbons, roster interest, last available presence) and its node's
+//! incarnation. The node that holds the session writes it: on bind, on
+//! each change (`router::Changes`, coalesced) and on unbind, and rewrites
+//! all of its entries every `REFRESH` — the bucket's `max_age` is three
+//! refreshes, so entries of a node that died and never came back expire.
+//!
+//! **Mirror.** Every node watches the bucket and keeps a copy in memory, so
+//! routing a stanza costs no NATS round trip. An entry counts only while
+//! its node is live: its membership entry (`<cluster>_nodes`) was renewed
+//! within the lease and carries the entry's incarnation. A node killed with
+//! `kill -9` drops out of every lookup a lease later; its entries are
+//! forgotten after two leases (and expire from the bucket later).
+//!
+//! **Proxies.** Each remote session in the mirror is a detached
+//! `SessionHandle` on this node, its attributes copied from the entry, so
+//! modules (presence, carbons, PEP, roster pushes, offline delivery) treat
+//! it as any session. What they queue on it is published, in order, on the
+//! holding node's subject `<cluster>.node.<node>` with the full JID and
+//! acceptance order in headers; that node hands it to the session, or —
+//! when the session went away meanwhile — routes a message again through
+//! the offline queue (`OfflineQueue::requeue`), so an accepted message is
+//! never dropped between nodes (it is in the recipient's archive before it
+//! travels: see `modules::message`).
+//!
+//! **Pokes.** A message queued offline on one node may be for a user whose
+//! session on another node came online a moment ago (the mirror lags by a
+//! NATS round trip): the queuing node publishes the user on
+//! `<cluster>.poke`, and nodes with an available session of that user hand
+//! it the queue (`OfflineQueue::catch_up_now`).
+
+use super::Cluster;
+use crate::router::{Changes, Deliver, Outbound, QueueLimits, Resource, Router, Routing};
+use crate::router::{QueueRx, SessionHandle};
+use crate::state::ServerState;
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use jid::{BareJid, FullJid};
+use natter_xml::Element;
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use smallvec::SmallVec;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often a node rewrites all of its registry entries.
+const REFRESH: Duration = Duration::from_secs(20 * 60);
+/// Header names on forwarded stanzas.
+const H_TO: &str = "Natter-To";
+const H_ORD: &str = "Natter-Ord";
+const H_CLOSE: &str = "Natter-Close";
+
+/// A session's registry entry.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RemoteEntry {
+    pub jid: String,
+    pub node: String,
+    pub incarnation: u64,
+    pub available: bool,
+    pub priority: i8,
+    pub carbons: bool,
+    pub interested: bool,
+    /// The last available presence it broadcast (re-sent to new
+    /// subscribers and probes).
+    pub presence: Option<String>,
+}
+
+/// The registry key of `jid`'s session on `node` (NATS keys allow only a
+/// few characters, and JIDs are long: a hash).
+pub fn key(node: &str, jid: &str) -> String {
+    let h = Sha256::digest(jid.as_bytes());
+    format!("{node}.{}", hex::encode(&h[..16]))
+}
+
+fn subject_of(cluster: &str, node: &str) -> String {
+    format!("{cluster}.node.{node}")
+}
+
+fn poke_subject(cluster: &str) -> String {
+    format!("{cluster}.poke")
+}
+
+/// A session on another node, seen through the mirror.
+struct Remote {
+    key: String,
+    node: String,
+    incarnation: u64,
+    handle: Arc<SessionHandle>,
+}
+
+/// When a node was last heard of, and which run of it that was.
+struct Seen {
+    incarnation: u64,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct Mirror {
+    nodes: HashMap<String, Seen>,
+    by_key: HashMap<String, BareJid>,
+    users: HashMap<BareJid, SmallVec<[Remote; 1]>>,
+}
+
+impl Mirror {
+    fn live(&self, r: &Remote, lease: Duration) -> bool {
+        self.nodes
+            .get(&r.node)
+            .is_some_and(|s| s.incarnation == r.incarnation && s.at.elapsed() < lease)
+    }
+
+    fn remove_key(&mut self, key: &str) -> Option<Remote> {
+        let bare = self.by_key.remove(key)?;
+        let list = self.users.get_mut(&bare)?;
+        let i = list.iter().position(|r| r.key == key)?;
+        let r = list.remove(i);
+        if list.is_empty() {
+            self.users.remove(&bare);
+        }
+        r.handle.shut_queue();
+        Some(r)
+    }
+}
+
+/// `Routing` across the cluster: this node's table first, then the
+/// mirror of the others'.
+pub struct ClusterRouting {
+    local: Arc<Router>,
+    lease: Duration,
+    mirror: RwLock<Mirror>,
+}
+
+impl ClusterRouting {
+    pub fn new(local: Arc<Router>, cluster: &Cluster) -> Self {
+        ClusterRouting {
+            local,
+            lease: cluster.lease,
+            mirror: Default::default(),
+        }
+    }
+
+    /// Remote sessions in the mirror that count now (admin, tests).
+    pub fn remote_count(&self) -> usize {
+        let m = self.mirror.read();
+        m.users
+            .values()
+            .flatten()
+            .filter(|r| m.live(r, self.lease))
+            .count()
+    }
+}
+
+impl Routing for ClusterRouting {
+    fn session(&self, full: &FullJid) -> Option<Arc<SessionHandle>> {
+        if let Some(h) = self.local.session(full) {
+            return Some(h);
+        }
+        let m = self.mirror.read();
+        m.users
+            .get(&full.to_bare())?
+            .iter()
+            .find(|r| &r.handle.jid == full && m.live(r, self.lease))
+            .map(|r| r.handle.clone())
+    }
+
+    fn resources(&self, bare: &BareJid) -> Vec<Arc<SessionHandle>> {
+        let mut out = self.local.resources(bare);
+        let m = self.mirror.read();
+        if let Some(list) = m.users.get(bare) {
+            let here = out.len();
+            for r in list {
+                // A resource bound here wins over a stale remote entry.
+                if m.live(r, self.lease) && !out[..here].iter().any(|h| h.jid == r.handle.jid) {
+                    out.push(r.handle.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Open (or create) a bucket of the cluster.
+async fn bucket(c: &Cluster, name: String, max_age: Duration) -> anyhow::Result<kv::Store> {
+    let js = async_nats::jetstream::new(c.client.clone());
+    match js.get_key_value(&name).await {
+        Ok(s) => Ok(s),
+        Err(_) => Ok(js
+            .create_key_value(kv::Config {
+                bucket: name,
+                history: 1,
+                max_age,
+                ..Default::default()
+            })
+            .await?),
+    }
+}
+
+/// A bucket's current entries and, after them, its changes: the live
+/// watch opens first, so nothing written while the snapshot is read is
+/// missed (a change seen twice is applied twice, harmlessly). async-nats
+/// ends a history watch of an empty bucket at once, so the two are apart.
+async fn follow(store: &kv::Store) -> anyhow::Result<(Vec<kv::Entry>, kv::Watch)> {
+    let live = store.watch_all().await?;
+    let mut snapshot = Vec::new();
+    let mut history = store.watch_with_history(">").await?;
+    while let Some(e) = history.next().await {
+        let e = e?;
+        let last = e.delta == 0;
+        snapshot.push(e);
+        if last {
+            break;
+        }
+    }
+    Ok((snapshot, live))
+}
+
+/// Everything routing between nodes needs running: the registry writer,
+/// the two watches, the inbound subject and pokes. Called once at start,
+/// after the router tracks changes.
+pub async fn start(
+    state: ServerState,
+    cluster: Arc<Cluster>,
+    routing: Arc<ClusterRouting>,
+    changes: Arc<Changes>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let sessions = bucket(&cluster, format!("{}_sessions", cluster.name), REFRESH * 3).await?;
+    let inbound = cluster
+        .client
+        .subscribe(subject_of(&cluster.name, &cluster.node))
+        .await?;
+    let pokes = cluster
+        .client
+        .subscribe(poke_subject(&cluster.name))
+        .await?;
+    Ok(vec![
+        tokio::spawn(write_registry(
+            state.clone(),
+            cluster.clone(),
+            sessions.clone(),
+            changes,
+        )),
+        tokio::spawn(watch_nodes(state.clone(), cluster.clone(), routing.clone())),
+        tokio::spawn(watch_sessions(
+            state.clone(),
+            cluster.clone(),
+            routing,
+            sessions,
+        )),
+        tokio::spawn(receive(state.clone(), inbound)),
+        tokio::spawn(receive_pokes(state, cluster, pokes)),
+    ])
+}
+
+fn entry_of(h: &SessionHandle, c: &Cluster) -> RemoteEntry {
+    let r = h.snapshot();
+    RemoteEntry {
+        jid: r.jid.to_string(),
+        node: c.node.clone(),
+        incarnation: c.incarnation,
+        available: r.available,
+        priority: r.priority,
+        carbons: r.carbons,
+        interested: r.interested,
+        presence: h.available_presence().map(|p| p.to_string()),
+    }
+}
+
+/// Publish this node's session changes (and everything every `REFRESH`).
+async fn write_registry(
+    state: ServerState,
+    c: Arc<Cluster>,
+    sessions: kv::Store,
+    changes: Arc<Changes>,
+) {
+    let mut refresh = tokio::time::interval(REFRESH);
+    refresh.tick().await;
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            _ = changes.notify.notified() => {}
+            _ = refresh.tick() => {
+                for h in state.router.all() {
+                    changes.restore(HashMap::from([(h.id, h.jid.clone())]));
+                }
+            }
+        }
+        let pending = changes.take();
+        let mut failed = HashMap::new();
+        for (id, jid) in pending {
+            let k = key(&c.node, jid.as_str());
+            let r = match state.router.session(&jid) {
+                Some(h) => match serde_json::to_vec(&entry_of(&h, &c)) {
+                    Ok(v) => sessions
+                        .put(&k, v.into())
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+                None => sessions.delete(&k).await.map_err(|e| e.to_string()),
+            };
+            if let Err(e) = r {
+                tracing::warn!(%jid, error = %e, "cluster: session registry not updated; retrying");
+                failed.insert(id, jid);
+            }
+        }
+        if !failed.is_empty() {
+            changes.restore(failed);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            changes.notify.notify_one();
+        }
+    }
+    // Leaving: this node's sessions are gone.
+    for h in state.router.all() {
+        let _ = sessions.delete(key(&c.node, h.jid.as_str())).await;
+    }
+}
+
+/// Unix nanoseconds now.
+fn now_nanos() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// Follow node membership: who is live, and since when. A watch that
+/// ends (NATS lost it) is opened again from a fresh snapshot.
+async fn watch_nodes(state: ServerState, c: Arc<Cluster>, routing: Arc<ClusterRouting>) {
+    let mut sweep = tokio::time::interval(routing.lease);
+    loop {
+        let mut watch = match follow(&c.nodes).await {
+            Ok((snapshot, watch)) => {
+                for e in snapshot {
+                    note_node(&routing, e);
+                }
+                watch
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: cannot watch the nodes; retrying");
+                tokio::select! {
+                    _ = state.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                _ = sweep.tick() => forget_dead(&routing),
+                e = watch.next() => match e {
+                    Some(Ok(e)) => note_node(&routing, e),
+                    Some(Err(e)) => tracing::warn!(error = %e, "cluster: node watch"),
+                    None => break,
+                },
+            }
+        }
+    }
+}
+
+fn note_node(routing: &ClusterRouting, e: kv::Entry) {
+    let mut m = routing.mirror.write();
+    match e.operation {
+        kv::Operation::Put => {
+            let Ok(info) = serde_json::from_slice::<super::NodeInfo>(&e.value) else {
+                return;
+            };
+            // An entry written a while ago (read at start) is that old.
+            let age_ns = (now_nanos() - e.created.unix_timestamp_nanos()).max(0);
+            let age = Duration::from_nanos(age_ns.min(u64::MAX as i128) as u64);
+            let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            m.nodes.insert(
+                e.key,
+                Seen {
+                    incarnation: info.incarnation,
+                    at,
+                },
+            );
+        }
+        kv::Operation::Delete | kv::Operation::Purge => {
+            m.nodes.remove(&e.key);
+        }
+    }
+}
+
+/// Forget the sessions of nodes gone for two leases (their proxies stop).
+fn forget_dead(routing: &ClusterRouting) {
+    let mut m = routing.mirror.write();
+    let lease = routing.lease;
+    let dead: Vec<String> = m
+        .users
+        .values()
+        .flatten()
+        .filter(|r| {
+            m.nodes
+                .get(&r.node)
+                .is_none_or(|s| s.incarnation != r.incarnation || s.at.elapsed() > lease * 2)
+        })
+        .map(|r| r.key.clone())
+        .collect();
+    for k in dead {
+        m.remove_key(&k);
+    }
+    m.nodes.retain(|_, s| s.at.elapsed() < lease * 4);
+}
+
+/// Follow the session registry into the mirror (from a fresh snapshot
+/// whenever the watch has to be opened again).
+async fn watch_sessions(
+    state: ServerState,
+    c: Arc<Cluster>,
+    routing: Arc<ClusterRouting>,
+    sessions: kv::Store,
+) {
+    let mut first = true;
+    loop {
+        let (snapshot, mut watch) = match follow(&sessions).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: cannot watch the session registry; retrying");
+                tokio::select! {
+                    _ = state.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        if !first {
+            let mut m = routing.mirror.write();
+            let keys: Vec<String> = m.by_key.keys().cloned().collect();
+            for k in keys {
+                m.remove_key(&k);
+            }
+        }
+        first = false;
+        for e in snapshot {
+            apply(&state, &c, &routing, &sessions, e).await;
+        }
+        loop {
+            let e = tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                e = watch.next() => e,
+            };
+            match e {
+                Some(Ok(e)) => apply(&state, &c, &routing, &sessions, e).await,
+                Some(Err(e)) => tracing::warn!(error = %e, "cluster: session watch"),
+                None => break,
+            }
+        }
+    }
+}
+
+/// One registry change into the mirror.
+async fn apply(
+    state: &ServerState,
+    c: &Arc<Cluster>,
+    routing: &ClusterRouting,
+    sessions: &kv::Store,
+    e: kv::Entry,
+) {
+    if e.key.starts_with(&format!("{}.", c.node)) {
+        // Our own: the table is the truth. An entry of an earlier run of
+        // this node is stale (the run ended without deleting it).
+        if e.operation == kv::Operation::Put
+            && serde_json::from_slice::<RemoteEntry>(&e.value)
+                .is_ok_and(|r| r.incarnation != c.incarnation)
+        {
+            let _ = sessions.delete(&e.key).await;
+        }
+        return;
+    }
+    match e.operation {
+        kv::Operation::Put => match serde_json::from_slice::<RemoteEntry>(&e.value) {
+            Ok(r) => upsert(state, c, routing, e.key, r),
+            Err(err) => tracing::warn!(key = %e.key, error = %err, "cluster: bad registry entry"),
+        },
+        kv::Operation::Delete | kv::Operation::Purge => {
+            routing.mirror.write().remove_key(&e.key);
+        }
+    }
+}
+
+fn upsert(
+    state: &ServerState,
+    c: &Arc<Cluster>,
+    routing: &ClusterRouting,
+    key: String,
+    r: RemoteEntry,
+) {
+    let Ok(jid) = FullJid::new(&r.jid) else {
+        return;
+    };
+    let res = Resource {
+        id: 0,
+        jid: jid.clone(),
+        available: r.available,
+        priority: r.priority,
+        carbons: r.carbons,
+        interested: r.interested,
+    };
+    let presence = r
+        .presence
+        .as_deref()
+        .and_then(|p| natter_xml::parse_frame(p.as_bytes(), &natter_xml::Limits::default()).ok());
+    let mut m = routing.mirror.write();
+    let bare = jid.to_bare();
+    if let Some(list) = m.users.get_mut(&bare) {
+        if let Some(x) = list.iter_mut().find(|x| x.key == key) {
+            if x.handle.jid == jid && x.node == r.node {
+                x.incarnation = r.incarnation;
+                x.handle.set_remote(&res, presence);
+                return;
+            }
+        }
+    }
+    m.remove_key(&key);
+    let c2s = &state.config.c2s;
+    let limits = QueueLimits {
+        items: c2s.max_queue,
+        bytes: c2s.max_queue_bytes,
+        user_bytes: usize::MAX,
+    };
+    let (handle, rx) = state.router.detached(jid, limits);
+    handle.set_remote(&res, presence);
+    tokio::spawn(forward(
+        c.client.clone(),
+        subject_of(&c.name, &r.node),
+        handle.jid.clone(),
+        rx,
+    ));
+    m.by_key.insert(key.clone(), bare.clone());
+    m.users.entry(bare).or_default().push(Remote {
+        key,
+        node: r.node,
+        incarnation: r.incarnation,
+        handle,
+    });
+}
+
+/// Drain a proxy's queue onto its node's subject, in order.
+async fn forward(client: async_nats::Client, subject: String, to: FullJid, mut rx: QueueRx) {
+    loop {
+        let (headers, payload) = match rx.recv(true).await {
+            Some(Deliver::Stanza(out)) => {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert(H_TO, to.as_str());
+                h.insert(H_ORD, out.ord().to_string().as_str());
+                // The form with `jabber:client` declared: it parses alone.
+                (h, bytes::Bytes::from(out.ws_frame()))
+            }
+            Some(Deliver::Close(err)) => {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert(H_TO, to.as_str());
+                h.insert(H_CLOSE, err.condition.name());
+                (h, bytes::Bytes::new())
+            }
+            // A refused push went elsewhere (its sender saw `false`); the
+            // proxy takes stanzas again.
+            Some(Deliver::Overflow) => {
+                rx.clear_overflow();
+                continue;
+            }
+            Some(Deliver::Shutdown) | None => return,
+        };
+        if let Err(e) = client
+            .publish_with_headers(subject.clone(), headers, payload)
+            .await
+        {
+            tracing::warn!(%to, error = %e, "cluster: stanza not forwarded");
+        }
+    }
+}
+
+/// The next message on `sub`; None once shutting down or unsubscribed.
+async fn next(
+    state: &ServerState,
+    sub: &mut async_nats::Subscriber,
+) -> Option<async_nats::Message> {
+    tokio::select! {
+        _ = state.shutdown.cancelled() => None,
+        m = sub.next() => m,
+    }
+}
+
+/// Stanzas other nodes forward to sessions here.
+async fn receive(state: ServerState, mut sub: async_nats::Subscriber) {
+    loop {
+        let Some(msg) = next(&state, &mut sub).await else {
+            return;
+        };
+        deliver_here(&state, msg).await;
+    }
+}
+
+async fn deliver_here(state: &ServerState, msg: async_nats::Message) {
+    let Some(headers) = msg.headers.as_ref() else {
+        return;
+    };
+    let Some(to) = headers
+        .get(H_TO)
+        .and_then(|v| FullJid::new(v.as_str()).ok())
+    else {
+        return;
+    };
+    let session = state.router.session(&to);
+    if let Some(cond) = headers.get(H_CLOSE) {
+        if let Some(h) = session {
+            let cond = crate::error::StreamCondition::from_name(cond.as_str());
+            h.close(crate::error::StreamError::new(cond));
+        }
+        return;
+    }
+    let ord = headers
+        .get(H_ORD)
+        .and_then(|v| v.as_str().parse::<i64>().ok())
+        .unwrap_or(0);
+    let limits = natter_xml::Limits {
+        max_stanza_bytes: usize::MAX,
+        max_depth: usize::MAX,
+        max_attrs: usize::MAX,
+        max_elements: usize::MAX,
+    };
+    let el: Element = match natter_xml::parse_frame(&msg.payload, &limits) {
+        Ok(el) => el,
+        Err(e) => {
+            tracing::warn!(%to, error = %e, "cluster: forwarded stanza does not parse");
+            return;
+        }
+    };
+    let out = Outbound::new(&el, ord);
+    if session.is_some_and(|h| h.send_out(&out)) {
+        return;
+    }
+    // The session went away (or refuses): a message takes the way of one
+    // its session gave back — other devices, or the offline queue.
+    if out.is_message() {
+        let offline = state.modules.api::<dyn crate::modules::api::OfflineQueue>();
+        offline.requeue(state, vec![out]).await;
+    }
+}
+
+/// A node queued messages offline for a user: catch its sessions here up.
+async fn receive_pokes(state: ServerState, c: Arc<Cluster>, mut sub: async_nats::Subscriber) {
+    loop {
+        let Some(msg) = next(&state, &mut sub).await else {
+            return;
+        };
+        let Ok(text) = std::str::from_utf8(&msg.payload) else {
+            continue;
+        };
+        let Some((node, user)) = text.split_once('\n') else {
+            continue;
+        };
+        if node == c.node {
+            continue;
+        }
+        let Ok(bare) = BareJid::new(user) else {
+            continue;
+        };
+        let offline = state.modules.api::<dyn crate::modules::api::OfflineQueue>();
+        for h in state.router.resources(&bare) {
+            offline.catch_up_now(&state, &h);
+        }
+    }
+}
+
+/// Tell the other nodes that `user` has messages queued offline.
+pub async fn poke(c: &Cluster, user: &BareJid) {
+    let payload = format!("{}\n{}", c.node, user);
+    if let Err(e) = c
+        .client
+        .publish(poke_subject(&c.name), payload.into())
+        .await
+    {
+        tracing::warn!(%user, error = %e, "cluster: offline poke not sent");
+    }
+}
