@@ -14,6 +14,7 @@ use anyhow::Context;
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What a node says about itself in the registry.
@@ -42,6 +43,8 @@ pub struct Cluster {
     pub(crate) client: async_nats::Client,
     pub(crate) nodes: kv::Store,
     pub(crate) lease: Duration,
+    /// Stanzas for sessions on other nodes, on their way to NATS.
+    pub outbox: Arc<routing::Outbox>,
 }
 
 /// The registry bucket of cluster `name`.
@@ -107,6 +110,7 @@ impl Cluster {
             client,
             nodes,
             lease: Duration::from_secs(config.cluster.lease_secs),
+            outbox: Default::default(),
         })
     }
 

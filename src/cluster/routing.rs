@@ -25,7 +25,10 @@
 //! when the session went away meanwhile — routes a message again through
 //! the offline queue (`OfflineQueue::requeue`), so an accepted message is
 //! never dropped between nodes (it is in the recipient's archive before it
-//! travels: see `modules::message`).
+//! travels: see `modules::message`). A message is acknowledged to its
+//! sender only once NATS confirmed everything sent before it
+//! (`Outbox::settle`), so a node killed after an acknowledgement has
+//! nothing of that message in flight.
 //!
 //! **Pokes.** A message queued offline on one node may be for a user whose
 //! session on another node came online a moment ago (the mirror lags by a
@@ -34,18 +37,19 @@
 //! it the queue (`OfflineQueue::catch_up_now`).
 
 use super::Cluster;
-use crate::router::{Changes, Deliver, Outbound, QueueLimits, Resource, Router, Routing};
-use crate::router::{QueueRx, SessionHandle};
+use crate::router::SessionHandle;
+use crate::router::{Changes, Deliver, Forwarder, Outbound, Resource, Router, Routing};
 use crate::state::ServerState;
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use jid::{BareJid, FullJid};
 use natter_xml::Element;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use smallvec::SmallVec;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,6 +59,139 @@ const REFRESH: Duration = Duration::from_secs(20 * 60);
 const H_TO: &str = "Natter-To";
 const H_ORD: &str = "Natter-Ord";
 const H_CLOSE: &str = "Natter-Close";
+/// Bytes of stanzas waiting to be published before proxies refuse more.
+const OUTBOX_BYTES: usize = 64 << 20;
+/// How long a sender's acknowledgement waits for NATS to take what it
+/// sent to other nodes.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Stanzas on their way to sessions on other nodes, in the order they
+/// were sent: one writer task publishes them and then flushes, so
+/// `settle` can tell a sender that everything it sent is in NATS — a
+/// node killed after acknowledging a message has nothing of it in flight.
+#[derive(Default)]
+pub struct Outbox {
+    queue: Mutex<OutboxQueue>,
+    notify: tokio::sync::Notify,
+    /// Sequence number of the last stanza queued.
+    pushed: AtomicU64,
+    /// Sequence number of the last stanza NATS confirmed (flush).
+    flushed: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct OutboxQueue {
+    items: VecDeque<Outgoing>,
+    bytes: usize,
+}
+
+struct Outgoing {
+    seq: u64,
+    subject: Arc<str>,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+}
+
+impl Outbox {
+    fn push(
+        &self,
+        subject: &Arc<str>,
+        headers: async_nats::HeaderMap,
+        payload: bytes::Bytes,
+    ) -> bool {
+        let mut q = self.queue.lock();
+        if q.bytes + payload.len() > OUTBOX_BYTES {
+            return false;
+        }
+        let seq = self.pushed.fetch_add(1, Ordering::SeqCst) + 1;
+        q.bytes += payload.len();
+        q.items.push_back(Outgoing {
+            seq,
+            subject: subject.clone(),
+            headers,
+            payload,
+        });
+        drop(q);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Wait until everything queued so far is confirmed by NATS; false
+    /// after `SETTLE` (NATS unreachable).
+    pub async fn settle(&self) -> bool {
+        let target = self.pushed.load(Ordering::SeqCst);
+        if *self.flushed.borrow() >= target {
+            return true;
+        }
+        let mut rx = self.flushed.subscribe();
+        let reached = tokio::time::timeout(SETTLE, rx.wait_for(|v| *v >= target))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        reached
+    }
+}
+
+/// Publish what proxies queued, in order; flush after each batch.
+async fn write_outbox(state: ServerState, c: Arc<Cluster>) {
+    let outbox = &c.outbox;
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = outbox.notify.notified() => {}
+        }
+        loop {
+            let batch: Vec<Outgoing> = {
+                let mut q = outbox.queue.lock();
+                q.bytes = 0;
+                q.items.drain(..).collect()
+            };
+            let Some(last) = batch.last().map(|o| o.seq) else {
+                break;
+            };
+            for o in batch {
+                if let Err(e) = c
+                    .client
+                    .publish_with_headers(o.subject.to_string(), o.headers, o.payload)
+                    .await
+                {
+                    tracing::warn!(error = %e, "cluster: stanza not forwarded");
+                }
+            }
+            match c.client.flush().await {
+                Ok(()) => {
+                    outbox.flushed.send_replace(last);
+                }
+                Err(e) => tracing::warn!(error = %e, "cluster: NATS flush failed"),
+            }
+        }
+    }
+}
+
+/// The way to one node's sessions: proxies of them forward here.
+struct NodeLink {
+    subject: Arc<str>,
+    outbox: Arc<Outbox>,
+}
+
+impl Forwarder for NodeLink {
+    fn forward(&self, to: &FullJid, d: Deliver) -> bool {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(H_TO, to.as_str());
+        let payload = match d {
+            Deliver::Stanza(out) => {
+                h.insert(H_ORD, out.ord().to_string().as_str());
+                // The form with `jabber:client` declared: it parses alone.
+                bytes::Bytes::from(out.ws_frame())
+            }
+            Deliver::Close(err) => {
+                h.insert(H_CLOSE, err.condition.name());
+                bytes::Bytes::new()
+            }
+            Deliver::Overflow | Deliver::Shutdown => return false,
+        };
+        self.outbox.push(&self.subject, h, payload)
+    }
+}
 
 /// A session's registry entry.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -122,7 +259,6 @@ impl Mirror {
         if list.is_empty() {
             self.users.remove(&bare);
         }
-        r.handle.shut_queue();
         Some(r)
     }
 }
@@ -252,6 +388,7 @@ pub async fn start(
             sessions,
         )),
         tokio::spawn(receive(state.clone(), inbound)),
+        tokio::spawn(write_outbox(state.clone(), cluster.clone())),
         tokio::spawn(receive_pokes(state, cluster, pokes)),
     ])
 }
@@ -517,20 +654,12 @@ fn upsert(
         }
     }
     m.remove_key(&key);
-    let c2s = &state.config.c2s;
-    let limits = QueueLimits {
-        items: c2s.max_queue,
-        bytes: c2s.max_queue_bytes,
-        user_bytes: usize::MAX,
-    };
-    let (handle, rx) = state.router.detached(jid, limits);
+    let link = Arc::new(NodeLink {
+        subject: subject_of(&c.name, &r.node).into(),
+        outbox: c.outbox.clone(),
+    });
+    let handle = state.router.proxy(jid, link);
     handle.set_remote(&res, presence);
-    tokio::spawn(forward(
-        c.client.clone(),
-        subject_of(&c.name, &r.node),
-        handle.jid.clone(),
-        rx,
-    ));
     m.by_key.insert(key.clone(), bare.clone());
     m.users.entry(bare).or_default().push(Remote {
         key,
@@ -538,40 +667,6 @@ fn upsert(
         incarnation: r.incarnation,
         handle,
     });
-}
-
-/// Drain a proxy's queue onto its node's subject, in order.
-async fn forward(client: async_nats::Client, subject: String, to: FullJid, mut rx: QueueRx) {
-    loop {
-        let (headers, payload) = match rx.recv(true).await {
-            Some(Deliver::Stanza(out)) => {
-                let mut h = async_nats::HeaderMap::new();
-                h.insert(H_TO, to.as_str());
-                h.insert(H_ORD, out.ord().to_string().as_str());
-                // The form with `jabber:client` declared: it parses alone.
-                (h, bytes::Bytes::from(out.ws_frame()))
-            }
-            Some(Deliver::Close(err)) => {
-                let mut h = async_nats::HeaderMap::new();
-                h.insert(H_TO, to.as_str());
-                h.insert(H_CLOSE, err.condition.name());
-                (h, bytes::Bytes::new())
-            }
-            // A refused push went elsewhere (its sender saw `false`); the
-            // proxy takes stanzas again.
-            Some(Deliver::Overflow) => {
-                rx.clear_overflow();
-                continue;
-            }
-            Some(Deliver::Shutdown) | None => return,
-        };
-        if let Err(e) = client
-            .publish_with_headers(subject.clone(), headers, payload)
-            .await
-        {
-            tracing::warn!(%to, error = %e, "cluster: stanza not forwarded");
-        }
-    }
 }
 
 /// The next message on `sub`; None once shutting down or unsubscribed.

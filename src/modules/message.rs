@@ -58,6 +58,7 @@ impl Module for Messages {
         s: &HookStanza<'_>,
     ) -> Result<Flow, StanzaError> {
         route(cx, s.stanza.clone()).await?;
+        settled(cx).await?;
         Ok(Flow::Stop)
     }
 }
@@ -65,7 +66,29 @@ impl Module for Messages {
 #[async_trait]
 impl api::MessageBatch for Messages {
     async fn route_many(&self, cx: &Cx<'_>, msgs: Vec<Element>) -> Vec<Result<(), StanzaError>> {
-        route_many(cx, msgs).await
+        let mut out = route_many(cx, msgs).await;
+        if let Err(e) = settled(cx).await {
+            for r in out.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(e.clone());
+            }
+        }
+        out
+    }
+}
+
+/// In a cluster: wait until what went to sessions on other nodes is in
+/// NATS, so the sender's acknowledgement (the reply, or the stream
+/// management count) comes after it — a node killed after acknowledging
+/// has nothing in flight. The message is archived either way; the error
+/// (type wait) says it may not have reached the recipient's devices.
+async fn settled(cx: &Cx<'_>) -> Result<(), StanzaError> {
+    match &cx.state.cluster {
+        Some(c) if !c.outbox.settle().await => Err(StanzaError::with_text(
+            Condition::InternalServerError,
+            "the cluster's message bus did not confirm delivery; retry later",
+        )
+        .with_type(crate::error::ErrorType::Wait)),
+        _ => Ok(()),
     }
 }
 

@@ -71,8 +71,17 @@ pub struct SessionHandle {
     /// the methods below, never hold the lock across anything.
     state: Mutex<SessionState>,
     /// In a cluster: where changes to its routing attributes are noted
-    /// for the session registry (`cluster::registry`).
+    /// for the session registry (`cluster::routing`).
     changes: Option<Arc<Changes>>,
+    /// A session on another node: what is sent to it goes here instead
+    /// of a queue.
+    forward: Option<Arc<dyn Forwarder>>,
+}
+
+/// Where a proxy of a session on another node hands what is sent to it.
+pub trait Forwarder: Send + Sync {
+    /// Pass `d` (a stanza or a close) on to `to`; false when refused.
+    fn forward(&self, to: &FullJid, d: Deliver) -> bool;
 }
 
 /// Sessions whose routing attributes changed since the cluster registry
@@ -131,6 +140,9 @@ impl SessionHandle {
 
     /// Queue a serialized stanza (shared with other recipients).
     pub fn send_out(&self, stanza: &Outbound) -> bool {
+        if let Some(f) = &self.forward {
+            return f.forward(&self.jid, Deliver::Stanza(stanza.clone()));
+        }
         match self.tx.try_send(Deliver::Stanza(stanza.clone())) {
             Ok(()) => true,
             Err(queue::PushError::Full) => {
@@ -145,6 +157,10 @@ impl SessionHandle {
 
     /// Ask the session to close its stream with `err`.
     pub fn close(&self, err: StreamError) {
+        if let Some(f) = &self.forward {
+            f.forward(&self.jid, Deliver::Close(err));
+            return;
+        }
         if self.tx.try_send(Deliver::Close(err)).is_err() {
             self.tx.overflow();
         }
@@ -192,12 +208,6 @@ impl SessionHandle {
         st.carbons = r.carbons;
         st.interested = r.interested;
         st.presence = presence;
-    }
-
-    /// Stop the task that drains this handle's queue (a proxy whose
-    /// session is gone).
-    pub(crate) fn shut_queue(&self) {
-        self.tx.shutdown();
     }
 
     pub fn is_closing(&self) -> bool {
@@ -422,6 +432,7 @@ impl Router {
             closing: AtomicBool::new(false),
             state: Mutex::new(SessionState::default()),
             changes: self.changes.get().cloned(),
+            forward: None,
         });
         let list = map.entry(key).or_default();
         let replaced = list
@@ -455,8 +466,30 @@ impl Router {
             closing: AtomicBool::new(false),
             state: Mutex::new(SessionState::default()),
             changes: None,
+            forward: None,
         });
         (handle, rx)
+    }
+
+    /// A proxy of a session on another node: never in the table; what is
+    /// sent to it goes to `forward`.
+    pub fn proxy(&self, jid: FullJid, forward: Arc<dyn Forwarder>) -> Arc<SessionHandle> {
+        let limits = QueueLimits {
+            items: 1,
+            bytes: 0,
+            user_bytes: 0,
+        };
+        let (tx, _rx) = queue::queue(limits, UserBytes::default());
+        Arc::new(SessionHandle {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            bare: jid.to_bare(),
+            jid,
+            tx,
+            closing: AtomicBool::new(false),
+            state: Mutex::new(SessionState::default()),
+            changes: None,
+            forward: Some(forward),
+        })
     }
 
     /// Remove a session (only this exact one: a replacement under the same
