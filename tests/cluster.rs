@@ -810,3 +810,44 @@ async fn until_async(total: &std::sync::atomic::AtomicUsize, n: usize) {
     }
     panic!("the burst did not reach {n} acknowledged messages in a minute");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_list_changed_on_one_node_holds_on_the_others() {
+    let db = TestDb::create().await;
+    let name = cluster_name();
+    let n1 = node(&name, "n1", &db).await;
+    let n2 = node(&name, "n2", &db).await;
+    let alice = n1.add_user("alice", "password").await;
+    let bob = n1.add_user("bob", "password").await;
+    let mut a = n1.login(&alice, "password", "phone").await;
+    let mut b = n2.login(&bob, "password", "phone").await;
+    a.send(&xml("<presence/>")).await;
+    routable(&n2, &format!("{alice}/phone"), true).await;
+    // n2 reads (and caches) alice's empty block list on the way.
+    b.send(&message(&alice, "first")).await;
+    let m = a.recv_until(|e| e.name == "message").await;
+    assert_eq!(body_of(&m).as_deref(), Some("first"));
+
+    let r = a
+        .iq(xml(&format!(
+            "<iq type='set'><block xmlns='urn:xmpp:blocking'><item jid='{bob}'/></block></iq>"
+        )))
+        .await;
+    assert_eq!(r.attr("type"), Some("result"), "{r}");
+    // n2 drops its copy (the notice crosses NATS in well under the
+    // allowance here): bob's next message is refused there.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = next_id();
+    let mut msg = message(&alice, "after the block");
+    msg.set_attr("id", &id);
+    b.send(&msg).await;
+    let r = b.recv_until(|e| e.attr("id") == Some(&id)).await;
+    assert_eq!(
+        stanza_error(&r).as_deref(),
+        Some("service-unavailable"),
+        "{r}"
+    );
+    drop((a, b));
+    n2.stop().await;
+    n1.stop().await;
+}

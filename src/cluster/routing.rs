@@ -223,6 +223,10 @@ fn poke_subject(cluster: &str) -> String {
     format!("{cluster}.poke")
 }
 
+fn changed_subject(cluster: &str) -> String {
+    format!("{cluster}.changed")
+}
+
 /// A session on another node, seen through the mirror.
 struct Remote {
     key: String,
@@ -373,6 +377,10 @@ pub async fn start(
         .client
         .subscribe(poke_subject(&cluster.name))
         .await?;
+    let changes_elsewhere = cluster
+        .client
+        .subscribe(changed_subject(&cluster.name))
+        .await?;
     Ok(vec![
         tokio::spawn(write_registry(
             state.clone(),
@@ -389,7 +397,8 @@ pub async fn start(
         )),
         tokio::spawn(receive(state.clone(), inbound)),
         tokio::spawn(write_outbox(state.clone(), cluster.clone())),
-        tokio::spawn(receive_pokes(state, cluster, pokes)),
+        tokio::spawn(receive_pokes(state.clone(), cluster.clone(), pokes)),
+        tokio::spawn(receive_changes(state, cluster, changes_elsewhere)),
     ])
 }
 
@@ -771,5 +780,45 @@ pub async fn poke(c: &Cluster, user: &BareJid) {
         .await
     {
         tracing::warn!(%user, error = %e, "cluster: offline poke not sent");
+    }
+}
+
+/// Tell the other nodes that `module`'s cached data of `user` changed.
+pub async fn announce_change(c: &Cluster, module: &str, user: &BareJid) {
+    let payload = format!("{}\n{module}\n{user}", c.node);
+    if let Err(e) = c
+        .client
+        .publish(changed_subject(&c.name), payload.into())
+        .await
+    {
+        tracing::warn!(%user, module, error = %e, "cluster: cache invalidation not sent");
+    }
+}
+
+/// Another node changed cached data: the module here drops its copy.
+async fn receive_changes(state: ServerState, c: Arc<Cluster>, mut sub: async_nats::Subscriber) {
+    loop {
+        let Some(msg) = next(&state, &mut sub).await else {
+            return;
+        };
+        let Ok(text) = std::str::from_utf8(&msg.payload) else {
+            continue;
+        };
+        let mut parts = text.splitn(3, '\n');
+        let (Some(node), Some(module), Some(user)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if node == c.node {
+            continue;
+        }
+        let Ok(user) = BareJid::new(user) else {
+            continue;
+        };
+        let ev = crate::modules::Event::StoredDataChanged {
+            user: &user,
+            module,
+        };
+        state.modules.emit(&state, None, &ev).await;
     }
 }

@@ -79,7 +79,7 @@ impl Module for Blocking {
         ]
     }
     fn events(&self) -> &'static [(EventKind, i32)] {
-        &[(EventKind::Closed, 0)]
+        &[(EventKind::Closed, 0), (EventKind::StoredDataChanged, 0)]
     }
     fn provide(self: Arc<Self>, shared: &mut Shared) {
         shared.provide::<Blocking>(self.clone());
@@ -102,10 +102,16 @@ impl Module for Blocking {
         session: Option<&Arc<SessionHandle>>,
         event: &Event<'_>,
     ) {
-        if let (Event::Closed, Some(h)) = (event, session) {
-            self.interested.lock().remove(&h.id);
-            self.lists
-                .forget_unless_online(&*state.routing, &h.bare, h.id);
+        match (event, session) {
+            (Event::Closed, Some(h)) => {
+                self.interested.lock().remove(&h.id);
+                self.lists
+                    .forget_unless_online(&*state.routing, &h.bare, h.id);
+            }
+            (Event::StoredDataChanged { user, module }, _) if *module == self.name() => {
+                self.lists.forget(user);
+            }
+            _ => {}
         }
     }
     fn iq_payloads(&self) -> &'static [(&'static str, &'static str)] {
@@ -235,6 +241,7 @@ impl Blocking {
     ) -> Result<Arc<Vec<Jid>>, StanzaError> {
         let fresh = Arc::new(load(state, user).await?);
         self.lists.set(user, fresh.clone());
+        super::cluster::stored_data_changed(state, self.name(), user).await;
         Ok(fresh)
     }
 

@@ -5,6 +5,10 @@
 //! offline here is announced to the other nodes (`cluster::routing::poke`),
 //! whose sessions of that user may have come online a moment ago. In
 //! embedded mode (`cluster.enabled = false`) it does nothing.
+//!
+//! [`stored_data_changed`] is how a module that caches per-user data
+//! (block lists, archive preferences, push registrations) tells the other
+//! nodes their copies are stale; they get `Event::StoredDataChanged`.
 
 use super::{Cx, Event, EventKind, Flow, Hook, HookStanza, Kind, Module};
 use crate::error::{Condition, ErrorType, StanzaError};
@@ -51,5 +55,13 @@ impl Module for ClusterGate {
         if let (Event::OfflineQueued { user, .. }, Some(c)) = (event, &state.cluster) {
             crate::cluster::routing::poke(c, user).await;
         }
+    }
+}
+
+/// `module` changed `user`'s stored data that nodes cache: the other nodes
+/// of the cluster drop their copies (nothing in embedded mode).
+pub async fn stored_data_changed(state: &ServerState, module: &str, user: &jid::BareJid) {
+    if let Some(c) = &state.cluster {
+        crate::cluster::routing::announce_change(c, module, user).await;
     }
 }

@@ -140,6 +140,9 @@ pub enum EventKind {
     GroupMessageMissed,
     /// The session queried its message archive.
     ArchiveQueried,
+    /// Another node of the cluster changed a user's stored data that a
+    /// module keeps in memory: drop the copy.
+    StoredDataChanged,
 }
 
 /// One event, with what listeners need to know.
@@ -176,6 +179,11 @@ pub enum Event<'a> {
         stanza: &'a Element,
     },
     ArchiveQueried,
+    StoredDataChanged {
+        user: &'a BareJid,
+        /// The module whose copy is stale (`Module::name`).
+        module: &'a str,
+    },
 }
 
 impl Event<'_> {
@@ -193,6 +201,7 @@ impl Event<'_> {
             Event::OfflineQueued { .. } => EventKind::OfflineQueued,
             Event::GroupMessageMissed { .. } => EventKind::GroupMessageMissed,
             Event::ArchiveQueried => EventKind::ArchiveQueried,
+            Event::StoredDataChanged { .. } => EventKind::StoredDataChanged,
         }
     }
 }

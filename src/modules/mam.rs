@@ -64,7 +64,7 @@ impl Module for Mam {
         &[NS, NS_SID]
     }
     fn events(&self) -> &'static [(EventKind, i32)] {
-        &[(EventKind::Closed, 0)]
+        &[(EventKind::Closed, 0), (EventKind::StoredDataChanged, 0)]
     }
     fn provide(self: Arc<Self>, shared: &mut Shared) {
         shared.provide::<Mam>(self.clone());
@@ -109,9 +109,15 @@ impl Module for Mam {
         session: Option<&Arc<SessionHandle>>,
         event: &Event<'_>,
     ) {
-        if let (Event::Closed, Some(h)) = (event, session) {
-            self.prefs
-                .forget_unless_online(&*state.routing, &h.bare, h.id);
+        match (event, session) {
+            (Event::Closed, Some(h)) => {
+                self.prefs
+                    .forget_unless_online(&*state.routing, &h.bare, h.id);
+            }
+            (Event::StoredDataChanged { user, module }, _) if *module == self.name() => {
+                self.prefs.forget(user);
+            }
+            _ => {}
         }
     }
 }
@@ -682,6 +688,7 @@ async fn set_prefs(cx: &Cx<'_>, p: &Element) -> IqResult {
     cx.state.store.set_mam_prefs(user.as_str(), &prefs).await?;
     let stored = Arc::new(cx.state.store.mam_prefs(user.as_str()).await?);
     mam.prefs.set(user, stored.clone());
+    super::cluster::stored_data_changed(cx.state, mam.name(), user).await;
     Ok(Some(prefs_element(&stored)))
 }
 

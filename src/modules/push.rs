@@ -155,6 +155,7 @@ impl Module for Push {
             (EventKind::Resumed, 0),
             (EventKind::Closed, 0),
             (EventKind::GroupMessageMissed, 0),
+            (EventKind::StoredDataChanged, 0),
         ]
     }
     fn provide(self: Arc<Self>, shared: &mut super::Shared) {
@@ -295,6 +296,9 @@ impl Module for Push {
         event: &Event<'_>,
     ) {
         match event {
+            Event::StoredDataChanged { user, module } if *module == self.name() => {
+                self.cache.forget(user);
+            }
             Event::GroupMessageMissed { user, stanza, .. } => {
                 if let Some(summary) = Summary::of(stanza) {
                     self.message_for(state, user, summary).await;
@@ -408,6 +412,7 @@ impl Push {
             state.store.kv_put(user.as_str(), NS, KV_KEY, &json).await?;
         }
         self.cache.set(user, Arc::new(regs.to_vec()));
+        super::cluster::stored_data_changed(state, self.name(), user).await;
         Ok(())
     }
 
