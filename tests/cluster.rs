@@ -851,3 +851,133 @@ async fn a_block_list_changed_on_one_node_holds_on_the_others() {
     n2.stop().await;
     n1.stop().await;
 }
+
+const ROOM_SERVICE: &str = "conference.localhost";
+const NS_MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+
+fn muc_status(p: &natter_xml::Element) -> Vec<String> {
+    p.get_child("x", NS_MUC_USER)
+        .map(|x| {
+            x.children()
+                .filter(|c| c.name == "status")
+                .filter_map(|c| c.attr("code").map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn join_room(c: &mut Client, room: &str, nick: &str) -> natter_xml::Element {
+    c.send(&xml(&format!(
+        "<presence to='{room}/{nick}'><x xmlns='http://jabber.org/protocol/muc'>\
+         <history maxstanzas='0'/></x></presence>"
+    )))
+    .await;
+    let me = c
+        .recv_until(|e| {
+            e.attr("type") == Some("error")
+                || (e.name == "presence" && muc_status(e).iter().any(|s| s == "110"))
+        })
+        .await;
+    assert_ne!(me.attr("type"), Some("error"), "join failed: {me}");
+    me
+}
+
+/// A room with members on three nodes: one node (the room's owner in the
+/// registry) orders its messages, so every member sees one order; a
+/// member whose session ends on another node leaves the room there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_spread_over_three_nodes_sees_one_order() {
+    let db = TestDb::create().await;
+    let name = cluster_name();
+    let nodes = [
+        node(&name, "n1", &db).await,
+        node(&name, "n2", &db).await,
+        node(&name, "n3", &db).await,
+    ];
+    let mut jids = Vec::new();
+    let mut clients = Vec::new();
+    for (i, who) in ["alice", "bob", "carol"].iter().enumerate() {
+        let jid = nodes[0].add_user(who, "password").await;
+        let mut c = nodes[i].login(&jid, "password", "phone").await;
+        c.send(&xml("<presence/>")).await;
+        clients.push(c);
+        jids.push(jid);
+    }
+    // Every node sees every member and every other node.
+    for n in &nodes {
+        for j in &jids {
+            routable(n, &format!("{j}/phone"), true).await;
+        }
+    }
+    let room = format!("team@{ROOM_SERVICE}");
+    let me = join_room(&mut clients[0], &room, "alice").await;
+    assert!(muc_status(&me).contains(&"201".into()), "created: {me}");
+    let r = clients[0]
+        .iq(xml(&format!(
+            "<iq type='set' to='{room}'><query xmlns='http://jabber.org/protocol/muc#admin'>\
+             <item jid='{}' affiliation='member'/><item jid='{}' affiliation='member'/>\
+             </query></iq>",
+            jids[1], jids[2]
+        )))
+        .await;
+    assert_eq!(r.attr("type"), Some("result"), "{r}");
+    join_room(&mut clients[1], &room, "bob").await;
+    join_room(&mut clients[2], &room, "carol").await;
+    for c in clients.iter_mut() {
+        c.sync().await;
+        c.drain_received();
+    }
+
+    // All three send at once; all three see the same order, complete.
+    const EACH: usize = 20;
+    let mut raw = Vec::new();
+    for who in ["alice", "bob", "carol"] {
+        let mut s = String::new();
+        for i in 0..EACH {
+            s.push_str(&format!(
+                "<message type='groupchat' to='{room}'><body>{who}-{i}</body></message>"
+            ));
+        }
+        raw.push(s);
+    }
+    for (c, r) in clients.iter_mut().zip(&raw) {
+        c.send_raw(r.as_bytes()).await;
+    }
+    let mut orders = Vec::new();
+    for c in clients.iter_mut() {
+        let mut order = Vec::new();
+        while order.len() < 3 * EACH {
+            let m = c
+                .recv_until(|e| e.name == "message" && e.attr("type") == Some("groupchat"))
+                .await;
+            if let Some(b) = body_of(&m) {
+                order.push(b);
+            }
+        }
+        orders.push(order);
+    }
+    assert_eq!(orders[0], orders[1], "alice and bob saw different orders");
+    assert_eq!(orders[0], orders[2], "alice and carol saw different orders");
+    for who in ["alice", "bob", "carol"] {
+        let mine: Vec<_> = orders[0].iter().filter(|b| b.starts_with(who)).collect();
+        let want: Vec<String> = (0..EACH).map(|i| format!("{who}-{i}")).collect();
+        assert_eq!(mine, want.iter().collect::<Vec<_>>(), "{who}'s messages");
+    }
+
+    // Carol's session ends on n3: the others see her leave the room.
+    let mut carol = clients.pop().unwrap();
+    carol.close().await;
+    drop(carol);
+    for c in clients.iter_mut() {
+        let p = c
+            .recv_until(|e| {
+                e.name == "presence" && e.attr("from") == Some(&format!("{room}/carol"))
+            })
+            .await;
+        assert_eq!(p.attr("type"), Some("unavailable"), "{p}");
+    }
+    drop(clients);
+    for n in nodes {
+        n.stop().await;
+    }
+}

@@ -59,6 +59,8 @@ const REFRESH: Duration = Duration::from_secs(20 * 60);
 const H_TO: &str = "Natter-To";
 const H_ORD: &str = "Natter-Ord";
 const H_CLOSE: &str = "Natter-Close";
+/// On a stanza for a service entity this node owns (`Routing::owner`).
+const H_SERVICE: &str = "Natter-Service";
 /// Bytes of stanzas waiting to be published before proxies refuse more.
 const OUTBOX_BYTES: usize = 64 << 20;
 /// How long a sender's acknowledgement waits for NATS to take what it
@@ -271,6 +273,7 @@ impl Mirror {
 /// mirror of the others'.
 pub struct ClusterRouting {
     local: Arc<Router>,
+    node: String,
     lease: Duration,
     mirror: RwLock<Mirror>,
 }
@@ -279,6 +282,7 @@ impl ClusterRouting {
     pub fn new(local: Arc<Router>, cluster: &Cluster) -> Self {
         ClusterRouting {
             local,
+            node: cluster.node.clone(),
             lease: cluster.lease,
             mirror: Default::default(),
         }
@@ -295,7 +299,31 @@ impl ClusterRouting {
     }
 }
 
+/// Rendezvous hashing: the weight of `node` for `entity`.
+fn weight(node: &str, entity: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(node.as_bytes());
+    h.update([0]);
+    h.update(entity.as_bytes());
+    h.finalize().into()
+}
+
 impl Routing for ClusterRouting {
+    fn owner(&self, entity: &str) -> Option<String> {
+        let m = self.mirror.read();
+        let lease = self.lease;
+        let live = m
+            .nodes
+            .iter()
+            .filter(|(_, s)| s.at.elapsed() < lease)
+            .map(|(n, _)| n.as_str());
+        // This node counts even before its own heartbeat came back.
+        let best = live
+            .chain(std::iter::once(self.node.as_str()))
+            .max_by_key(|n| weight(n, entity))?;
+        (best != self.node).then(|| best.to_string())
+    }
+
     fn session(&self, full: &FullJid) -> Option<Arc<SessionHandle>> {
         if let Some(h) = self.local.session(full) {
             return Some(h);
@@ -497,7 +525,11 @@ async fn watch_nodes(state: ServerState, c: Arc<Cluster>, routing: Arc<ClusterRo
         loop {
             tokio::select! {
                 _ = state.shutdown.cancelled() => return,
-                _ = sweep.tick() => forget_dead(&routing),
+                _ = sweep.tick() => {
+                    for h in forget_dead(&routing) {
+                        session_gone(&state, &routing, h).await;
+                    }
+                }
                 e = watch.next() => match e {
                     Some(Ok(e)) => note_node(&routing, e),
                     Some(Err(e)) => tracing::warn!(error = %e, "cluster: node watch"),
@@ -533,8 +565,8 @@ fn note_node(routing: &ClusterRouting, e: kv::Entry) {
     }
 }
 
-/// Forget the sessions of nodes gone for two leases (their proxies stop).
-fn forget_dead(routing: &ClusterRouting) {
+/// Forget the sessions of nodes gone for two leases; their proxies.
+fn forget_dead(routing: &ClusterRouting) -> Vec<Arc<SessionHandle>> {
     let mut m = routing.mirror.write();
     let lease = routing.lease;
     let dead: Vec<String> = m
@@ -548,10 +580,13 @@ fn forget_dead(routing: &ClusterRouting) {
         })
         .map(|r| r.key.clone())
         .collect();
-    for k in dead {
-        m.remove_key(&k);
-    }
+    let gone = dead
+        .iter()
+        .filter_map(|k| m.remove_key(k))
+        .map(|r| r.handle)
+        .collect();
     m.nodes.retain(|_, s| s.at.elapsed() < lease * 4);
+    gone
 }
 
 /// Follow the session registry into the mirror (from a fresh snapshot
@@ -624,8 +659,20 @@ async fn apply(
             Err(err) => tracing::warn!(key = %e.key, error = %err, "cluster: bad registry entry"),
         },
         kv::Operation::Delete | kv::Operation::Purge => {
-            routing.mirror.write().remove_key(&e.key);
+            let gone = routing.mirror.write().remove_key(&e.key);
+            if let Some(r) = gone {
+                session_gone(state, routing, r.handle).await;
+            }
         }
+    }
+}
+
+/// Tell modules here that a remote session ended — unless its full JID is
+/// bound again meanwhile (here or on another node), which then stays.
+async fn session_gone(state: &ServerState, routing: &ClusterRouting, h: Arc<SessionHandle>) {
+    if routing.session(&h.jid).is_none() {
+        let ev = crate::modules::Event::RemoteSessionGone;
+        state.modules.emit(state, Some(&h), &ev).await;
     }
 }
 
@@ -703,6 +750,9 @@ async fn deliver_here(state: &ServerState, msg: async_nats::Message) {
     let Some(headers) = msg.headers.as_ref() else {
         return;
     };
+    if headers.get(H_SERVICE).is_some() {
+        return serve_here(state, &msg.payload).await;
+    }
     let Some(to) = headers
         .get(H_TO)
         .and_then(|v| FullJid::new(v.as_str()).ok())
@@ -721,13 +771,7 @@ async fn deliver_here(state: &ServerState, msg: async_nats::Message) {
         .get(H_ORD)
         .and_then(|v| v.as_str().parse::<i64>().ok())
         .unwrap_or(0);
-    let limits = natter_xml::Limits {
-        max_stanza_bytes: usize::MAX,
-        max_depth: usize::MAX,
-        max_attrs: usize::MAX,
-        max_elements: usize::MAX,
-    };
-    let el: Element = match natter_xml::parse_frame(&msg.payload, &limits) {
+    let el: Element = match natter_xml::parse_frame(&msg.payload, &unlimited()) {
         Ok(el) => el,
         Err(e) => {
             tracing::warn!(%to, error = %e, "cluster: forwarded stanza does not parse");
@@ -743,6 +787,57 @@ async fn deliver_here(state: &ServerState, msg: async_nats::Message) {
     if out.is_message() {
         let offline = state.modules.api::<dyn crate::modules::api::OfflineQueue>();
         offline.requeue(state, vec![out]).await;
+    }
+}
+
+/// Send `stanza` (for an entity `owner` serves) to that node; true once
+/// NATS has it, so the sender's acknowledgement comes after.
+pub async fn forward_to_service(
+    c: &Cluster,
+    owner: &str,
+    stanza: &Element,
+) -> Result<(), crate::error::StanzaError> {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(H_SERVICE, "1");
+    let subject: Arc<str> = subject_of(&c.name, owner).into();
+    if c.outbox.push(&subject, h, stanza.to_string().into()) && c.outbox.settle().await {
+        return Ok(());
+    }
+    Err(crate::error::StanzaError::with_text(
+        crate::error::Condition::InternalServerError,
+        "the cluster's message bus did not take the stanza; retry later",
+    )
+    .with_type(crate::error::ErrorType::Wait))
+}
+
+/// A stanza for a service entity this node owns, from another node: served
+/// as if it came in here; an error goes back to its sender.
+async fn serve_here(state: &ServerState, payload: &[u8]) {
+    let el = match natter_xml::parse_frame(payload, &unlimited()) {
+        Ok(el) => el,
+        Err(e) => {
+            tracing::warn!(error = %e, "cluster: forwarded service stanza does not parse");
+            return;
+        }
+    };
+    let reply_to = el.attr("from").and_then(|f| FullJid::new(f).ok());
+    let r = state.modules.to_service_here(state, el.clone()).await;
+    if let (Some(Err(e)), Some(from)) = (r, reply_to) {
+        if el.attr("type") != Some("error") {
+            state
+                .routing
+                .deliver(&from, &Outbound::new(&e.reply_to(&el), 0));
+        }
+    }
+}
+
+/// Stanzas from other nodes were checked there; parse them whole.
+fn unlimited() -> natter_xml::Limits {
+    natter_xml::Limits {
+        max_stanza_bytes: usize::MAX,
+        max_depth: usize::MAX,
+        max_attrs: usize::MAX,
+        max_elements: usize::MAX,
     }
 }
 

@@ -143,6 +143,9 @@ pub enum EventKind {
     /// Another node of the cluster changed a user's stored data that a
     /// module keeps in memory: drop the copy.
     StoredDataChanged,
+    /// A session on another node of the cluster ended (or its node died);
+    /// the session passed is its proxy here.
+    RemoteSessionGone,
 }
 
 /// One event, with what listeners need to know.
@@ -184,6 +187,7 @@ pub enum Event<'a> {
         /// The module whose copy is stale (`Module::name`).
         module: &'a str,
     },
+    RemoteSessionGone,
 }
 
 impl Event<'_> {
@@ -202,6 +206,7 @@ impl Event<'_> {
             Event::GroupMessageMissed { .. } => EventKind::GroupMessageMissed,
             Event::ArchiveQueried => EventKind::ArchiveQueried,
             Event::StoredDataChanged { .. } => EventKind::StoredDataChanged,
+            Event::RemoteSessionGone => EventKind::RemoteSessionGone,
         }
     }
 }

@@ -228,6 +228,12 @@ pub trait Module: Send + Sync + 'static {
         _event: &Event<'_>,
     ) {
     }
+    /// Whether this module's services keep each entity (`name@service`,
+    /// e.g. a room) in memory: in a cluster, an entity's stanzas are then
+    /// all handled on one node, its owner (`Routing::owner`).
+    fn one_writer_per_entity(&self) -> bool {
+        false
+    }
     /// A stanza addressed to one of this module's services (`from` is
     /// stamped). An error is returned to the sender.
     async fn service_stanza(
@@ -484,6 +490,39 @@ impl Modules {
         self.service(domain).is_some()
     }
 
+    /// Hand `stanza` to the service of its `to` domain, if there is one
+    /// (None: not a service). In a cluster, an entity of a service that
+    /// keeps it in memory is served by its owner node: the stanza goes
+    /// there, and its errors come back from there.
+    pub async fn to_service(
+        &self,
+        state: &ServerState,
+        stanza: Element,
+    ) -> Option<Result<(), StanzaError>> {
+        let to = stanza.attr("to").and_then(|t| Jid::new(t).ok())?;
+        let m = self.service(to.domain().as_str())?;
+        if m.one_writer_per_entity() && to.node().is_some() {
+            if let (Some(owner), Some(c)) =
+                (state.routing.owner(to.to_bare().as_str()), &state.cluster)
+            {
+                return Some(crate::cluster::routing::forward_to_service(c, &owner, &stanza).await);
+            }
+        }
+        Some(m.service_stanza(state, stanza).await)
+    }
+
+    /// `to_service` on this node, whoever owns the entity (a stanza
+    /// another node forwarded here as the owner: never forwarded again).
+    pub async fn to_service_here(
+        &self,
+        state: &ServerState,
+        stanza: Element,
+    ) -> Option<Result<(), StanzaError>> {
+        let to = stanza.attr("to").and_then(|t| Jid::new(t).ok())?;
+        let m = self.service(to.domain().as_str())?;
+        Some(m.service_stanza(state, stanza).await)
+    }
+
     /// Run the stanza hooks at `hook`, in priority order, until one stops.
     pub async fn run(
         &self,
@@ -570,11 +609,8 @@ async fn route(cx: &Cx<'_>, stanza: &Element) -> Result<(), StanzaError> {
     if pre_route(cx, kind, stanza, to.as_ref()).await? == Flow::Stop {
         return Ok(());
     }
-    if let Some(m) = to
-        .as_ref()
-        .and_then(|t| modules.service(t.domain().as_str()))
-    {
-        return m.service_stanza(cx.state, stanza.clone()).await;
+    if let Some(r) = modules.to_service(cx.state, stanza.clone()).await {
+        return r;
     }
     // Messages and presence to remote domains go through their modules
     // (archive, carbons, roster), which hand them to `api::Remote`.
@@ -631,16 +667,16 @@ pub async fn dispatch_messages(cx: &Cx<'_>, msgs: Vec<Element>) -> Vec<Result<()
             Err(e) => out.push(Some(Err(e))),
             Ok(Flow::Stop) => out.push(Some(Ok(()))),
             Ok(Flow::Continue) => {
-                match to
-                    .as_ref()
-                    .and_then(|t| modules.service(t.domain().as_str()))
-                {
-                    Some(s) => out.push(Some(s.service_stanza(cx.state, m).await)),
-                    None => {
-                        out.push(None);
-                        rest.push(m);
+                let served = match &to {
+                    Some(t) if modules.is_service(t.domain().as_str()) => {
+                        modules.to_service(cx.state, m).await
                     }
-                }
+                    _ => {
+                        rest.push(m);
+                        None
+                    }
+                };
+                out.push(served);
             }
         }
     }

@@ -368,7 +368,15 @@ impl Module for Muc {
         &[(Hook::PreRoute(Kind::Message), 10)]
     }
     fn events(&self) -> &'static [(EventKind, i32)] {
-        &[(EventKind::Unavailable, 0), (EventKind::Closed, 0)]
+        &[
+            (EventKind::Unavailable, 0),
+            (EventKind::Closed, 0),
+            (EventKind::RemoteSessionGone, 0),
+        ]
+    }
+    fn one_writer_per_entity(&self) -> bool {
+        // A room's occupants and order live in memory: one node per room.
+        true
     }
     fn provide(self: Arc<Self>, shared: &mut super::Shared) {
         shared.provide::<Muc>(self);
@@ -392,9 +400,9 @@ impl Module for Muc {
         session: Option<&Arc<SessionHandle>>,
         _event: &Event<'_>,
     ) {
-        // A session that went unavailable or away leaves its rooms. A
-        // parked one (XEP-0198) stays joined until its resumption times out
-        // and it closes.
+        // A session that went unavailable or away (here, or on another
+        // node of the cluster) leaves its rooms. A parked one (XEP-0198)
+        // stays joined until its resumption times out and it closes.
         let Some(h) = session else { return };
         let rooms = self.joined.lock().remove(&h.jid).unwrap_or_default();
         for room in rooms {

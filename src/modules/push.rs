@@ -766,17 +766,14 @@ fn notification(
 /// component of this server (XEP-0114), else a remote domain.
 async fn send(state: &ServerState, to: &str, stanza: Element) {
     let domain = to.parse::<Jid>().map(|j| j.domain().to_string());
-    let service = domain
-        .as_deref()
-        .ok()
-        .and_then(|d| state.modules.service(d));
+    let service = domain.as_deref().is_ok_and(|d| state.modules.is_service(d));
     match service {
-        Some(m) => {
-            if let Err(e) = m.service_stanza(state, stanza).await {
+        true => {
+            if let Some(Err(e)) = state.modules.to_service(state, stanza).await {
                 tracing::warn!(app_server = %to, error = ?e, "push not delivered");
             }
         }
-        None => match state.modules.try_api::<dyn api::Remote>() {
+        false => match state.modules.try_api::<dyn api::Remote>() {
             Some(remote) if remote.enabled(state) => {
                 if let Err(e) = remote.send(state, &stanza) {
                     tracing::warn!(app_server = %to, error = ?e, "push not sent");

@@ -350,6 +350,12 @@ pub trait Routing: Send + Sync {
             .map(|h| h.id)
             .collect()
     }
+    /// In a cluster, the node that handles stanzas to `entity` (a room) for
+    /// services that keep it in memory — one writer per entity; None: this
+    /// node (always, on one node).
+    fn owner(&self, _entity: &str) -> Option<String> {
+        None
+    }
     /// The session with id `id` among `bare`'s.
     fn session_by_id(&self, bare: &BareJid, id: u64) -> Option<Arc<SessionHandle>> {
         self.resources(bare).into_iter().find(|h| h.id == id)
