@@ -150,6 +150,8 @@ pub async fn run(
         Then::Presence,
     )
     .await?;
+    // In a cluster, sender k goes to the node after receiver k's.
+    ctx.target.align(1);
     let senders = setup(
         &ctx,
         (0..a.pairs).map(|p| ctx.offset + 2 * p).collect(),
@@ -173,6 +175,7 @@ pub async fn run(
     let pids: Vec<u32> = [ctx.server_pid, rx_ctx.server_pid.filter(|_| s2s)]
         .into_iter()
         .flatten()
+        .chain(ctx.node_pids.iter().copied())
         .collect();
     let cpu_task = (!pids.is_empty()).then(|| {
         tokio::spawn(async move {

@@ -90,6 +90,15 @@ struct Common {
     /// per CPU-second); group also reports its memory (VmRSS).
     #[arg(long, global = true)]
     server_pid: Option<u32>,
+    /// Another node of a natter cluster (its client port; repeat for
+    /// each): connections go round-robin over --port and these, and chat
+    /// puts each receiver on the node after its sender's.
+    #[arg(long = "node-port", global = true)]
+    node_ports: Vec<u16>,
+    /// Another cluster node's PID (repeat for each): its CPU time is added
+    /// to --server-pid's in chat.
+    #[arg(long = "node-pid", global = true)]
+    node_pids: Vec<u32>,
     /// Derive SCRAM keys (PBKDF2) on every login instead of caching them per
     /// salt like real clients do (the generator's core then bounds logins/s).
     #[arg(long, global = true)]
@@ -146,6 +155,8 @@ pub struct Ctx {
     pub concurrency: usize,
     pub resource: String,
     pub server_pid: Option<u32>,
+    /// Other cluster nodes' PIDs (chat adds their CPU time).
+    pub node_pids: Vec<u32>,
 }
 
 /// CPU seconds (user + system) process `pid` has used so far.
@@ -296,8 +307,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ => 5222,
     });
     let addr = loopback_target(&c.host, port).await?;
+    let mut others = Vec::new();
+    for p in &c.node_ports {
+        others.push(loopback_target(&c.host, *p).await?);
+    }
     let target = Arc::new(Target {
         addr,
+        others,
+        next: Default::default(),
         domain: c.domain.clone(),
         tls: c.tls,
         tls_cfg: tls_config(c.tls_resume)?,
@@ -313,6 +330,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         concurrency: c.concurrency.max(1),
         resource: c.resource.clone(),
         server_pid: c.server_pid,
+        node_pids: c.node_pids.clone(),
     });
     if let Some(pid) = c.server_pid {
         if proc_cpu_secs(pid).is_none() {
@@ -328,6 +346,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let peer = Arc::new(Target {
                 addr: loopback_target(&c.host, a.peer_port).await?,
                 domain: a.peer_domain.clone(),
+                others: Vec::new(),
+                next: Default::default(),
                 ..Target::clone(&ctx.target)
             });
             let rx = Arc::new(Ctx {

@@ -46,6 +46,9 @@ pub enum Mech {
 #[derive(Clone)]
 pub struct Target {
     pub addr: SocketAddr,
+    /// Other nodes of a cluster: connections take `addr` and these in turn.
+    pub others: Vec<SocketAddr>,
+    pub next: Arc<std::sync::atomic::AtomicUsize>,
     pub domain: String,
     pub tls: TlsMode,
     pub tls_cfg: Arc<rustls::ClientConfig>,
@@ -53,6 +56,31 @@ pub struct Target {
     pub mech: Mech,
     /// Bound on every single wait for the server during negotiation.
     pub step_timeout: Duration,
+}
+
+impl Target {
+    /// The node the next connection goes to (round-robin).
+    pub fn pick(&self) -> SocketAddr {
+        if self.others.is_empty() {
+            return self.addr;
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (1 + self.others.len());
+        if i == 0 {
+            self.addr
+        } else {
+            self.others[i - 1]
+        }
+    }
+
+    /// Make the next connection go to the node `shift` places after the
+    /// one the first connection went to (chat: receivers on one node,
+    /// their senders on the next).
+    pub fn align(&self, shift: usize) {
+        let n = 1 + self.others.len();
+        let cur = self.next.load(std::sync::atomic::Ordering::Relaxed);
+        let at = cur + (n + shift % n - cur % n) % n;
+        self.next.store(at, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// One client stream.
@@ -95,10 +123,11 @@ impl Conn {
 
     /// TCP (and for direct TLS, the TLS handshake).
     pub async fn connect(t: &Target) -> anyhow::Result<Conn> {
-        let tcp = tokio::time::timeout(t.step_timeout, t.sources.connect(t.addr))
+        let addr = t.pick();
+        let tcp = tokio::time::timeout(t.step_timeout, t.sources.connect(addr))
             .await
             .map_err(|_| anyhow!("TCP connect timed out"))?
-            .with_context(|| format!("connect to {}", t.addr))?;
+            .with_context(|| format!("connect to {addr}"))?;
         let io = match t.tls {
             TlsMode::Direct => {
                 let tls =
