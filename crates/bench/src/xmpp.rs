@@ -64,7 +64,8 @@ impl Target {
         if self.others.is_empty() {
             return self.addr;
         }
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (1 + self.others.len());
+        let i =
+            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (1 + self.others.len());
         if i == 0 {
             self.addr
         } else {
