@@ -269,11 +269,10 @@ pub async fn start_with(
         tasks.spawn(net::accept_module(l, state.clone(), m, i));
     }
     if let (Some((c, _)), Some((r, changes))) = (&cluster, remote) {
-        for t in cluster::routing::start(state.clone(), c.clone(), r, changes).await? {
-            tasks.spawn(async move {
-                let _ = t.await;
-            });
-        }
+        // Not in `tasks`: they outlive the sessions at shutdown (what
+        // ending sessions give back may be for other nodes) and end once
+        // every session task has.
+        cluster::routing::start(state.clone(), c.clone(), r, changes).await?;
     }
     if let Some((c, mut info)) = cluster {
         info.listeners = bound.to_string();

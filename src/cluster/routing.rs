@@ -136,10 +136,16 @@ impl Outbox {
 /// Publish what proxies queued, in order; flush after each batch.
 async fn write_outbox(state: ServerState, c: Arc<Cluster>) {
     let outbox = &c.outbox;
+    let mut ending = false;
     loop {
-        tokio::select! {
-            _ = state.shutdown.cancelled() => return,
-            _ = outbox.notify.notified() => {}
+        if !ending {
+            tokio::select! {
+                // Sessions ending at shutdown give back what they held,
+                // some of it for other nodes: keep publishing until they
+                // are all gone, then once more.
+                _ = drained(&state) => ending = true,
+                _ = outbox.notify.notified() => {}
+            }
         }
         loop {
             let batch: Vec<Outgoing> = {
@@ -166,7 +172,16 @@ async fn write_outbox(state: ServerState, c: Arc<Cluster>) {
                 Err(e) => tracing::warn!(error = %e, "cluster: NATS flush failed"),
             }
         }
+        if ending {
+            return;
+        }
     }
+}
+
+/// Shutdown began and every session task (and requeue) has ended.
+async fn drained(state: &ServerState) {
+    state.shutdown.cancelled().await;
+    state.tasks.wait().await;
 }
 
 /// The way to one node's sessions: proxies of them forward here.
@@ -235,6 +250,8 @@ struct Remote {
     node: String,
     incarnation: u64,
     handle: Arc<SessionHandle>,
+    /// Modules were told it is gone (its node went silent).
+    reported: bool,
 }
 
 /// When a node was last heard of, and which run of it that was.
@@ -275,6 +292,8 @@ pub struct ClusterRouting {
     local: Arc<Router>,
     node: String,
     lease: Duration,
+    /// When this node started following the cluster.
+    started: Instant,
     mirror: RwLock<Mirror>,
 }
 
@@ -283,6 +302,7 @@ impl ClusterRouting {
         ClusterRouting {
             local,
             node: cluster.node.clone(),
+            started: Instant::now(),
             lease: cluster.lease,
             mirror: Default::default(),
         }
@@ -309,6 +329,37 @@ fn weight(node: &str, entity: &str) -> [u8; 32] {
 }
 
 impl Routing for ClusterRouting {
+    fn describe(&self) -> String {
+        let m = self.mirror.read();
+        let nodes: Vec<String> = m
+            .nodes
+            .iter()
+            .map(|(n, s)| {
+                format!(
+                    "{n} (run {}, heard {:?} ago)",
+                    s.incarnation,
+                    s.at.elapsed()
+                )
+            })
+            .collect();
+        let sessions: Vec<String> = m
+            .users
+            .values()
+            .flatten()
+            .map(|r| {
+                format!(
+                    "{} on {} (run {}, live {}, available {})",
+                    r.handle.jid,
+                    r.node,
+                    r.incarnation,
+                    m.live(r, self.lease),
+                    r.handle.is_available()
+                )
+            })
+            .collect();
+        format!("nodes: {nodes:?}; remote sessions: {sessions:?}")
+    }
+
     fn owner(&self, entity: &str) -> Option<String> {
         let m = self.mirror.read();
         let lease = self.lease;
@@ -368,23 +419,24 @@ async fn bucket(c: &Cluster, name: String, max_age: Duration) -> anyhow::Result<
     }
 }
 
-/// A bucket's current entries and, after them, its changes: the live
-/// watch opens first, so nothing written while the snapshot is read is
-/// missed (a change seen twice is applied twice, harmlessly). async-nats
-/// ends a history watch of an empty bucket at once, so the two are apart.
-async fn follow(store: &kv::Store) -> anyhow::Result<(Vec<kv::Entry>, kv::Watch)> {
-    let live = store.watch_all().await?;
-    let mut snapshot = Vec::new();
-    let mut history = store.watch_with_history(">").await?;
-    while let Some(e) = history.next().await {
-        let e = e?;
-        let last = e.delta == 0;
-        snapshot.push(e);
-        if last {
-            break;
-        }
+/// A bucket's current entries and then its changes, as one watch
+/// (last value per key first). None when the bucket is empty: async-nats
+/// ends a history watch of an empty bucket at once, so the caller polls
+/// until something is there (a cluster with no sessions at all).
+async fn follow(store: &kv::Store) -> anyhow::Result<Option<(kv::Entry, kv::Watch)>> {
+    let mut watch = store.watch_with_history(">").await?;
+    match watch.next().await {
+        None => Ok(None),
+        Some(first) => Ok(Some((first?, watch))),
     }
-    Ok((snapshot, live))
+}
+
+/// Wait `d`, or less if shutting down; false when shutting down.
+async fn pause(state: &ServerState, d: Duration) -> bool {
+    tokio::select! {
+        _ = state.shutdown.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
 }
 
 /// Everything routing between nodes needs running: the registry writer,
@@ -395,7 +447,7 @@ pub async fn start(
     cluster: Arc<Cluster>,
     routing: Arc<ClusterRouting>,
     changes: Arc<Changes>,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+) -> anyhow::Result<()> {
     let sessions = bucket(&cluster, format!("{}_sessions", cluster.name), REFRESH * 3).await?;
     let inbound = cluster
         .client
@@ -409,25 +461,24 @@ pub async fn start(
         .client
         .subscribe(changed_subject(&cluster.name))
         .await?;
-    Ok(vec![
-        tokio::spawn(write_registry(
-            state.clone(),
-            cluster.clone(),
-            sessions.clone(),
-            changes,
-        )),
-        tokio::spawn(watch_nodes(state.clone(), cluster.clone(), routing.clone())),
-        tokio::spawn(watch_sessions(
-            state.clone(),
-            cluster.clone(),
-            routing,
-            sessions,
-        )),
-        tokio::spawn(receive(state.clone(), inbound)),
-        tokio::spawn(write_outbox(state.clone(), cluster.clone())),
-        tokio::spawn(receive_pokes(state.clone(), cluster.clone(), pokes)),
-        tokio::spawn(receive_changes(state, cluster, changes_elsewhere)),
-    ])
+    tokio::spawn(write_registry(
+        state.clone(),
+        cluster.clone(),
+        sessions.clone(),
+        changes,
+    ));
+    tokio::spawn(watch_nodes(state.clone(), cluster.clone(), routing.clone()));
+    tokio::spawn(watch_sessions(
+        state.clone(),
+        cluster.clone(),
+        routing,
+        sessions,
+    ));
+    tokio::spawn(receive(state.clone(), inbound));
+    tokio::spawn(write_outbox(state.clone(), cluster.clone()));
+    tokio::spawn(receive_pokes(state.clone(), cluster.clone(), pokes));
+    tokio::spawn(receive_changes(state, cluster, changes_elsewhere));
+    Ok(())
 }
 
 fn entry_of(h: &SessionHandle, c: &Cluster) -> RemoteEntry {
@@ -508,18 +559,19 @@ async fn watch_nodes(state: ServerState, c: Arc<Cluster>, routing: Arc<ClusterRo
     let mut sweep = tokio::time::interval(routing.lease);
     loop {
         let mut watch = match follow(&c.nodes).await {
-            Ok((snapshot, watch)) => {
-                for e in snapshot {
-                    note_node(&routing, e);
-                }
+            Ok(Some((first, watch))) => {
+                note_node(&routing, first);
                 watch
             }
+            // Not even this node's entry (NATS lost it): poll.
+            Ok(None) if pause(&state, Duration::from_millis(100)).await => continue,
+            Ok(None) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "cluster: cannot watch the nodes; retrying");
-                tokio::select! {
-                    _ = state.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                if pause(&state, Duration::from_secs(1)).await {
+                    continue;
                 }
+                return;
             }
         };
         loop {
@@ -565,61 +617,86 @@ fn note_node(routing: &ClusterRouting, e: kv::Entry) {
     }
 }
 
-/// Forget the sessions of nodes gone for two leases; their proxies.
+/// Sessions of nodes silent for two leases are reported gone (once:
+/// rooms let their occupants go) but kept, in case the node was only cut
+/// off from NATS for a while and comes back; they are forgotten when the
+/// node runs again under a new incarnation (it deletes its old entries
+/// too) or has been silent as long as the registry keeps entries.
 fn forget_dead(routing: &ClusterRouting) -> Vec<Arc<SessionHandle>> {
     let mut m = routing.mirror.write();
     let lease = routing.lease;
-    let dead: Vec<String> = m
-        .users
-        .values()
-        .flatten()
-        .filter(|r| {
-            m.nodes
-                .get(&r.node)
-                .is_none_or(|s| s.incarnation != r.incarnation || s.at.elapsed() > lease * 2)
-        })
-        .map(|r| r.key.clone())
-        .collect();
-    let gone = dead
-        .iter()
-        .filter_map(|k| m.remove_key(k))
-        .map(|r| r.handle)
-        .collect();
-    m.nodes.retain(|_, s| s.at.elapsed() < lease * 4);
+    let keep = REFRESH * 3;
+    let nodes = std::mem::take(&mut m.nodes);
+    let mut gone = Vec::new();
+    let mut dead = Vec::new();
+    for r in m.users.values_mut().flatten() {
+        let seen = nodes.get(&r.node);
+        let silent = seen.is_none_or(|s| s.at.elapsed() > lease * 2);
+        if silent && !r.reported {
+            r.reported = true;
+            gone.push(r.handle.clone());
+        }
+        // A node unknown once every live one has had time to be heard of
+        // has been silent for longer than `nodes` remembers.
+        let forgotten = routing.started.elapsed() > lease * 2;
+        let stale = match seen {
+            None => forgotten,
+            Some(s) => {
+                s.at.elapsed() > keep || (s.incarnation != r.incarnation && s.at.elapsed() < lease)
+            }
+        };
+        if stale {
+            dead.push(r.key.clone());
+        }
+    }
+    m.nodes = nodes;
+    m.nodes.retain(|_, s| s.at.elapsed() < keep * 2);
+    for k in dead {
+        m.remove_key(&k);
+    }
     gone
 }
 
-/// Follow the session registry into the mirror (from a fresh snapshot
-/// whenever the watch has to be opened again).
+/// Follow the session registry into the mirror. A watch opened again
+/// replays every key's last value, which the mirror takes as it is.
 async fn watch_sessions(
     state: ServerState,
     c: Arc<Cluster>,
     routing: Arc<ClusterRouting>,
     sessions: kv::Store,
 ) {
-    let mut first = true;
     loop {
-        let (snapshot, mut watch) = match follow(&sessions).await {
-            Ok(x) => x,
+        let mut watch = match follow(&sessions).await {
+            Ok(Some((first, watch))) => {
+                apply(&state, &c, &routing, &sessions, first).await;
+                watch
+            }
+            Ok(None) => {
+                // No session anywhere: nothing to mirror; look again soon.
+                let gone: Vec<Arc<SessionHandle>> = {
+                    let mut m = routing.mirror.write();
+                    let keys: Vec<String> = m.by_key.keys().cloned().collect();
+                    keys.iter()
+                        .filter_map(|k| m.remove_key(k))
+                        .map(|r| r.handle)
+                        .collect()
+                };
+                for h in gone {
+                    session_gone(&state, &routing, h).await;
+                }
+                if pause(&state, Duration::from_millis(100)).await {
+                    continue;
+                }
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cluster: cannot watch the session registry; retrying");
-                tokio::select! {
-                    _ = state.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                if pause(&state, Duration::from_secs(1)).await {
+                    continue;
                 }
+                return;
             }
         };
-        if !first {
-            let mut m = routing.mirror.write();
-            let keys: Vec<String> = m.by_key.keys().cloned().collect();
-            for k in keys {
-                m.remove_key(&k);
-            }
-        }
-        first = false;
-        for e in snapshot {
-            apply(&state, &c, &routing, &sessions, e).await;
-        }
         loop {
             let e = tokio::select! {
                 _ = state.shutdown.cancelled() => return,
@@ -722,6 +799,7 @@ fn upsert(
         node: r.node,
         incarnation: r.incarnation,
         handle,
+        reported: false,
     });
 }
 
@@ -730,8 +808,10 @@ async fn next(
     state: &ServerState,
     sub: &mut async_nats::Subscriber,
 ) -> Option<async_nats::Message> {
+    // While sessions end at shutdown, what other nodes still send them is
+    // taken (and given back through the offline queue).
     tokio::select! {
-        _ = state.shutdown.cancelled() => None,
+        _ = drained(state) => None,
         m = sub.next() => m,
     }
 }

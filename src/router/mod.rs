@@ -356,6 +356,10 @@ pub trait Routing: Send + Sync {
     fn owner(&self, _entity: &str) -> Option<String> {
         None
     }
+    /// What this routing knows beyond this node, for diagnostics.
+    fn describe(&self) -> String {
+        String::new()
+    }
     /// The session with id `id` among `bare`'s.
     fn session_by_id(&self, bare: &BareJid, id: u64) -> Option<Arc<SessionHandle>> {
         self.resources(bare).into_iter().find(|h| h.id == id)
