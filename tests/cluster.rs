@@ -668,6 +668,25 @@ async fn archive_with(c: &mut Client, with: &str) -> Vec<(String, usize)> {
     }
 }
 
+/// Accounts s0.. and r0.. (`n` of each), made through a node outside the
+/// cluster on the same database.
+async fn pair_accounts(db: &TestDb, n: usize) -> (Vec<String>, Vec<String>) {
+    let url = db.url.clone();
+    let admin = start_server(move |c| {
+        c.store.backend = "postgres".into();
+        c.store.url = url;
+    })
+    .await;
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for k in 0..n {
+        senders.push(admin.add_user(&format!("s{k}"), "password").await);
+        receivers.push(admin.add_user(&format!("r{k}"), "password").await);
+    }
+    admin.stop().await;
+    (senders, receivers)
+}
+
 /// Issue 14's node-loss test: three nodes in processes of their own,
 /// senders and receivers on all of them, a burst of acknowledged messages
 /// during which one node is killed with SIGKILL. Every acknowledged
@@ -679,22 +698,7 @@ async fn a_node_killed_mid_burst_loses_no_acknowledged_message() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let db = TestDb::create().await;
     let name = cluster_name();
-    // Accounts, through a node outside the cluster on the same database.
-    let admin = {
-        let url = db.url.clone();
-        start_server(move |c| {
-            c.store.backend = "postgres".into();
-            c.store.url = url;
-        })
-        .await
-    };
-    let mut senders = Vec::new();
-    let mut receivers = Vec::new();
-    for k in 0..PAIRS {
-        senders.push(admin.add_user(&format!("s{k}"), "password").await);
-        receivers.push(admin.add_user(&format!("r{k}"), "password").await);
-    }
-    admin.stop().await;
+    let (senders, receivers) = pair_accounts(&db, PAIRS).await;
     let mut nodes: Vec<ProcNode> = (0..3)
         .map(|i| spawn_node(&name, &format!("k{i}"), &db.url))
         .collect();
@@ -1111,22 +1115,8 @@ async fn a_rolling_restart_behind_haproxy_loses_nothing() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let db = TestDb::create().await;
     let name = cluster_name();
-    let admin = {
-        let url = db.url.clone();
-        start_server(move |c| {
-            c.store.backend = "postgres".into();
-            c.store.url = url;
-        })
-        .await
-    };
     const N: usize = 2;
-    let mut senders = Vec::new();
-    let mut receivers = Vec::new();
-    for k in 0..N {
-        senders.push(admin.add_user(&format!("s{k}"), "password").await);
-        receivers.push(admin.add_user(&format!("r{k}"), "password").await);
-    }
-    admin.stop().await;
+    let (senders, receivers) = pair_accounts(&db, N).await;
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let mut nodes: Vec<ProcNode> = (0..3)
         .map(|i| spawn_node_at(&name, &format!("k{i}"), &db.url, ports[i]))
