@@ -1223,3 +1223,61 @@ async fn a_rolling_restart_behind_haproxy_loses_nothing() {
         "too little traffic during the restarts: {total}"
     );
 }
+
+/// A guesser spreading wrong passwords over the nodes meets one budget:
+/// failures on n1 count on n2 (through NATS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_on_one_node_count_on_the_others() {
+    let db = TestDb::create().await;
+    let name = cluster_name();
+    let start = |node: &'static str| {
+        let (name, url) = (name.clone(), db.url.clone());
+        start_server(move |c| {
+            clustered(c, &name, node, &url);
+            c.limits.auth_failures_per_ip = 3;
+            c.limits.auth_max_delay_ms = 50;
+        })
+    };
+    let n1 = start("n1").await;
+    let n2 = start("n2").await;
+    let victim = n1.add_user("victim", "right-password").await;
+    let guesser = std::net::IpAddr::from([127, 0, 3, 7]);
+    for i in 0..3 {
+        let mut c = Client::connect_tls_from(n1.c2s_tls, guesser).await;
+        let r = c
+            .authenticate(natter_sasl::Mechanism::Plain, &victim, "wrong", None)
+            .await;
+        assert_eq!(
+            r.expect_err("a wrong password fails"),
+            "not-authorized",
+            "guess {i}"
+        );
+    }
+    // The notices cross NATS in well under this allowance.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = Client::connect_tls_from(n2.c2s_tls, guesser).await;
+    let r = c
+        .authenticate(
+            natter_sasl::Mechanism::Plain,
+            &victim,
+            "right-password",
+            None,
+        )
+        .await;
+    assert_eq!(
+        r.expect_err("n2 refuses the guessing address"),
+        "temporary-auth-failure"
+    );
+    // Another address logs in on n2 at once.
+    let mut ok = Client::connect_tls_from(n2.c2s_tls, std::net::IpAddr::from([127, 0, 3, 8])).await;
+    ok.authenticate(
+        natter_sasl::Mechanism::Plain,
+        &victim,
+        "right-password",
+        None,
+    )
+    .await
+    .expect("another address is not throttled");
+    n2.stop().await;
+    n1.stop().await;
+}

@@ -23,10 +23,13 @@ impl Session {
         self.neg()?.scram = None;
         self.state.metrics.auth_failure(err.condition());
         if matches!(err, SaslError::NotAuthorized) {
-            let delay = self
-                .state
-                .throttle
-                .failure(t.peer().ip(), user.map(|u| u.as_str()));
+            let account = user.map(|u| u.as_str());
+            let delay = self.state.throttle.failure(t.peer().ip(), account);
+            // The other nodes count it too: a guesser spreading attempts
+            // over the balancer meets one budget.
+            if let Some(c) = &self.state.cluster {
+                crate::cluster::routing::announce_auth_failure(c, t.peer().ip(), account).await;
+            }
             // Slows the guesser; a right password is never held back.
             tokio::time::sleep(delay).await;
             self.neg()?.sasl_failures += 1;

@@ -244,6 +244,10 @@ fn changed_subject(cluster: &str) -> String {
     format!("{cluster}.changed")
 }
 
+fn auth_failure_subject(cluster: &str) -> String {
+    format!("{cluster}.authfail")
+}
+
 /// A session on another node, seen through the mirror.
 struct Remote {
     key: String,
@@ -461,6 +465,10 @@ pub async fn start(
         .client
         .subscribe(changed_subject(&cluster.name))
         .await?;
+    let auth_failures = cluster
+        .client
+        .subscribe(auth_failure_subject(&cluster.name))
+        .await?;
     tokio::spawn(write_registry(
         state.clone(),
         cluster.clone(),
@@ -477,7 +485,12 @@ pub async fn start(
     tokio::spawn(receive(state.clone(), inbound));
     tokio::spawn(write_outbox(state.clone(), cluster.clone()));
     tokio::spawn(receive_pokes(state.clone(), cluster.clone(), pokes));
-    tokio::spawn(receive_changes(state, cluster, changes_elsewhere));
+    tokio::spawn(receive_changes(
+        state.clone(),
+        cluster.clone(),
+        changes_elsewhere,
+    ));
+    tokio::spawn(receive_auth_failures(state, cluster, auth_failures));
     Ok(())
 }
 
@@ -927,16 +940,10 @@ async fn receive_pokes(state: ServerState, c: Arc<Cluster>, mut sub: async_nats:
         let Some(msg) = next(&state, &mut sub).await else {
             return;
         };
-        let Ok(text) = std::str::from_utf8(&msg.payload) else {
+        let Some(f) = from_elsewhere(&c, &msg.payload, 1) else {
             continue;
         };
-        let Some((node, user)) = text.split_once('\n') else {
-            continue;
-        };
-        if node == c.node {
-            continue;
-        }
-        let Ok(bare) = BareJid::new(user) else {
+        let Ok(bare) = BareJid::new(f[0]) else {
             continue;
         };
         let offline = state.modules.api::<dyn crate::modules::api::OfflineQueue>();
@@ -944,6 +951,16 @@ async fn receive_pokes(state: ServerState, c: Arc<Cluster>, mut sub: async_nats:
             offline.catch_up_now(&state, &h);
         }
     }
+}
+
+/// The fields of a notice another node published ("node\nfield\n…",
+/// `n` fields); None for our own notices and malformed ones.
+fn from_elsewhere<'a>(c: &Cluster, payload: &'a [u8], n: usize) -> Option<Vec<&'a str>> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut parts = text.splitn(n + 1, '\n');
+    let node = parts.next()?;
+    let fields: Vec<&str> = parts.collect();
+    (node != c.node && fields.len() == n).then_some(fields)
 }
 
 /// Tell the other nodes that `user` has messages queued offline.
@@ -976,18 +993,10 @@ async fn receive_changes(state: ServerState, c: Arc<Cluster>, mut sub: async_nat
         let Some(msg) = next(&state, &mut sub).await else {
             return;
         };
-        let Ok(text) = std::str::from_utf8(&msg.payload) else {
+        let Some(f) = from_elsewhere(&c, &msg.payload, 2) else {
             continue;
         };
-        let mut parts = text.splitn(3, '\n');
-        let (Some(node), Some(module), Some(user)) = (parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        if node == c.node {
-            continue;
-        }
-        let Ok(user) = BareJid::new(user) else {
+        let (module, Ok(user)) = (f[0], BareJid::new(f[1])) else {
             continue;
         };
         let ev = crate::modules::Event::StoredDataChanged {
@@ -995,5 +1004,38 @@ async fn receive_changes(state: ServerState, c: Arc<Cluster>, mut sub: async_nat
             module,
         };
         state.modules.emit(&state, None, &ev).await;
+    }
+}
+
+/// Tell the other nodes about a failed login, so the login throttle
+/// (`c2s::throttle`) counts every node's failures.
+pub async fn announce_auth_failure(c: &Cluster, ip: std::net::IpAddr, account: Option<&str>) {
+    let payload = format!("{}\n{ip}\n{}", c.node, account.unwrap_or_default());
+    if let Err(e) = c
+        .client
+        .publish(auth_failure_subject(&c.name), payload.into())
+        .await
+    {
+        tracing::warn!(error = %e, "cluster: failed login not announced");
+    }
+}
+
+/// Another node's failed login counts here too.
+async fn receive_auth_failures(
+    state: ServerState,
+    c: Arc<Cluster>,
+    mut sub: async_nats::Subscriber,
+) {
+    loop {
+        let Some(msg) = next(&state, &mut sub).await else {
+            return;
+        };
+        let Some(f) = from_elsewhere(&c, &msg.payload, 2) else {
+            continue;
+        };
+        if let Ok(ip) = f[0].parse() {
+            let account = (!f[1].is_empty()).then_some(f[1]);
+            state.throttle.failure(ip, account);
+        }
     }
 }
