@@ -298,13 +298,20 @@ pub fn matches(item: &Jid, entity: &Jid) -> bool {
 
 /// Whether `owner` (a local account) blocks `entity`. Fails closed.
 pub async fn blocks(state: &ServerState, owner: &BareJid, entity: &Jid) -> bool {
+    blocks_or_unreadable(state, owner, entity).await != Some(false)
+}
+
+/// Whether `owner` blocks `entity`; None when the list cannot be read
+/// (the store is down), which callers treat as blocked — nothing slips
+/// past a block list that could not be checked.
+async fn blocks_or_unreadable(state: &ServerState, owner: &BareJid, entity: &Jid) -> Option<bool> {
     if owner.node().is_none() || entity.to_bare() == *owner {
-        return false;
+        return Some(false);
     }
-    match list(state, owner).await {
-        Ok(l) => l.iter().any(|i| matches(i, entity)),
-        Err(_) => true,
-    }
+    list(state, owner)
+        .await
+        .ok()
+        .map(|l| l.iter().any(|i| matches(i, entity)))
 }
 
 /// Which side of a stanza from `from` to `to` blocks the other, if any.
@@ -314,6 +321,8 @@ pub enum Blocked {
     BySender,
     /// The recipient blocked the sender (inbound).
     ByRecipient,
+    /// A block list could not be read (the store is down): held back.
+    Unreadable,
 }
 
 /// The blocking relation for a stanza between two JIDs of this server.
@@ -323,14 +332,19 @@ pub async fn check(state: &ServerState, from: &Jid, to: &Jid) -> Option<Blocked>
     if from.to_bare() == to.to_bare() || server(from) || server(to) {
         return None;
     }
-    if from.node().is_some() && blocks(state, &from.to_bare(), to).await {
-        return Some(Blocked::BySender);
+    if from.node().is_some() {
+        match blocks_or_unreadable(state, &from.to_bare(), to).await {
+            Some(true) => return Some(Blocked::BySender),
+            None => return Some(Blocked::Unreadable),
+            Some(false) => {}
+        }
     }
-    if to.node().is_some()
-        && state.serves(to.domain().as_str())
-        && blocks(state, &to.to_bare(), from).await
-    {
-        return Some(Blocked::ByRecipient);
+    if to.node().is_some() && state.serves(to.domain().as_str()) {
+        match blocks_or_unreadable(state, &to.to_bare(), from).await {
+            Some(true) => return Some(Blocked::ByRecipient),
+            None => return Some(Blocked::Unreadable),
+            Some(false) => {}
+        }
     }
     None
 }
@@ -342,6 +356,11 @@ pub fn error(b: Blocked) -> StanzaError {
             StanzaError::new(Condition::NotAcceptable).with_app("blocked", NS_ERRORS)
         }
         Blocked::ByRecipient => StanzaError::new(Condition::ServiceUnavailable),
+        Blocked::Unreadable => StanzaError::with_text(
+            Condition::InternalServerError,
+            "the block list could not be read; retry later",
+        )
+        .with_type(crate::error::ErrorType::Wait),
     }
 }
 

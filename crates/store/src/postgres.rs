@@ -43,8 +43,10 @@ type Tx = Transaction<'static, Postgres>;
 /// Rows deleted per transaction by [`ArchiveStore::archive_prune`], so a big prune doesn't
 /// hold locks (and stall group commits) for long.
 const PRUNE_CHUNK: i64 = 5000;
-/// How long opening waits for the server before failing.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long opening, or any operation, waits for a connection before
+/// failing: while PostgreSQL is down a message is refused (type wait)
+/// after this, not held for long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct PgStore {
     pool: PgPool,
