@@ -359,6 +359,33 @@ async fn sessions_on_different_nodes_chat_with_presence_carbons_and_iqs() {
     n1.stop().await;
 }
 
+/// Alice online on `n1`, bob on `n2`, each seeing the other routable.
+async fn alice_on_n1_bob_on_n2(
+    n1: &TestServer,
+    n2: &TestServer,
+) -> (String, String, Client, Client) {
+    let alice = n1.add_user("alice", "password").await;
+    let bob = n1.add_user("bob", "password").await;
+    let mut a = n1.login(&alice, "password", "phone").await;
+    let mut b = n2.login(&bob, "password", "phone").await;
+    a.send(&xml("<presence/>")).await;
+    b.send(&xml("<presence/>")).await;
+    routable(n1, &format!("{bob}/phone"), true).await;
+    (alice, bob, a, b)
+}
+
+/// Send `to` a message and expect it refused with a `wait` error.
+async fn expect_wait_refusal(c: &mut Client, to: &str) {
+    let id = next_id();
+    let mut msg = message(to, "refused?");
+    msg.set_attr("id", &id);
+    c.send(&msg).await;
+    let err = c.recv_until(|e| e.attr("id") == Some(&id)).await;
+    assert_eq!(err.attr("type"), Some("error"), "{err}");
+    let e = err.get_child("error", "jabber:client").unwrap();
+    assert_eq!(e.attr("type"), Some("wait"), "{err}");
+}
+
 /// A NATS server of the test's own (JetStream on, state in `dir`), so the
 /// test can kill and restart it.
 fn own_nats(port: u16, dir: &std::path::Path) -> KillOnDrop {
@@ -412,13 +439,7 @@ async fn messages_are_refused_with_wait_while_nats_is_down_and_flow_after() {
     };
     let n1 = start("n1").await;
     let n2 = start("n2").await;
-    let alice = n1.add_user("alice", "password").await;
-    let bob = n1.add_user("bob", "password").await;
-    let mut a = n1.login(&alice, "password", "phone").await;
-    let mut b = n2.login(&bob, "password", "phone").await;
-    a.send(&xml("<presence/>")).await;
-    b.send(&xml("<presence/>")).await;
-    routable(&n1, &format!("{bob}/phone"), true).await;
+    let (_, bob, mut a, mut b) = alice_on_n1_bob_on_n2(&n1, &n2).await;
     a.send(&message(&bob, "before")).await;
     let m = b.recv_until(|e| e.name == "message").await;
     assert_eq!(body_of(&m).as_deref(), Some("before"));
@@ -430,16 +451,7 @@ async fn messages_are_refused_with_wait_while_nats_is_down_and_flow_after() {
     until("n1 notices NATS is gone", || !c1.connected()).await;
     let (status, _, body) = http_request(n1.http, "GET", "/ready", "").await;
     assert_eq!(status, 503, "{body}");
-    let id = next_id();
-    let mut msg = message(&bob, "during");
-    msg.set_attr("id", &id);
-    a.send(&msg).await;
-    let err = a
-        .recv_until(|e| e.name == "message" && e.attr("id") == Some(&id))
-        .await;
-    assert_eq!(err.attr("type"), Some("error"), "{err}");
-    let e = err.get_child("error", "jabber:client").unwrap();
-    assert_eq!(e.attr("type"), Some("wait"), "{err}");
+    expect_wait_refusal(&mut a, &bob).await;
 
     // NATS is back (same state directory): the nodes reconnect, bob is
     // routable again, and messages flow.
@@ -1370,25 +1382,12 @@ async fn messages_are_refused_while_postgresql_is_down_and_flow_after() {
     };
     let n1 = start("n1").await;
     let n2 = start("n2").await;
-    let alice = n1.add_user("alice", "password").await;
-    let bob = n1.add_user("bob", "password").await;
-    let mut a = n1.login(&alice, "password", "phone").await;
-    let mut b = n2.login(&bob, "password", "phone").await;
-    a.send(&xml("<presence/>")).await;
-    b.send(&xml("<presence/>")).await;
-    routable(&n1, &format!("{bob}/phone"), true).await;
+    let (_, bob, mut a, mut b) = alice_on_n1_bob_on_n2(&n1, &n2).await;
 
     pg.ctl("stop");
     // A store operation gives up on the connection after 3 s.
     a.timeout = Duration::from_secs(20);
-    let id = next_id();
-    let mut msg = message(&bob, "during");
-    msg.set_attr("id", &id);
-    a.send(&msg).await;
-    let err = a.recv_until(|e| e.attr("id") == Some(&id)).await;
-    assert_eq!(err.attr("type"), Some("error"), "{err}");
-    let e = err.get_child("error", "jabber:client").unwrap();
-    assert_eq!(e.attr("type"), Some("wait"), "{err}");
+    expect_wait_refusal(&mut a, &bob).await;
 
     pg.ctl("start");
     // Retry as a client would, until one is accepted.
