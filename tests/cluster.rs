@@ -951,6 +951,19 @@ async fn a_group_spread_over_three_nodes_sees_one_order() {
     assert_eq!(r.attr("type"), Some("result"), "{r}");
     join_room(&mut clients[1], &room, "bob").await;
     join_room(&mut clients[2], &room, "carol").await;
+    // A stranger is refused by the owner, whichever node they are on.
+    let dave = nodes[0].add_user("dave", "password").await;
+    for n in &nodes {
+        let mut d = n.login(&dave, "password", "phone").await;
+        d.send(&xml(&format!(
+            "<presence to='{room}/dave'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+        )))
+        .await;
+        let p = d
+            .recv_until(|e| e.name == "presence" && e.attr("type") == Some("error"))
+            .await;
+        assert!(p.to_string().contains("registration-required"), "{p}");
+    }
     for c in clients.iter_mut() {
         c.sync().await;
         c.drain_received();

@@ -844,7 +844,11 @@ async fn deliver_here(state: &ServerState, msg: async_nats::Message) {
         return;
     };
     if headers.get(H_SERVICE).is_some() {
-        return serve_here(state, &msg.payload).await;
+        // Its sender waits for the answer, so it has nothing else in
+        // flight: served beside other traffic, not in front of it.
+        let Some(c) = &state.cluster else { return };
+        tokio::spawn(serve_here(state.clone(), c.client.clone(), msg));
+        return;
     }
     let Some(to) = headers
         .get(H_TO)
@@ -883,43 +887,64 @@ async fn deliver_here(state: &ServerState, msg: async_nats::Message) {
     }
 }
 
-/// Send `stanza` (for an entity `owner` serves) to that node; true once
-/// NATS has it, so the sender's acknowledgement comes after.
+/// Hand `stanza` (for an entity `owner` serves) to that node and wait
+/// until it was served there — a room message archived and fanned out —
+/// so the sender's acknowledgement comes after (a NATS request; the
+/// sender's session waits for it, so its stanzas keep their order). An
+/// error the owner answered goes to the sender from here.
 pub async fn forward_to_service(
+    state: &ServerState,
     c: &Cluster,
     owner: &str,
     stanza: &Element,
 ) -> Result<(), crate::error::StanzaError> {
     let mut h = async_nats::HeaderMap::new();
     h.insert(H_SERVICE, "1");
-    let subject: Arc<str> = subject_of(&c.name, owner).into();
-    if c.outbox.push(&subject, h, stanza.to_string().into()) && c.outbox.settle().await {
-        return Ok(());
+    let req = async_nats::Request::new()
+        .headers(h)
+        .payload(stanza.to_string().into())
+        .timeout(Some(SETTLE));
+    let reply = match c.client.send_request(subject_of(&c.name, owner), req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(%owner, error = %e, "cluster: service stanza not served by its owner");
+            return Err(crate::error::StanzaError::with_text(
+                crate::error::Condition::InternalServerError,
+                "the node serving this entity did not answer; retry later",
+            )
+            .with_type(crate::error::ErrorType::Wait));
+        }
+    };
+    if !reply.payload.is_empty() {
+        if let (Ok(err), Some(from)) = (
+            natter_xml::parse_frame(&reply.payload, &unlimited()),
+            stanza.attr("from").and_then(|f| FullJid::new(f).ok()),
+        ) {
+            state.routing.deliver(&from, &Outbound::new(&err, 0));
+        }
     }
-    Err(crate::error::StanzaError::with_text(
-        crate::error::Condition::InternalServerError,
-        "the cluster's message bus did not take the stanza; retry later",
-    )
-    .with_type(crate::error::ErrorType::Wait))
+    Ok(())
 }
 
-/// A stanza for a service entity this node owns, from another node: served
-/// as if it came in here; an error goes back to its sender.
-async fn serve_here(state: &ServerState, payload: &[u8]) {
-    let el = match natter_xml::parse_frame(payload, &unlimited()) {
+/// A stanza for a service entity this node owns, from another node:
+/// served as if it came in here; the reply is empty, or the error stanza
+/// for its sender.
+async fn serve_here(state: ServerState, client: async_nats::Client, msg: async_nats::Message) {
+    let el = match natter_xml::parse_frame(&msg.payload, &unlimited()) {
         Ok(el) => el,
         Err(e) => {
             tracing::warn!(error = %e, "cluster: forwarded service stanza does not parse");
             return;
         }
     };
-    let reply_to = el.attr("from").and_then(|f| FullJid::new(f).ok());
-    let r = state.modules.to_service_here(state, el.clone()).await;
-    if let (Some(Err(e)), Some(from)) = (r, reply_to) {
-        if el.attr("type") != Some("error") {
-            state
-                .routing
-                .deliver(&from, &Outbound::new(&e.reply_to(&el), 0));
+    let r = state.modules.to_service_here(&state, el.clone()).await;
+    let answer = match r {
+        Some(Err(e)) if el.attr("type") != Some("error") => e.reply_to(&el).to_string(),
+        _ => String::new(),
+    };
+    if let Some(reply) = msg.reply {
+        if let Err(e) = client.publish(reply, answer.into()).await {
+            tracing::warn!(error = %e, "cluster: service stanza served, answer not sent");
         }
     }
 }

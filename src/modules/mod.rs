@@ -505,7 +505,8 @@ impl Modules {
             if let (Some(owner), Some(c)) =
                 (state.routing.owner(to.to_bare().as_str()), &state.cluster)
             {
-                return Some(crate::cluster::routing::forward_to_service(c, &owner, &stanza).await);
+                let r = crate::cluster::routing::forward_to_service(state, c, &owner, &stanza);
+                return Some(r.await);
             }
         }
         Some(m.service_stanza(state, stanza).await)
