@@ -374,3 +374,55 @@ async fn the_body_only_when_configured_and_off_means_off() {
         "{res}"
     );
 }
+
+/// In a cluster: a tab subscribed on one node, closed; a message accepted
+/// by another node is pushed from there, signed with the key the nodes
+/// share (issue 14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_comes_from_whichever_node_accepted_the_message() {
+    let db = TestDb::create().await;
+    let cluster = format!("w{:012x}", rand::random::<u64>() >> 16);
+    let nats =
+        std::env::var("NATTER_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let node = |name: &'static str, vapid: Option<std::path::PathBuf>| {
+        let (cluster, nats, url) = (cluster.clone(), nats.clone(), db.url.clone());
+        start_server(move |c| {
+            webpush_config(c);
+            c.store.backend = "postgres".into();
+            c.store.url = url;
+            c.cluster.enabled = true;
+            c.cluster.nats_url = nats;
+            c.cluster.name = cluster;
+            c.cluster.node_name = name.into();
+            c.cluster.lease_secs = 3;
+            if let Some(v) = vapid {
+                c.push.vapid_private_key = v.to_string_lossy().into_owned();
+            }
+        })
+    };
+    let n1 = node("n1", None).await;
+    let shared = n1.state().config.data_dir.join("vapid.key");
+    let n2 = node("n2", Some(shared)).await;
+    let key = vapid_key(&n1).await;
+    assert_eq!(vapid_key(&n2).await, key, "the nodes share one VAPID key");
+    let mut service = push_service().await;
+    let alice = n1.add_user("alice", "password").await;
+    let bob = n1.add_user("bob", "password").await;
+    let mut a = n1.login(&alice, "password", "tab").await;
+    let browser = Browser::new();
+    let res = a
+        .iq(browser.enable(&format!("{}/push/tab-n1", service.base)))
+        .await;
+    assert_eq!(res.attr("type"), Some("result"), "{res}");
+    a.close().await;
+    let mut b = n2.login(&bob, "password", "phone").await;
+    b.send(&message(&alice, "from the other node")).await;
+    let r = service.next().await;
+    assert_eq!(r.path, "tab-n1");
+    check_vapid(&r, &key, &service.base);
+    let payload: serde_json::Value = serde_json::from_slice(&browser.decrypt(&r.body)).unwrap();
+    assert_eq!(payload["count"], 1, "{payload}");
+    assert_eq!(payload["sender"], bob, "{payload}");
+    n2.stop().await;
+    n1.stop().await;
+}
