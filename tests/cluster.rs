@@ -12,27 +12,6 @@ use natter::config::Config;
 use std::sync::Arc;
 use std::time::Duration;
 
-fn nats_url() -> String {
-    std::env::var("NATTER_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
-
-/// A cluster of its own per test (they share the NATS server).
-fn cluster_name() -> String {
-    format!("t{:012x}", rand::random::<u64>() >> 16)
-}
-
-/// Cluster settings for node `node` of cluster `name` on the database at
-/// `db_url`.
-fn clustered(c: &mut Config, name: &str, node: &str, db_url: &str) {
-    c.store.backend = "postgres".into();
-    c.store.url = db_url.into();
-    c.cluster.enabled = true;
-    c.cluster.nats_url = nats_url();
-    c.cluster.name = name.into();
-    c.cluster.node_name = node.into();
-    c.cluster.lease_secs = 3;
-}
-
 async fn node(name: &str, node: &str, db: &TestDb) -> TestServer {
     let (name, node, url) = (name.to_string(), node.to_string(), db.url.clone());
     start_server(move |c| clustered(c, &name, &node, &url)).await

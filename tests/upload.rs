@@ -706,3 +706,52 @@ async fn image_previews_are_made_once_and_bounded(blobs: Blobs) {
     assert_eq!(keys().await, Vec::<String>::new());
     srv.assert_healthy().await;
 }
+
+/// Issue 14: in a cluster on S3 (moto) and PostgreSQL, a file uploaded
+/// through one node downloads from another (the blob is in the bucket,
+/// the slot in the shared store, the URL signed with the shared secret).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_uploaded_through_one_node_downloads_from_another() {
+    let db = TestDb::create().await;
+    let s3 = S3Server::start().await;
+    let bucket = s3.bucket().await;
+    let cluster = cluster_name();
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2"] {
+        let (cluster, url, bucket) = (cluster.clone(), db.url.clone(), bucket.clone());
+        let s3 = &s3;
+        nodes.push(
+            start_server(move |c| {
+                s3.use_in(c, bucket);
+                c.upload.secret = "one secret for the cluster".into();
+                clustered(c, &cluster, name, &url);
+            })
+            .await,
+        );
+    }
+    let alice = nodes[0].add_user("alice", "password").await;
+    let mut a = nodes[0].login(&alice, "password", "phone").await;
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let s = slot(
+        &nodes[0],
+        &mut a,
+        "clip.bin",
+        body.len(),
+        "application/octet-stream",
+    )
+    .await
+    .unwrap();
+    let (status, text) = put(&nodes[0], &s, "application/octet-stream", &body).await;
+    assert_eq!(status, 201, "{text}");
+    let (status, _, got) = http_bytes(nodes[1].http, "GET", &s.path, "", b"").await;
+    assert_eq!(status, 200);
+    assert!(
+        got == body,
+        "n2 served other bytes ({} of {})",
+        got.len(),
+        body.len()
+    );
+    for n in nodes {
+        n.stop().await;
+    }
+}

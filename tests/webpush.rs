@@ -381,20 +381,12 @@ async fn the_body_only_when_configured_and_off_means_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_comes_from_whichever_node_accepted_the_message() {
     let db = TestDb::create().await;
-    let cluster = format!("w{:012x}", rand::random::<u64>() >> 16);
-    let nats =
-        std::env::var("NATTER_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let cluster = cluster_name();
     let node = |name: &'static str, vapid: Option<std::path::PathBuf>| {
-        let (cluster, nats, url) = (cluster.clone(), nats.clone(), db.url.clone());
+        let (cluster, url) = (cluster.clone(), db.url.clone());
         start_server(move |c| {
             webpush_config(c);
-            c.store.backend = "postgres".into();
-            c.store.url = url;
-            c.cluster.enabled = true;
-            c.cluster.nats_url = nats;
-            c.cluster.name = cluster;
-            c.cluster.node_name = name.into();
-            c.cluster.lease_secs = 3;
+            clustered(c, &cluster, name, &url);
             if let Some(v) = vapid {
                 c.push.vapid_private_key = v.to_string_lossy().into_owned();
             }

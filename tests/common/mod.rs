@@ -1399,3 +1399,25 @@ pub async fn component_connect(addr: SocketAddr, domain: &str, secret: &str) -> 
     assert!(ok.is("handshake", NS_ACCEPT), "{ok}");
     c
 }
+
+/// The NATS server (JetStream on) the cluster tests use.
+pub fn nats_url() -> String {
+    std::env::var("NATTER_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A cluster of its own per test (they share the NATS server).
+pub fn cluster_name() -> String {
+    format!("t{:012x}", rand::random::<u64>() >> 16)
+}
+
+/// Cluster settings for node `node` of cluster `name` on the database at
+/// `db_url` (leases of 3 s, so a killed node leaves quickly).
+pub fn clustered(c: &mut Config, name: &str, node: &str, db_url: &str) {
+    c.store.backend = "postgres".into();
+    c.store.url = db_url.into();
+    c.cluster.enabled = true;
+    c.cluster.nats_url = nats_url();
+    c.cluster.name = name.into();
+    c.cluster.node_name = node.into();
+    c.cluster.lease_secs = 3;
+}
