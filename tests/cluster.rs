@@ -391,8 +391,10 @@ fn peer_process(mut cmd: std::process::Command, what: &str, port: u16) -> KillOn
     panic!("{what} did not listen on {port}");
 }
 
-async fn until(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..400 {
+/// Poll `f` every 25 ms until it holds, for at most `within`.
+async fn until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
         if f() {
             return;
         }
@@ -427,7 +429,10 @@ async fn messages_are_refused_with_wait_while_nats_is_down_and_flow_after() {
     // n1 itself, rather than accept what it may not deliver.
     drop(nats);
     let c1 = n1.state().cluster.clone().unwrap();
-    until("n1 notices NATS is gone", || !c1.connected()).await;
+    until("n1 notices NATS is gone", Duration::from_secs(10), || {
+        !c1.connected()
+    })
+    .await;
     let (status, _, body) = http_request(n1.http, "GET", "/ready", "").await;
     assert_eq!(status, 503, "{body}");
     expect_wait_refusal(&mut a, &bob).await;
@@ -435,7 +440,7 @@ async fn messages_are_refused_with_wait_while_nats_is_down_and_flow_after() {
     // NATS is back (same state directory): the nodes reconnect, bob is
     // routable again, and messages flow.
     nats = own_nats(port, nats_dir.path());
-    until("n1 reconnects", || c1.connected()).await;
+    until("n1 reconnects", Duration::from_secs(10), || c1.connected()).await;
     routable(&n1, &format!("{bob}/phone"), true).await;
     a.send(&message(&bob, "after")).await;
     let m = b
@@ -734,7 +739,13 @@ async fn a_node_killed_mid_burst_loses_no_acknowledged_message() {
         )));
     }
     // Kill node 2 once about 40 % of the burst is acknowledged.
-    until_async(&total, PAIRS * PER_PAIR * 2 / 5).await;
+    let at = PAIRS * PER_PAIR * 2 / 5;
+    until(
+        "40 % of the burst is acknowledged",
+        Duration::from_secs(60),
+        || total.load(Ordering::SeqCst) >= at,
+    )
+    .await;
     nodes[2].child.0.kill().unwrap();
     let _ = nodes[2].child.0.wait();
     let at_kill = total.load(Ordering::SeqCst);
@@ -806,16 +817,6 @@ async fn a_node_killed_mid_burst_loses_no_acknowledged_message() {
             );
         }
     }
-}
-
-async fn until_async(total: &std::sync::atomic::AtomicUsize, n: usize) {
-    for _ in 0..2400 {
-        if total.load(std::sync::atomic::Ordering::SeqCst) >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the burst did not reach {n} acknowledged messages in a minute");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

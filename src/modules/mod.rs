@@ -499,8 +499,7 @@ impl Modules {
         state: &ServerState,
         stanza: Element,
     ) -> Option<Result<(), StanzaError>> {
-        let to = stanza.attr("to").and_then(|t| Jid::new(t).ok())?;
-        let m = self.service(to.domain().as_str())?;
+        let (to, m) = self.service_for(&stanza)?;
         if m.one_writer_per_entity() && to.node().is_some() {
             if let (Some(owner), Some(c)) =
                 (state.routing.owner(to.to_bare().as_str()), &state.cluster)
@@ -519,9 +518,15 @@ impl Modules {
         state: &ServerState,
         stanza: Element,
     ) -> Option<Result<(), StanzaError>> {
+        let (_, m) = self.service_for(&stanza)?;
+        Some(m.service_stanza(state, stanza).await)
+    }
+
+    /// The stanza's `to` and the module serving its domain, if a service.
+    fn service_for(&self, stanza: &Element) -> Option<(Jid, &Arc<dyn Module>)> {
         let to = stanza.attr("to").and_then(|t| Jid::new(t).ok())?;
         let m = self.service(to.domain().as_str())?;
-        Some(m.service_stanza(state, stanza).await)
+        Some((to, m))
     }
 
     /// Run the stanza hooks at `hook`, in priority order, until one stops.

@@ -468,21 +468,11 @@ impl Router {
     /// send it arrives on the returned queue.
     pub fn detached(&self, jid: FullJid, limits: QueueLimits) -> (Arc<SessionHandle>, QueueRx) {
         let (tx, rx) = queue::queue(limits, UserBytes::default());
-        let handle = Arc::new(SessionHandle {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            bare: jid.to_bare(),
-            jid,
-            tx,
-            closing: AtomicBool::new(false),
-            state: Mutex::new(SessionState::default()),
-            changes: None,
-            forward: None,
-        });
-        (handle, rx)
+        (self.unbound(jid, tx, None), rx)
     }
 
     /// A proxy of a session on another node: never in the table; what is
-    /// sent to it goes to `forward`.
+    /// sent to it goes to `forward` (its queue stays empty).
     pub fn proxy(&self, jid: FullJid, forward: Arc<dyn Forwarder>) -> Arc<SessionHandle> {
         let limits = QueueLimits {
             items: 1,
@@ -490,6 +480,16 @@ impl Router {
             user_bytes: 0,
         };
         let (tx, _rx) = queue::queue(limits, UserBytes::default());
+        self.unbound(jid, tx, Some(forward))
+    }
+
+    /// A handle that is not in the table (`detached`, `proxy`).
+    fn unbound(
+        &self,
+        jid: FullJid,
+        tx: QueueTx,
+        forward: Option<Arc<dyn Forwarder>>,
+    ) -> Arc<SessionHandle> {
         Arc::new(SessionHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             bare: jid.to_bare(),
@@ -498,7 +498,7 @@ impl Router {
             closing: AtomicBool::new(false),
             state: Mutex::new(SessionState::default()),
             changes: None,
-            forward: Some(forward),
+            forward,
         })
     }
 
