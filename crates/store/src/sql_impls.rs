@@ -179,7 +179,7 @@ impl $store {
             return Ok(Vec::new());
         }
         let ids = rows.iter().map(|r| r.id.clone()).collect();
-        self.batch.archive(t, rows).await?;
+        self.append_rows(t, rows).await?;
         Ok(ids)
     }
 
@@ -208,6 +208,7 @@ impl $store {
         owner: &str,
         q: &ArchiveQuery,
     ) -> Result<ArchivePage, StoreError> {
+        self.archive_barrier(t).await?;
         // One read transaction: cursors, page and count come from the same snapshot.
         let mut tx = self.read_tx().await?;
         let mut bounds = [None, None];
@@ -274,6 +275,7 @@ impl $store {
         owner: &str,
         id: &str,
     ) -> Result<Option<ArchivedMessage>, StoreError> {
+        self.archive_barrier(t).await?;
         let row: Option<ArchiveRow> = sqlx::query_as(&format!(
             "SELECT {} FROM {} WHERE {} = $1 AND id = $2",
             t.row_columns(),
@@ -398,6 +400,7 @@ impl AccountStore for $store {
     }
 
     async fn delete_account(&self, user: &str) -> Result<(), StoreError> {
+        self.account_going(user).await?;
         let mut tx = self.write_tx().await?;
         let version = Self::version_in(&mut tx, user, true)
             .await?
@@ -662,6 +665,7 @@ impl ArchiveStore for $store {
     }
 
     async fn archive_import(&self, msgs: &[ArchivedMessage]) -> Result<(), StoreError> {
+        self.archive_barrier(&USER_ARCHIVE).await?;
         let mut tx = self.write_tx().await?;
         let mut known: Vec<&str> = Vec::new();
         for m in msgs {
@@ -698,6 +702,7 @@ impl ArchiveStore for $store {
         owner: Option<&str>,
         older_than_micros: i64,
     ) -> Result<u64, StoreError> {
+        self.archive_barrier(&USER_ARCHIVE).await?;
         // Across all owners there is no ts index; but ts never decreases in seq order, so
         // the rows to delete are those before the first row young enough to keep. Finding
         // it reads only the rows being deleted. (`ts < $2` stays in the DELETE as a guard.)
