@@ -319,13 +319,26 @@ async fn intake(
             }
         }
         if !batch.is_empty() {
-            // Memory stays bounded when the fold falls behind: wait for it.
-            while shared.pending_bytes.load(Ordering::Acquire) > MAX_PENDING_BYTES {
-                shared.wake.notify_one();
-                if folded.changed().await.is_err() {
-                    break;
+            // Memory stays bounded when the fold falls behind: wait for it, and refuse
+            // the batch when it does not move (the database refuses the fold).
+            let caught_up = tokio::time::timeout(BARRIER_TIMEOUT, async {
+                while shared.pending_bytes.load(Ordering::Acquire) > MAX_PENDING_BYTES {
+                    shared.wake.notify_one();
+                    if folded.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+            if caught_up.is_err() {
+                let e = "the archive log is full: the database has not taken its rows";
+                tracing::error!("{e}");
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(StoreError::Backend(e.into())));
                 }
             }
+        }
+        if !batch.is_empty() {
             if file_len > ROTATE_BYTES && *folded.borrow() >= file_start {
                 let (reply, done) = oneshot::channel();
                 let rotated = match files.send(FileCmd::Rotate(reply)).await {
@@ -347,11 +360,12 @@ async fn intake(
                 .requests
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             match log_batch(&mut batch, &files, &reader, &shared, &mut last_ts, &mut buf).await {
+                // Successes are the fold's to record: a log that takes writes while the
+                // database refuses the fold is not healthy.
                 Ok(len) => {
                     if let Some(len) = len {
                         file_len = len;
                     }
-                    health.record_ok();
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "archive log write failed");
@@ -406,23 +420,32 @@ async fn log_batch(
     if accepted.is_empty() {
         return Ok(None);
     }
-    let (reply, done) = oneshot::channel();
-    files
-        .send(FileCmd::Write {
+    let written = async {
+        let (reply, done) = oneshot::channel();
+        let cmd = FileCmd::Write {
             buf: std::mem::take(buf),
             reply,
+        };
+        files.send(cmd).await.map_err(|_| closed())?;
+        let (back, written) = done.await.map_err(|_| closed())?;
+        *buf = back;
+        written.map_err(|e| {
+            StoreError::Backend(if e.kind() == io::ErrorKind::StorageFull {
+                format!("archive log write: database or disk is full ({e})")
+            } else {
+                format!("archive log write: {e}")
+            })
         })
-        .await
-        .map_err(|_| closed())?;
-    let (back, written) = done.await.map_err(|_| closed())?;
-    *buf = back;
-    let (gen, start) = written.map_err(|e| {
-        StoreError::Backend(if e.kind() == io::ErrorKind::StorageFull {
-            format!("archive log write: database or disk is full ({e})")
-        } else {
-            format!("archive log write: {e}")
-        })
-    })?;
+    }
+    .await;
+    let (gen, start) = match written {
+        Ok(at) => at,
+        Err(e) => {
+            // Answered by the caller, with the error.
+            batch.extend(accepted);
+            return Err(e);
+        }
+    };
     *last_ts = ts;
     let mut n = 0u64;
     let mut bytes = 0;
