@@ -65,6 +65,8 @@ pub struct SqliteStore {
     /// The users' archive log (file databases only; see `sqlite/journal.rs`): appends
     /// are acknowledged once logged and folded into `archive` behind.
     journal: Option<journal::Journal>,
+    /// The database file (file stores): where another process's archive log is.
+    path: Option<std::path::PathBuf>,
     /// Background WAL checkpoints (file databases only).
     checkpointer: Option<Checkpointer>,
     /// Outcome of the latest writes, for [`Store::writable`].
@@ -290,7 +292,8 @@ impl SqliteStore {
             writer,
             reader: Some(reader),
             batch,
-            journal: Some(journal),
+            journal,
+            path: Some(path.to_owned()),
             checkpointer: Some(Checkpointer::spawn(checkpoints)),
             health,
         })
@@ -324,6 +327,7 @@ impl SqliteStore {
             reader: None,
             batch,
             journal: None,
+            path: None,
             checkpointer: None,
             health,
         })
@@ -375,9 +379,14 @@ impl SqliteStore {
 
     /// Before reading or changing archive `t`: what was acknowledged is in the table.
     async fn archive_barrier(&self, t: &ArchiveTable) -> Result<(), StoreError> {
-        match &self.journal {
-            Some(j) if t.table == USER_ARCHIVE.table => j.barrier().await,
-            _ => Ok(()),
+        if t.table != USER_ARCHIVE.table {
+            return Ok(());
+        }
+        match (&self.journal, &self.path) {
+            (Some(j), _) => j.barrier().await,
+            // Another process (the running server) owns the log.
+            (None, Some(path)) => journal::fold_foreign(path, &self.writer).await,
+            (None, None) => Ok(()),
         }
     }
 
@@ -389,7 +398,7 @@ impl SqliteStore {
                 j.forget(user);
                 j.barrier().await
             }
-            None => Ok(()),
+            None => self.archive_barrier(&USER_ARCHIVE).await,
         }
     }
 
@@ -1379,6 +1388,19 @@ mod tests {
         for n in 0..300 {
             acked.extend(store.archive_append(&[msg("u@x.org", n)]).await.unwrap());
         }
+        // Another process opening the database meanwhile (a CLI command next to the
+        // server) leaves the owner's log alone and appends directly.
+        let other = SqliteStore::open(&live.join("a.db"), false).await.unwrap();
+        assert!(
+            other.journal.is_none(),
+            "a second process took over the archive log"
+        );
+        other.create_account("v@x.org", &creds(2)).await.unwrap();
+        let direct = other.archive_append(&[msg("v@x.org", 0)]).await.unwrap();
+        other.close().await;
+        for n in 300..310 {
+            acked.extend(store.archive_append(&[msg("u@x.org", n)]).await.unwrap());
+        }
         // A crash now: the database files as they are, then the logs (a fold in between
         // only moves the database ahead of the copied log position, never behind).
         for name in [
@@ -1413,6 +1435,11 @@ mod tests {
             assert_eq!(
                 page.items.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
                 acked
+            );
+            let page = store.archive_query("v@x.org", &q).await.unwrap();
+            assert_eq!(
+                page.items.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+                direct
             );
             store.close().await;
         }

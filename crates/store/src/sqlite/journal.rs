@@ -5,7 +5,7 @@
 //! database (`<db>.archive-log.0` / `.1`), plus `fdatasync` with `store.sync = "full"`;
 //! the caller is answered after that. A *folder* task inserts the logged rows into the
 //! `archive` table behind it, in large transactions (every [`FOLD_EVERY`], or sooner
-//! once [`FOLD_ROWS`] rows wait), so each index page a fold dirties is written to the WAL
+//! once [`FOLD_ROWS`] rows or [`FOLD_BYTES`] wait), so each index page a fold dirties is written to the WAL
 //! once for many rows instead of once per group commit. The fold records how far it got
 //! (`archive_journal`) in the same transaction as the rows, so a restart replays exactly
 //! the records not yet folded: a record in the file survives `kill -9` like a WAL commit
@@ -16,6 +16,11 @@
 //! accounts that don't exist are refused before they are logged (an in-memory set of
 //! owners known to exist saves the lookup); one deleted while its rows wait is dropped
 //! at the fold, like the rest of its archive.
+//!
+//! One process owns the log (an `flock` on `<db>.archive-log.lock`): the server, or a
+//! command run while it is down. Another process opening the database meanwhile, such
+//! as `natter user add` next to a running server, gets no journal and appends through the
+//! plain group commit, so it never replays or restarts the owner's log.
 //!
 //! Two files take turns: once the current one passes [`ROTATE_BYTES`] and everything
 //! logged before it was opened has been folded, the other is truncated and continues
@@ -54,8 +59,10 @@ const FOLD_ROWS: usize = 4096;
 const FOLD_MAX: usize = 8192;
 /// Rows per INSERT (7 parameters each, under SQLite's limit of 32766).
 const ROWS_PER_INSERT: usize = 500;
+/// Bytes of rows waiting that start a fold at once (big stanzas fold sooner).
+const FOLD_BYTES: usize = 2 << 20;
 /// Bytes of rows waiting for the fold before appends wait for it (memory bound).
-const MAX_PENDING_BYTES: usize = 64 << 20;
+const MAX_PENDING_BYTES: usize = 16 << 20;
 /// Requests logged in one write.
 const MAX_BATCH: usize = 1024;
 /// Owners remembered as existing (the set starts over when full).
@@ -115,6 +122,8 @@ enum FileCmd {
 }
 
 pub(crate) struct Journal {
+    /// Held (`flock`) while this process owns the log; see [`Journal::open`].
+    _owner: File,
     tx: mpsc::Sender<Request>,
     shared: Arc<Shared>,
     stop_folder: watch::Sender<bool>,
@@ -145,7 +154,37 @@ impl Journal {
         sync_full: bool,
         last_ts: i64,
         health: Arc<WriteHealth>,
-    ) -> Result<Self, StoreError> {
+    ) -> Result<Option<Self>, StoreError> {
+        // One process owns the log: the server, or a command run while it is down. Another
+        // process opening the same database meanwhile (`natter user add` next to a running
+        // server) must neither replay nor restart the log under the owner's feet; it gets
+        // no journal (`None`), and its appends use the plain group commit.
+        let lock_path = {
+            let mut p = db_path.as_os_str().to_owned();
+            p.push(".archive-log.lock");
+            PathBuf::from(p)
+        };
+        let owner = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| io_err("cannot open its lock file", &lock_path, e))?;
+        match owner.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tracing::info!(
+                    "the archive log is owned by another process (a running server); \
+                     this one appends to the archive directly"
+                );
+                return Ok(None);
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(io_err("cannot lock it", &lock_path, e))
+            }
+        }
         let (gen, pos): (i64, i64) = sqlx::query_as("SELECT gen, pos FROM archive_journal")
             .fetch_one(&writer)
             .await
@@ -218,12 +257,13 @@ impl Journal {
         ));
         let (stop_folder, stop) = watch::channel(false);
         let folder = tokio::spawn(folder(writer, shared.clone(), stop, health));
-        Ok(Journal {
+        Ok(Some(Journal {
+            _owner: owner,
             tx,
             shared,
             stop_folder,
             folder_done: Mutex::new(Some(folder)),
-        })
+        }))
     }
 
     /// Logs `rows` (all to the users' archive); returns once they are durable.
@@ -462,10 +502,10 @@ async fn log_batch(
             }
         }
     }
-    shared.pending_bytes.fetch_add(bytes, Ordering::AcqRel);
+    let pending_bytes = shared.pending_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
     let logged = shared.logged.fetch_add(n, Ordering::AcqRel) + n;
     let waiting = logged - *shared.folded.borrow();
-    if waiting >= FOLD_ROWS as u64 {
+    if waiting >= FOLD_ROWS as u64 || pending_bytes >= FOLD_BYTES {
         shared.wake.notify_one();
     }
     for (_, reply) in accepted {
@@ -794,4 +834,30 @@ impl LogFile {
             }
         }
     }
+}
+
+/// For a process that does not own the log (see [`Journal::open`]): folds what the
+/// owner's log holds now into the database itself, so this process reads everything the
+/// owner acknowledged before. Safe next to the owner's own folds: a row folded twice is
+/// ignored the second time (its `(owner, id)` is unique), and a log position set back by
+/// a slower fold only means such rows are skipped again after a restart.
+pub(crate) async fn fold_foreign(db_path: &Path, writer: &SqlitePool) -> Result<(), StoreError> {
+    let (gen, pos): (i64, i64) = sqlx::query_as("SELECT gen, pos FROM archive_journal")
+        .fetch_one(writer)
+        .await
+        .db()?;
+    let (gen, pos) = (gen as u64, pos as u64);
+    let mut rows = Vec::new();
+    for (g, from) in [(gen, pos.max(HEADER)), (gen + 1, HEADER)] {
+        let path = log_path(db_path, g);
+        match read_log(&path, g, from) {
+            Ok(Some(r)) => rows.extend(r),
+            Ok(None) => {}
+            Err(e) => return Err(io_err("cannot read it", &path, e)),
+        }
+    }
+    for chunk in rows.chunks(FOLD_MAX) {
+        fold(writer, chunk).await.db()?;
+    }
+    Ok(())
 }
