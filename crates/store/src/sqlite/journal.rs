@@ -533,13 +533,16 @@ async fn unknown_owners(
     }
     ask.sort_unstable();
     ask.dedup();
-    let mut qb = QueryBuilder::new("SELECT username FROM accounts WHERE username IN (");
-    let mut list = qb.separated(", ");
-    for o in &ask {
-        list.push_bind(*o);
+    let mut found: Vec<String> = Vec::new();
+    for chunk in ask.chunks(ROWS_PER_INSERT) {
+        let mut qb = accounts_among(chunk);
+        found.extend(
+            qb.build_query_scalar::<String>()
+                .fetch_all(reader)
+                .await
+                .db()?,
+        );
     }
-    qb.push(")");
-    let found: Vec<String> = qb.build_query_scalar().fetch_all(reader).await.db()?;
     let missing = ask
         .iter()
         .filter(|o| !found.iter().any(|f| f == *o))
@@ -551,6 +554,18 @@ async fn unknown_owners(
     }
     known.extend(found);
     Ok(missing)
+}
+
+/// The query for which of `names` have an account (at most [`ROWS_PER_INSERT`] at a
+/// time: SQLite's parameter limit).
+fn accounts_among<'a>(names: &[&'a str]) -> QueryBuilder<'a, sqlx::Sqlite> {
+    let mut qb = QueryBuilder::new("SELECT username FROM accounts WHERE username IN (");
+    let mut list = qb.separated(", ");
+    for n in names {
+        list.push_bind(*n);
+    }
+    qb.push(")");
+    qb
 }
 
 /// Folds pending rows into the database: every [`FOLD_EVERY`] while some wait, at once
@@ -630,14 +645,12 @@ async fn fold(writer: &SqlitePool, rows: &[Pending]) -> Result<(), sqlx::Error> 
     owners.dedup();
     let mut found: HashSet<String> = HashSet::with_capacity(owners.len());
     for chunk in owners.chunks(ROWS_PER_INSERT) {
-        let mut qb = QueryBuilder::new("SELECT username FROM accounts WHERE username IN (");
-        let mut list = qb.separated(", ");
-        for o in chunk {
-            list.push_bind(*o);
-        }
-        qb.push(")");
-        let names: Vec<String> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
-        found.extend(names);
+        let mut qb = accounts_among(chunk);
+        found.extend(
+            qb.build_query_scalar::<String>()
+                .fetch_all(&mut *tx)
+                .await?,
+        );
     }
     let kept: Vec<&Pending> = rows
         .iter()
