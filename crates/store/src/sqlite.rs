@@ -1373,6 +1373,46 @@ mod tests {
         store.archive_query(owner, &q).await.unwrap().items
     }
 
+    /// The fold switches foreign keys off around its transaction (no statement journal);
+    /// the writer connection has them back afterwards, so every other write is checked
+    /// and an account's deletion still cascades to its folded archive.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn archive_fold_leaves_foreign_keys_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("a.db"), false)
+            .await
+            .unwrap();
+        assert!(store.journal.is_some());
+        store.create_account("u@x.org", &creds(1)).await.unwrap();
+        for n in 0..20 {
+            store.archive_append(&[msg("u@x.org", n)]).await.unwrap();
+        }
+        // A read folds what was acknowledged before it.
+        assert_eq!(archive_all(&store, "u@x.org").await.len(), 10);
+        let on: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(on, 1);
+        let orphan = sqlx::query(
+            "INSERT INTO archive (owner, id, with_jid, ts, outgoing, stanza) \
+             VALUES ('nobody@x.org', 'i', 'w@x.org', 1, 0, '<m/>')",
+        )
+        .execute(&store.writer)
+        .await;
+        assert!(
+            orphan.is_err(),
+            "an archive row without an account was taken"
+        );
+        store.delete_account("u@x.org").await.unwrap();
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM archive")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(left, 0);
+        store.close().await;
+    }
+
     /// The archive log: what was acknowledged but not yet folded into the database when
     /// the process died is replayed at the next open, once, in order; a torn record at
     /// the log's end (a write cut short) is ignored.
