@@ -5,11 +5,12 @@
 //! database (`<db>.archive-log.0` / `.1`), plus `fdatasync` with `store.sync = "full"`;
 //! the caller is answered after that. A *folder* task inserts the logged rows into the
 //! `archive` table behind it, in large transactions (every [`FOLD_EVERY`], or sooner
-//! once [`FOLD_ROWS`] rows or [`FOLD_BYTES`] wait), so each index page a fold dirties is written to the WAL
-//! once for many rows instead of once per group commit. The fold records how far it got
-//! (`archive_journal`) in the same transaction as the rows, so a restart replays exactly
-//! the records not yet folded: a record in the file survives `kill -9` like a WAL commit
-//! does (both live in the page cache), and power loss under `sync = "full"`.
+//! once [`FOLD_ROWS`] rows or [`FOLD_BYTES`] wait), so each index page a fold dirties is
+//! written to the WAL once for many rows instead of once per group commit. The fold
+//! records how far it got (`archive_journal`) in the same transaction as the rows, so a
+//! restart replays exactly the records not yet folded: a record in the file survives
+//! `kill -9` like a WAL commit does (both live in the page cache), and power loss under
+//! `sync = "full"`.
 //!
 //! Reads of the user archive go through [`Journal::barrier`] first, which folds what was
 //! acknowledged before the read, so a client always reads its own writes. Appends for
@@ -185,23 +186,14 @@ impl Journal {
                 return Err(io_err("cannot lock it", &lock_path, e))
             }
         }
-        let (gen, pos): (i64, i64) = sqlx::query_as("SELECT gen, pos FROM archive_journal")
-            .fetch_one(&writer)
-            .await
-            .db()?;
-        let (gen, pos) = (gen as u64, pos as u64);
+        let (gen, logs) = unfolded(db_path, &writer).await?;
         let mut last_ts = last_ts;
         let mut newest = gen;
-        for (g, from) in [(gen, pos.max(HEADER)), (gen + 1, HEADER)] {
-            let path = log_path(db_path, g);
-            let rows = match read_log(&path, g, from) {
-                Ok(Some(rows)) => rows,
-                Ok(None) => continue,
-                Err(e) => return Err(io_err("cannot read it", &path, e)),
-            };
+        for (g, rows) in logs {
             newest = g;
             if !rows.is_empty() {
-                tracing::info!(rows = rows.len(), log = %path.display(), "replaying archive log");
+                tracing::info!(rows = rows.len(), log = %log_path(db_path, g).display(),
+                    "replaying archive log");
             }
             for chunk in rows.chunks(FOLD_MAX) {
                 last_ts = chunk.iter().map(|p| p.ts).fold(last_ts, i64::max);
@@ -883,22 +875,35 @@ impl LogFile {
 /// ignored the second time (its `(owner, id)` is unique), and a log position set back by
 /// a slower fold only means such rows are skipped again after a restart.
 pub(crate) async fn fold_foreign(db_path: &Path, writer: &SqlitePool) -> Result<(), StoreError> {
+    let (_, logs) = unfolded(db_path, writer).await?;
+    for (_, rows) in logs {
+        for chunk in rows.chunks(FOLD_MAX) {
+            fold(writer, chunk).await.db()?;
+        }
+    }
+    Ok(())
+}
+
+/// What the log holds beyond the position the database records: the recorded
+/// generation, and the rows of each generation whose file exists (the recorded one from
+/// its position, then the next one whole), in log order.
+async fn unfolded(
+    db_path: &Path,
+    writer: &SqlitePool,
+) -> Result<(u64, Vec<(u64, Vec<Pending>)>), StoreError> {
     let (gen, pos): (i64, i64) = sqlx::query_as("SELECT gen, pos FROM archive_journal")
         .fetch_one(writer)
         .await
         .db()?;
     let (gen, pos) = (gen as u64, pos as u64);
-    let mut rows = Vec::new();
+    let mut logs = Vec::new();
     for (g, from) in [(gen, pos.max(HEADER)), (gen + 1, HEADER)] {
         let path = log_path(db_path, g);
         match read_log(&path, g, from) {
-            Ok(Some(r)) => rows.extend(r),
+            Ok(Some(rows)) => logs.push((g, rows)),
             Ok(None) => {}
             Err(e) => return Err(io_err("cannot read it", &path, e)),
         }
     }
-    for chunk in rows.chunks(FOLD_MAX) {
-        fold(writer, chunk).await.db()?;
-    }
-    Ok(())
+    Ok((gen, logs))
 }
