@@ -90,7 +90,7 @@ pub(crate) fn archive_row(
 /// One of the two archives, which have the same shape and share every query: the users'
 /// (`archive`, each owned by an account, messages both ways) and the rooms'
 /// (`room_archive`, each owned by a room, every message incoming). Both are ordered by
-/// `seq`, with `ts` non-decreasing in `seq` order (the group-commit writer assigns both).
+/// `seq`, with `ts` non-decreasing in each owner's `seq` order (the writers assign both).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct ArchiveTable {
     pub table: &'static str,
@@ -137,9 +137,11 @@ impl ArchiveTable {
 }
 
 /// The newest timestamp in either archive (NULL when both are empty), where the
-/// group-commit writer starts so timestamps never go back in archive order.
+/// writers start so timestamps never go back in an owner's archive order. The newest
+/// rows of the user archive are one fold of the SQLite archive log, sorted by owner
+/// rather than by time, so it looks at as many as a fold holds (`ARCHIVE_SEQ_DISORDER`).
 pub(crate) const LAST_ARCHIVE_TS: &str = "SELECT MAX(ts) FROM ( \
-     SELECT (SELECT ts FROM archive ORDER BY seq DESC LIMIT 1) AS ts \
+     SELECT (SELECT MAX(ts) FROM (SELECT ts FROM archive ORDER BY seq DESC LIMIT 8192) AS a) AS ts \
      UNION ALL SELECT (SELECT ts FROM room_archive ORDER BY seq DESC LIMIT 1)) AS newest";
 
 /// The kinds of member positions in a room's archive (XEP-0333 markers).

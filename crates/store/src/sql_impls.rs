@@ -7,7 +7,8 @@
 //! `read_tx()` (one snapshot), `write_tx()`, `version_in(tx, user, lock)`,
 //! `account_exists(tx, user)`, `delete_offline(user, seqs)`, `archive_by_ids(table)` (the
 //! `FROM` of an archive query by id list) and the constant `NODE_FOR_PUBLISH` (reading a
-//! node's `max_items` in the publishing transaction). A macro rather than code generic
+//! node's `max_items` in the publishing transaction) and `ARCHIVE_SEQ_DISORDER` (how
+//! many rows apart `seq` and `ts` may disagree in the user archive). A macro rather than code generic
 //! over `sqlx::Database`: the bounds for every bound and decoded type would outweigh the
 //! bodies.
 //!
@@ -61,7 +62,7 @@ impl $store {
     /// Turns the `<start/>`/`<end/>` filters into exclusive seq bounds `(lo, hi)`, or
     /// `None` if no message of `owner` in `t` falls in the time range.
     ///
-    /// The batch writer keeps `ts` non-decreasing in seq order, so a time range is a seq
+    /// The writers keep `ts` non-decreasing in one owner's seq order, so a time range is a seq
     /// range. Paging then walks `(owner, seq)` or `(owner, with_jid, seq)` and stops after
     /// one page, instead of collecting and sorting every message in the time range (think
     /// of a client syncing "everything since last month"). Each bound costs one lookup in
@@ -703,9 +704,10 @@ impl ArchiveStore for $store {
         older_than_micros: i64,
     ) -> Result<u64, StoreError> {
         self.archive_barrier(&USER_ARCHIVE).await?;
-        // Across all owners there is no ts index; but ts never decreases in seq order, so
-        // the rows to delete are those before the first row young enough to keep. Finding
-        // it reads only the rows being deleted. (`ts < $2` stays in the DELETE as a guard.)
+        // Across all owners there is no ts index; but ts never decreases in seq order
+        // (beyond `ARCHIVE_SEQ_DISORDER` rows), so the rows to delete are before the first
+        // row young enough to keep, give or take that many. Finding it reads only the rows
+        // being deleted. (`ts < $2` in the DELETE picks the rows.)
         let below: i64 = match owner {
             Some(_) => i64::MAX,
             None => sqlx::query_scalar::<_, i64>(
@@ -715,7 +717,7 @@ impl ArchiveStore for $store {
             .fetch_optional(self.read_pool())
             .await
             .db()?
-            .unwrap_or(i64::MAX),
+            .map_or(i64::MAX, |seq| seq.saturating_add(Self::ARCHIVE_SEQ_DISORDER)),
         };
         let mut total = 0u64;
         loop {

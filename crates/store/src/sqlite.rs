@@ -42,6 +42,9 @@ use crate::{
 mod batch;
 mod journal;
 
+// `LAST_ARCHIVE_TS` looks at one fold's worth of the newest archive rows.
+const _: () = assert!(journal::FOLD_MAX == 8192);
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// How long a connection waits for a lock held by another process before failing.
@@ -337,8 +340,8 @@ impl SqliteStore {
         writer: &SqlitePool,
         health: &Arc<WriteHealth>,
     ) -> Result<(BatchWriter, i64), StoreError> {
-        // The writer keeps archive timestamps non-decreasing in seq order, so the newest
-        // row of each archive holds its largest one.
+        // Timestamps never decrease in seq order beyond one fold of the archive log, so
+        // the newest rows hold the largest one.
         let last_ts: Option<i64> = sqlx::query_scalar(LAST_ARCHIVE_TS)
             .fetch_one(writer)
             .await
@@ -423,6 +426,9 @@ impl SqliteStore {
     /// Write transactions are serialized already (`BEGIN IMMEDIATE`): no lock to take.
     const NODE_FOR_PUBLISH: &'static str =
         "SELECT max_items, item_expire FROM pep_nodes WHERE owner = $1 AND node = $2";
+    /// How far apart (in `seq`) two archive rows of different owners can be while their
+    /// `ts` are out of order: one fold of the archive log, sorted by owner.
+    const ARCHIVE_SEQ_DISORDER: i64 = journal::FOLD_MAX as i64;
 
     async fn delete_offline(&self, user: &str, seqs: &[u64]) -> Result<u64, StoreError> {
         // One statement for the whole list: the seqs travel as one JSON array.
@@ -1410,6 +1416,79 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(left, 0);
+        store.close().await;
+    }
+
+    /// The fold inserts each batch owner by owner (every archive index starts with the
+    /// owner): each owner's messages keep their order and time ranges, and a prune across
+    /// all owners still finds every row older than its cutoff although `seq` and `ts`
+    /// disagree across owners within a fold.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn archive_fold_by_owner_keeps_each_owners_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("a.db"), false)
+            .await
+            .unwrap();
+        // Arrival order c, b, a, c, b, a, ...: the fold's order (a, b, c) is another.
+        let owners = ["c@x.org", "b@x.org", "a@x.org"];
+        for (tag, o) in owners.iter().enumerate() {
+            store.create_account(o, &creds(tag as u8)).await.unwrap();
+        }
+        let rows: Vec<NewArchiveEntry> = (0..60).map(|n| msg(owners[n % 3], n)).collect();
+        for row in &rows {
+            store
+                .archive_append(std::slice::from_ref(row))
+                .await
+                .unwrap();
+        }
+        let all = |o: &'static str| {
+            let q = ArchiveQuery {
+                max: 100,
+                ..ArchiveQuery::default()
+            };
+            let store = &store;
+            async move { store.archive_query(o, &q).await.unwrap().items }
+        };
+        let mut stamps = Vec::new();
+        for (i, o) in owners.iter().enumerate() {
+            let items = all(o).await;
+            let sent: Vec<&str> = rows
+                .iter()
+                .skip(i)
+                .step_by(3)
+                .map(|r| r.stanza.as_str())
+                .collect();
+            let got: Vec<&str> = items.iter().map(|m| m.stanza.as_str()).collect();
+            assert_eq!(got, sent, "{o}'s archive out of order");
+            assert!(items.windows(2).all(|w| w[0].ts_micros <= w[1].ts_micros));
+            // A time range of one owner is still the right slice of its archive.
+            let q = ArchiveQuery {
+                start_micros: Some(items[5].ts_micros),
+                end_micros: Some(items[9].ts_micros),
+                max: 100,
+                ..ArchiveQuery::default()
+            };
+            let ranged = store.archive_query(o, &q).await.unwrap().items;
+            assert!(ranged.len() >= 5, "{o}: {} in range", ranged.len());
+            assert!(ranged
+                .iter()
+                .all(|m| m.ts_micros >= items[5].ts_micros && m.ts_micros <= items[9].ts_micros));
+            stamps.extend(items.iter().map(|m| m.ts_micros));
+        }
+        // The cutoff is the newest message of the owner folded first, so the rows older
+        // than it of the owners folded after it come later in `seq`.
+        let cutoff = all("a@x.org").await.last().unwrap().ts_micros;
+        let older = stamps.iter().filter(|&&t| t < cutoff).count();
+        assert!(older >= 50);
+        assert_eq!(
+            store.archive_prune(None, cutoff).await.unwrap(),
+            older as u64
+        );
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM archive")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(left as usize, stamps.len() - older);
         store.close().await;
     }
 

@@ -56,8 +56,9 @@ const ROTATE_BYTES: u64 = 64 << 20;
 const FOLD_EVERY: Duration = Duration::from_millis(500);
 /// Rows waiting that start a fold at once.
 const FOLD_ROWS: usize = 4096;
-/// Most rows folded in one transaction, so other writes never wait long.
-const FOLD_MAX: usize = 8192;
+/// Most rows folded in one transaction, so other writes never wait long. Also the most
+/// by which `seq` and `ts` may disagree across owners (each fold is sorted by owner).
+pub(crate) const FOLD_MAX: usize = 8192;
 /// Rows per INSERT (7 parameters each, under SQLite's limit of 32766).
 const ROWS_PER_INSERT: usize = 500;
 /// Bytes of rows waiting that start a fold at once (big stanzas fold sooner).
@@ -672,7 +673,7 @@ async fn fold_in(conn: &mut sqlx::SqliteConnection, rows: &[Pending]) -> Result<
                 .await?,
         );
     }
-    let kept: Vec<&Pending> = rows
+    let mut kept: Vec<&Pending> = rows
         .iter()
         .filter(|p| {
             let ok = found.contains(&p.row.owner);
@@ -683,6 +684,12 @@ async fn fold_in(conn: &mut sqlx::SqliteConnection, rows: &[Pending]) -> Result<
             ok
         })
         .collect();
+    // Every archive index starts with the owner: inserting owner by owner walks each
+    // index in key order through pages just touched, rather than one random descent per
+    // row (about a third less CPU per row). The sort is stable, so one owner's rows keep
+    // their log order, and with it `seq` and `ts` agree per owner; across owners they
+    // may disagree within one fold (see `FOLD_MAX`).
+    kept.sort_by(|a, b| a.row.owner.cmp(&b.row.owner));
     for chunk in kept.chunks(ROWS_PER_INSERT) {
         let mut qb = QueryBuilder::new(
             "INSERT OR IGNORE INTO archive (owner, id, with_jid, ts, outgoing, stanza) ",
