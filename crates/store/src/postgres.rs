@@ -200,8 +200,6 @@ impl PgStore {
     /// any node) take turns.
     const NODE_FOR_PUBLISH: &'static str =
         "SELECT max_items, item_expire FROM pep_nodes WHERE owner = $1 AND node = $2 FOR UPDATE";
-    /// Rows are inserted in `ts` order: `seq` and `ts` always agree.
-    const ARCHIVE_SEQ_DISORDER: i64 = 0;
 
     fn read_pool(&self) -> &PgPool {
         &self.pool

@@ -139,7 +139,7 @@ impl ArchiveTable {
 /// The newest timestamp in either archive (NULL when both are empty), where the
 /// writers start so timestamps never go back in an owner's archive order. The newest
 /// rows of the user archive are one fold of the SQLite archive log, sorted by owner
-/// rather than by time, so it looks at as many as a fold holds (`ARCHIVE_SEQ_DISORDER`).
+/// rather than by time, so it looks at as many as a fold holds (`FOLD_MAX`).
 pub(crate) const LAST_ARCHIVE_TS: &str = "SELECT MAX(ts) FROM ( \
      SELECT (SELECT MAX(ts) FROM (SELECT ts FROM archive ORDER BY seq DESC LIMIT 8192) AS a) AS ts \
      UNION ALL SELECT (SELECT ts FROM room_archive ORDER BY seq DESC LIMIT 1)) AS newest";

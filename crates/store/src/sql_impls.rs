@@ -7,8 +7,7 @@
 //! `read_tx()` (one snapshot), `write_tx()`, `version_in(tx, user, lock)`,
 //! `account_exists(tx, user)`, `delete_offline(user, seqs)`, `archive_by_ids(table)` (the
 //! `FROM` of an archive query by id list) and the constant `NODE_FOR_PUBLISH` (reading a
-//! node's `max_items` in the publishing transaction) and `ARCHIVE_SEQ_DISORDER` (how
-//! many rows apart `seq` and `ts` may disagree in the user archive). A macro rather than code generic
+//! node's `max_items` in the publishing transaction). A macro rather than code generic
 //! over `sqlx::Database`: the bounds for every bound and decoded type would outweigh the
 //! bodies.
 //!
@@ -106,6 +105,31 @@ impl $store {
         Ok(Some((lo, hi)))
     }
 
+
+    /// Deletes `owner`'s archived messages older than `older_than_micros`, a chunk per
+    /// transaction so other writes never wait long.
+    async fn prune_owner(&self, owner: &str, older_than_micros: i64) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        loop {
+            let mut tx = self.write_tx().await?;
+            let deleted = sqlx::query(
+                "DELETE FROM archive WHERE seq IN (SELECT seq FROM archive \
+                 WHERE owner = $1 AND ts < $2 LIMIT $3)",
+            )
+            .bind(owner)
+            .bind(older_than_micros)
+            .bind(PRUNE_CHUNK)
+            .execute(&mut *tx)
+            .await
+            .db()?
+            .rows_affected();
+            tx.commit().await.db()?;
+            total += deleted;
+            if deleted < PRUNE_CHUNK as u64 {
+                return Ok(total);
+            }
+        }
+    }
 
     /// `FROM archive WHERE …` (or `room_archive`, as `t` says) for `owner`'s messages
     /// matching the `<with/>` and `ids` filters with `lo < seq < hi`. (Time filters are
@@ -704,46 +728,33 @@ impl ArchiveStore for $store {
         older_than_micros: i64,
     ) -> Result<u64, StoreError> {
         self.archive_barrier(&USER_ARCHIVE).await?;
-        // Across all owners there is no ts index; but ts never decreases in seq order
-        // (beyond `ARCHIVE_SEQ_DISORDER` rows), so the rows to delete are before the first
-        // row young enough to keep, give or take that many. Finding it reads only the rows
-        // being deleted. (`ts < $2` in the DELETE picks the rows.)
-        let below: i64 = match owner {
-            Some(_) => i64::MAX,
-            None => sqlx::query_scalar::<_, i64>(
-                "SELECT seq FROM archive WHERE ts >= $1 ORDER BY seq LIMIT 1",
-            )
-            .bind(older_than_micros)
-            .fetch_optional(self.read_pool())
-            .await
-            .db()?
-            .map_or(i64::MAX, |seq| seq.saturating_add(Self::ARCHIVE_SEQ_DISORDER)),
-        };
+        if let Some(owner) = owner {
+            return self.prune_owner(owner, older_than_micros).await;
+        }
+        // Owner by owner, each through `(owner, ts)`: across owners the archive order
+        // is not time order (a restore imports one account's history after another's;
+        // the SQLite archive log folds owner by owner). One index probe per account
+        // finds the owners with rows to go.
         let mut total = 0u64;
+        let mut after = String::new();
         loop {
-            let mut tx = self.write_tx().await?;
-            let deleted = match owner {
-                Some(owner) => sqlx::query(
-                    "DELETE FROM archive WHERE seq IN (SELECT seq FROM archive \
-                     WHERE owner = $1 AND ts < $2 LIMIT $3)",
-                )
-                .bind(owner),
-                None => sqlx::query(
-                    "DELETE FROM archive WHERE seq IN (SELECT seq FROM archive \
-                     WHERE seq < $1 AND ts < $2 ORDER BY seq LIMIT $3)",
-                )
-                .bind(below),
-            }
+            let due: Vec<String> = sqlx::query_scalar(
+                "SELECT username FROM accounts u WHERE username > $1 AND EXISTS \
+                 (SELECT 1 FROM archive a WHERE a.owner = u.username AND a.ts < $2) \
+                 ORDER BY username LIMIT $3",
+            )
+            .bind(&after)
             .bind(older_than_micros)
             .bind(PRUNE_CHUNK)
-            .execute(&mut *tx)
+            .fetch_all(self.read_pool())
             .await
-            .db()?
-            .rows_affected();
-            tx.commit().await.db()?;
-            total += deleted;
-            if deleted < PRUNE_CHUNK as u64 {
-                return Ok(total);
+            .db()?;
+            for owner in &due {
+                total += self.prune_owner(owner, older_than_micros).await?;
+            }
+            match due.into_iter().last() {
+                Some(last) => after = last,
+                None => return Ok(total),
             }
         }
     }

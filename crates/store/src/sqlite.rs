@@ -426,9 +426,6 @@ impl SqliteStore {
     /// Write transactions are serialized already (`BEGIN IMMEDIATE`): no lock to take.
     const NODE_FOR_PUBLISH: &'static str =
         "SELECT max_items, item_expire FROM pep_nodes WHERE owner = $1 AND node = $2";
-    /// How far apart (in `seq`) two archive rows of different owners can be while their
-    /// `ts` are out of order: one fold of the archive log, sorted by owner.
-    const ARCHIVE_SEQ_DISORDER: i64 = journal::FOLD_MAX as i64;
 
     async fn delete_offline(&self, user: &str, seqs: &[u64]) -> Result<u64, StoreError> {
         // One statement for the whole list: the seqs travel as one JSON array.
@@ -1421,8 +1418,8 @@ mod tests {
 
     /// The fold inserts each batch owner by owner (every archive index starts with the
     /// owner): each owner's messages keep their order and time ranges, and a prune across
-    /// all owners still finds every row older than its cutoff although `seq` and `ts`
-    /// disagree across owners within a fold.
+    /// all owners finds every row older than its cutoff although `seq` and `ts` disagree
+    /// across owners within a fold.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn archive_fold_by_owner_keeps_each_owners_order() {
         let dir = tempfile::tempdir().unwrap();

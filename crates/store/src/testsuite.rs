@@ -936,6 +936,31 @@ async fn archive(store: &dyn Store) {
     let p = store.archive_query(ALICE, &query(100)).await.unwrap();
     assert_eq!(p.items.len(), before_prune.len() - alice_old);
     assert_eq!(store.archive_prune(None, t19).await.unwrap(), 0);
+    // A restore imports one account's history after another's, so across owners the
+    // archive order is not time order: the global prune still finds every old row.
+    let imported = |owner: &str, ts: i64| ArchivedMessage {
+        id: format!("restored-{ts}"),
+        owner: owner.into(),
+        with: "carol@example.net".into(),
+        ts_micros: ts,
+        outgoing: false,
+        stanza: format!("<message><body>{ts}</body></message>"),
+    };
+    let alice_new: Vec<ArchivedMessage> = (0..5).map(|i| imported(ALICE, 2_000 + i)).collect();
+    let bob_old: Vec<ArchivedMessage> = (0..5).map(|i| imported(BOB, 1_000 + i)).collect();
+    store.archive_import(&alice_new).await.unwrap();
+    store.archive_import(&bob_old).await.unwrap();
+    assert_eq!(store.archive_prune(None, 1_500).await.unwrap(), 5);
+    for m in &bob_old {
+        assert_eq!(store.archive_get(BOB, &m.id).await.unwrap(), None);
+    }
+    assert!(store
+        .archive_get(ALICE, &alice_new[0].id)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(store.archive_prune(None, 2_500).await.unwrap(), 5);
+    assert_eq!(store.archive_prune(None, t19).await.unwrap(), 0);
     // Paging still works over what's left.
     let left = store.archive_query(BOB, &query(100)).await.unwrap().items;
     page_all(store, Archive::User(BOB), &query(3), false, &left).await;
