@@ -340,8 +340,9 @@ impl SqliteStore {
         writer: &SqlitePool,
         health: &Arc<WriteHealth>,
     ) -> Result<(BatchWriter, i64), StoreError> {
-        // Timestamps never decrease in seq order beyond one fold of the archive log, so
-        // the newest rows hold the largest one.
+        // Across owners, new rows are out of time order by at most one fold of the
+        // archive log, so the newest `FOLD_MAX` rows hold the largest timestamp (a
+        // restored history may sit after them in seq order, but it lies in the past).
         let last_ts: Option<i64> = sqlx::query_scalar(LAST_ARCHIVE_TS)
             .fetch_one(writer)
             .await
