@@ -41,6 +41,7 @@ use crate::{
 
 mod batch;
 mod journal;
+mod priority;
 
 // `LAST_ARCHIVE_TS` looks at one fold's worth of the newest archive rows.
 const _: () = assert!(journal::FOLD_MAX == 8192);
@@ -150,6 +151,22 @@ const CHECKPOINT_PAGES: u32 = 32_000;
 /// Bytes of the database file each connection maps (SQLite's default is 0).
 const MMAP_BYTES: u64 = 256 << 20;
 
+/// Connections whose worker threads are named `thread` (see [`lowered`]).
+fn background(options: &SqliteConnectOptions, thread: &'static str) -> SqliteConnectOptions {
+    options.clone().thread_name(move |_| thread.to_owned())
+}
+
+/// A pool whose connections' worker threads (named `thread` by [`background`]) yield the
+/// core to the sessions: see `priority`.
+fn lowered(pool: SqlitePoolOptions, thread: &'static str) -> SqlitePoolOptions {
+    pool.after_connect(move |_, _| {
+        Box::pin(async move {
+            priority::lower_threads_named(thread);
+            Ok(())
+        })
+    })
+}
+
 impl SqliteStore {
     /// Open (creating the file and parent dir) and migrate. Fails with a clear error
     /// naming the path when it can't. `sync_full`: PRAGMA synchronous=FULL instead of NORMAL
@@ -195,7 +212,7 @@ impl SqliteStore {
             StoreError::Backend(format!("cannot open SQLite database {shown}: {e}"))
         };
 
-        let writer = SqlitePoolOptions::new()
+        let writer = lowered(SqlitePoolOptions::new(), priority::WRITER_THREAD)
             .max_connections(1)
             .min_connections(1)
             .idle_timeout(None)
@@ -224,8 +241,7 @@ impl SqliteStore {
                 })
             })
             .connect_with(
-                options
-                    .clone()
+                background(&options, priority::WRITER_THREAD)
                     .optimize_on_close(true, 400)
                     // The archive's index tails stay cached between group commits, and
                     // fewer checkpoints rewrite each hot page fewer times.
@@ -245,9 +261,9 @@ impl SqliteStore {
                 "SQLite database {shown}: {e}"
             )));
         }
-        let checkpoints = match SqlitePoolOptions::new()
+        let checkpoints = match lowered(SqlitePoolOptions::new(), priority::CHECKPOINT_THREAD)
             .max_connections(1)
-            .connect_with(options.clone())
+            .connect_with(background(&options, priority::CHECKPOINT_THREAD))
             .await
         {
             Ok(p) => p,

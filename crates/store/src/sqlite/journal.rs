@@ -42,6 +42,7 @@ use sqlx::sqlite::SqlitePool;
 use sqlx::QueryBuilder;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+use super::priority;
 use crate::batch::ArchiveRow;
 use crate::health::WriteHealth;
 use crate::sql::DbResult;
@@ -129,7 +130,8 @@ pub(crate) struct Journal {
     tx: mpsc::Sender<Request>,
     shared: Arc<Shared>,
     stop_folder: watch::Sender<bool>,
-    folder_done: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Answered (or dropped) when the fold thread ends.
+    folder_done: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 fn closed() -> StoreError {
@@ -249,7 +251,7 @@ impl Journal {
             health.clone(),
         ));
         let (stop_folder, stop) = watch::channel(false);
-        let folder = tokio::spawn(folder(writer, shared.clone(), stop, health));
+        let folder = spawn_folder(writer, shared.clone(), stop, health)?;
         Ok(Some(Journal {
             _owner: owner,
             tx,
@@ -559,6 +561,39 @@ fn accounts_among<'a>(names: &[&'a str]) -> QueryBuilder<'a, sqlx::Sqlite> {
     }
     qb.push(")");
     qb
+}
+
+/// Runs [`folder`] on a thread of its own, below the sessions' CPU priority (see
+/// `priority`): building a fold's statements takes milliseconds of CPU, which on the
+/// sessions' runtime would hold up every message meanwhile. The thread's own runtime
+/// drives its timers; the writer pool and the channels work from any runtime.
+fn spawn_folder(
+    writer: SqlitePool,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    health: Arc<WriteHealth>,
+) -> Result<oneshot::Receiver<()>, StoreError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .map_err(|e| StoreError::Backend(format!("cannot start the archive fold: {e}")))?;
+    let (done, ended) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(priority::FOLD_THREAD.into())
+        .spawn(move || {
+            priority::lower_this_thread();
+            runtime.block_on(async {
+                folder(writer, shared, stop, health).await;
+                // Lets the pool take back the writer connection (sqlx returns it from a
+                // task spawned on this runtime) before the runtime goes.
+                for _ in 0..4 {
+                    tokio::task::yield_now().await;
+                }
+            });
+            let _ = done.send(());
+        })
+        .map_err(|e| StoreError::Backend(format!("cannot start the archive fold thread: {e}")))?;
+    Ok(ended)
 }
 
 /// Folds pending rows into the database: every [`FOLD_EVERY`] while some wait, at once
