@@ -658,6 +658,9 @@ async fn carbons_carry_the_owners_stanza_id() {
         .get_child("stanza-id", NS_SID)
         .expect("stanza-id in the carbon");
     assert_eq!(sid.attr("by"), Some(alice.as_str()));
+    // Only Alice's: the copy is built from Bob's delivered one, minus Bob's id.
+    let in_carbon = fwd.children().filter(|c| c.is("stanza-id", NS_SID)).count();
+    assert_eq!(in_carbon, 1, "{carbon}");
     let mine = query(&mut a, &[], &[], false).await;
     assert_eq!(sid.attr("id"), Some(mine.items[0].id.as_str()));
     // Bob's copy names Bob's archive only.

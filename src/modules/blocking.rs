@@ -305,13 +305,19 @@ pub async fn blocks(state: &ServerState, owner: &BareJid, entity: &Jid) -> bool 
 /// (the store is down), which callers treat as blocked — nothing slips
 /// past a block list that could not be checked.
 async fn blocks_or_unreadable(state: &ServerState, owner: &BareJid, entity: &Jid) -> Option<bool> {
-    if owner.node().is_none() || entity.to_bare() == *owner {
+    if owner.node().is_none() || same_account(entity, owner) {
         return Some(false);
     }
     list(state, owner)
         .await
         .ok()
         .map(|l| l.iter().any(|i| matches(i, entity)))
+}
+
+/// Whether `jid` is `bare` or one of its resources. Compared part by part:
+/// `Jid::to_bare` formats a new JID, and this runs for every stanza.
+fn same_account(jid: &Jid, bare: &BareJid) -> bool {
+    jid.node() == bare.node() && jid.domain() == bare.domain()
 }
 
 /// Which side of a stanza from `from` to `to` blocks the other, if any.
@@ -329,7 +335,8 @@ pub enum Blocked {
 pub async fn check(state: &ServerState, from: &Jid, to: &Jid) -> Option<Blocked> {
     // The server itself is never blocked (a user may block their own domain).
     let server = |j: &Jid| j.node().is_none() && state.serves(j.domain().as_str());
-    if from.to_bare() == to.to_bare() || server(from) || server(to) {
+    let same = from.node() == to.node() && from.domain() == to.domain();
+    if same || server(from) || server(to) {
         return None;
     }
     if from.node().is_some() {

@@ -30,7 +30,7 @@ impl Module for Carbons {
         s: &HookStanza<'_>,
     ) -> Result<Flow, StanzaError> {
         let kind = s.kind();
-        copy_sent(cx, s.sent_copy.unwrap_or(s.stanza), kind);
+        copy_sent(cx, s, kind);
         if let (true, Some(owner)) = (s.to_resource, s.recipient) {
             copy_received(cx, owner, s.delivered_to, s.stanza, kind);
         }
@@ -79,12 +79,18 @@ fn wrap(direction: &str, owner: &BareJid, to: &str, msg: &Element, kind: &str) -
 }
 
 /// Copy an outgoing message to the sender's other carbon-enabled resources.
-fn copy_sent(cx: &Cx<'_>, msg: &Element, kind: &str) {
-    if !eligible(msg, kind) {
+fn copy_sent(cx: &Cx<'_>, s: &HookStanza<'_>, kind: &str) {
+    if !eligible(s.stanza, kind) {
         return;
     }
+    // The sender's view is built once, and only when some device gets it.
+    let mut built = None;
     for h in cx.state.routing.resources(&cx.session.bare) {
         if h.id != cx.session.id && h.carbons() {
+            let msg = match &s.sent_copy {
+                Some(copy) => &*built.get_or_insert_with(|| copy.build()),
+                None => s.stanza,
+            };
             h.send(wrap("sent", &h.bare, &h.jid.to_string(), msg, kind));
         }
     }

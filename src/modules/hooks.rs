@@ -76,12 +76,43 @@ pub struct HookStanza<'a> {
     pub delivered_to: Option<u64>,
     /// `Delivered`: the message as the sender's other devices should see it
     /// (with the sender's own archive id), when it differs from `stanza`.
-    pub sent_copy: Option<&'a Element>,
+    pub sent_copy: Option<SentCopy<'a>>,
     /// `Delivered`: the owner of the receiving end (bare JID).
     pub recipient: Option<&'a BareJid>,
     /// `Delivered`: it was routed to one resource of the recipient (a full
     /// JID), not to all of them.
     pub to_resource: bool,
+}
+
+/// The sender's view of a delivered message, built only by a hook that
+/// sends it somewhere: most messages have no other device to copy to, and
+/// building it copies the whole stanza.
+#[derive(Clone, Copy)]
+pub struct SentCopy<'a> {
+    /// The message as delivered.
+    pub delivered: &'a Element,
+    /// Whose archive id `delivered` carries (the recipient's), if it
+    /// carries one: left out of the sender's view.
+    pub recipient_id_by: Option<&'a BareJid>,
+    /// The sender's archive id (XEP-0359), given `by` the sender.
+    pub stanza_id: &'a str,
+    pub by: &'a BareJid,
+}
+
+impl SentCopy<'_> {
+    /// XEP-0313 "Communicating the archive ID": the sender's devices see
+    /// the sender's id, never the recipient's.
+    pub fn build(&self) -> Element {
+        let mut msg = self.delivered.clone();
+        if let Some(recipient) = self.recipient_id_by {
+            msg.retain_children(|c| {
+                !(c.is("stanza-id", super::vocab::NS_SID)
+                    && c.attr("by") == Some(recipient.as_str()))
+            });
+        }
+        msg.append_child(super::vocab::stanza_id(self.stanza_id, self.by));
+        msg
+    }
 }
 
 impl<'a> HookStanza<'a> {

@@ -28,7 +28,9 @@
 //! with `service-unavailable` (RFC 6121 §8.5.2.2.1) when nobody is there —
 //! except chat states, which are dropped (XEP-0160 §4).
 
-use super::{api, parse_to, remote_for, vocab, Cx, Flow, Hook, HookStanza, Kind, Module, Shared};
+use super::{
+    api, parse_to, remote_for, vocab, Cx, Flow, Hook, HookStanza, Kind, Module, SentCopy, Shared,
+};
 use crate::error::{Condition, StanzaError};
 use async_trait::async_trait;
 use jid::{BareJid, Jid};
@@ -96,7 +98,7 @@ async fn settled(cx: &Cx<'_>) -> Result<(), StanzaError> {
 async fn delivered(
     cx: &Cx<'_>,
     msg: &Element,
-    sent_copy: Option<&Element>,
+    sent_copy: Option<SentCopy<'_>>,
     recipient: &BareJid,
     to_resource: bool,
     delivered_to: Option<u64>,
@@ -298,22 +300,25 @@ async fn finish(cx: &Cx<'_>, a: Accept, ids: &[String]) -> Result<(), StanzaErro
     let state = cx.state;
     let sender = &cx.session.bare;
     let limit = state.config.store.offline_limit;
-    let mut delivered = a.msg.clone();
-    let mut sent_copy = a.msg;
+    let mut delivered = a.msg;
     let mut archive_id = None;
     if let Some(id) = a.recv_ix.and_then(|i| ids.get(i)) {
         delivered.append_child(vocab::stanza_id(id, &a.bare));
         archive_id = Some(id.clone());
     }
+    let delivered = delivered;
     // XEP-0313 "Communicating the archive ID": the sender's id goes only to
     // the sender's own devices (in the sent carbon), never to the recipient.
-    if let Some(id) = a.sent_ix.and_then(|i| ids.get(i)) {
-        sent_copy.append_child(vocab::stanza_id(id, sender));
-    }
+    let sent_copy = a.sent_ix.and_then(|i| ids.get(i)).map(|id| SentCopy {
+        delivered: &delivered,
+        recipient_id_by: archive_id.as_ref().map(|_| &a.bare),
+        stanza_id: id,
+        by: sender,
+    });
     if let Some(r) = &a.remote {
         // The sender's copy is durable; the remote server archives its own.
         r.send(state, &delivered)?;
-        return self::delivered(cx, &delivered, Some(&sent_copy), &a.bare, false, None).await;
+        return self::delivered(cx, &delivered, sent_copy, &a.bare, false, None).await;
     }
     let offline = state.modules.api::<dyn api::OfflineQueue>();
     let got = offline
@@ -328,15 +333,7 @@ async fn finish(cx: &Cx<'_>, a: Accept, ids: &[String]) -> Result<(), StanzaErro
         )
         .await?;
     let to_id = got.first().map(|h| h.id);
-    self::delivered(
-        cx,
-        &delivered,
-        Some(&sent_copy),
-        &a.bare,
-        a.full.is_some(),
-        to_id,
-    )
-    .await
+    self::delivered(cx, &delivered, sent_copy, &a.bare, a.full.is_some(), to_id).await
 }
 
 /// RFC 6121 §8.5.2: all available resources with non-negative priority get

@@ -45,7 +45,7 @@ use jid::{BareJid, FullJid, Jid};
 use natter_xml::{Element, NS_CLIENT};
 use std::sync::Arc;
 
-pub use hooks::{Event, EventKind, Flow, Hook, HookStanza, Kind, Service, Shared};
+pub use hooks::{Event, EventKind, Flow, Hook, HookStanza, Kind, SentCopy, Service, Shared};
 
 /// Who an IQ is for, once routing decided the server answers it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -615,8 +615,15 @@ async fn route(cx: &Cx<'_>, stanza: &Element) -> Result<(), StanzaError> {
     if pre_route(cx, kind, stanza, to.as_ref()).await? == Flow::Stop {
         return Ok(());
     }
-    if let Some(r) = modules.to_service(cx.state, stanza.clone()).await {
-        return r;
+    // Checked on the parsed `to` first: most stanzas are not for a service,
+    // and handing one over takes a copy.
+    if to
+        .as_ref()
+        .is_some_and(|t| modules.is_service(t.domain().as_str()))
+    {
+        if let Some(r) = modules.to_service(cx.state, stanza.clone()).await {
+            return r;
+        }
     }
     // Messages and presence to remote domains go through their modules
     // (archive, carbons, roster), which hand them to `api::Remote`.
