@@ -29,13 +29,13 @@ impl Session {
                     )))
                 }
             };
-            bytes += approx_size(&el);
+            bytes += el.approx_len();
             if is_message(&el) {
                 let mut run = vec![el];
                 while let Some(StreamEvent::Stanza(el)) =
                     events.next_if(|e| matches!(e, StreamEvent::Stanza(el) if is_message(el)))
                 {
-                    bytes += approx_size(&el);
+                    bytes += el.approx_len();
                     run.push(el);
                 }
                 self.on_messages(t, h, run).await?;

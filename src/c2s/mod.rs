@@ -287,19 +287,3 @@ fn panicked(panic: Box<dyn std::any::Any + Send>) -> End {
         "internal error",
     ))
 }
-
-/// Rough byte size of a stanza for the rate limit (serializing it exactly
-/// would cost more than the limit is worth).
-fn approx_size(el: &Element) -> usize {
-    let mut n = el.name.len() * 2 + 5;
-    for (k, v) in &el.attrs {
-        n += k.len() + v.len() + 4;
-    }
-    for c in &el.children {
-        n += match c {
-            natter_xml::Node::Element(e) => approx_size(e),
-            natter_xml::Node::Text(t) => t.len(),
-        };
-    }
-    n
-}

@@ -49,7 +49,7 @@ impl Session {
             let mut bound = false;
             for ev in events.by_ref() {
                 if let StreamEvent::Stanza(el) = &ev {
-                    bytes += approx_size(el);
+                    bytes += el.approx_len();
                 }
                 match self.on_event(t, ev).await? {
                     Step::Continue => {}

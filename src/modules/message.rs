@@ -238,7 +238,7 @@ async fn plan(cx: &Cx<'_>, msg: Element) -> Result<Plan, StanzaError> {
     }
     let (entries, sent_ix, recv_ix) = match state.modules.try_api::<dyn api::Archive>() {
         Some(a) if a.archivable(&msg, &kind) => {
-            a.entries(state, &cx.session.bare, &bare, &msg.to_string())
+            a.entries(state, &cx.session.bare, &bare, &msg.to_xml())
                 .await?
         }
         _ => (Vec::new(), None, None),

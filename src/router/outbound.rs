@@ -56,7 +56,7 @@ impl Outbound {
     /// Serialize `el` once. `ord` is its acceptance order for the
     /// recipient (0: none, e.g. presence and IQs).
     pub fn new(el: &Element, ord: i64) -> Self {
-        let mut xml = String::new();
+        let mut xml = String::with_capacity(natter_xml::xml_capacity(el));
         el.write_to(&mut xml, NS_CLIENT, true);
         let ws = (el.ns == natter_xml::NS_STREAM).then(|| {
             let mut ws = String::new();

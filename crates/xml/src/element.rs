@@ -125,6 +125,31 @@ impl Element {
         });
     }
 
+    /// About the serialized length in bytes, without namespace declarations or
+    /// escaping: what a stanza weighs, cheaply (rate limits), and a first capacity for
+    /// serializing it.
+    pub fn approx_len(&self) -> usize {
+        let mut n = self.name.len() * 2 + 5;
+        for (k, v) in &self.attrs {
+            n += k.len() + v.len() + 4;
+        }
+        for c in &self.children {
+            n += match c {
+                Node::Element(e) => e.approx_len(),
+                Node::Text(t) => t.len(),
+            };
+        }
+        n
+    }
+
+    /// The serialized element, with its namespace declared (as `to_string`), in a
+    /// buffer sized up front rather than grown while writing.
+    pub fn to_xml(&self) -> String {
+        let mut out = String::with_capacity(xml_capacity(self));
+        self.write_to(&mut out, "", false);
+        out
+    }
+
     /// Concatenation of the direct text children.
     pub fn text(&self) -> String {
         let mut out = String::new();
@@ -204,10 +229,15 @@ impl Element {
 
 impl fmt::Display for Element {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut out = String::new();
-        self.write_to(&mut out, "", false);
-        f.write_str(&out)
+        f.write_str(&self.to_xml())
     }
+}
+
+/// A buffer size that `write_to` rarely has to grow: the approximate length plus room
+/// for namespace declarations and some escaping.
+pub fn xml_capacity(el: &Element) -> usize {
+    let n = el.approx_len();
+    n + n / 4 + 64
 }
 
 /// Append `s` escaped for use as character data.
@@ -370,5 +400,24 @@ mod tests {
         let mut out = String::new();
         escape_text("ünï & cödé", &mut out);
         assert_eq!(out, "ünï &amp; cödé");
+    }
+
+    /// A typical stanza serializes into the buffer `to_xml` sized, without growing it.
+    #[test]
+    fn to_xml_is_to_string_in_one_buffer() {
+        let m = Element::new("message", "jabber:client")
+            .with_attr("to", "bob@example.org")
+            .with_attr("id", "a1b2c3")
+            .with_attr("type", "chat")
+            .with_child(Element::new("body", "jabber:client").with_text("hello & <bye>"))
+            .with_child(Element::new("request", "urn:xmpp:receipts"))
+            .with_child(
+                Element::new("stanza-id", "urn:xmpp:sid:0")
+                    .with_attr("id", "0123456789abcdef")
+                    .with_attr("by", "alice@example.org"),
+            );
+        let xml = m.to_xml();
+        assert_eq!(xml, m.to_string());
+        assert!(xml.len() <= xml_capacity(&m), "{} > {}", xml.len(), xml_capacity(&m));
     }
 }

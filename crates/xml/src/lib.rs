@@ -12,7 +12,7 @@ mod element;
 mod stream;
 
 pub use document::{DocError, DocEvent, DocumentReader};
-pub use element::{escape_attr, escape_text, Element, Node};
+pub use element::{escape_attr, escape_text, xml_capacity, Element, Node};
 pub use stream::{parse_frame, Limits, StreamEvent, StreamParser, XmlError};
 
 pub const NS_CLIENT: &str = "jabber:client";
