@@ -418,6 +418,11 @@ mod tests {
             );
         let xml = m.to_xml();
         assert_eq!(xml, m.to_string());
-        assert!(xml.len() <= xml_capacity(&m), "{} > {}", xml.len(), xml_capacity(&m));
+        assert!(
+            xml.len() <= xml_capacity(&m),
+            "{} > {}",
+            xml.len(),
+            xml_capacity(&m)
+        );
     }
 }
