@@ -314,10 +314,11 @@ async fn blocks_or_unreadable(state: &ServerState, owner: &BareJid, entity: &Jid
         .map(|l| l.iter().any(|i| matches(i, entity)))
 }
 
-/// Whether `jid` is `bare` or one of its resources. Compared part by part:
-/// `Jid::to_bare` formats a new JID, and this runs for every stanza.
-fn same_account(jid: &Jid, bare: &BareJid) -> bool {
-    jid.node() == bare.node() && jid.domain() == bare.domain()
+/// Whether `a` and `b` are the same account (or both the same domain),
+/// whatever their resources. Compared part by part: `Jid::to_bare` formats
+/// a new JID, and this runs for every stanza.
+fn same_account(a: &Jid, b: &Jid) -> bool {
+    a.node() == b.node() && a.domain() == b.domain()
 }
 
 /// Which side of a stanza from `from` to `to` blocks the other, if any.
@@ -335,8 +336,7 @@ pub enum Blocked {
 pub async fn check(state: &ServerState, from: &Jid, to: &Jid) -> Option<Blocked> {
     // The server itself is never blocked (a user may block their own domain).
     let server = |j: &Jid| j.node().is_none() && state.serves(j.domain().as_str());
-    let same = from.node() == to.node() && from.domain() == to.domain();
-    if same || server(from) || server(to) {
+    if same_account(from, to) || server(from) || server(to) {
         return None;
     }
     if from.node().is_some() {

@@ -306,7 +306,6 @@ async fn finish(cx: &Cx<'_>, a: Accept, ids: &[String]) -> Result<(), StanzaErro
         delivered.append_child(vocab::stanza_id(id, &a.bare));
         archive_id = Some(id.clone());
     }
-    let delivered = delivered;
     // XEP-0313 "Communicating the archive ID": the sender's id goes only to
     // the sender's own devices (in the sent carbon), never to the recipient.
     let sent_copy = a.sent_ix.and_then(|i| ids.get(i)).map(|id| SentCopy {
