@@ -85,16 +85,6 @@ fn failed_condition(r: &Element) -> String {
         .unwrap_or_default()
 }
 
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 fn bare(c: &Client) -> jid::BareJid {
     jid::BareJid::new(c.bare_jid()).unwrap()
 }

@@ -289,6 +289,17 @@ pub struct KeptStore {
     _db: Option<TestDb>,
 }
 
+/// Polls `cond` (every 25 ms, for up to 5 s) until it holds.
+pub async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
 /// The queue is deleted once the session has taken it over, which may be just
 /// after the client saw the messages: wait (bounded) for the store to agree.
 pub async fn queue_emptied(srv: &TestServer, user: &str) {
