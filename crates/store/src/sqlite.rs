@@ -584,6 +584,102 @@ mod tests {
         testsuite::credentials(tag)
     }
 
+    /// A database at `path` migrated up to, not including, migration `version` (the
+    /// migrator's fields are sqlx's, semver-exempt; fine for tests pinned to sqlx 0.8).
+    async fn schema_before(path: &Path, version: i64) -> SqlitePool {
+        let before = sqlx::migrate::Migrator {
+            migrations: MIGRATOR
+                .migrations
+                .iter()
+                .filter(|m| m.version < version)
+                .cloned()
+                .collect(),
+            ..sqlx::migrate::Migrator::DEFAULT
+        };
+        let pool = SqlitePool::connect_with(
+            SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true)
+                .foreign_keys(true),
+        )
+        .await
+        .unwrap();
+        before.run(&pool).await.unwrap();
+        pool
+    }
+
+    /// Migration 0012: the archive keeps its rows, ids, order and AUTOINCREMENT
+    /// high-water mark when `owner` stops being a foreign key, and deleting an account
+    /// still deletes its archive.
+    #[tokio::test]
+    async fn archive_owner_moves_from_foreign_key_to_trigger() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.db");
+        {
+            let pool = schema_before(&path, 12).await;
+            for u in ["a@x", "b@x"] {
+                sqlx::query(
+                    "INSERT INTO accounts (username, domain, created_at) VALUES ($1, 'x', 0)",
+                )
+                .bind(u)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            for n in 1..=6i64 {
+                sqlx::query(
+                    "INSERT INTO archive (owner, id, with_jid, ts, outgoing, stanza) \
+                     VALUES ($1, $2, 'w@x', $3, 1, '<message/>')",
+                )
+                .bind(if n % 2 == 0 { "a@x" } else { "b@x" })
+                .bind(format!("id{n}"))
+                .bind(n)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            // The newest row gone: AUTOINCREMENT must not hand out its seq again.
+            sqlx::query("DELETE FROM archive WHERE seq = 6")
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&path, false).await.unwrap();
+        let ids = |o: &'static str| {
+            let store = &store;
+            async move {
+                let q = ArchiveQuery {
+                    max: 100,
+                    ..ArchiveQuery::default()
+                };
+                let items = store.archive_query(o, &q).await.unwrap().items;
+                items.into_iter().map(|m| m.id).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(ids("a@x").await, ["id2", "id4"]);
+        assert_eq!(ids("b@x").await, ["id1", "id3", "id5"]);
+        sqlx::query(
+            "INSERT INTO archive (owner, id, with_jid, ts, outgoing, stanza) \
+             VALUES ('a@x', 'id7', 'w@x', 7, 0, '<message/>')",
+        )
+        .execute(&store.writer)
+        .await
+        .unwrap();
+        let seq: i64 = sqlx::query_scalar("SELECT seq FROM archive WHERE id = 'id7'")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(seq, 7);
+        store.delete_account("a@x").await.unwrap();
+        let left: Vec<String> = sqlx::query_scalar("SELECT owner FROM archive")
+            .fetch_all(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(left, ["b@x"; 3]);
+        store.close().await;
+    }
+
     /// Migration 0007: node options natter packed into `publish_model` before move to
     /// their columns.
     #[tokio::test]
@@ -591,25 +687,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("natter.db");
         {
-            // The schema before 0007 (the migrator's fields are sqlx's, semver-exempt;
-            // fine for a test pinned to sqlx 0.8), with nodes as natter wrote them then.
-            let before = sqlx::migrate::Migrator {
-                migrations: MIGRATOR
-                    .migrations
-                    .iter()
-                    .filter(|m| m.version < 7)
-                    .cloned()
-                    .collect(),
-                ..sqlx::migrate::Migrator::DEFAULT
-            };
-            let pool = SqlitePool::connect_with(
-                SqliteConnectOptions::new()
-                    .filename(&path)
-                    .create_if_missing(true),
-            )
-            .await
-            .unwrap();
-            before.run(&pool).await.unwrap();
+            // With nodes as natter wrote them before 0007.
+            let pool = schema_before(&path, 7).await;
             sqlx::query(
                 "INSERT INTO accounts (username, domain, created_at) VALUES ('a@x', 'x', 0)",
             )
@@ -1393,43 +1472,60 @@ mod tests {
         store.archive_query(owner, &q).await.unwrap().items
     }
 
-    /// The fold switches foreign keys off around its transaction (no statement journal);
-    /// the writer connection has them back afterwards, so every other write is checked
-    /// and an account's deletion still cascades to its folded archive.
+    /// `archive.owner` is no foreign key (migration 0012): the fold drops a logged row
+    /// whose account is gone by fold time, and deleting an account deletes its folded
+    /// archive (a trigger). The writer keeps foreign keys on for everything else.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn archive_fold_leaves_foreign_keys_on() {
+    async fn archive_rows_never_outlive_their_account() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("a.db"), false)
             .await
             .unwrap();
         assert!(store.journal.is_some());
-        store.create_account("u@x.org", &creds(1)).await.unwrap();
-        for n in 0..20 {
-            store.archive_append(&[msg("u@x.org", n)]).await.unwrap();
+        let count = |owner: &'static str| {
+            let store = &store;
+            async move {
+                sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM archive WHERE owner = $1")
+                    .bind(owner)
+                    .fetch_one(&store.writer)
+                    .await
+                    .unwrap()
+            }
+        };
+        for (tag, u) in ["u@x.org", "v@x.org"].into_iter().enumerate() {
+            store.create_account(u, &creds(tag as u8)).await.unwrap();
+            for n in 0..20 {
+                store.archive_append(&[msg(u, n)]).await.unwrap();
+            }
         }
         // A read folds what was acknowledged before it.
         assert_eq!(archive_all(&store, "u@x.org").await.len(), 10);
-        let on: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+        assert_eq!(count("v@x.org").await, 20);
+        // Deleting an account takes its folded rows with it.
+        store.delete_account("u@x.org").await.unwrap();
+        assert_eq!(count("u@x.org").await, 0);
+        assert_eq!(count("v@x.org").await, 20);
+        // Rows logged for an account that is gone when they are folded are dropped
+        // (the account is deleted behind the store's back, as a racing deletion would).
+        store.archive_append(&[msg("v@x.org", 99)]).await.unwrap();
+        sqlx::query("DELETE FROM accounts WHERE username = 'v@x.org'")
+            .execute(&store.writer)
+            .await
+            .unwrap();
+        store.journal.as_ref().unwrap().barrier().await.unwrap();
+        assert_eq!(count("v@x.org").await, 0);
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
             .fetch_one(&store.writer)
             .await
             .unwrap();
-        assert_eq!(on, 1);
+        assert_eq!(fk, 1);
         let orphan = sqlx::query(
-            "INSERT INTO archive (owner, id, with_jid, ts, outgoing, stanza) \
-             VALUES ('nobody@x.org', 'i', 'w@x.org', 1, 0, '<m/>')",
+            "INSERT INTO roster_items (username, contact, subscription) \
+             VALUES ('nobody@x.org', 'w@x.org', 'none')",
         )
         .execute(&store.writer)
         .await;
-        assert!(
-            orphan.is_err(),
-            "an archive row without an account was taken"
-        );
-        store.delete_account("u@x.org").await.unwrap();
-        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM archive")
-            .fetch_one(&store.writer)
-            .await
-            .unwrap();
-        assert_eq!(left, 0);
+        assert!(orphan.is_err(), "a roster row without an account was taken");
         store.close().await;
     }
 

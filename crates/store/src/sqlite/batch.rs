@@ -5,7 +5,7 @@ use sqlx::sqlite::SqlitePool;
 
 use super::Tx;
 use crate::batch::{ArchiveRow, BatchBackend, OfflineRow};
-use crate::sql::ArchiveTable;
+use crate::sql::{ArchiveTable, USER_ARCHIVE};
 
 pub(super) struct SqliteBatch(pub SqlitePool);
 
@@ -35,6 +35,16 @@ impl BatchBackend for SqliteBatch {
         rows: &[&ArchiveRow],
         ts: i64,
     ) -> Result<(), sqlx::Error> {
+        // The user archive's owner is no foreign key (migration 0012, for the archive
+        // log's fold): without the log, its rows are checked here, in the transaction.
+        if table.table == USER_ARCHIVE.table {
+            let mut owners: Vec<&str> = rows.iter().map(|r| r.owner.as_str()).collect();
+            owners.sort_unstable();
+            owners.dedup();
+            if super::journal::accounts_among(tx, &owners).await?.len() < owners.len() {
+                return Err(sqlx::Error::Database(Box::new(NoSuchOwner)));
+            }
+        }
         super::insert_archive_rows(tx, table, rows, ts).await
     }
 
@@ -44,5 +54,36 @@ impl BatchBackend for SqliteBatch {
         now: i64,
     ) -> Result<Option<i64>, sqlx::Error> {
         super::push_offline_row(tx, msg, now).await
+    }
+}
+
+/// A user-archive row whose owner has no account: reported as the foreign-key violation
+/// the column used to raise, so group commit fails that request alone, as not found.
+#[derive(Debug)]
+struct NoSuchOwner;
+
+impl std::fmt::Display for NoSuchOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(sqlx::error::DatabaseError::message(self))
+    }
+}
+
+impl std::error::Error for NoSuchOwner {}
+
+impl sqlx::error::DatabaseError for NoSuchOwner {
+    fn message(&self) -> &str {
+        "archive owner has no account"
+    }
+    fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+    fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+    fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+        self
+    }
+    fn kind(&self) -> sqlx::error::ErrorKind {
+        sqlx::error::ErrorKind::ForeignKeyViolation
     }
 }

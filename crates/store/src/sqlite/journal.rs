@@ -60,8 +60,10 @@ const FOLD_ROWS: usize = 4096;
 /// Most rows folded in one transaction, so other writes never wait long. Also the most
 /// by which `seq` and `ts` may disagree across owners (each fold is sorted by owner).
 pub(crate) const FOLD_MAX: usize = 8192;
-/// Rows per INSERT (7 parameters each, under SQLite's limit of 32766).
-const ROWS_PER_INSERT: usize = 500;
+/// The row counts of the fold's statements (6 parameters a row, far under SQLite's limit
+/// of 32766). A fold of any length splits into these, so the few statements stay
+/// prepared on the writer connection (sqlx caches them by their text).
+const PREPARED_SIZES: [usize; 5] = [256, 64, 16, 4, 1];
 /// Bytes of rows waiting that start a fold at once (big stanzas fold sooner).
 const FOLD_BYTES: usize = 2 << 20;
 /// Bytes of rows waiting for the fold before appends wait for it (memory bound).
@@ -528,16 +530,8 @@ async fn unknown_owners(
     }
     ask.sort_unstable();
     ask.dedup();
-    let mut found: Vec<String> = Vec::new();
-    for chunk in ask.chunks(ROWS_PER_INSERT) {
-        let mut qb = accounts_among(chunk);
-        found.extend(
-            qb.build_query_scalar::<String>()
-                .fetch_all(reader)
-                .await
-                .db()?,
-        );
-    }
+    let mut conn = reader.acquire().await.db()?;
+    let found = accounts_among(&mut conn, &ask).await.db()?;
     let missing = ask
         .iter()
         .filter(|o| !found.iter().any(|f| f == *o))
@@ -551,16 +545,26 @@ async fn unknown_owners(
     Ok(missing)
 }
 
-/// The query for which of `names` have an account (at most [`ROWS_PER_INSERT`] at a
-/// time: SQLite's parameter limit).
-fn accounts_among<'a>(names: &[&'a str]) -> QueryBuilder<'a, sqlx::Sqlite> {
-    let mut qb = QueryBuilder::new("SELECT username FROM accounts WHERE username IN (");
-    let mut list = qb.separated(", ");
-    for n in names {
-        list.push_bind(*n);
+/// Which of `names` have an account.
+pub(super) async fn accounts_among(
+    conn: &mut sqlx::SqliteConnection,
+    names: &[&str],
+) -> Result<Vec<String>, sqlx::Error> {
+    let mut found = Vec::with_capacity(names.len());
+    for chunk in in_prepared_sizes(names) {
+        let mut qb = QueryBuilder::new("SELECT username FROM accounts WHERE username IN (");
+        let mut list = qb.separated(", ");
+        for n in chunk {
+            list.push_bind(*n);
+        }
+        qb.push(")");
+        found.extend(
+            qb.build_query_scalar::<String>()
+                .fetch_all(&mut *conn)
+                .await?,
+        );
     }
-    qb.push(")");
-    qb
+    Ok(found)
 }
 
 /// Runs [`folder`] on a thread of its own, below the sessions' CPU priority (see
@@ -657,57 +661,22 @@ async fn folder(
 /// transaction. A row whose owner is gone is dropped with a warning.
 ///
 /// No statement here can fail halfway (owners are checked first in the same write
-/// transaction, a duplicate id ignored), and foreign keys are off for the fold, so
-/// SQLite keeps no statement journal: with them on, the `archive.owner` reference
-/// compiles into every multi-row INSERT as a check that may abort it, and SQLite copies
-/// each page the INSERT changes first (a tenth of the fold's CPU). `PRAGMA foreign_keys`
-/// only takes effect outside a transaction, so it is switched around the transaction and
-/// checked back on; a connection left without it is closed, not reused.
+/// transaction, a duplicate id ignored, and `archive.owner` is no foreign key: see
+/// migration 0012), so SQLite keeps no statement journal for the multi-row INSERTs. Every
+/// statement has one of the [`PREPARED_SIZES`], so the writer connection keeps them all
+/// prepared rather than parsing a statement of a new length on every fold.
 async fn fold(writer: &SqlitePool, rows: &[Pending]) -> Result<(), sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let mut conn = writer.acquire().await?;
-    sqlx::query("PRAGMA foreign_keys = OFF")
-        .execute(&mut *conn)
-        .await?;
-    let folded = fold_in(&mut conn, rows).await;
-    // After the rollback a failed transaction queued, if any: the worker runs them in order.
-    let restored = sqlx::query("PRAGMA foreign_keys = ON")
-        .execute(&mut *conn)
-        .await;
-    let on = match restored {
-        Ok(_) => sqlx::query_scalar::<_, i64>("PRAGMA foreign_keys")
-            .fetch_one(&mut *conn)
-            .await
-            .map(|v| v == 1),
-        Err(e) => Err(e),
-    };
-    if !matches!(on, Ok(true)) {
-        tracing::warn!("SQLite writer connection lost its foreign keys after a fold; replacing it");
-        conn.close_on_drop();
-    }
-    folded?;
-    on.map(drop)
-}
-
-async fn fold_in(conn: &mut sqlx::SqliteConnection, rows: &[Pending]) -> Result<(), sqlx::Error> {
     let Some(last) = rows.last() else {
         return Ok(());
     };
-    let mut tx = sqlx::Connection::begin_with(conn, "BEGIN IMMEDIATE").await?;
+    let mut tx = sqlx::pool::Pool::begin_with(writer, "BEGIN IMMEDIATE").await?;
     let mut owners: Vec<&str> = rows.iter().map(|p| p.row.owner.as_str()).collect();
     owners.sort_unstable();
     owners.dedup();
-    let mut found: HashSet<String> = HashSet::with_capacity(owners.len());
-    for chunk in owners.chunks(ROWS_PER_INSERT) {
-        let mut qb = accounts_among(chunk);
-        found.extend(
-            qb.build_query_scalar::<String>()
-                .fetch_all(&mut *tx)
-                .await?,
-        );
-    }
+    let found: HashSet<String> = accounts_among(&mut tx, &owners)
+        .await?
+        .into_iter()
+        .collect();
     let mut kept: Vec<&Pending> = rows
         .iter()
         .filter(|p| {
@@ -725,7 +694,7 @@ async fn fold_in(conn: &mut sqlx::SqliteConnection, rows: &[Pending]) -> Result<
     // their log order, and with it `seq` and `ts` agree per owner; across owners they
     // may disagree within one fold (see `FOLD_MAX`).
     kept.sort_by(|a, b| a.row.owner.cmp(&b.row.owner));
-    for chunk in kept.chunks(ROWS_PER_INSERT) {
+    for chunk in in_prepared_sizes(&kept) {
         let mut qb = QueryBuilder::new(
             "INSERT OR IGNORE INTO archive (owner, id, with_jid, ts, outgoing, stanza) ",
         );
@@ -745,6 +714,16 @@ async fn fold_in(conn: &mut sqlx::SqliteConnection, rows: &[Pending]) -> Result<
         .execute(&mut *tx)
         .await?;
     tx.commit().await
+}
+
+/// `items` in consecutive slices whose lengths are all [`PREPARED_SIZES`], largest first.
+fn in_prepared_sizes<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        let n = *PREPARED_SIZES.iter().find(|&&n| n <= items.len())?;
+        let (head, rest) = items.split_at(n);
+        items = rest;
+        Some(head)
+    })
 }
 
 /// One record: payload length and CRC-32 (little-endian u32 each), then the payload:
