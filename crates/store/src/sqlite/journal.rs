@@ -192,6 +192,7 @@ impl Journal {
             }
         }
         let (gen, logs) = unfolded(db_path, &writer).await?;
+        let sql = FoldSql::new();
         let mut last_ts = last_ts;
         let mut newest = gen;
         for (g, rows) in logs {
@@ -202,7 +203,7 @@ impl Journal {
             }
             for chunk in rows.chunks(FOLD_MAX) {
                 last_ts = chunk.iter().map(|p| p.ts).fold(last_ts, i64::max);
-                fold(&writer, chunk).await.db()?;
+                fold(&writer, &sql, chunk).await.db()?;
             }
         }
         // Start afresh with the next generation: first recorded, then the file, so a
@@ -608,6 +609,7 @@ async fn folder(
     mut stop: watch::Receiver<bool>,
     health: Arc<WriteHealth>,
 ) {
+    let sql = FoldSql::new();
     let mut stopping = false;
     loop {
         if !stopping {
@@ -626,7 +628,7 @@ async fn folder(
             if rows.is_empty() {
                 break;
             }
-            match fold(&writer, &rows).await {
+            match fold(&writer, &sql, &rows).await {
                 Ok(()) => {
                     health.record_ok();
                     let bytes: usize = rows.iter().map(Pending::bytes).sum();
@@ -665,7 +667,7 @@ async fn folder(
 /// migration 0012), so SQLite keeps no statement journal for the multi-row INSERTs. Every
 /// statement has one of the [`PREPARED_SIZES`], so the writer connection keeps them all
 /// prepared rather than parsing a statement of a new length on every fold.
-async fn fold(writer: &SqlitePool, rows: &[Pending]) -> Result<(), sqlx::Error> {
+async fn fold(writer: &SqlitePool, sql: &FoldSql, rows: &[Pending]) -> Result<(), sqlx::Error> {
     let Some(last) = rows.last() else {
         return Ok(());
     };
@@ -695,18 +697,18 @@ async fn fold(writer: &SqlitePool, rows: &[Pending]) -> Result<(), sqlx::Error> 
     // may disagree within one fold (see `FOLD_MAX`).
     kept.sort_by(|a, b| a.row.owner.cmp(&b.row.owner));
     for chunk in in_prepared_sizes(&kept) {
-        let mut qb = QueryBuilder::new(
-            "INSERT OR IGNORE INTO archive (owner, id, with_jid, ts, outgoing, stanza) ",
-        );
-        qb.push_values(chunk, |mut v, p| {
-            v.push_bind(&p.row.owner)
-                .push_bind(&p.row.id)
-                .push_bind(&p.row.with)
-                .push_bind(p.ts)
-                .push_bind(p.row.outgoing)
-                .push_bind(&p.row.stanza);
-        });
-        qb.build().execute(&mut *tx).await?;
+        // Text binds borrow the rows (a `&String` bind would copy each one).
+        let mut q = sqlx::query(sql.insert(chunk.len()));
+        for p in chunk {
+            q = q
+                .bind(p.row.owner.as_str())
+                .bind(p.row.id.as_str())
+                .bind(p.row.with.as_str())
+                .bind(p.ts)
+                .bind(p.row.outgoing)
+                .bind(p.row.stanza.as_str());
+        }
+        q.execute(&mut *tx).await?;
     }
     sqlx::query("UPDATE archive_journal SET gen = $1, pos = $2")
         .bind(last.gen as i64)
@@ -714,6 +716,33 @@ async fn fold(writer: &SqlitePool, rows: &[Pending]) -> Result<(), sqlx::Error> 
         .execute(&mut *tx)
         .await?;
     tx.commit().await
+}
+
+/// The fold's INSERT for each of the [`PREPARED_SIZES`], written once, not on every fold.
+struct FoldSql([String; PREPARED_SIZES.len()]);
+
+impl FoldSql {
+    fn new() -> Self {
+        FoldSql(PREPARED_SIZES.map(|n| {
+            let mut sql = String::from(
+                "INSERT OR IGNORE INTO archive (owner, id, with_jid, ts, outgoing, stanza) VALUES ",
+            );
+            for i in 0..n {
+                sql.push_str(if i == 0 {
+                    "(?, ?, ?, ?, ?, ?)"
+                } else {
+                    ", (?, ?, ?, ?, ?, ?)"
+                });
+            }
+            sql
+        }))
+    }
+
+    /// The INSERT of `rows` rows, one of the [`PREPARED_SIZES`].
+    fn insert(&self, rows: usize) -> &str {
+        let i = PREPARED_SIZES.iter().position(|&n| n == rows);
+        &self.0[i.expect("a fold chunk has one of PREPARED_SIZES rows")]
+    }
 }
 
 /// `items` in consecutive slices whose lengths are all [`PREPARED_SIZES`], largest first.
@@ -897,9 +926,10 @@ impl LogFile {
 /// a slower fold only means such rows are skipped again after a restart.
 pub(crate) async fn fold_foreign(db_path: &Path, writer: &SqlitePool) -> Result<(), StoreError> {
     let (_, logs) = unfolded(db_path, writer).await?;
+    let sql = FoldSql::new();
     for (_, rows) in logs {
         for chunk in rows.chunks(FOLD_MAX) {
-            fold(writer, chunk).await.db()?;
+            fold(writer, &sql, chunk).await.db()?;
         }
     }
     Ok(())
@@ -927,4 +957,27 @@ async fn unfolded(
         }
     }
     Ok((gen, logs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Any fold splits into statements of the prepared sizes only, in order, every row
+    /// once; each statement has six parameters a row.
+    #[test]
+    fn folds_split_into_prepared_sizes() {
+        let sql = FoldSql::new();
+        for len in [0usize, 1, 3, 5, 63, 64, 65, 255, 256, 257, 1000, 4096, 8191] {
+            let items: Vec<usize> = (0..len).collect();
+            let chunks: Vec<&[usize]> = in_prepared_sizes(&items).collect();
+            assert_eq!(chunks.concat(), items, "{len} rows");
+            for c in &chunks {
+                assert!(PREPARED_SIZES.contains(&c.len()), "{len}: a chunk of {}", c.len());
+                assert_eq!(sql.insert(c.len()).matches('?').count(), 6 * c.len());
+            }
+            // Largest first: fewest statements.
+            assert!(chunks.windows(2).all(|w| w[0].len() >= w[1].len()));
+        }
+    }
 }
