@@ -184,11 +184,16 @@ def test_active_parked_and_silent_devices(server):
                 # The app wakes and resumes: it gets both; its count starts over.
                 assert await alice.reconnect() == "resumed"
                 await alice.messages.wait_for(lambda m: m["body"] == "hello?", "hello?")
-                # The network drops (no </stream>): parked, and pushed again.
+                # The network drops (no </stream>): parked with "hello?" unacknowledged
+                # (resent on resumption; this client no longer acknowledges), which
+                # is pushed at once; its count started over at the resumption.
                 await alice.cut()
-                bob.send_message(mto=ALICE, mbody="lost you", mtype="chat")
                 await app.pushes.wait_for(lambda p: p[1]["message-count"] == "1",
-                                          "a push after the network dropped")
+                                          "a push when the network dropped")
+                # Still parked: the next message is counted on.
+                bob.send_message(mto=ALICE, mbody="lost you", mtype="chat")
+                await app.pushes.wait_for(lambda p: p[1]["message-count"] == "2",
+                                          "a push for the message after the drop")
                 await alice.close()
         finally:
             app.disconnect()
