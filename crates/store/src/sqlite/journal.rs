@@ -973,7 +973,11 @@ mod tests {
             let chunks: Vec<&[usize]> = in_prepared_sizes(&items).collect();
             assert_eq!(chunks.concat(), items, "{len} rows");
             for c in &chunks {
-                assert!(PREPARED_SIZES.contains(&c.len()), "{len}: a chunk of {}", c.len());
+                assert!(
+                    PREPARED_SIZES.contains(&c.len()),
+                    "{len}: a chunk of {}",
+                    c.len()
+                );
                 assert_eq!(sql.insert(c.len()).matches('?').count(), 6 * c.len());
             }
             // Largest first: fewest statements.
