@@ -671,7 +671,7 @@ async fn fold(writer: &SqlitePool, sql: &FoldSql, rows: &[Pending]) -> Result<()
     let Some(last) = rows.last() else {
         return Ok(());
     };
-    let mut tx = sqlx::pool::Pool::begin_with(writer, "BEGIN IMMEDIATE").await?;
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
     let mut owners: Vec<&str> = rows.iter().map(|p| p.row.owner.as_str()).collect();
     owners.sort_unstable();
     owners.dedup();
