@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod disk;
 pub mod error;
+pub mod jids;
 pub mod metrics;
 pub mod modules;
 pub mod net;

@@ -48,6 +48,10 @@ pub struct Metrics {
     stanzas_in: Family<L1, Counter>,
     stanzas_out: Family<L1, Counter>,
     routing: Hist,
+    /// The series of `stanzas_in`, `stanzas_out` and `routing` by kind.
+    stanzas_in_kind: [Counter; 4],
+    stanzas_out_kind: [Counter; 4],
+    routing_kind: [Histogram; 4],
     store: Hist,
     store_errors: Family<L1, Counter>,
     queue_depth: Gauge,
@@ -74,26 +78,43 @@ impl Default for Metrics {
 }
 
 /// Stanza kinds as metric labels (client-chosen names never become labels).
-fn stanza_kind(name: &str) -> &'static str {
+/// The `kind` label's values of the per-stanza series.
+const KINDS: [&str; 4] = ["message", "presence", "iq", "other"];
+
+/// Index in [`KINDS`] of a stanza named `name`.
+fn kind_index(name: &str) -> usize {
     match name {
-        "message" => "message",
-        "presence" => "presence",
-        "iq" => "iq",
-        _ => "other",
+        "message" => 0,
+        "presence" => 1,
+        "iq" => 2,
+        _ => 3,
     }
+}
+
+/// A family's series for each of [`KINDS`], looked up once: `get_or_create`
+/// hashes the labels and takes the family's lock, and these are counted for
+/// every stanza.
+fn per_kind<M: Clone, C: Fn() -> M>(f: &Family<L1, M, C>) -> [M; 4] {
+    KINDS.map(|k| f.get_or_create(&[("kind", k)]).clone())
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("natter");
+        let stanzas_in = Family::default();
+        let stanzas_out = Family::default();
+        let routing = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         let m = Metrics {
             registry: Registry::default(),
             started: Instant::now(),
             connections: Family::default(),
             sessions: Family::default(),
-            stanzas_in: Family::default(),
-            stanzas_out: Family::default(),
-            routing: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            stanzas_in_kind: per_kind(&stanzas_in),
+            stanzas_out_kind: per_kind(&stanzas_out),
+            routing_kind: per_kind(&routing),
+            stanzas_in,
+            stanzas_out,
+            routing,
             store: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             store_errors: Family::default(),
             queue_depth: Gauge::default(),
@@ -217,16 +238,12 @@ impl Metrics {
     }
 
     pub fn stanza_in(&self, name: &str) {
-        self.stanzas_in
-            .get_or_create(&[("kind", stanza_kind(name))])
-            .inc();
+        self.stanzas_in_kind[kind_index(name)].inc();
     }
 
     pub fn stanzas_out(&self, batch: &[crate::router::Outbound]) {
         for el in batch {
-            self.stanzas_out
-                .get_or_create(&[("kind", stanza_kind(el.kind()))])
-                .inc();
+            self.stanzas_out_kind[kind_index(el.kind())].inc();
         }
     }
 
@@ -234,7 +251,7 @@ impl Metrics {
     pub fn routing_timer(&self, name: &str) -> RoutingTimer<'_> {
         RoutingTimer {
             metrics: self,
-            kind: stanza_kind(name),
+            kind: kind_index(name),
             start: Instant::now(),
         }
     }
@@ -344,16 +361,13 @@ impl Drop for ConnectionGuard {
 
 pub struct RoutingTimer<'a> {
     metrics: &'a Metrics,
-    kind: &'static str,
+    kind: usize,
     start: Instant,
 }
 
 impl Drop for RoutingTimer<'_> {
     fn drop(&mut self) {
-        self.metrics
-            .routing
-            .get_or_create(&[("kind", self.kind)])
-            .observe(self.start.elapsed().as_secs_f64());
+        self.metrics.routing_kind[self.kind].observe(self.start.elapsed().as_secs_f64());
     }
 }
 

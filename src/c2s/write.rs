@@ -4,6 +4,18 @@
 use super::bound::ACK_IDLE;
 use super::*;
 
+/// `f`'s output, or None once `limit` has passed (`tokio::time::timeout`).
+/// The timer is made only when the first poll is pending: nearly every
+/// write completes at once, and making a timer reads the clock and the
+/// runtime's handle, for every stanza written.
+async fn within<F: std::future::Future>(limit: Duration, f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    match std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx))).await {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => tokio::time::timeout(limit, f).await.ok(),
+    }
+}
+
 impl Session {
     /// Write stanzas to the client (after the CSI filter). With stream
     /// management each is counted and kept until acknowledged, and an ack
@@ -71,8 +83,8 @@ impl Session {
         self.inflight = batch.into_boxed_slice();
         self.sync_bytes();
         let timeout = Duration::from_secs(self.cfg().c2s.write_timeout_secs);
-        let r = tokio::time::timeout(timeout, t.send(&self.inflight)).await;
-        if matches!(r, Ok(Ok(()))) {
+        let r = within(timeout, t.send(&self.inflight)).await;
+        if matches!(r, Some(Ok(()))) {
             self.inflight = Box::default();
             return Ok(());
         }
@@ -101,11 +113,11 @@ impl Session {
         // What waits on this write counts against the user's quota now.
         self.sync_bytes();
         let timeout = Duration::from_secs(self.cfg().c2s.write_timeout_secs);
-        match tokio::time::timeout(timeout, t.send(out)).await {
-            Ok(Ok(())) => Ok(()),
+        match within(timeout, t.send(out)).await {
+            Some(Ok(())) => Ok(()),
             // The peer is gone, or stopped reading: nothing more can be
             // written to this stream.
-            Ok(Err(_)) | Err(_) => {
+            Some(Err(_)) | None => {
                 self.write_broken = true;
                 Err(End::Lost(None))
             }

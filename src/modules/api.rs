@@ -25,8 +25,13 @@ pub trait Remote: Send + Sync {
 /// Routing several messages from one session with one durable write.
 #[async_trait]
 pub trait MessageBatch: Send + Sync {
-    /// Each message's outcome, in order. Pre-route hooks already ran.
-    async fn route_many(&self, cx: &Cx<'_>, msgs: Vec<Element>) -> Vec<Result<(), StanzaError>>;
+    /// Each message's outcome, in order. Pre-route hooks already ran; each
+    /// message comes with its parsed `to`.
+    async fn route_many(
+        &self,
+        cx: &Cx<'_>,
+        msgs: Vec<(Element, Option<Jid>)>,
+    ) -> Vec<Result<(), StanzaError>>;
 }
 
 /// XEP-0160 offline storage and the live/offline hand-over.

@@ -34,6 +34,7 @@ use super::{
     api, Cx, Event, EventKind, Flow, Hook, HookStanza, Iq, IqResult, IqType, Kind, Module, Shared,
 };
 use crate::error::{Condition, StanzaError};
+use crate::jids::Bare;
 use crate::router::SessionHandle;
 use crate::state::ServerState;
 use async_trait::async_trait;
@@ -340,14 +341,14 @@ pub async fn check(state: &ServerState, from: &Jid, to: &Jid) -> Option<Blocked>
         return None;
     }
     if from.node().is_some() {
-        match blocks_or_unreadable(state, &from.to_bare(), to).await {
+        match blocks_or_unreadable(state, &from.bare(), to).await {
             Some(true) => return Some(Blocked::BySender),
             None => return Some(Blocked::Unreadable),
             Some(false) => {}
         }
     }
     if to.node().is_some() && state.serves(to.domain().as_str()) {
-        match blocks_or_unreadable(state, &to.to_bare(), from).await {
+        match blocks_or_unreadable(state, &to.bare(), from).await {
             Some(true) => return Some(Blocked::ByRecipient),
             None => return Some(Blocked::Unreadable),
             Some(false) => {}

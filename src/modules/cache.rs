@@ -27,7 +27,9 @@ pub struct UserCache<T> {
 }
 
 struct Inner<T> {
-    map: HashMap<BareJid, Slot<T>>,
+    /// foldhash with a random seed per cache: a lookup per stanza and
+    /// user, on keys (account names) users choose.
+    map: HashMap<BareJid, Slot<T>, foldhash::quality::RandomState>,
     /// Where generations come from: cache-wide, so a slot removed and made
     /// again never reuses one a load in flight might hold.
     clock: u64,
@@ -55,7 +57,7 @@ impl<T> Default for UserCache<T> {
     fn default() -> Self {
         UserCache {
             inner: Mutex::new(Inner {
-                map: HashMap::new(),
+                map: HashMap::default(),
                 clock: 0,
                 sweep_at: SOFT_LIMIT,
             }),

@@ -318,7 +318,12 @@ impl<K: PartialEq + Copy> Table<K> {
 /// the type (usually a `dyn Trait` from `modules::api`).
 #[derive(Default)]
 pub struct Shared {
-    map: std::collections::HashMap<std::any::TypeId, Box<dyn std::any::Any + Send + Sync>>,
+    /// TypeIds are not chosen by users: no need for SipHash's resistance.
+    map: std::collections::HashMap<
+        std::any::TypeId,
+        Box<dyn std::any::Any + Send + Sync>,
+        foldhash::fast::FixedState,
+    >,
 }
 
 impl Shared {

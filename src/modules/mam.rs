@@ -208,14 +208,16 @@ pub async fn archive_entries(
     recipient: &BareJid,
     stanza: &str,
 ) -> Result<(Vec<NewArchiveEntry>, Option<usize>, Option<usize>), StoreError> {
+    // `as_str().to_owned()`, not `to_string()`: Display grows the string
+    // piece by piece.
     let mut entries = Vec::with_capacity(2);
     let mut sent = None;
     let mut received = None;
     if keeps(state, sender, recipient).await? {
         sent = Some(entries.len());
         entries.push(NewArchiveEntry {
-            owner: sender.to_string(),
-            with: recipient.to_string(),
+            owner: sender.as_str().to_owned(),
+            with: recipient.as_str().to_owned(),
             stanza: stanza.to_owned(),
             outgoing: true,
         });
@@ -226,8 +228,8 @@ pub async fn archive_entries(
     if keeps(state, recipient, sender).await? {
         received = Some(entries.len());
         entries.push(NewArchiveEntry {
-            owner: recipient.to_string(),
-            with: sender.to_string(),
+            owner: recipient.as_str().to_owned(),
+            with: sender.as_str().to_owned(),
             stanza: stanza.to_owned(),
             outgoing: false,
         });

@@ -28,10 +28,9 @@
 //! with `service-unavailable` (RFC 6121 §8.5.2.2.1) when nobody is there —
 //! except chat states, which are dropped (XEP-0160 §4).
 
-use super::{
-    api, parse_to, remote_for, vocab, Cx, Flow, Hook, HookStanza, Kind, Module, SentCopy, Shared,
-};
+use super::{api, remote_for, vocab, Cx, Flow, Hook, HookStanza, Kind, Module, SentCopy, Shared};
 use crate::error::{Condition, StanzaError};
+use crate::jids::Bare;
 use async_trait::async_trait;
 use jid::{BareJid, Jid};
 use natter_xml::Element;
@@ -59,7 +58,7 @@ impl Module for Messages {
         cx: &Cx<'_>,
         s: &HookStanza<'_>,
     ) -> Result<Flow, StanzaError> {
-        route(cx, s.stanza.clone()).await?;
+        route(cx, s.stanza.clone(), s.to.cloned()).await?;
         settled(cx).await?;
         Ok(Flow::Stop)
     }
@@ -67,7 +66,11 @@ impl Module for Messages {
 
 #[async_trait]
 impl api::MessageBatch for Messages {
-    async fn route_many(&self, cx: &Cx<'_>, msgs: Vec<Element>) -> Vec<Result<(), StanzaError>> {
+    async fn route_many(
+        &self,
+        cx: &Cx<'_>,
+        msgs: Vec<(Element, Option<Jid>)>,
+    ) -> Vec<Result<(), StanzaError>> {
         let mut out = route_many(cx, msgs).await;
         if let Err(e) = settled(cx).await {
             for r in out.iter_mut().filter(|r| r.is_ok()) {
@@ -133,8 +136,8 @@ struct Accept {
     recv_ix: Option<usize>,
 }
 
-async fn route(cx: &Cx<'_>, msg: Element) -> Result<(), StanzaError> {
-    match plan(cx, msg).await? {
+async fn route(cx: &Cx<'_>, msg: Element, to: Option<Jid>) -> Result<(), StanzaError> {
+    match plan(cx, msg, to).await? {
         Plan::Done => Ok(()),
         Plan::Direct { to, msg, kind } => direct(cx, &to, msg, &kind).await,
         Plan::Accept(a) => {
@@ -148,10 +151,13 @@ async fn route(cx: &Cx<'_>, msg: Element) -> Result<(), StanzaError> {
 /// archive write for all of them (one group commit instead of one per
 /// message: a session's throughput is not bound by commit latency).
 /// Returns each message's outcome, in order.
-async fn route_many(cx: &Cx<'_>, msgs: Vec<Element>) -> Vec<Result<(), StanzaError>> {
+async fn route_many(
+    cx: &Cx<'_>,
+    msgs: Vec<(Element, Option<Jid>)>,
+) -> Vec<Result<(), StanzaError>> {
     let mut plans = Vec::with_capacity(msgs.len());
-    for m in msgs {
-        plans.push(plan(cx, m).await);
+    for (m, to) in msgs {
+        plans.push(plan(cx, m, to).await);
     }
     // One append for every accepted message's entries, remembering where
     // each message's ids start.
@@ -192,7 +198,8 @@ async fn route_many(cx: &Cx<'_>, msgs: Vec<Element>) -> Vec<Result<(), StanzaErr
     out
 }
 
-async fn plan(cx: &Cx<'_>, msg: Element) -> Result<Plan, StanzaError> {
+/// `to` is the message's parsed `to` (parsed once, by the caller).
+async fn plan(cx: &Cx<'_>, msg: Element, to: Option<Jid>) -> Result<Plan, StanzaError> {
     let kind = msg.attr("type").unwrap_or("normal").to_string();
     if !matches!(
         kind.as_str(),
@@ -204,7 +211,7 @@ async fn plan(cx: &Cx<'_>, msg: Element) -> Result<Plan, StanzaError> {
         ));
     }
     // No `to`: the sender's own account (RFC 6120 §10.3.1).
-    let to = parse_to(&msg)?.unwrap_or_else(|| Jid::from(cx.session.bare.clone()));
+    let to = to.unwrap_or_else(|| Jid::from(cx.session.bare.clone()));
     let remote = if cx.state.serves(to.domain().as_str()) {
         None
     } else {
@@ -220,7 +227,7 @@ async fn plan(cx: &Cx<'_>, msg: Element) -> Result<Plan, StanzaError> {
         return Ok(Plan::Direct { to, msg, kind });
     }
     let state = cx.state;
-    let bare = to.to_bare();
+    let bare = to.bare();
     let full = to
         .try_as_full()
         .ok()
@@ -273,7 +280,7 @@ async fn append(
 }
 
 async fn direct(cx: &Cx<'_>, to: &Jid, msg: Element, kind: &str) -> Result<(), StanzaError> {
-    let bare = to.to_bare();
+    let bare = to.bare();
     if let Some(r) = remote_for(cx.state, to) {
         r.send(cx.state, &msg)?;
         return delivered(cx, &msg, None, &bare, false, None).await;

@@ -38,6 +38,7 @@ pub mod vocab;
 
 use crate::config::Config;
 use crate::error::{Condition, StanzaError};
+use crate::jids::Bare;
 use crate::router::SessionHandle;
 use crate::state::ServerState;
 use async_trait::async_trait;
@@ -84,7 +85,7 @@ impl Iq {
     /// with no `to`, which RFC 6120 treats as the account).
     pub fn is_own_account(&self) -> bool {
         match &self.target {
-            Target::Account(b) => *b == self.from.to_bare(),
+            Target::Account(b) => *b == self.from.bare(),
             Target::Server(_) => self.stanza.attr("to").is_none(),
         }
     }
@@ -502,7 +503,7 @@ impl Modules {
         let (to, m) = self.service_for(&stanza)?;
         if m.one_writer_per_entity() && to.node().is_some() {
             if let (Some(owner), Some(c)) =
-                (state.routing.owner(to.to_bare().as_str()), &state.cluster)
+                (state.routing.owner(to.bare().as_str()), &state.cluster)
             {
                 let r = crate::cluster::routing::forward_to_service(state, c, &owner, &stanza);
                 return Some(r.await);
@@ -685,7 +686,7 @@ pub async fn dispatch_messages(cx: &Cx<'_>, msgs: Vec<Element>) -> Vec<Result<()
                         modules.to_service(cx.state, m).await
                     }
                     _ => {
-                        rest.push(m);
+                        rest.push((m, to));
                         None
                     }
                 };

@@ -37,6 +37,7 @@
 use super::vocab::{self as mam, priority};
 use super::{api, Event, EventKind, Module, Shared};
 use crate::error::{Condition, StanzaError};
+use crate::jids::Bare;
 use crate::router::{Outbound, QueueRx, SessionHandle};
 use crate::state::ServerState;
 use async_trait::async_trait;
@@ -468,7 +469,7 @@ async fn requeue(state: &ServerState, stanzas: Vec<Outbound>) {
         let Some(bare) = el
             .attr("to")
             .and_then(|t| Jid::new(t).ok())
-            .map(|j| j.to_bare())
+            .map(|j| j.bare())
             .filter(|b| b.node().is_some() && state.serves(b.domain().as_str()))
         else {
             continue;

@@ -12,6 +12,7 @@
 //! re-routed from its queue cannot come back to it.
 
 use crate::error::StreamError;
+use crate::jids::Bare;
 use jid::{BareJid, FullJid};
 use natter_xml::Element;
 use parking_lot::{Mutex, RwLock};
@@ -382,7 +383,9 @@ type Slot = SmallVec<[Arc<SessionHandle>; 1]>;
 
 #[derive(Default)]
 pub struct Router {
-    sessions: RwLock<HashMap<u64, Slot>>,
+    /// Keyed by [`Router::key`], already a keyed hash: the table hashes it
+    /// again with foldhash, not a second SipHash.
+    sessions: RwLock<HashMap<u64, Slot, foldhash::fast::FixedState>>,
     keys: RandomState,
     next_id: AtomicU64,
     /// XEP-0198 resumable sessions by SM-ID.
@@ -424,7 +427,7 @@ impl Router {
         limits: QueueLimits,
         max_resources: usize,
     ) -> Result<Bound, BindError> {
-        let bare = jid.to_bare();
+        let bare = jid.bare();
         let key = self.key(bare.as_str());
         let mut map = self.sessions.write();
         // The user's byte quota is shared by all of the user's sessions.
@@ -492,7 +495,7 @@ impl Router {
     ) -> Arc<SessionHandle> {
         Arc::new(SessionHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            bare: jid.to_bare(),
+            bare: jid.bare(),
             jid,
             tx,
             closing: AtomicBool::new(false),

@@ -57,10 +57,11 @@ pub(crate) fn new_stanza_id() -> String {
     const ALPHABET: &[u8; 32] = b"234567abcdefghijklmnopqrstuvwxyz";
     let micros = u64::try_from(crate::now_micros()).unwrap_or(0);
     let v = (u128::from(micros) << 64) | u128::from(rand::random::<u64>());
-    (0..26)
-        .rev()
-        .map(|i| char::from(ALPHABET[((v >> (5 * i)) & 31) as usize]))
-        .collect()
+    let mut id = String::with_capacity(26);
+    for i in (0..26).rev() {
+        id.push(char::from(ALPHABET[((v >> (5 * i)) & 31) as usize]));
+    }
+    id
 }
 
 /// Archive entries as group-commit rows, each with a fresh stanza-id.
