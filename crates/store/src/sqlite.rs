@@ -161,7 +161,7 @@ fn background(options: &SqliteConnectOptions, thread: &'static str) -> SqliteCon
 fn lowered(pool: SqlitePoolOptions, thread: &'static str) -> SqlitePoolOptions {
     pool.after_connect(move |_, _| {
         Box::pin(async move {
-            priority::lower_threads_named(thread);
+            priority::lower_threads_named(thread, priority::yield_of(thread));
             Ok(())
         })
     })

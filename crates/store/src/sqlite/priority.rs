@@ -12,8 +12,15 @@
 //! logged but not folded). At nice 10 (a tenth) the fold fell that far behind under
 //! saturation that waiting appends made the p99 of closed-loop traffic 60 ms.
 //!
-//! Linux keeps a nice value per thread, so these calls touch only the named threads.
-//! Raising one's own nice value needs no privilege. Elsewhere they do nothing.
+//! The checkpointer goes further, to `SCHED_IDLE`: a session thread that wakes always
+//! preempts it at once, where a nice-5 thread may keep the core to the end of its slice.
+//! A passive checkpoint ran up to 5.6 ms at a time while the sessions' thread waited
+//! (`perf sched`, one core, 5,000 msgs/s). Starving it is harmless: the writer
+//! checkpoints by itself past `CHECKPOINT_PAGES` (`sqlite.rs`). The writer and the fold
+//! stay at nice 5, because under saturation they must keep a share (above).
+//!
+//! Linux keeps a nice value and a policy per thread, so these calls touch only the named
+//! threads. Lowering one's own priority needs no privilege. Elsewhere they do nothing.
 
 /// The nice value of the background threads (the sessions keep the process's, usually 0).
 /// 5 weighs about a third of a nice-0 thread on a contended core.
@@ -34,9 +41,27 @@ pub(crate) fn lower_this_thread() {
     }
 }
 
-/// Lowers every thread of this process named `name` to [`BACKGROUND_NICE`] (a thread
-/// sqlx starts for a connection: it runs no code of ours to lower itself). Idempotent.
-pub(crate) fn lower_threads_named(name: &str) {
+/// How far a background thread yields the core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Yield {
+    /// [`BACKGROUND_NICE`]: a share of a contended core.
+    Nice,
+    /// `SCHED_IDLE`: only what the other threads leave.
+    Idle,
+}
+
+/// How far the thread named `name` yields: the checkpointer all the way, the rest a share.
+pub(crate) fn yield_of(name: &str) -> Yield {
+    if name == CHECKPOINT_THREAD {
+        Yield::Idle
+    } else {
+        Yield::Nice
+    }
+}
+
+/// Lowers every thread of this process named `name` (a thread sqlx starts for a
+/// connection: it runs no code of ours to lower itself). Idempotent.
+pub(crate) fn lower_threads_named(name: &str, how: Yield) {
     #[cfg(target_os = "linux")]
     {
         let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
@@ -54,13 +79,18 @@ pub(crate) fn lower_threads_named(name: &str) {
             let Some(pid) = tid.and_then(rustix::process::Pid::from_raw) else {
                 continue;
             };
-            if let Err(e) = rustix::process::setpriority_process(Some(pid), BACKGROUND_NICE) {
+            let r = match how {
+                Yield::Nice => rustix::process::setpriority_process(Some(pid), BACKGROUND_NICE)
+                    .map_err(std::io::Error::from),
+                Yield::Idle => natter_sched_idle::set_idle(pid.as_raw_nonzero().get()),
+            };
+            if let Err(e) = r {
                 tracing::debug!(error = %e, thread = name, "cannot lower a thread's CPU priority");
             }
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = name;
+    let _ = (name, how);
 }
 
 #[cfg(all(test, target_os = "linux"))]
@@ -100,10 +130,17 @@ mod tests {
         let before = nice_of(&tid);
         let me = rustix::thread::gettid().as_raw_nonzero().to_string();
         let mine = nice_of(&me);
-        lower_threads_named("natter-test-low");
+        lower_threads_named("natter-test-low", Yield::Nice);
         assert_eq!(nice_of(&tid), BACKGROUND_NICE.max(before));
         assert_eq!(nice_of(&me), mine, "other threads keep their priority");
         done.send(()).unwrap();
         t.join().unwrap();
+    }
+
+    #[test]
+    fn only_the_checkpointer_goes_idle() {
+        assert_eq!(yield_of(CHECKPOINT_THREAD), Yield::Idle);
+        assert_eq!(yield_of(WRITER_THREAD), Yield::Nice);
+        assert_eq!(yield_of(FOLD_THREAD), Yield::Nice);
     }
 }
