@@ -11,7 +11,7 @@
 //! the disk space (`crate::disk::refresh` from the `/metrics` handler).
 
 use crate::router::Router;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -53,6 +53,11 @@ pub struct Metrics {
     stanzas_out_kind: [Counter; 4],
     routing_kind: [Histogram; 4],
     store: Hist,
+    /// `store`'s series by operation, keyed by the address of the operation's
+    /// name (a `&'static str`): the family's own lookup hashes the labels with
+    /// SipHash and takes its lock, on every store call. Operations are the
+    /// store traits' methods, so this stays small.
+    store_by_op: RwLock<HashMap<usize, Histogram, foldhash::fast::FixedState>>,
     store_errors: Family<L1, Counter>,
     queue_depth: Gauge,
     queue_depth_max: Gauge,
@@ -124,6 +129,7 @@ impl Metrics {
             uptime: Gauge::default(),
             disk_free: Gauge::default(),
             disk_size: Gauge::default(),
+            store_by_op: RwLock::default(),
             bound: Mutex::new(HashMap::new()),
         };
         let r = &mut registry;
@@ -275,9 +281,15 @@ impl Metrics {
     }
 
     fn store_op(&self, op: &'static str, took: Duration, backend_error: bool) {
-        self.store
-            .get_or_create(&[("op", op)])
-            .observe(took.as_secs_f64());
+        let key = op.as_ptr() as usize;
+        // Not `if let … else`: its read guard would live into the else branch.
+        let known = self.store_by_op.read().get(&key).cloned();
+        let h = known.unwrap_or_else(|| {
+            let h = self.store.get_or_create(&[("op", op)]).clone();
+            self.store_by_op.write().insert(key, h.clone());
+            h
+        });
+        h.observe(took.as_secs_f64());
         if backend_error {
             self.store_errors.get_or_create(&[("op", op)]).inc();
         }
@@ -417,5 +429,26 @@ mod tests {
         let text = m.render(&Router::new());
         assert!(text.contains("natter_connections{transport=\"ws\"} 0"));
         assert!(text.contains("natter_sessions{transport=\"tls\"} 0"));
+    }
+
+    #[test]
+    fn store_calls_count_per_operation() {
+        use natter_store::Observer;
+        let m = Metrics::new();
+        for _ in 0..3 {
+            m.observe("archive_append", Duration::from_micros(70), false);
+        }
+        // The same name at another address is the same series.
+        let other = String::from("archive_append").leak();
+        m.observe(other, Duration::from_micros(70), true);
+        m.observe("offline_push", Duration::from_millis(2), false);
+        let text = m.render(&Router::new());
+        for needle in [
+            "natter_store_seconds_count{op=\"archive_append\"} 4",
+            "natter_store_seconds_count{op=\"offline_push\"} 1",
+            "natter_store_errors_total{op=\"archive_append\"} 1",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in:\n{text}");
+        }
     }
 }

@@ -131,6 +131,16 @@ async fn twenty_offline_messages_arrive_once_in_order() {
     let mut b = srv.login(&bob, "password", "tablet").await;
     let again = come_online(&mut b, 0).await;
     assert!(again.is_empty(), "delivered twice: {again:?}");
+    // Its catch-up (of nothing) ends just after; a message arriving before
+    // that waits behind it, in the queue, and comes with a delay.
+    let offline = srv
+        .state()
+        .modules
+        .api::<natter::modules::offline::Offline>();
+    wait_for("the tablet's catch-up to end", || {
+        offline.settled(&bob_bare)
+    })
+    .await;
 
     // Online now: live delivery, no delay.
     assert!(send_many(&mut a, &bob, "live ", 1).await.is_empty());

@@ -139,13 +139,17 @@ impl api::OfflineQueue for Offline {
 /// Offline-queue coordination shared by message routing and catch-ups.
 #[derive(Default)]
 pub struct Offline {
-    users: Mutex<HashMap<BareJid, Gate>>,
+    /// Looked up for every message delivered: foldhash, seeded (users
+    /// choose the keys).
+    users: Mutex<Gates>,
     /// Sessions that queried their archive before their initial presence,
     /// and when (unix µs).
     archive_queried: Mutex<HashMap<u64, i64>>,
     /// The last acceptance position handed out.
     last_ord: AtomicI64,
 }
+
+type Gates = HashMap<BareJid, Gate, foldhash::quality::RandomState>;
 
 #[derive(Default)]
 struct Gate {
@@ -174,7 +178,14 @@ impl Offline {
         now.max(prev + 1)
     }
 
-    fn release(&self, users: &mut HashMap<BareJid, Gate>, user: &BareJid) {
+    /// Whether no session of `user` is catching up on the queue and no push
+    /// to it is in flight: a message to `user` now goes straight to their
+    /// available sessions, not behind a catch-up.
+    pub fn settled(&self, user: &BareJid) -> bool {
+        !self.users.lock().contains_key(user)
+    }
+
+    fn release(&self, users: &mut Gates, user: &BareJid) {
         if let Some(g) = users.get(user) {
             if g.catching_up.is_empty() && g.pushing == 0 && Arc::strong_count(&g.drain) == 1 {
                 users.remove(user);

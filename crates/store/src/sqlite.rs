@@ -574,6 +574,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn built_without_memory_statistics() {
+        // Set in .cargo/config.toml (LIBSQLITE3_FLAGS): see there.
+        let store = SqliteStore::open_memory().await.unwrap();
+        let options: Vec<String> = sqlx::query_scalar("PRAGMA compile_options")
+            .fetch_all(&store.writer)
+            .await
+            .unwrap();
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "{options:?}"
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
     async fn conformance_memory() {
         let store = SqliteStore::open_memory().await.unwrap();
         testsuite::conformance(&store).await;
