@@ -53,11 +53,10 @@ pub struct Metrics {
     stanzas_out_kind: [Counter; 4],
     routing_kind: [Histogram; 4],
     store: Hist,
-    /// `store`'s series by operation, keyed by the address of the operation's
-    /// name (a `&'static str`): the family's own lookup hashes the labels with
-    /// SipHash and takes its lock, on every store call. Operations are the
-    /// store traits' methods, so this stays small.
-    store_by_op: RwLock<HashMap<usize, Histogram, foldhash::fast::FixedState>>,
+    /// `store`'s series by operation: the family's own lookup hashes the
+    /// labels with SipHash and takes its lock, on every store call.
+    /// Operations are the store traits' methods, so this stays small.
+    store_by_op: RwLock<HashMap<&'static str, Histogram, foldhash::fast::FixedState>>,
     store_errors: Family<L1, Counter>,
     queue_depth: Gauge,
     queue_depth_max: Gauge,
@@ -82,8 +81,8 @@ impl Default for Metrics {
     }
 }
 
-/// Stanza kinds as metric labels (client-chosen names never become labels).
-/// The `kind` label's values of the per-stanza series.
+/// Stanza kinds as metric labels (client-chosen names never become labels):
+/// the `kind` label's values of the per-stanza series.
 const KINDS: [&str; 4] = ["message", "presence", "iq", "other"];
 
 /// Index in [`KINDS`] of a stanza named `name`.
@@ -281,12 +280,11 @@ impl Metrics {
     }
 
     fn store_op(&self, op: &'static str, took: Duration, backend_error: bool) {
-        let key = op.as_ptr() as usize;
         // Not `if let … else`: its read guard would live into the else branch.
-        let known = self.store_by_op.read().get(&key).cloned();
+        let known = self.store_by_op.read().get(op).cloned();
         let h = known.unwrap_or_else(|| {
             let h = self.store.get_or_create(&[("op", op)]).clone();
-            self.store_by_op.write().insert(key, h.clone());
+            self.store_by_op.write().insert(op, h.clone());
             h
         });
         h.observe(took.as_secs_f64());
@@ -438,7 +436,7 @@ mod tests {
         for _ in 0..3 {
             m.observe("archive_append", Duration::from_micros(70), false);
         }
-        // The same name at another address is the same series.
+        // The same name from another string is the same series.
         let other = String::from("archive_append").leak();
         m.observe(other, Duration::from_micros(70), true);
         m.observe("offline_push", Duration::from_millis(2), false);

@@ -37,7 +37,6 @@
 use super::vocab::{self as mam, priority};
 use super::{api, Event, EventKind, Module, Shared};
 use crate::error::{Condition, StanzaError};
-use crate::jids::Bare;
 use crate::router::{Outbound, QueueRx, SessionHandle};
 use crate::state::ServerState;
 use async_trait::async_trait;
@@ -480,7 +479,7 @@ async fn requeue(state: &ServerState, stanzas: Vec<Outbound>) {
         let Some(bare) = el
             .attr("to")
             .and_then(|t| Jid::new(t).ok())
-            .map(|j| j.bare())
+            .map(Jid::into_bare)
             .filter(|b| b.node().is_some() && state.serves(b.domain().as_str()))
         else {
             continue;

@@ -25,37 +25,33 @@ pub fn set_idle(_tid: i32) -> std::io::Result<()> {
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
-    fn policy_of(tid: &str) -> u32 {
-        // Field 41 of /proc/<pid>/task/<tid>/stat.
-        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        rest.split(' ').nth(38).unwrap().parse().unwrap()
+    fn policy_of(tid: i32) -> i32 {
+        // SAFETY: takes a plain integer; a bad tid is an error return.
+        unsafe { libc::sched_getscheduler(tid) }
+    }
+
+    fn my_tid() -> i32 {
+        // SAFETY: gettid takes nothing and cannot fail.
+        unsafe { libc::gettid() }
     }
 
     #[test]
     fn only_that_thread_becomes_idle() {
-        let me = std::fs::read_link("/proc/thread-self")
-            .unwrap()
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
+        let me = my_tid();
         let (tx, rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
-            let tid = std::fs::read_link("/proc/thread-self")
-                .unwrap()
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            tx.send(tid).unwrap();
+            tx.send(my_tid()).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(200));
         });
         let tid = rx.recv().unwrap();
-        assert_eq!(policy_of(&tid), 0, "SCHED_OTHER before");
-        super::set_idle(tid.parse().unwrap()).unwrap();
-        assert_eq!(policy_of(&tid), libc::SCHED_IDLE as u32);
-        assert_eq!(policy_of(&me), 0, "other threads keep their policy");
+        assert_eq!(policy_of(tid), libc::SCHED_OTHER, "SCHED_OTHER before");
+        super::set_idle(tid).unwrap();
+        assert_eq!(policy_of(tid), libc::SCHED_IDLE);
+        assert_eq!(
+            policy_of(me),
+            libc::SCHED_OTHER,
+            "other threads keep their policy"
+        );
         t.join().unwrap();
         assert!(super::set_idle(i32::MAX).is_err(), "no such thread");
     }
