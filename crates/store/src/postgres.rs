@@ -27,7 +27,8 @@ use crate::sql::{
     archive_rows, credentials_from_rows, db, is_unique_violation, limit_of, mam_prefs_from,
     roster_from_rows, row_to_item, tighter, to_archived, to_offline, to_pep_config, to_pep_items,
     to_u64, to_upload, to_uploads, to_version, upload_size, ArchiveRow, ArchiveTable, CredRow,
-    DbResult, ItemRow, UploadRow, LAST_ARCHIVE_TS, ROOM_ARCHIVE, UPLOAD_COLUMNS, USER_ARCHIVE,
+    DbResult, ItemRow, Position, UploadRow, LAST_ARCHIVE_TS, ROOM_ARCHIVE, UPLOAD_COLUMNS,
+    USER_ARCHIVE,
 };
 use crate::{
     dedup_groups, domain_of, kv_check, now_micros, now_unix, AccountCredentials, AccountStore,

@@ -233,8 +233,34 @@ pub(crate) fn row_to_item(
     })
 }
 
+/// A place in an archive's order. Archives are read in `(ts, seq)` order: the order of
+/// `seq` for what the server wrote (its writers keep `ts` non-decreasing in an owner's
+/// `seq` order), chronological for anything else, and the order of the `(owner, ts)`
+/// index (SQLite ends each index with the rowid, `seq`; PostgreSQL's names it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Position {
+    pub ts: i64,
+    pub seq: i64,
+}
+
+impl Position {
+    /// The exclusive bounds of the `<start/>`/`<end/>` filters: `ts >= start` is after
+    /// `(start, 0)` (seqs start at 1), `ts <= end` before `(end, i64::MAX)`.
+    pub fn time_range(start: Option<i64>, end: Option<i64>) -> (Option<Self>, Option<Self>) {
+        (
+            start.map(|ts| Position { ts, seq: 0 }),
+            end.map(|ts| Position { ts, seq: i64::MAX }),
+        )
+    }
+
+    /// Whether `seq` matters in this bound: a message's position, not a time filter's.
+    pub fn is_message(&self) -> bool {
+        self.seq > 0 && self.seq < i64::MAX
+    }
+}
+
 /// The tighter of two optional bounds (`pick` = max for lower, min for upper bounds).
-pub(crate) fn tighter(a: Option<i64>, b: Option<i64>, pick: fn(i64, i64) -> i64) -> Option<i64> {
+pub(crate) fn tighter<T>(a: Option<T>, b: Option<T>, pick: fn(T, T) -> T) -> Option<T> {
     match (a, b) {
         (Some(a), Some(b)) => Some(pick(a, b)),
         (a, b) => a.or(b),

@@ -58,54 +58,6 @@ impl $store {
         Ok(Some(item))
     }
 
-    /// Turns the `<start/>`/`<end/>` filters into exclusive seq bounds `(lo, hi)`, or
-    /// `None` if no message of `owner` in `t` falls in the time range.
-    ///
-    /// The writers keep `ts` non-decreasing in one owner's seq order, so a time range is a seq
-    /// range. Paging then walks `(owner, seq)` or `(owner, with_jid, seq)` and stops after
-    /// one page, instead of collecting and sorting every message in the time range (think
-    /// of a client syncing "everything since last month"). Each bound costs one lookup in
-    /// `(owner, ts)`.
-    async fn time_range(
-        tx: &mut Tx,
-        t: &ArchiveTable,
-        owner: &str,
-        start: Option<i64>,
-        end: Option<i64>,
-    ) -> Result<Option<(Option<i64>, Option<i64>)>, StoreError> {
-        let mut lo = None;
-        if let Some(start) = start {
-            let first: Option<i64> = sqlx::query_scalar(&format!(
-                "SELECT seq FROM {} WHERE {} = $1 AND ts >= $2 ORDER BY ts, seq LIMIT 1",
-                t.table, t.owner
-            ))
-            .bind(owner)
-            .bind(start)
-            .fetch_optional(&mut **tx)
-            .await
-            .db()?;
-            let Some(first) = first else { return Ok(None) };
-            lo = Some(first - 1);
-        }
-        let mut hi = None;
-        if let Some(end) = end {
-            let last: Option<i64> = sqlx::query_scalar(&format!(
-                "SELECT seq FROM {} WHERE {} = $1 AND ts <= $2 \
-                 ORDER BY ts DESC, seq DESC LIMIT 1",
-                t.table, t.owner
-            ))
-            .bind(owner)
-            .bind(end)
-            .fetch_optional(&mut **tx)
-            .await
-            .db()?;
-            let Some(last) = last else { return Ok(None) };
-            hi = Some(last + 1);
-        }
-        Ok(Some((lo, hi)))
-    }
-
-
     /// Deletes `owner`'s archived messages older than `older_than_micros`, a chunk per
     /// transaction so other writes never wait long.
     async fn prune_owner(&self, owner: &str, older_than_micros: i64) -> Result<u64, StoreError> {
@@ -132,15 +84,15 @@ impl $store {
     }
 
     /// `FROM archive WHERE …` (or `room_archive`, as `t` says) for `owner`'s messages
-    /// matching the `<with/>` and `ids` filters with `lo < seq < hi`. (Time filters are
-    /// turned into seq bounds beforehand, see `time_range`.)
+    /// matching the `<with/>` and `ids` filters between the exclusive positions `lo` and
+    /// `hi` (see [`Position`]).
     fn push_archive_from<'a>(
         qb: &mut QueryBuilder<'a, $db>,
         t: &ArchiveTable,
         owner: &'a str,
         q: &'a ArchiveQuery,
-        lo: Option<i64>,
-        hi: Option<i64>,
+        lo: Option<Position>,
+        hi: Option<Position>,
     ) {
         qb.push(match q.ids.as_deref() {
             Some([_, ..]) => Self::archive_by_ids(t),
@@ -164,11 +116,14 @@ impl $store {
                 qb.push(")");
             }
         }
-        if let Some(lo) = lo {
-            qb.push(" AND seq > ").push_bind(lo);
-        }
-        if let Some(hi) = hi {
-            qb.push(" AND seq < ").push_bind(hi);
+        // `ts` alone bounds the index range; `seq` only orders the rows of equal `ts`.
+        for (bound, (cmp, cmp_eq)) in [(lo, (">", ">=")), (hi, ("<", "<="))] {
+            let Some(pos) = bound else { continue };
+            qb.push(format!(" AND ts {cmp_eq} ")).push_bind(pos.ts);
+            if pos.is_message() {
+                qb.push(format!(" AND (ts {cmp} ")).push_bind(pos.ts);
+                qb.push(format!(" OR seq {cmp} ")).push_bind(pos.seq).push(")");
+            }
         }
     }
 
@@ -180,15 +135,15 @@ impl $store {
         t: &ArchiveTable,
         owner: &'a str,
         q: &'a ArchiveQuery,
-        lo: Option<i64>,
-        hi: Option<i64>,
+        lo: Option<Position>,
+        hi: Option<Position>,
         backward: bool,
     ) {
         Self::push_archive_from(qb, t, owner, q, lo, hi);
         qb.push(if backward {
-            " ORDER BY seq DESC"
+            " ORDER BY ts DESC, seq DESC"
         } else {
-            " ORDER BY seq"
+            " ORDER BY ts, seq"
         });
         qb.push(" LIMIT ")
             .push_bind(limit_of(q.max).saturating_add(1));
@@ -208,6 +163,25 @@ impl $store {
         Ok(ids)
     }
 
+    /// The position of message `id` in `owner`'s archive `t`.
+    async fn position_of(
+        tx: &mut Tx,
+        t: &ArchiveTable,
+        owner: &str,
+        id: &str,
+    ) -> Result<Option<Position>, StoreError> {
+        let row: Option<(i64, i64)> = sqlx::query_as(&format!(
+            "SELECT ts, seq FROM {} WHERE {} = $1 AND id = $2",
+            t.table, t.owner
+        ))
+        .bind(owner)
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await
+        .db()?;
+        Ok(row.map(|(ts, seq)| Position { ts, seq }))
+    }
+
     /// The seq of message `id` in `owner`'s archive `t`.
     async fn seq_of(
         tx: &mut Tx,
@@ -215,15 +189,7 @@ impl $store {
         owner: &str,
         id: &str,
     ) -> Result<Option<i64>, StoreError> {
-        sqlx::query_scalar(&format!(
-            "SELECT seq FROM {} WHERE {} = $1 AND id = $2",
-            t.table, t.owner
-        ))
-        .bind(owner)
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await
-        .db()
+        Ok(Self::position_of(tx, t, owner, id).await?.map(|p| p.seq))
     }
 
     /// [`ArchiveStore::archive_query`] on archive `t`.
@@ -239,31 +205,21 @@ impl $store {
         let mut bounds = [None, None];
         for (slot, id) in bounds.iter_mut().zip([&q.after_id, &q.before_id]) {
             if let Some(id) = id {
-                let seq = Self::seq_of(&mut tx, t, owner, id).await?;
-                *slot = Some(seq.ok_or(StoreError::NotFound)?);
+                let pos = Self::position_of(&mut tx, t, owner, id).await?;
+                *slot = Some(pos.ok_or(StoreError::NotFound)?);
             }
         }
         let [after, before] = bounds;
         let backward = before.is_some() || q.last_page;
-
-        let Some((lo, hi)) =
-            Self::time_range(&mut tx, t, owner, q.start_micros, q.end_micros).await?
-        else {
-            // Nothing archived in the time range.
-            return Ok(ArchivePage {
-                items: Vec::new(),
-                complete: true,
-                count: Some(0),
-            });
-        };
+        let (lo, hi) = Position::time_range(q.start_micros, q.end_micros);
         let mut qb = QueryBuilder::new(format!("SELECT {}", t.row_columns()));
         Self::push_archive_page(
             &mut qb,
             t,
             owner,
             q,
-            tighter(lo, after, i64::max),
-            tighter(hi, before, i64::min),
+            tighter(lo, after, std::cmp::max),
+            tighter(hi, before, std::cmp::min),
             backward,
         );
         let mut rows: Vec<ArchiveRow> = qb.build_query_as().fetch_all(&mut *tx).await.db()?;

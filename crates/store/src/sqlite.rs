@@ -30,7 +30,8 @@ use crate::sql::{
     archive_rows, credentials_from_rows, db, is_unique_violation, limit_of, mam_prefs_from,
     roster_from_rows, row_to_item, tighter, to_archived, to_offline, to_pep_config, to_pep_items,
     to_u64, to_upload, to_uploads, to_version, upload_size, ArchiveRow, ArchiveTable, CredRow,
-    DbResult, ItemRow, UploadRow, LAST_ARCHIVE_TS, ROOM_ARCHIVE, UPLOAD_COLUMNS, USER_ARCHIVE,
+    DbResult, ItemRow, Position, UploadRow, LAST_ARCHIVE_TS, ROOM_ARCHIVE, UPLOAD_COLUMNS,
+    USER_ARCHIVE,
 };
 use crate::{
     dedup_groups, domain_of, kv_check, now_micros, now_unix, AccountCredentials, AccountStore,
@@ -982,11 +983,15 @@ mod tests {
             .into_iter()
             .flat_map(|t| shapes.iter().map(move |q| (t, q)))
         {
+            let at = |ts, seq| Some(Position { ts, seq });
+            let (start, end) = Position::time_range(Some(1), Some(9));
             for (lo, hi) in [
                 (None, None),
-                (Some(5), None),
-                (None, Some(5)),
-                (Some(1), Some(9)),
+                (at(5, 5), None),
+                (None, at(5, 5)),
+                (at(1, 1), at(9, 9)),
+                (start, end),
+                (start, at(5, 5)),
             ] {
                 for backward in [false, true] {
                     let mut qb = QueryBuilder::new("EXPLAIN QUERY PLAN SELECT stanza");
@@ -999,17 +1004,11 @@ mod tests {
             }
         }
         for sql in [
-            "SELECT seq FROM archive WHERE owner = $1 AND ts >= $2 ORDER BY ts, seq LIMIT 1",
-            "SELECT seq FROM archive WHERE owner = $1 AND ts <= $2 \
-             ORDER BY ts DESC, seq DESC LIMIT 1",
-            "SELECT seq FROM archive WHERE owner = $1 AND id = $2",
+            "SELECT ts, seq FROM archive WHERE owner = $1 AND id = $2",
             "SELECT seq FROM archive WHERE owner = $1 AND ts < $2 LIMIT 5000",
             "SELECT seq FROM offline_messages WHERE username = $1 ORDER BY ord, seq LIMIT $2",
             "SELECT item_id FROM pep_items WHERE owner = $1 AND node = $2 ORDER BY seq DESC",
-            "SELECT seq FROM room_archive WHERE room = $1 AND ts >= $2 ORDER BY ts, seq LIMIT 1",
-            "SELECT seq FROM room_archive WHERE room = $1 AND ts <= $2 \
-             ORDER BY ts DESC, seq DESC LIMIT 1",
-            "SELECT seq FROM room_archive WHERE room = $1 AND id = $2",
+            "SELECT ts, seq FROM room_archive WHERE room = $1 AND id = $2",
             "SELECT jid FROM rooms WHERE service = $1 ORDER BY jid",
             "SELECT p.member, a.id FROM room_positions p JOIN room_archive a ON a.seq = p.seq \
              WHERE p.room = $1 AND p.kind = $2 ORDER BY p.member",

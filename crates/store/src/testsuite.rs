@@ -967,6 +967,21 @@ async fn archive(store: &dyn Store) {
     let mut q = query(3);
     q.last_page = true;
     page_all(store, Archive::User(BOB), &q, true, &left).await;
+    // Older history restored after newer messages reads in time order, before them, and
+    // pages and filters by time like the rest.
+    let older: Vec<ArchivedMessage> = (0..4).map(|i| imported(BOB, 500 + i)).collect();
+    store.archive_import(&older).await.unwrap();
+    let with_older = store.archive_query(BOB, &query(100)).await.unwrap().items;
+    assert_eq!(with_older[..4], older[..]);
+    assert_eq!(with_older[4..], left[..]);
+    page_all(store, Archive::User(BOB), &query(3), false, &with_older).await;
+    let mut q = query(3);
+    q.last_page = true;
+    page_all(store, Archive::User(BOB), &q, true, &with_older).await;
+    let mut q = query(100);
+    q.end_micros = Some(502);
+    let p = store.archive_query(BOB, &q).await.unwrap();
+    assert_eq!(p.items[..], older[..3]);
 }
 
 /// 1,000 concurrent appends (each archiving both sides of a message) all complete with

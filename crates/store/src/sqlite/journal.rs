@@ -671,18 +671,23 @@ async fn fold(writer: &SqlitePool, sql: &FoldSql, rows: &[Pending]) -> Result<()
     let Some(last) = rows.last() else {
         return Ok(());
     };
-    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
-    let mut owners: Vec<&str> = rows.iter().map(|p| p.row.owner.as_str()).collect();
-    owners.sort_unstable();
+    // Every archive index starts with the owner: inserting owner by owner walks each
+    // index in key order through pages just touched, rather than one random descent per
+    // row (about a third less CPU per row). The sort is stable, so one owner's rows keep
+    // their log order, and with it `seq` and `ts` agree per owner; across owners they
+    // may disagree within one fold (see `FOLD_MAX`).
+    let mut by_owner: Vec<&Pending> = rows.iter().collect();
+    by_owner.sort_by(|a, b| a.row.owner.cmp(&b.row.owner));
+    let mut owners: Vec<&str> = by_owner.iter().map(|p| p.row.owner.as_str()).collect();
     owners.dedup();
-    let found: HashSet<String> = accounts_among(&mut tx, &owners)
-        .await?
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+    // Sorted for a binary search: cheaper per row than hashing each owner again.
+    let mut found = accounts_among(&mut tx, &owners).await?;
+    found.sort_unstable();
+    let kept: Vec<&Pending> = by_owner
         .into_iter()
-        .collect();
-    let mut kept: Vec<&Pending> = rows
-        .iter()
         .filter(|p| {
-            let ok = found.contains(&p.row.owner);
+            let ok = found.binary_search(&p.row.owner).is_ok();
             if !ok {
                 tracing::warn!(owner = %p.row.owner,
                     "archive log row dropped at fold (account deleted meanwhile)");
@@ -690,12 +695,6 @@ async fn fold(writer: &SqlitePool, sql: &FoldSql, rows: &[Pending]) -> Result<()
             ok
         })
         .collect();
-    // Every archive index starts with the owner: inserting owner by owner walks each
-    // index in key order through pages just touched, rather than one random descent per
-    // row (about a third less CPU per row). The sort is stable, so one owner's rows keep
-    // their log order, and with it `seq` and `ts` agree per owner; across owners they
-    // may disagree within one fold (see `FOLD_MAX`).
-    kept.sort_by(|a, b| a.row.owner.cmp(&b.row.owner));
     for chunk in in_prepared_sizes(&kept) {
         // Text binds borrow the rows (a `&String` bind would copy each one).
         let mut q = sqlx::query(sql.insert(chunk.len()));
