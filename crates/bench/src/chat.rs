@@ -159,6 +159,15 @@ pub async fn run(
     )
     .await?;
 
+    // Server CPU time over exactly the measured window
+    // (with s2s: both servers' CPU, summed).
+    let pids: Vec<u32> = [ctx.server_pid, rx_ctx.server_pid.filter(|_| s2s)]
+        .into_iter()
+        .flatten()
+        .chain(ctx.node_pids.iter().copied())
+        .collect();
+    settle(&pids).await;
+
     let start = now_ns() + 200_000_000;
     let warm_end = start + (a.warmup * 1e9) as u64;
     let send_end = warm_end + (a.duration * 1e9) as u64;
@@ -170,13 +179,6 @@ pub async fn run(
         senders_done: AtomicUsize::new(0),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    // Server CPU time over exactly the measured window.
-    // (with s2s: both servers' CPU, summed).
-    let pids: Vec<u32> = [ctx.server_pid, rx_ctx.server_pid.filter(|_| s2s)]
-        .into_iter()
-        .flatten()
-        .chain(ctx.node_pids.iter().copied())
-        .collect();
     let cpu_task = (!pids.is_empty()).then(|| {
         tokio::spawn(async move {
             let total =
@@ -630,3 +632,31 @@ async fn receiver(
     }
     r
 }
+
+/// Waits, at most [`SETTLE_MAX`], until the measured servers are quiet: at most 20 ms of
+/// CPU in half a second. Work a previous run left behind (a log folded into the
+/// database, tables dumped, garbage collected) is then not charged to this one.
+async fn settle(pids: &[u32]) {
+    let total = || -> Option<f64> { pids.iter().map(|p| proc_cpu_secs(*p)).sum() };
+    let Some(mut last) = total() else { return };
+    let deadline = tokio::time::Instant::now() + SETTLE_MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Some(now) = total() else { return };
+        if now - last <= 0.02 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!(
+                "the server still used {:.0} % of a core after {} s: measuring anyway",
+                200.0 * (now - last),
+                SETTLE_MAX.as_secs()
+            );
+            return;
+        }
+        last = now;
+    }
+}
+
+/// Longest [`settle`] waits.
+const SETTLE_MAX: Duration = Duration::from_secs(30);
