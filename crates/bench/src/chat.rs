@@ -159,8 +159,8 @@ pub async fn run(
     )
     .await?;
 
-    // Server CPU time over exactly the measured window
-    // (with s2s: both servers' CPU, summed).
+    // The measured servers (with s2s: both, their CPU summed): first let them go
+    // quiet, then take their CPU time over exactly the measured window.
     let pids: Vec<u32> = [ctx.server_pid, rx_ctx.server_pid.filter(|_| s2s)]
         .into_iter()
         .flatten()

@@ -90,8 +90,9 @@ pub(crate) fn archive_row(
 
 /// One of the two archives, which have the same shape and share every query: the users'
 /// (`archive`, each owned by an account, messages both ways) and the rooms'
-/// (`room_archive`, each owned by a room, every message incoming). Both are ordered by
-/// `seq`, with `ts` non-decreasing in each owner's `seq` order (the writers assign both).
+/// (`room_archive`, each owned by a room, every message incoming). Both are read in
+/// `(ts, seq)` order (see [`Position`]); the writers assign both, `ts` non-decreasing in
+/// each owner's `seq` order.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct ArchiveTable {
     pub table: &'static str,
