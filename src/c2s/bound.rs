@@ -23,11 +23,42 @@ enum Wake {
     Timer,
 }
 
+/// What the session waits on: a takeover, its queue, the socket, its
+/// timer. (A macro, not an `async fn`: inlined in `bound_loop`, it adds
+/// nothing to what an idle session holds.) `$shutdown` leaves when the
+/// server shuts down.
+macro_rules! next_wake {
+    ($s:ident, $t:ident, $shutdown:expr) => {
+        loop {
+            // A session bound after `Router::shutdown` went through the
+            // table sees the token instead.
+            if $s.state.shutdown.is_cancelled() {
+                $shutdown;
+            }
+            let timer = $s.next_timer();
+            let full = $s.awaiting_acks();
+            break tokio::select! {
+                biased;
+                req = async { match $s.takeover.as_mut() { Some((_, rx)) => rx.recv().await, None => std::future::pending().await } } => {
+                    match req {
+                        Some(reply) => Wake::Takeover(reply),
+                        None => continue,
+                    }
+                }
+                d = async { match $s.rx.as_mut() { Some(rx) if full => Some(rx.signal().await), Some(rx) => rx.recv(true).await, None => std::future::pending().await } } => Wake::Queue(d),
+                r = $t.read() => Wake::Read(r),
+                _ = tokio::time::sleep_until(timer) => Wake::Timer,
+            };
+        }
+    };
+}
+
 impl Session {
     /// A bound session, until its connection or the session ends. This
     /// loop's waits are what an idle session holds: keep them few and
-    /// small, and box what runs on a wake-up. (Not an `async fn`, whose
-    /// arguments would be stored twice.)
+    /// small. What runs on a wake-up is boxed, and the box is kept for the
+    /// wake-ups after it until the session is idle (`while_busy`). (Not an
+    /// `async fn`, whose arguments would be stored twice.)
     #[allow(clippy::manual_async_fn)]
     pub(super) fn bound_loop<'a, T: Transport>(
         &'a mut self,
@@ -35,31 +66,28 @@ impl Session {
     ) -> impl std::future::Future<Output = End> + Send + 'a {
         async move {
             loop {
-                // A session bound after `Router::shutdown` went through the
-                // table sees the token instead.
-                if self.state.shutdown.is_cancelled() {
-                    return shutting_down();
-                }
-                let timer = self.next_timer();
-                let full = self.awaiting_acks();
-                let w = tokio::select! {
-                    biased;
-                    req = async { match self.takeover.as_mut() { Some((_, rx)) => rx.recv().await, None => std::future::pending().await } } => {
-                        match req {
-                            Some(reply) => Wake::Takeover(reply),
-                            None => continue,
-                        }
-                    }
-                    d = async { match self.rx.as_mut() { Some(rx) if full => Some(rx.signal().await), Some(rx) => rx.recv(true).await, None => std::future::pending().await } } => Wake::Queue(d),
-                    r = t.read() => Wake::Read(r),
-                    _ = tokio::time::sleep_until(timer) => Wake::Timer,
-                };
-                let r = Box::pin(self.on_wake_caught(t, w)).await;
-                self.sync_bytes();
-                if let Err(end) = r {
+                let w = next_wake!(self, t, return shutting_down());
+                if let Err(end) = Box::pin(self.while_busy(t, w)).await {
                     return end;
                 }
             }
+        }
+    }
+
+    /// A wake-up and the ones after it, in one allocation, until the
+    /// session gives back its buffers (`release`, `IDLE_RELEASE` after the
+    /// last activity): a busy session does not allocate its handler's
+    /// state (a few KiB, past the allocator's small-size caches) on every
+    /// wake-up, and an idle one holds none of it.
+    async fn while_busy<T: Transport>(&mut self, t: &mut T, mut w: Wake) -> Result<(), End> {
+        loop {
+            let r = self.on_wake_caught(t, w).await;
+            self.sync_bytes();
+            r?;
+            if self.release_at.is_none() {
+                return Ok(());
+            }
+            w = next_wake!(self, t, return Err(shutting_down()));
         }
     }
 

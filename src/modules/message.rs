@@ -120,11 +120,20 @@ enum Plan {
     /// Nothing more to do (to the server, blocked, …).
     Done,
     /// Route as is, no durable write (chat states, headlines, errors, …).
-    Direct { to: Jid, msg: Element, kind: String },
+    Direct(Box<Direct>),
     /// Archive (these entries, maybe none) and then deliver or queue it.
     Accept(Box<Accept>),
 }
 
+struct Direct {
+    to: Jid,
+    msg: Element,
+    kind: String,
+}
+
+// Both plans are boxed, and futures take them boxed: `route`'s future is
+// part of every message's, and an allocation past 1 KiB costs glibc
+// several times a small one.
 struct Accept {
     /// On another server: handed to federation after the sender's copy.
     remote: Option<Arc<dyn api::Remote>>,
@@ -137,12 +146,13 @@ struct Accept {
 }
 
 async fn route(cx: &Cx<'_>, msg: Element, to: Option<Jid>) -> Result<(), StanzaError> {
-    match plan(cx, msg, to).await? {
+    let plan = plan(cx, msg, to).await?;
+    match plan {
         Plan::Done => Ok(()),
-        Plan::Direct { to, msg, kind } => direct(cx, &to, msg, &kind).await,
+        Plan::Direct(d) => direct(cx, d).await,
         Plan::Accept(a) => {
             let ids = append(cx, &a.entries).await?;
-            finish(cx, *a, &ids).await
+            finish(cx, a, &ids).await
         }
     }
 }
@@ -179,17 +189,17 @@ async fn route_many(
         out.push(match p {
             Err(e) => Err(e),
             Ok(Plan::Done) => Ok(()),
-            Ok(Plan::Direct { to, msg, kind }) => direct(cx, &to, msg, &kind).await,
+            Ok(Plan::Direct(d)) => direct(cx, d).await,
             Ok(Plan::Accept(a)) => match &batch {
                 Ok(ids) => {
                     let n = a.entries.len();
-                    finish(cx, *a, &ids[off..off + n]).await
+                    finish(cx, a, &ids[off..off + n]).await
                 }
                 // The batch is all-or-nothing (e.g. one recipient's account
                 // was deleted meanwhile): fall back to one write each, so
                 // only the affected message fails.
                 Err(_) => match append(cx, &a.entries).await {
-                    Ok(ids) => finish(cx, *a, &ids).await,
+                    Ok(ids) => finish(cx, a, &ids).await,
                     Err(e) => Err(e),
                 },
             },
@@ -224,7 +234,7 @@ async fn plan(cx: &Cx<'_>, msg: Element, to: Option<Jid>) -> Result<Plan, Stanza
     }
     let offline = cx.state.modules.api::<dyn api::OfflineQueue>();
     if !offline.storable(&msg, &kind) || (remote.is_some() && to.node().is_none()) {
-        return Ok(Plan::Direct { to, msg, kind });
+        return Ok(Plan::Direct(Box::new(Direct { to, msg, kind })));
     }
     let state = cx.state;
     let bare = to.bare();
@@ -279,7 +289,9 @@ async fn append(
     }
 }
 
-async fn direct(cx: &Cx<'_>, to: &Jid, msg: Element, kind: &str) -> Result<(), StanzaError> {
+async fn direct(cx: &Cx<'_>, d: Box<Direct>) -> Result<(), StanzaError> {
+    let Direct { to, msg, kind } = *d;
+    let (to, kind) = (&to, kind.as_str());
     let bare = to.bare();
     if let Some(r) = remote_for(cx.state, to) {
         r.send(cx.state, &msg)?;
@@ -297,34 +309,35 @@ async fn direct(cx: &Cx<'_>, to: &Jid, msg: Element, kind: &str) -> Result<(), S
             _ => {}
         }
     }
-    deliver_to_bare(cx, &bare, msg, kind).await
+    // Boxed: not in the future of every message that is archived.
+    Box::pin(deliver_to_bare(cx, &bare, msg, kind)).await
 }
 
 /// A message worth keeping, once its archive entries are written (`ids`,
 /// in the order of its entries): deliver it or queue it offline; return
 /// once all of that is durable.
-async fn finish(cx: &Cx<'_>, a: Accept, ids: &[String]) -> Result<(), StanzaError> {
+async fn finish(cx: &Cx<'_>, mut a: Box<Accept>, ids: &[String]) -> Result<(), StanzaError> {
     let state = cx.state;
     let sender = &cx.session.bare;
     let limit = state.config.store.offline_limit;
-    let mut delivered = a.msg;
-    let mut archive_id = None;
-    if let Some(id) = a.recv_ix.and_then(|i| ids.get(i)) {
-        delivered.append_child(vocab::stanza_id(id, &a.bare));
-        archive_id = Some(id.clone());
+    let archive_id = a.recv_ix.and_then(|i| ids.get(i)).map(String::as_str);
+    if let Some(id) = archive_id {
+        let stanza_id = vocab::stanza_id(id, &a.bare);
+        a.msg.append_child(stanza_id);
     }
+    let a = &*a;
     // XEP-0313 "Communicating the archive ID": the sender's id goes only to
     // the sender's own devices (in the sent carbon), never to the recipient.
     let sent_copy = a.sent_ix.and_then(|i| ids.get(i)).map(|id| SentCopy {
-        delivered: &delivered,
-        recipient_id_by: archive_id.as_ref().map(|_| &a.bare),
+        delivered: &a.msg,
+        recipient_id_by: archive_id.map(|_| &a.bare),
         stanza_id: id,
         by: sender,
     });
     if let Some(r) = &a.remote {
         // The sender's copy is durable; the remote server archives its own.
-        r.send(state, &delivered)?;
-        return self::delivered(cx, &delivered, sent_copy, &a.bare, false, None).await;
+        r.send(state, &a.msg)?;
+        return self::delivered(cx, &a.msg, sent_copy, &a.bare, false, None).await;
     }
     let offline = state.modules.api::<dyn api::OfflineQueue>();
     let got = offline
@@ -332,14 +345,14 @@ async fn finish(cx: &Cx<'_>, a: Accept, ids: &[String]) -> Result<(), StanzaErro
             state,
             &a.bare,
             a.full.as_ref(),
-            &delivered,
-            archive_id.as_deref(),
+            &a.msg,
+            archive_id,
             limit,
             None,
         )
         .await?;
     let to_id = got.first().map(|h| h.id);
-    self::delivered(cx, &delivered, sent_copy, &a.bare, a.full.is_some(), to_id).await
+    self::delivered(cx, &a.msg, sent_copy, &a.bare, a.full.is_some(), to_id).await
 }
 
 /// RFC 6121 §8.5.2: all available resources with non-negative priority get

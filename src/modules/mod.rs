@@ -505,8 +505,10 @@ impl Modules {
             if let (Some(owner), Some(c)) =
                 (state.routing.owner(to.bare().as_str()), &state.cluster)
             {
+                // Boxed: a NATS request's state is over 1 KiB, and it would
+                // otherwise be part of every routed stanza's future.
                 let r = crate::cluster::routing::forward_to_service(state, c, &owner, &stanza);
-                return Some(r.await);
+                return Some(Box::pin(r).await);
             }
         }
         Some(m.service_stanza(state, stanza).await)

@@ -74,7 +74,9 @@ impl Module for Multicast {
             .iter()
             .map(|r| copy(s.stanza, r, fanout.header.as_ref()))
             .collect();
-        let results = super::dispatch_messages(cx, copies.clone()).await;
+        // Boxed here, not in the hook's future: every message passes this
+        // hook, and few carry addresses.
+        let results = Box::pin(super::dispatch_messages(cx, copies.clone())).await;
         for (c, r) in copies.iter().zip(results) {
             if let Err(e) = r {
                 // As `dispatch` answers a 1:1 message: from that recipient.

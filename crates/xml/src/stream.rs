@@ -7,8 +7,10 @@ use rxml::{AttrMap, Event, Namespace, Options, Parse, Parser, RawEvent, WithOpti
 use crate::{Element, Node, NS_STREAM, NS_XML};
 
 /// Upper bound for rxml's `max_token_length`. rxml reserves a scratch buffer
-/// of this size while a stanza is being lexed, so it is kept well below the
-/// stanza limit. Long text is split into several events anyway; this only
+/// of this size when it lexes, so it is kept well below the stanza limit. A
+/// busy stream keeps it between stanzas (allocating it per read cost more
+/// than the parse of a short message); `StreamParser::release` gives it back
+/// once the stream is idle. Long text is split into several events anyway; this only
 /// caps a single name or attribute value (JIDs are at most 3071 bytes).
 const MAX_TOKEN_CAP: usize = 8 * 1024;
 
@@ -629,10 +631,6 @@ impl StreamParser {
             if starved {
                 break;
             }
-        }
-        if self.state == State::Open && live.tree.is_empty() {
-            // Idle between stanzas: return rxml's scratch buffers.
-            live.parser.release_temporaries();
         }
         Ok(())
     }
