@@ -113,7 +113,8 @@ impl TcpTransport {
     pub fn plain(stream: TcpStream, peer: SocketAddr, limits: Limits) -> Self {
         TcpTransport {
             io: Io::Plain(stream),
-            parser: StreamParser::new(limits),
+            // `release` frees its scratch buffer once the session is idle.
+            parser: StreamParser::new(limits).keeping_scratch(),
             peer,
             header_sent: false,
             split: true,
@@ -133,7 +134,8 @@ impl TcpTransport {
     fn plain_placeholder(peer: SocketAddr, limits: Limits) -> Self {
         TcpTransport {
             io: Io::Upgrading,
-            parser: StreamParser::new(limits),
+            // `release` frees its scratch buffer once the session is idle.
+            parser: StreamParser::new(limits).keeping_scratch(),
             peer,
             header_sent: false,
             split: true,

@@ -116,6 +116,9 @@ async fn delivered(
 }
 
 /// What routing decided for one message before anything was written.
+/// Both plans are boxed, and the futures take them boxed: `route`'s future
+/// is part of every message's, and an allocation past 1 KiB costs glibc
+/// several times a small one.
 enum Plan {
     /// Nothing more to do (to the server, blocked, …).
     Done,
@@ -131,9 +134,6 @@ struct Direct {
     kind: String,
 }
 
-// Both plans are boxed, and futures take them boxed: `route`'s future is
-// part of every message's, and an allocation past 1 KiB costs glibc
-// several times a small one.
 struct Accept {
     /// On another server: handed to federation after the sender's copy.
     remote: Option<Arc<dyn api::Remote>>,
@@ -291,9 +291,8 @@ async fn append(
 
 async fn direct(cx: &Cx<'_>, d: Box<Direct>) -> Result<(), StanzaError> {
     let Direct { to, msg, kind } = *d;
-    let (to, kind) = (&to, kind.as_str());
     let bare = to.bare();
-    if let Some(r) = remote_for(cx.state, to) {
+    if let Some(r) = remote_for(cx.state, &to) {
         r.send(cx.state, &msg)?;
         return delivered(cx, &msg, None, &bare, false, None).await;
     }
@@ -303,14 +302,14 @@ async fn direct(cx: &Cx<'_>, d: Box<Direct>) -> Result<(), StanzaError> {
             return delivered(cx, &msg, None, &bare, true, Some(h.id)).await;
         }
         // RFC 6121 §8.5.3.2: resource gone.
-        match kind {
+        match kind.as_str() {
             "groupchat" => return Err(StanzaError::new(Condition::ServiceUnavailable)),
             "headline" | "error" => return Ok(()),
             _ => {}
         }
     }
     // Boxed: not in the future of every message that is archived.
-    Box::pin(deliver_to_bare(cx, &bare, msg, kind)).await
+    Box::pin(deliver_to_bare(cx, &bare, msg, &kind)).await
 }
 
 /// A message worth keeping, once its archive entries are written (`ids`,

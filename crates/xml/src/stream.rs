@@ -7,11 +7,10 @@ use rxml::{AttrMap, Event, Namespace, Options, Parse, Parser, RawEvent, WithOpti
 use crate::{Element, Node, NS_STREAM, NS_XML};
 
 /// Upper bound for rxml's `max_token_length`. rxml reserves a scratch buffer
-/// of this size when it lexes, so it is kept well below the stanza limit. A
-/// busy stream keeps it between stanzas (allocating it per read cost more
-/// than the parse of a short message); `StreamParser::release` gives it back
-/// once the stream is idle. Long text is split into several events anyway; this only
-/// caps a single name or attribute value (JIDs are at most 3071 bytes).
+/// of this size when it lexes, so it is kept well below the stanza limit
+/// (see `StreamParser::keeping_scratch` for when it is freed). Long text is
+/// split into several events anyway; this only caps a single name or
+/// attribute value (JIDs are at most 3071 bytes).
 const MAX_TOKEN_CAP: usize = 8 * 1024;
 
 /// Resource limits applied to every stanza (and to the stream header).
@@ -499,6 +498,8 @@ pub struct StreamParser {
     /// as they are read, since rxml holds back text before a `]` or `\r`
     /// until it sees the next byte (found by the xml_stream fuzz target).
     between: bool,
+    /// Keep rxml's scratch buffers between stanzas (`keeping_scratch`).
+    keep_scratch: bool,
 }
 
 impl StreamParser {
@@ -515,7 +516,17 @@ impl StreamParser {
             chars: CharCheck::default(),
             line_ends: LineEnds::default(),
             between: false,
+            keep_scratch: false,
         }
+    }
+
+    /// Keep rxml's scratch buffer (`MAX_TOKEN_CAP`) between stanzas instead
+    /// of freeing it after each read, for an owner that calls
+    /// [`release`](Self::release) once the stream is idle: on a busy stream,
+    /// allocating it per read cost more than parsing a short message.
+    pub fn keeping_scratch(mut self) -> Self {
+        self.keep_scratch = true;
+        self
     }
 
     /// Change the limits, e.g. raise the stanza limit after authentication.
@@ -527,7 +538,10 @@ impl StreamParser {
 
     /// Forget all state: a new stream starts (after STARTTLS or SASL success).
     pub fn reset(&mut self) {
-        *self = StreamParser::new(self.limits);
+        *self = StreamParser {
+            keep_scratch: self.keep_scratch,
+            ..StreamParser::new(self.limits)
+        };
     }
 
     /// Give back rxml's parser and the tree builder's stack if the stream is
@@ -631,6 +645,10 @@ impl StreamParser {
             if starved {
                 break;
             }
+        }
+        if !self.keep_scratch && self.state == State::Open && live.tree.is_empty() {
+            // Idle between stanzas: return rxml's scratch buffers.
+            live.parser.release_temporaries();
         }
         Ok(())
     }
