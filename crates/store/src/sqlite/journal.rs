@@ -71,8 +71,8 @@ const MAX_PENDING_BYTES: usize = 16 << 20;
 /// Bytes of rows waiting for the fold past which each log write first leaves the core to
 /// the fold for up to [`FOLD_TURN`]. The fold runs at `SCHED_IDLE` (see `priority.rs`):
 /// on a core the sessions keep busy it gets nothing unless appends pause, and short
-/// pauses now keep it from falling `MAX_PENDING_BYTES` behind, where appends would wait
-/// for whole folds.
+/// pauses keep it from falling `MAX_PENDING_BYTES` behind, where appends wait for whole
+/// folds.
 const SOFT_PENDING_BYTES: usize = 6 << 20;
 /// Longest a log write waits for the fold past [`SOFT_PENDING_BYTES`].
 const FOLD_TURN: Duration = Duration::from_millis(1);
