@@ -88,10 +88,7 @@ struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// `fold_due`: whether the archive log's fold is due (then this turn is skipped: the
-    /// fold needs the idle core first, and a later checkpoint copies each page it
-    /// rewrites once).
-    fn spawn(pool: SqlitePool, fold_due: Option<Box<dyn Fn() -> bool + Send + Sync>>) -> Self {
+    fn spawn(pool: SqlitePool) -> Self {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             // Logged when it starts and stops failing: on a full disk it fails 4 times a
@@ -101,9 +98,6 @@ impl Checkpointer {
                 tokio::select! {
                     _ = stopped.changed() => break,
                     _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
-                }
-                if fold_due.as_ref().is_some_and(|due| due()) {
-                    continue;
                 }
                 match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
                     .execute(&pool)
@@ -168,7 +162,7 @@ fn background(options: &SqliteConnectOptions, thread: &'static str) -> SqliteCon
 fn lowered(pool: SqlitePoolOptions, thread: &'static str) -> SqlitePoolOptions {
     pool.after_connect(move |_, _| {
         Box::pin(async move {
-            priority::lower_threads_named(thread);
+            priority::lower_threads_named(thread, priority::yield_of(thread));
             Ok(())
         })
     })
@@ -314,17 +308,13 @@ impl SqliteStore {
                 return Err(e);
             }
         };
-        let checkpointer = Checkpointer::spawn(
-            checkpoints,
-            journal.as_ref().map(journal::Journal::fold_due),
-        );
         Ok(SqliteStore {
             writer,
             reader: Some(reader),
             batch,
             journal,
             path: Some(path.to_owned()),
-            checkpointer: Some(checkpointer),
+            checkpointer: Some(Checkpointer::spawn(checkpoints)),
             health,
         })
     }

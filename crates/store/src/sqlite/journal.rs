@@ -68,14 +68,6 @@ const PREPARED_SIZES: [usize; 5] = [256, 64, 16, 4, 1];
 const FOLD_BYTES: usize = 2 << 20;
 /// Bytes of rows waiting for the fold before appends wait for it (memory bound).
 const MAX_PENDING_BYTES: usize = 16 << 20;
-/// Bytes of rows waiting for the fold past which each log write first leaves the core to
-/// the fold for up to [`FOLD_TURN`]. The fold runs at `SCHED_IDLE` (see `priority.rs`):
-/// on a core the sessions keep busy it gets nothing unless appends pause, and short
-/// pauses keep it from falling `MAX_PENDING_BYTES` behind, where appends wait for whole
-/// folds.
-const SOFT_PENDING_BYTES: usize = 6 << 20;
-/// Longest a log write waits for the fold past [`SOFT_PENDING_BYTES`].
-const FOLD_TURN: Duration = Duration::from_millis(1);
 /// Requests logged in one write.
 const MAX_BATCH: usize = 1024;
 /// Owners remembered as existing (the set starts over when full).
@@ -300,13 +292,6 @@ impl Journal {
         }
     }
 
-    /// Whether a fold is due (as many rows wait as start one): for the checkpointer,
-    /// which then leaves the core to the fold.
-    pub fn fold_due(&self) -> Box<dyn Fn() -> bool + Send + Sync> {
-        let shared = self.shared.clone();
-        Box::new(move || shared.pending_bytes.load(Ordering::Relaxed) >= FOLD_BYTES)
-    }
-
     /// `user`'s account is about to go: appends for it must look it up again.
     pub fn forget(&self, user: &str) {
         self.shared.known.lock().remove(user);
@@ -370,12 +355,6 @@ async fn intake(
                     }
                 }
             }
-        }
-        if !batch.is_empty() && shared.pending_bytes.load(Ordering::Acquire) > SOFT_PENDING_BYTES {
-            shared.wake.notify_one();
-            // A fold that ended before now does not end the wait.
-            folded.borrow_and_update();
-            let _ = tokio::time::timeout(FOLD_TURN, folded.changed()).await;
         }
         if !batch.is_empty() {
             // Memory stays bounded when the fold falls behind: wait for it, and refuse

@@ -1,26 +1,30 @@
-//! The SQLite store's background threads run at `SCHED_IDLE`, below the sessions.
+//! The SQLite store's background threads run at a lower CPU priority than the sessions.
 //!
 //! Folding the archive log, the writer connection's statements and the WAL checkpoints
 //! are throughput work: nothing a client waits on is acknowledged by them (an append is
-//! acknowledged once logged; see `journal.rs`). A session thread that wakes must get the
-//! core at once, and only `SCHED_IDLE` gives that on Linux's EEVDF scheduler: a woken
-//! thread of the normal policy preempts an idle-policy one on the spot, where it
-//! preempts a nice-5 thread only if it is "eligible", which a session thread that
-//! used more than its share is not. It then waits for the background thread to block
-//! or for the next tick (4 ms at `HZ=250`). `perf sched timehist` on one core at 5,000
-//! msgs/s showed the sessions' thread waiting 0.8–1.7 ms, many times a second, behind
-//! the writer running one 256-row INSERT or a fold's COMMIT at nice 5.
+//! acknowledged once logged; see `journal.rs`). Given the same priority, a fold of a few
+//! thousand rows competes with the session threads for every time slice on a busy core,
+//! and a message that arrives meanwhile waits for the fold's slice to end (measured on
+//! one core at 2,000 msgs/s: p99 31–43 ms at the same priority, 2.7–2.9 ms below it).
+//! A lower priority changes nothing when a core is free, and it is a share, not a
+//! starvation: the fold still gets about a quarter of a saturated core, about what it
+//! needs there, so appends seldom wait for it (they do once `MAX_PENDING_BYTES` are
+//! logged but not folded). At nice 10 (a tenth) the fold fell that far behind under
+//! saturation that waiting appends made the p99 of closed-loop traffic 60 ms.
 //!
-//! `SCHED_IDLE` is not a share: on a saturated core these threads get almost nothing.
-//! The fold keeps up there because appends wait for it (`journal.rs`: past
-//! `SOFT_PENDING_BYTES` logged but not folded, each log write first leaves the core to
-//! the fold for a moment; past `MAX_PENDING_BYTES` it waits for a whole fold), and the
-//! checkpointer skips its turns while a fold is due. The checkpointer may starve: the
-//! writer checkpoints by itself past `CHECKPOINT_PAGES` (`sqlite.rs`).
+//! The checkpointer goes further, to `SCHED_IDLE`: a session thread that wakes always
+//! preempts it at once, where a nice-5 thread may keep the core to the end of its slice.
+//! A passive checkpoint ran up to 5.6 ms at a time while the sessions' thread waited
+//! (`perf sched`, one core, 5,000 msgs/s). Starving it is harmless: the writer
+//! checkpoints by itself past `CHECKPOINT_PAGES` (`sqlite.rs`). The writer and the fold
+//! stay at nice 5, because under saturation they must keep a share (above).
 //!
-//! Linux keeps a policy per thread, so these calls touch only the named threads.
-//! Lowering one's own policy needs no privilege (going back would, so it is never done).
-//! Elsewhere they do nothing.
+//! Linux keeps a nice value and a policy per thread, so these calls touch only the named
+//! threads. Lowering one's own priority needs no privilege. Elsewhere they do nothing.
+
+/// The nice value of the background threads (the sessions keep the process's, usually 0).
+/// 5 weighs about a third of a nice-0 thread on a contended core.
+pub(crate) const BACKGROUND_NICE: i32 = 5;
 
 /// Name of the writer connection's worker thread (at most 15 bytes: Linux's `comm`).
 pub(crate) const WRITER_THREAD: &str = "natter-db-write";
@@ -29,17 +33,35 @@ pub(crate) const CHECKPOINT_THREAD: &str = "natter-db-ckpt";
 /// Name of the thread that folds the archive log.
 pub(crate) const FOLD_THREAD: &str = "natter-fold";
 
-/// Moves the calling thread to `SCHED_IDLE`.
+/// Lowers the calling thread to [`BACKGROUND_NICE`].
 pub(crate) fn lower_this_thread() {
     #[cfg(target_os = "linux")]
-    if let Err(e) = natter_sched_idle::set_idle(rustix::thread::gettid().as_raw_nonzero().get()) {
+    if let Err(e) = rustix::process::setpriority_process(None, BACKGROUND_NICE) {
         tracing::debug!(error = %e, "cannot lower this thread's CPU priority");
     }
 }
 
-/// Moves every thread of this process named `name` (a thread sqlx starts for a
-/// connection: it runs no code of ours to lower itself) to `SCHED_IDLE`. Idempotent.
-pub(crate) fn lower_threads_named(name: &str) {
+/// How far a background thread yields the core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Yield {
+    /// [`BACKGROUND_NICE`]: a share of a contended core.
+    Nice,
+    /// `SCHED_IDLE`: only what the other threads leave.
+    Idle,
+}
+
+/// How far the thread named `name` yields: the checkpointer all the way, the rest a share.
+pub(crate) fn yield_of(name: &str) -> Yield {
+    if name == CHECKPOINT_THREAD {
+        Yield::Idle
+    } else {
+        Yield::Nice
+    }
+}
+
+/// Lowers every thread of this process named `name` (a thread sqlx starts for a
+/// connection: it runs no code of ours to lower itself). Idempotent.
+pub(crate) fn lower_threads_named(name: &str, how: Yield) {
     #[cfg(target_os = "linux")]
     {
         let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
@@ -54,27 +76,32 @@ pub(crate) fn lower_threads_named(name: &str) {
                 .file_name()
                 .to_str()
                 .and_then(|t| t.parse::<i32>().ok());
-            let Some(tid) = tid else {
+            let Some(pid) = tid.and_then(rustix::process::Pid::from_raw) else {
                 continue;
             };
-            if let Err(e) = natter_sched_idle::set_idle(tid) {
+            let r = match how {
+                Yield::Nice => rustix::process::setpriority_process(Some(pid), BACKGROUND_NICE)
+                    .map_err(std::io::Error::from),
+                Yield::Idle => natter_sched_idle::set_idle(pid.as_raw_nonzero().get()),
+            };
+            if let Err(e) = r {
                 tracing::debug!(error = %e, thread = name, "cannot lower a thread's CPU priority");
             }
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = name;
+    let _ = (name, how);
 }
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
-    fn policy_of(tid: &str) -> u32 {
-        // Field 41 of /proc/<pid>/task/<tid>/stat (the policy), after the parenthesised name.
+    fn nice_of(tid: &str) -> i32 {
+        // Field 19 of /proc/<pid>/task/<tid>/stat, after the parenthesised name.
         let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
         let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        rest.split(' ').nth(38).unwrap().parse().unwrap()
+        rest.split(' ').nth(16).unwrap().parse().unwrap()
     }
 
     fn tid_named(name: &str) -> Option<String> {
@@ -86,9 +113,6 @@ mod tests {
                 (comm.trim_end() == name).then(|| t.file_name().to_string_lossy().into_owned())
             })
     }
-
-    const SCHED_OTHER: u32 = 0;
-    const SCHED_IDLE: u32 = 5;
 
     #[test]
     fn only_the_named_thread_is_lowered() {
@@ -103,13 +127,20 @@ mod tests {
             .unwrap();
         wait.recv().unwrap();
         let tid = tid_named("natter-test-low").expect("the test thread is listed");
-        assert_eq!(policy_of(&tid), SCHED_OTHER);
+        let before = nice_of(&tid);
         let me = rustix::thread::gettid().as_raw_nonzero().to_string();
-        let mine = policy_of(&me);
-        lower_threads_named("natter-test-low");
-        assert_eq!(policy_of(&tid), SCHED_IDLE);
-        assert_eq!(policy_of(&me), mine, "other threads keep their policy");
+        let mine = nice_of(&me);
+        lower_threads_named("natter-test-low", Yield::Nice);
+        assert_eq!(nice_of(&tid), BACKGROUND_NICE.max(before));
+        assert_eq!(nice_of(&me), mine, "other threads keep their priority");
         done.send(()).unwrap();
         t.join().unwrap();
+    }
+
+    #[test]
+    fn only_the_checkpointer_goes_idle() {
+        assert_eq!(yield_of(CHECKPOINT_THREAD), Yield::Idle);
+        assert_eq!(yield_of(WRITER_THREAD), Yield::Nice);
+        assert_eq!(yield_of(FOLD_THREAD), Yield::Nice);
     }
 }
