@@ -354,6 +354,13 @@ async fn user(config: Config, cmd: UserCommand) -> anyhow::Result<()> {
     r
 }
 
+/// Rust's allocations go to jemalloc; C code (SQLite) keeps glibc's malloc. On the message
+/// path glibc spent a quarter of the server's CPU: batches of stanzas overflow its small
+/// per-thread cache, and the rest goes through its locked bins and their consolidation
+/// (BENCHMARKS.md, issue 15). Its tuning is in `.cargo/config.toml`.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {

@@ -110,3 +110,32 @@ fn config_error_in_the_file_names_the_file_line_and_key() {
         "{err}"
     );
 }
+
+/// The binary allocates with jemalloc, tuned as `.cargo/config.toml` says: a
+/// background thread hands freed pages back after about a second, straight to
+/// the system (BENCHMARKS.md, issue 15, for why jemalloc).
+#[test]
+fn binary_allocates_with_the_configured_jemalloc() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_natter"))
+        .env_clear()
+        .env("NATTER_DATA_DIR", dir.path())
+        // jemalloc prints its statistics, options included, at exit.
+        .env("_RJEM_MALLOC_CONF", "stats_print:true")
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stats = text(&out.stderr);
+    assert!(stats.contains("Begin jemalloc statistics"), "{stats}");
+    for option in [
+        "opt.background_thread: true",
+        "opt.dirty_decay_ms: 1000",
+        "opt.muzzy_decay_ms: 0",
+    ] {
+        assert!(
+            stats.contains(option),
+            "{option} not in jemalloc's options:\n{stats}"
+        );
+    }
+}

@@ -588,7 +588,9 @@ impl Router {
 const TRIM_AFTER: u64 = 4 << 20;
 
 /// glibc's malloc keeps freed memory in its arenas: after a flood into a
-/// stuck session the process would stay at its peak. Once sessions freed
+/// stuck session the process would stay at its peak. (The `natter` binary
+/// gives Rust's memory to jemalloc, which returns it by itself; glibc there
+/// holds C code's, SQLite's, and the in-process tests' everything.) Once sessions freed
 /// more than `TRIM_AFTER` bytes of stanzas, ask it to return what is free
 /// (checked every 2 s; one call costs about a millisecond).
 pub async fn trim_task(state: crate::state::ServerState) {
