@@ -588,11 +588,11 @@ impl Router {
 const TRIM_AFTER: u64 = 4 << 20;
 
 /// glibc's malloc keeps freed memory in its arenas: after a flood into a
-/// stuck session the process would stay at its peak. (The `natter` binary
-/// gives Rust's memory to jemalloc, which returns it by itself; glibc there
-/// holds C code's, SQLite's, and the in-process tests' everything.) Once sessions freed
+/// stuck session the process would stay at its peak. Once sessions freed
 /// more than `TRIM_AFTER` bytes of stanzas, ask it to return what is free
-/// (checked every 2 s; one call costs about a millisecond).
+/// (checked every 2 s; one call costs about a millisecond). In the `natter`
+/// binary glibc holds only C code's memory (SQLite's): Rust's is jemalloc's,
+/// which returns it by itself. In-process tests keep everything in glibc.
 pub async fn trim_task(state: crate::state::ServerState) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
