@@ -4,15 +4,18 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn natter(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_natter"))
-        .env_clear()
+/// The binary with a clean environment and its data under `dir`.
+fn natter_command(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_natter"));
+    cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("NATTER_DATA_DIR", dir)
-        .env("NATTER_DOMAINS", "localhost")
-        .args(args)
-        .output()
-        .unwrap()
+        .env("NATTER_DOMAINS", "localhost");
+    cmd
+}
+
+fn natter(dir: &Path, args: &[&str]) -> Output {
+    natter_command(dir).args(args).output().unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -117,9 +120,7 @@ fn config_error_in_the_file_names_the_file_line_and_key() {
 #[test]
 fn binary_allocates_with_the_configured_jemalloc() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_natter"))
-        .env_clear()
-        .env("NATTER_DATA_DIR", dir.path())
+    let out = natter_command(dir.path())
         // jemalloc prints its statistics, options included, at exit.
         .env("_RJEM_MALLOC_CONF", "stats_print:true")
         .arg("--version")
