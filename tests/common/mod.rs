@@ -1296,39 +1296,55 @@ impl S3Server {
     pub async fn start() -> S3Server {
         let bin = std::env::var("NATTER_TEST_MOTO")
             .unwrap_or_else(|_| format!("{}/.venv/bin/moto_server", env!("CARGO_MANIFEST_DIR")));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = std::process::Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "the S3 tests need moto_server ({bin}: {e}); run scripts/test-all, \
-                     or pip install 'moto[server]' into .venv"
-                )
-            });
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut server = S3Server {
-            child,
-            endpoint: format!("http://{addr}"),
-            addr,
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(addr).await.is_err() {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("moto_server ({bin}) exited at start: {status}");
+        // A listener of another test may take the port between our pick and
+        // moto's bind; moto then exits while the port still answers. So the
+        // port counts as moto's only once moto itself answers on it.
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let child = std::process::Command::new(&bin)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "the S3 tests need moto_server ({bin}: {e}); run scripts/test-all, \
+                         or pip install 'moto[server]' into .venv"
+                    )
+                });
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let mut server = S3Server {
+                child,
+                endpoint: format!("http://{addr}"),
+                addr,
+            };
+            match server.answers().await {
+                Ok(()) => return server,
+                Err(why) => last = why,
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "moto_server did not listen within 30 s"
-            );
+        }
+        panic!("moto_server ({bin}) did not start on a port of its own in 5 tries: {last}");
+    }
+
+    /// Wait until moto listens and answers S3's ListBuckets as itself.
+    async fn answers(&mut self) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(self.addr).await.is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("exited at start: {status}"));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err("did not listen within 30 s".into());
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        server
+        let (status, head, body) = http_request(self.addr, "GET", "/", "").await;
+        if status == 200 && body.contains("ListAllMyBucketsResult") {
+            Ok(())
+        } else {
+            Err(format!("another server answered on {}: {head}", self.addr))
+        }
     }
 
     /// A new empty bucket; returns its name.
