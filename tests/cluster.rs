@@ -353,6 +353,17 @@ async fn alice_on_n1_bob_on_n2(
     (alice, bob, a, b)
 }
 
+/// Once `bob`'s phone is routable from `n1`, a message from `a` reaches
+/// `b` (bob's phone).
+async fn flows_live(n1: &TestServer, a: &mut Client, b: &mut Client, bob: &str) {
+    routable(n1, &format!("{bob}/phone"), true).await;
+    a.send(&message(bob, "after")).await;
+    let m = b
+        .recv_until(|e| e.name == "message" && body_of(e).is_some())
+        .await;
+    assert_eq!(body_of(&m).as_deref(), Some("after"), "{m}");
+}
+
 /// Send `to` a message and expect it refused with a `wait` error.
 async fn expect_wait_refusal(c: &mut Client, to: &str) {
     let id = next_id();
@@ -441,16 +452,142 @@ async fn messages_are_refused_with_wait_while_nats_is_down_and_flow_after() {
     // routable again, and messages flow.
     nats = own_nats(port, nats_dir.path());
     until("n1 reconnects", Duration::from_secs(10), || c1.connected()).await;
-    routable(&n1, &format!("{bob}/phone"), true).await;
-    a.send(&message(&bob, "after")).await;
-    let m = b
-        .recv_until(|e| e.name == "message" && body_of(e).is_some())
-        .await;
-    assert_eq!(body_of(&m).as_deref(), Some("after"), "{m}");
+    flows_live(&n1, &mut a, &mut b, &bob).await;
     drop((a, b));
     n2.stop().await;
     n1.stop().await;
     drop(nats);
+}
+
+/// A TCP relay to NATS that can cut its connections and refuse new
+/// ones: one node's link to NATS goes down while the others' stays up.
+struct NatsRelay {
+    addr: std::net::SocketAddr,
+    cut: Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl NatsRelay {
+    async fn start() -> NatsRelay {
+        let to: std::net::SocketAddr = nats_url()
+            .trim_start_matches("nats://")
+            .parse()
+            .expect("NATTER_TEST_NATS_URL as nats://ip:port");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(tokio::sync::watch::Sender::new(false));
+        let relay_cut = cut.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                let mut cut = relay_cut.subscribe();
+                if *cut.borrow() {
+                    continue; // dropped: refused
+                }
+                tokio::spawn(async move {
+                    let Ok(mut up) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                        _ = cut.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        NatsRelay { addr, cut, task }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+impl Drop for NatsRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Wait until NATS itself has no subscriber on `subject` (it notices a
+/// closed connection a moment after its peer does).
+async fn nobody_subscribed(subject: &str) {
+    let nats = async_nats::connect(nats_url()).await.unwrap();
+    for _ in 0..100 {
+        let req = async_nats::Request::new()
+            .payload("".into())
+            .timeout(Some(Duration::from_millis(100)));
+        match nats.send_request(subject.to_string(), req).await {
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => return,
+            _ => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+    panic!("NATS still has a subscriber on {subject}");
+}
+
+/// A node cut off from NATS still counts for the others until its lease
+/// runs out; what they send it meanwhile NATS drops (nobody subscribed).
+/// Those messages must reach the user anyway, once the node is back,
+/// and messages sent after that flow live again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_to_a_node_cut_off_from_nats_arrive_when_it_is_back() {
+    let db = TestDb::create().await;
+    let name = cluster_name();
+    let relay = NatsRelay::start().await;
+    let n1 = {
+        let (name, url) = (name.clone(), db.url.clone());
+        start_server(move |c| clustered(c, &name, "n1", &url)).await
+    };
+    let n2 = {
+        let (name, url, relayed) = (name.clone(), db.url.clone(), relay.addr);
+        start_server(move |c| {
+            clustered(c, &name, "n2", &url);
+            c.cluster.nats_url = format!("nats://{relayed}");
+        })
+        .await
+    };
+    let (_, bob, mut a, mut b) = alice_on_n1_bob_on_n2(&n1, &n2).await;
+    a.send(&message(&bob, "before")).await;
+    let m = b.recv_until(|e| e.name == "message").await;
+    assert_eq!(body_of(&m).as_deref(), Some("before"));
+
+    relay.set_cut(true);
+    let c2 = n2.state().cluster.clone().unwrap();
+    until("n2 notices NATS is gone", Duration::from_secs(10), || {
+        !c2.connected()
+    })
+    .await;
+    nobody_subscribed(&format!("{name}.node.n2")).await;
+    // n1 still routes to bob on n2 (n2's lease runs): the messages are
+    // accepted, and acknowledged once they are safe.
+    a.send(&xml("<enable xmlns='urn:xmpp:sm:3'/>")).await;
+    let r = a.recv_until(|e| e.name == "enabled").await;
+    assert_eq!(r.name, "enabled", "{r}");
+    for n in 0..3 {
+        a.send(&message(&bob, &format!("while cut {n}"))).await;
+    }
+    a.send(&xml("<r xmlns='urn:xmpp:sm:3'/>")).await;
+    let ack = a.recv_until(|e| e.name == "a").await;
+    assert_eq!(ack.attr("h"), Some("3"), "{ack}");
+
+    relay.set_cut(false);
+    b.timeout = Duration::from_secs(30);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let m = b
+            .recv_until(|e| e.name == "message" && body_of(e).is_some())
+            .await;
+        got.push(body_of(&m).unwrap());
+    }
+    assert_eq!(got, ["while cut 0", "while cut 1", "while cut 2"]);
+
+    // n2 is heard of again: messages go to bob live.
+    let c1 = n1.state().cluster.clone().unwrap();
+    until("n2 is back", Duration::from_secs(10), || c2.connected()).await;
+    flows_live(&n1, &mut a, &mut b, &bob).await;
+    assert!(c1.connected());
+    drop((a, b));
+    n2.stop().await;
+    n1.stop().await;
 }
 
 /// A natter node in a process of its own (so it can be killed with

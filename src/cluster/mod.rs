@@ -45,6 +45,8 @@ pub struct Cluster {
     pub(crate) lease: Duration,
     /// Stanzas for sessions on other nodes, on their way to NATS.
     pub outbox: Arc<routing::Outbox>,
+    /// How many times the NATS connection was made (reconnects included).
+    pub(crate) connects: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// The registry bucket of cluster `name`.
@@ -52,11 +54,22 @@ fn bucket(name: &str) -> String {
     format!("{name}_nodes")
 }
 
-/// Connect to `cluster.nats_url`; the error names the URL.
-async fn connect(config: &Config, client_name: &str) -> anyhow::Result<async_nats::Client> {
+/// Connect to `cluster.nats_url`, counting connections in `connects`;
+/// the error names the URL.
+async fn connect(
+    config: &Config,
+    client_name: &str,
+    connects: Arc<tokio::sync::watch::Sender<u64>>,
+) -> anyhow::Result<async_nats::Client> {
     let url = &config.cluster.nats_url;
     async_nats::ConnectOptions::new()
         .name(client_name)
+        .event_callback(move |event| {
+            if matches!(event, async_nats::Event::Connected) {
+                connects.send_modify(|n| *n += 1);
+            }
+            std::future::ready(())
+        })
         .connection_timeout(Duration::from_secs(5))
         .connect(url.as_str())
         .await
@@ -91,7 +104,8 @@ impl Cluster {
     /// off, or a live node already has this node's name.
     pub async fn join(config: &Config, info: &NodeInfo) -> anyhow::Result<Cluster> {
         let node = info.name.clone();
-        let client = connect(config, &format!("natter {node}")).await?;
+        let connects = Arc::new(tokio::sync::watch::Sender::new(0));
+        let client = connect(config, &format!("natter {node}"), connects.clone()).await?;
         let nodes = registry(config, &client).await?;
         match nodes.create(&node, encode(info)?).await {
             Ok(_) => {}
@@ -111,6 +125,7 @@ impl Cluster {
             nodes,
             lease: Duration::from_secs(config.cluster.lease_secs),
             outbox: Default::default(),
+            connects,
         })
     }
 
@@ -145,7 +160,7 @@ impl Cluster {
 /// The live nodes of the configured cluster, read without joining it
 /// (`natter admin cluster`).
 pub async fn live_nodes(config: &Config) -> anyhow::Result<Vec<NodeInfo>> {
-    let client = connect(config, "natter admin").await?;
+    let client = connect(config, "natter admin", Default::default()).await?;
     let nodes = registry(config, &client).await?;
     list(&nodes).await
 }

@@ -30,6 +30,21 @@
 //! (`Outbox::settle`), so a node killed after an acknowledgement has
 //! nothing of that message in flight.
 //!
+//! **Bounces.** Core NATS drops a stanza published to a node that is not
+//! subscribed at that moment — one cut off from NATS, or still
+//! reconnecting after NATS restarted — while its lease still runs. So
+//! each goes out with a reply subject of its own
+//! (`<cluster>.bounce.<node>.<seq>`), where NATS answers "no responders"
+//! when nobody took it, and each batch ends with a round trip through
+//! NATS (a marker on that subject), which returns after every bounce of
+//! the batch. Bounced stanzas are held, in order, and what follows for
+//! that node waits behind them; they go again once the node writes its
+//! registry entry again (a write it makes after its subscriptions are
+//! back), or are dropped once it has been silent for two leases (killed:
+//! its users' devices reconnect elsewhere and find the messages in their
+//! archives). A node that reconnects to NATS catches its sessions up on
+//! their offline queues, since pokes sent meanwhile were lost.
+//!
 //! **Pokes.** A message queued offline on one node may be for a user whose
 //! session on another node came online a moment ago (the mirror lags by a
 //! NATS round trip): the queuing node publishes the user on
@@ -48,7 +63,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use smallvec::SmallVec;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,7 +76,9 @@ const H_ORD: &str = "Natter-Ord";
 const H_CLOSE: &str = "Natter-Close";
 /// On a stanza for a service entity this node owns (`Routing::owner`).
 const H_SERVICE: &str = "Natter-Service";
-/// Bytes of stanzas waiting to be published before proxies refuse more.
+/// Bytes of stanzas waiting to be published before proxies refuse more;
+/// also the bound on those published and not yet confirmed, and on those
+/// held after a bounce.
 const OUTBOX_BYTES: usize = 64 << 20;
 /// How long a sender's acknowledgement waits for NATS to take what it
 /// sent to other nodes.
@@ -79,6 +96,8 @@ pub struct Outbox {
     pushed: AtomicU64,
     /// Sequence number of the last stanza NATS confirmed (flush).
     flushed: tokio::sync::watch::Sender<u64>,
+    /// Subjects of nodes heard of again: stanzas held for them go now.
+    back: Mutex<Vec<String>>,
 }
 
 #[derive(Default)]
@@ -133,9 +152,56 @@ impl Outbox {
     }
 }
 
-/// Publish what proxies queued, in order; flush after each batch.
-async fn write_outbox(state: ServerState, c: Arc<Cluster>) {
+/// Stanzas NATS bounced, per node subject, in order, until that node is
+/// heard of again (then they go first) or is gone (then they are
+/// dropped: messages among them are in their users' archives).
+#[derive(Default)]
+struct Held {
+    by_subject: HashMap<Arc<str>, VecDeque<Outgoing>>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Bounced `items` (in order) go before what was held after them.
+    fn put_back(&mut self, items: Vec<Outgoing>) {
+        let mut by_subject: HashMap<Arc<str>, Vec<Outgoing>> = HashMap::new();
+        for o in items {
+            self.bytes += o.payload.len();
+            by_subject.entry(o.subject.clone()).or_default().push(o);
+        }
+        for (subject, items) in by_subject {
+            let q = self.by_subject.entry(subject).or_default();
+            for o in items.into_iter().rev() {
+                q.push_front(o);
+            }
+        }
+    }
+
+    fn take(&mut self, subject: &str) -> VecDeque<Outgoing> {
+        let q = self.by_subject.remove(subject).unwrap_or_default();
+        self.bytes -= q.iter().map(|o| o.payload.len()).sum::<usize>();
+        q
+    }
+}
+
+/// Publish what proxies queued, in order; then a round trip through NATS
+/// (`confirm`) tells what it bounced, and senders learn the batch is
+/// settled. Stanzas for a node with bounced ones held wait behind them.
+async fn write_outbox(
+    state: ServerState,
+    c: Arc<Cluster>,
+    routing: Arc<ClusterRouting>,
+    mut bounces: async_nats::Subscriber,
+) {
     let outbox = &c.outbox;
+    let bounce_prefix = format!("{}.", bounce_subject(&c.name, &c.node));
+    let node_prefix = format!("{}.node.", c.name);
+    // Published, not yet confirmed: what a bounce names.
+    let mut unconfirmed: VecDeque<Outgoing> = VecDeque::new();
+    let mut unconfirmed_bytes = 0;
+    let mut bounced = HashSet::new();
+    let mut held = Held::default();
+    let mut sweep = tokio::time::interval(routing.lease);
     let mut ending = false;
     loop {
         if !ending {
@@ -145,6 +211,7 @@ async fn write_outbox(state: ServerState, c: Arc<Cluster>) {
                 // are all gone, then once more.
                 _ = drained(&state) => ending = true,
                 _ = outbox.notify.notified() => {}
+                _ = sweep.tick() => drop_held_for_gone_nodes(&routing, &node_prefix, &mut held),
             }
         }
         loop {
@@ -153,27 +220,167 @@ async fn write_outbox(state: ServerState, c: Arc<Cluster>) {
                 q.bytes = 0;
                 q.items.drain(..).collect()
             };
-            let Some(last) = batch.last().map(|o| o.seq) else {
-                break;
-            };
+            // Nodes heard of since their stanzas bounced: those go first.
+            let back: Vec<String> = std::mem::take(&mut *outbox.back.lock());
+            let mut out: Vec<Outgoing> = Vec::new();
+            for subject in back {
+                out.extend(held.take(&subject));
+            }
+            let last = batch.last().map(|o| o.seq);
             for o in batch {
+                match held.by_subject.get_mut(&o.subject) {
+                    Some(q) => {
+                        held.bytes += o.payload.len();
+                        q.push_back(o);
+                    }
+                    None => out.push(o),
+                }
+            }
+            if out.is_empty() {
+                if let Some(last) = last {
+                    outbox.flushed.send_replace(last);
+                    continue;
+                }
+                break;
+            }
+            for o in out {
+                let reply = format!("{bounce_prefix}{}", o.seq);
                 if let Err(e) = c
                     .client
-                    .publish_with_headers(o.subject.to_string(), o.headers, o.payload)
+                    .publish_with_reply_and_headers(
+                        o.subject.to_string(),
+                        reply,
+                        o.headers.clone(),
+                        o.payload.clone(),
+                    )
                     .await
                 {
                     tracing::warn!(error = %e, "cluster: stanza not forwarded");
                 }
+                unconfirmed_bytes += o.payload.len();
+                unconfirmed.push_back(o);
             }
-            match c.client.flush().await {
-                Ok(()) => {
+            // NATS unreachable for long: forget the oldest (what they
+            // became is unknown) rather than hold more than the outbox.
+            while unconfirmed_bytes > OUTBOX_BYTES {
+                let Some(o) = unconfirmed.pop_front() else {
+                    break;
+                };
+                unconfirmed_bytes -= o.payload.len();
+            }
+            let marker = last.unwrap_or(0);
+            if confirm(&c, &mut bounces, &bounce_prefix, marker, &mut bounced).await {
+                unconfirmed_bytes = 0;
+                let items = std::mem::take(&mut unconfirmed);
+                if !bounced.is_empty() {
+                    let back: Vec<Outgoing> = items
+                        .into_iter()
+                        .filter(|o| bounced.contains(&o.seq))
+                        .collect();
+                    tracing::info!(
+                        stanzas = back.len(),
+                        "cluster: NATS bounced stanzas (their node is not subscribed); held until it is heard of again"
+                    );
+                    held.put_back(back);
+                    bounced.clear();
+                }
+                if held.bytes > OUTBOX_BYTES {
+                    drop_held(&mut held, "more held than the outbox holds");
+                }
+                if let Some(last) = last {
                     outbox.flushed.send_replace(last);
                 }
-                Err(e) => tracing::warn!(error = %e, "cluster: NATS flush failed"),
             }
         }
         if ending {
             return;
+        }
+    }
+}
+
+/// Drop what is held for nodes silent for two leases (killed, or cut off
+/// for long): their sessions are gone or will catch up from the archive.
+fn drop_held_for_gone_nodes(routing: &ClusterRouting, node_prefix: &str, held: &mut Held) {
+    if held.by_subject.is_empty() {
+        return;
+    }
+    let gone: Vec<Arc<str>> = {
+        let m = routing.mirror.read();
+        held.by_subject
+            .keys()
+            .filter(|subject| {
+                let node = subject.strip_prefix(node_prefix).unwrap_or_default();
+                m.nodes
+                    .get(node)
+                    .is_none_or(|s| s.at.elapsed() > routing.lease * 2)
+            })
+            .cloned()
+            .collect()
+    };
+    for subject in gone {
+        let n = held.take(&subject).len();
+        tracing::warn!(%subject, stanzas = n, "cluster: dropped stanzas held for a node gone silent; messages among them are in their users' archives");
+    }
+}
+
+fn drop_held(held: &mut Held, why: &str) {
+    let n: usize = held.by_subject.values().map(VecDeque::len).sum();
+    tracing::warn!(
+        stanzas = n,
+        why,
+        "cluster: dropped held stanzas; messages among them are in their users' archives"
+    );
+    *held = Held::default();
+}
+
+fn bounce_subject(cluster: &str, node: &str) -> String {
+    format!("{cluster}.bounce.{node}")
+}
+
+/// A round trip through NATS after publishing up to `last`: a marker on
+/// this node's bounce subject comes back after every bounce of what was
+/// published before it (NATS answers a client in order), collected into
+/// `bounced`. False when NATS did not answer within `SETTLE`.
+async fn confirm(
+    c: &Cluster,
+    bounces: &mut async_nats::Subscriber,
+    prefix: &str,
+    last: u64,
+    bounced: &mut HashSet<u64>,
+) -> bool {
+    let marker = format!("{prefix}m{last}");
+    if let Err(e) = c.client.publish(marker.clone(), bytes::Bytes::new()).await {
+        tracing::warn!(error = %e, "cluster: NATS round trip not sent");
+        return false;
+    }
+    if let Err(e) = c.client.flush().await {
+        tracing::warn!(error = %e, "cluster: NATS flush failed");
+        return false;
+    }
+    let deadline = tokio::time::sleep(SETTLE);
+    tokio::pin!(deadline);
+    loop {
+        let m = tokio::select! {
+            _ = &mut deadline => {
+                tracing::warn!("cluster: NATS did not confirm forwarded stanzas in time");
+                return false;
+            }
+            m = bounces.next() => m,
+        };
+        let Some(m) = m else { return false };
+        if m.subject.as_str() == marker {
+            return true;
+        }
+        if m.status != Some(async_nats::StatusCode::NO_RESPONDERS) {
+            continue;
+        }
+        if let Some(seq) = m
+            .subject
+            .as_str()
+            .strip_prefix(prefix)
+            .and_then(|s| s.parse().ok())
+        {
+            bounced.insert(seq);
         }
     }
 }
@@ -262,6 +469,8 @@ struct Remote {
 struct Seen {
     incarnation: u64,
     at: Instant,
+    /// The registry entry's revision heard last.
+    revision: u64,
 }
 
 #[derive(Default)]
@@ -479,11 +688,24 @@ pub async fn start(
     tokio::spawn(watch_sessions(
         state.clone(),
         cluster.clone(),
-        routing,
+        routing.clone(),
         sessions,
     ));
     tokio::spawn(receive(state.clone(), inbound));
-    tokio::spawn(write_outbox(state.clone(), cluster.clone()));
+    let bounces = cluster
+        .client
+        .subscribe(format!(
+            "{}.*",
+            bounce_subject(&cluster.name, &cluster.node)
+        ))
+        .await?;
+    tokio::spawn(write_outbox(
+        state.clone(),
+        cluster.clone(),
+        routing.clone(),
+        bounces,
+    ));
+    tokio::spawn(catch_up_after_reconnects(state.clone(), cluster.clone()));
     tokio::spawn(receive_pokes(state.clone(), cluster.clone(), pokes));
     tokio::spawn(receive_changes(
         state.clone(),
@@ -573,7 +795,7 @@ async fn watch_nodes(state: ServerState, c: Arc<Cluster>, routing: Arc<ClusterRo
     loop {
         let mut watch = match follow(&c.nodes).await {
             Ok(Some((first, watch))) => {
-                note_node(&routing, first);
+                note_node(&c, &routing, first);
                 watch
             }
             // Not even this node's entry (NATS lost it): poll.
@@ -596,7 +818,7 @@ async fn watch_nodes(state: ServerState, c: Arc<Cluster>, routing: Arc<ClusterRo
                     }
                 }
                 e = watch.next() => match e {
-                    Some(Ok(e)) => note_node(&routing, e),
+                    Some(Ok(e)) => note_node(&c, &routing, e),
                     Some(Err(e)) => tracing::warn!(error = %e, "cluster: node watch"),
                     None => break,
                 },
@@ -605,7 +827,8 @@ async fn watch_nodes(state: ServerState, c: Arc<Cluster>, routing: Arc<ClusterRo
     }
 }
 
-fn note_node(routing: &ClusterRouting, e: kv::Entry) {
+fn note_node(c: &Cluster, routing: &ClusterRouting, e: kv::Entry) {
+    let (cluster, outbox) = (&c.name, &c.outbox);
     let mut m = routing.mirror.write();
     match e.operation {
         kv::Operation::Put => {
@@ -616,11 +839,18 @@ fn note_node(routing: &ClusterRouting, e: kv::Entry) {
             let age_ns = (now_nanos() - e.created.unix_timestamp_nanos()).max(0);
             let age = Duration::from_nanos(age_ns.min(u64::MAX as i128) as u64);
             let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            // A new write (not a watch opened again replaying the entry it
+            // saw) shows the node is subscribed: what bounced goes again.
+            if m.nodes.get(&e.key).is_none_or(|s| s.revision != e.revision) {
+                outbox.back.lock().push(subject_of(cluster, &e.key));
+                outbox.notify.notify_one();
+            }
             m.nodes.insert(
                 e.key,
                 Seen {
                     incarnation: info.incarnation,
                     at,
+                    revision: e.revision,
                 },
             );
         }
@@ -956,6 +1186,37 @@ fn unlimited() -> natter_xml::Limits {
         max_depth: usize::MAX,
         max_attrs: usize::MAX,
         max_elements: usize::MAX,
+    }
+}
+
+/// After NATS comes back, pokes sent while this node was cut off are
+/// lost: every session here catches up on its offline queue — once NATS
+/// took this node's subscriptions again (a flush), so pokes from then on
+/// arrive.
+async fn catch_up_after_reconnects(state: ServerState, c: Arc<Cluster>) {
+    let mut connects = c.connects.subscribe();
+    connects.mark_unchanged();
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            r = connects.changed() => if r.is_err() { return },
+        }
+        // The first connection is the one made at start.
+        if *connects.borrow_and_update() <= 1 {
+            continue;
+        }
+        if c.client.flush().await.is_err() {
+            continue;
+        }
+        let offline = state.modules.api::<dyn crate::modules::api::OfflineQueue>();
+        let sessions = state.router.all();
+        tracing::info!(
+            sessions = sessions.len(),
+            "cluster: back on NATS; sessions here catch up on their offline queues"
+        );
+        for h in sessions {
+            offline.catch_up_now(&state, &h);
+        }
     }
 }
 
