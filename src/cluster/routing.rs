@@ -35,15 +35,15 @@
 //! reconnecting after NATS restarted — while its lease still runs. So
 //! each goes out with a reply subject of its own
 //! (`<cluster>.bounce.<node>.<seq>`), where NATS answers "no responders"
-//! when nobody took it, and each batch ends with a round trip through
-//! NATS (a marker on that subject), which returns after every bounce of
-//! the batch. Bounced stanzas are held, in order, and what follows for
-//! that node waits behind them; they go again once the node writes its
-//! registry entry again (a write it makes after its subscriptions are
-//! back), or are dropped once it has been silent for two leases (killed:
-//! its users' devices reconnect elsewhere and find the messages in their
-//! archives). A node that reconnects to NATS catches its sessions up on
-//! their offline queues, since pokes sent meanwhile were lost.
+//! when nobody took it; the writer keeps what it published for `RETAIN`
+//! to look bounces up. Bounced stanzas are held, in order, and what
+//! follows for that node waits behind them; they go again once the node
+//! writes its registry entry again (a write it makes after its
+//! subscriptions are back), or are dropped once it has been silent for two
+//! leases (killed: its users' devices reconnect elsewhere and find the
+//! messages in their archives). A node that reconnects to NATS catches its
+//! sessions up on their offline queues, since pokes sent meanwhile were
+//! lost.
 //!
 //! **Pokes.** A message queued offline on one node may be for a user whose
 //! session on another node came online a moment ago (the mirror lags by a
@@ -63,7 +63,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use smallvec::SmallVec;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -80,6 +80,8 @@ const H_SERVICE: &str = "Natter-Service";
 /// also the bound on those published and not yet confirmed, and on those
 /// held after a bounce.
 const OUTBOX_BYTES: usize = 64 << 20;
+/// How long a published stanza is kept for NATS to bounce it.
+const RETAIN: Duration = Duration::from_secs(2);
 /// How long a sender's acknowledgement waits for NATS to take what it
 /// sent to other nodes.
 const SETTLE: Duration = Duration::from_secs(5);
@@ -109,15 +111,36 @@ struct OutboxQueue {
 struct Outgoing {
     seq: u64,
     subject: Arc<str>,
-    headers: async_nats::HeaderMap,
+    /// The full JID of the session it is for.
+    to: Box<str>,
+    /// A stanza's acceptance order, or the condition closing the session.
+    what: Forwarded,
     payload: bytes::Bytes,
+}
+
+enum Forwarded {
+    Stanza { ord: i64 },
+    Close(&'static str),
+}
+
+impl Outgoing {
+    fn headers(&self) -> async_nats::HeaderMap {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(H_TO, &*self.to);
+        match self.what {
+            Forwarded::Stanza { ord } => h.insert(H_ORD, ord.to_string().as_str()),
+            Forwarded::Close(cond) => h.insert(H_CLOSE, cond),
+        }
+        h
+    }
 }
 
 impl Outbox {
     fn push(
         &self,
         subject: &Arc<str>,
-        headers: async_nats::HeaderMap,
+        to: &FullJid,
+        what: Forwarded,
         payload: bytes::Bytes,
     ) -> bool {
         let mut q = self.queue.lock();
@@ -129,7 +152,8 @@ impl Outbox {
         q.items.push_back(Outgoing {
             seq,
             subject: subject.clone(),
-            headers,
+            to: to.as_str().into(),
+            what,
             payload,
         });
         drop(q);
@@ -162,19 +186,12 @@ struct Held {
 }
 
 impl Held {
-    /// Bounced `items` (in order) go before what was held after them.
-    fn put_back(&mut self, items: Vec<Outgoing>) {
-        let mut by_subject: HashMap<Arc<str>, Vec<Outgoing>> = HashMap::new();
-        for o in items {
-            self.bytes += o.payload.len();
-            by_subject.entry(o.subject.clone()).or_default().push(o);
-        }
-        for (subject, items) in by_subject {
-            let q = self.by_subject.entry(subject).or_default();
-            for o in items.into_iter().rev() {
-                q.push_front(o);
-            }
-        }
+    /// A bounced stanza, in sequence order among those held for its node.
+    fn put_back(&mut self, o: Outgoing) {
+        self.bytes += o.payload.len();
+        let q = self.by_subject.entry(o.subject.clone()).or_default();
+        let at = q.partition_point(|h| h.seq < o.seq);
+        q.insert(at, o);
     }
 
     fn take(&mut self, subject: &str) -> VecDeque<Outgoing> {
@@ -184,22 +201,75 @@ impl Held {
     }
 }
 
-/// Publish what proxies queued, in order; then a round trip through NATS
-/// (`confirm`) tells what it bounced, and senders learn the batch is
-/// settled. Stanzas for a node with bounced ones held wait behind them.
+/// Stanzas published lately, by sequence number: what a bounce may name.
+/// NATS bounces within a round trip; they are kept `RETAIN`.
+#[derive(Default)]
+struct Recent {
+    by_seq: HashMap<u64, Outgoing>,
+    order: VecDeque<(Instant, u64)>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn add(&mut self, o: Outgoing) {
+        self.bytes += o.payload.len();
+        self.order.push_back((Instant::now(), o.seq));
+        self.by_seq.insert(o.seq, o);
+        while let Some(&(at, seq)) = self.order.front() {
+            if at.elapsed() < RETAIN && self.bytes <= OUTBOX_BYTES {
+                break;
+            }
+            self.order.pop_front();
+            self.take(seq);
+        }
+    }
+
+    fn take(&mut self, seq: u64) -> Option<Outgoing> {
+        let o = self.by_seq.remove(&seq)?;
+        self.bytes -= o.payload.len();
+        Some(o)
+    }
+}
+
+/// What NATS bounced (nobody subscribed on its node's subject) is held.
+fn note_bounce(m: async_nats::Message, prefix: &str, recent: &mut Recent, held: &mut Held) {
+    if m.status != Some(async_nats::StatusCode::NO_RESPONDERS) {
+        return;
+    }
+    let Some(seq) = m
+        .subject
+        .as_str()
+        .strip_prefix(prefix)
+        .and_then(|s| s.parse::<u64>().ok())
+    else {
+        return;
+    };
+    match recent.take(seq) {
+        Some(o) => {
+            if !held.by_subject.contains_key(&o.subject) {
+                tracing::warn!(subject = %o.subject, "cluster: NATS bounced stanzas (their node is not subscribed); held until it is heard of again");
+            }
+            held.put_back(o);
+        }
+        None => tracing::warn!(seq, "cluster: a stanza bounced too late to be held"),
+    }
+}
+
+/// Publish what proxies queued, in order, and flush after each batch.
+/// Each stanza carries its own reply subject, where NATS bounces it when
+/// nobody is subscribed on its node's subject; what bounced is held, and
+/// what follows for that node waits behind it.
 async fn write_outbox(
     state: ServerState,
     c: Arc<Cluster>,
     routing: Arc<ClusterRouting>,
     mut bounces: async_nats::Subscriber,
 ) {
+    use futures::FutureExt;
     let outbox = &c.outbox;
     let bounce_prefix = format!("{}.", bounce_subject(&c.name, &c.node));
     let node_prefix = format!("{}.node.", c.name);
-    // Published, not yet confirmed: what a bounce names.
-    let mut unconfirmed: VecDeque<Outgoing> = VecDeque::new();
-    let mut unconfirmed_bytes = 0;
-    let mut bounced = HashSet::new();
+    let mut recent = Recent::default();
     let mut held = Held::default();
     let mut sweep = tokio::time::interval(routing.lease);
     let mut ending = false;
@@ -211,10 +281,17 @@ async fn write_outbox(
                 // are all gone, then once more.
                 _ = drained(&state) => ending = true,
                 _ = outbox.notify.notified() => {}
+                Some(m) = bounces.next() => note_bounce(m, &bounce_prefix, &mut recent, &mut held),
                 _ = sweep.tick() => drop_held_for_gone_nodes(&routing, &node_prefix, &mut held),
             }
         }
         loop {
+            while let Some(Some(m)) = bounces.next().now_or_never() {
+                note_bounce(m, &bounce_prefix, &mut recent, &mut held);
+            }
+            if held.bytes > OUTBOX_BYTES {
+                drop_held(&mut held, "more held than the outbox holds");
+            }
             let batch: Vec<Outgoing> = {
                 let mut q = outbox.queue.lock();
                 q.bytes = 0;
@@ -250,46 +327,22 @@ async fn write_outbox(
                     .publish_with_reply_and_headers(
                         o.subject.to_string(),
                         reply,
-                        o.headers.clone(),
+                        o.headers(),
                         o.payload.clone(),
                     )
                     .await
                 {
                     tracing::warn!(error = %e, "cluster: stanza not forwarded");
                 }
-                unconfirmed_bytes += o.payload.len();
-                unconfirmed.push_back(o);
+                recent.add(o);
             }
-            // NATS unreachable for long: forget the oldest (what they
-            // became is unknown) rather than hold more than the outbox.
-            while unconfirmed_bytes > OUTBOX_BYTES {
-                let Some(o) = unconfirmed.pop_front() else {
-                    break;
-                };
-                unconfirmed_bytes -= o.payload.len();
-            }
-            let marker = last.unwrap_or(0);
-            if confirm(&c, &mut bounces, &bounce_prefix, marker, &mut bounced).await {
-                unconfirmed_bytes = 0;
-                let items = std::mem::take(&mut unconfirmed);
-                if !bounced.is_empty() {
-                    let back: Vec<Outgoing> = items
-                        .into_iter()
-                        .filter(|o| bounced.contains(&o.seq))
-                        .collect();
-                    tracing::info!(
-                        stanzas = back.len(),
-                        "cluster: NATS bounced stanzas (their node is not subscribed); held until it is heard of again"
-                    );
-                    held.put_back(back);
-                    bounced.clear();
+            match c.client.flush().await {
+                Ok(()) => {
+                    if let Some(last) = last {
+                        outbox.flushed.send_replace(last);
+                    }
                 }
-                if held.bytes > OUTBOX_BYTES {
-                    drop_held(&mut held, "more held than the outbox holds");
-                }
-                if let Some(last) = last {
-                    outbox.flushed.send_replace(last);
-                }
+                Err(e) => tracing::warn!(error = %e, "cluster: NATS flush failed"),
             }
         }
         if ending {
@@ -337,54 +390,6 @@ fn bounce_subject(cluster: &str, node: &str) -> String {
     format!("{cluster}.bounce.{node}")
 }
 
-/// A round trip through NATS after publishing up to `last`: a marker on
-/// this node's bounce subject comes back after every bounce of what was
-/// published before it (NATS answers a client in order), collected into
-/// `bounced`. False when NATS did not answer within `SETTLE`.
-async fn confirm(
-    c: &Cluster,
-    bounces: &mut async_nats::Subscriber,
-    prefix: &str,
-    last: u64,
-    bounced: &mut HashSet<u64>,
-) -> bool {
-    let marker = format!("{prefix}m{last}");
-    if let Err(e) = c.client.publish(marker.clone(), bytes::Bytes::new()).await {
-        tracing::warn!(error = %e, "cluster: NATS round trip not sent");
-        return false;
-    }
-    if let Err(e) = c.client.flush().await {
-        tracing::warn!(error = %e, "cluster: NATS flush failed");
-        return false;
-    }
-    let deadline = tokio::time::sleep(SETTLE);
-    tokio::pin!(deadline);
-    loop {
-        let m = tokio::select! {
-            _ = &mut deadline => {
-                tracing::warn!("cluster: NATS did not confirm forwarded stanzas in time");
-                return false;
-            }
-            m = bounces.next() => m,
-        };
-        let Some(m) = m else { return false };
-        if m.subject.as_str() == marker {
-            return true;
-        }
-        if m.status != Some(async_nats::StatusCode::NO_RESPONDERS) {
-            continue;
-        }
-        if let Some(seq) = m
-            .subject
-            .as_str()
-            .strip_prefix(prefix)
-            .and_then(|s| s.parse().ok())
-        {
-            bounced.insert(seq);
-        }
-    }
-}
-
 /// Shutdown began and every session task (and requeue) has ended.
 async fn drained(state: &ServerState) {
     state.shutdown.cancelled().await;
@@ -399,21 +404,16 @@ struct NodeLink {
 
 impl Forwarder for NodeLink {
     fn forward(&self, to: &FullJid, d: Deliver) -> bool {
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(H_TO, to.as_str());
-        let payload = match d {
-            Deliver::Stanza(out) => {
-                h.insert(H_ORD, out.ord().to_string().as_str());
-                // The form with `jabber:client` declared: it parses alone.
-                bytes::Bytes::from(out.ws_frame())
-            }
-            Deliver::Close(err) => {
-                h.insert(H_CLOSE, err.condition.name());
-                bytes::Bytes::new()
-            }
+        let (what, payload) = match d {
+            // The form with `jabber:client` declared: it parses alone.
+            Deliver::Stanza(out) => (
+                Forwarded::Stanza { ord: out.ord() },
+                bytes::Bytes::from(out.ws_frame()),
+            ),
+            Deliver::Close(err) => (Forwarded::Close(err.condition.name()), bytes::Bytes::new()),
             Deliver::Overflow | Deliver::Shutdown => return false,
         };
-        self.outbox.push(&self.subject, h, payload)
+        self.outbox.push(&self.subject, to, what, payload)
     }
 }
 
