@@ -268,7 +268,8 @@ async fn write_outbox(
     use futures::FutureExt;
     let outbox = &c.outbox;
     let bounce_prefix = format!("{}.", bounce_subject(&c.name, &c.node));
-    let node_prefix = format!("{}.node.", c.name);
+    // A node's subject is this prefix and its name.
+    let node_prefix = subject_of(&c.name, "");
     let mut recent = Recent::default();
     let mut held = Held::default();
     let mut sweep = tokio::time::interval(routing.lease);
@@ -305,12 +306,10 @@ async fn write_outbox(
             }
             let last = batch.last().map(|o| o.seq);
             for o in batch {
-                match held.by_subject.get_mut(&o.subject) {
-                    Some(q) => {
-                        held.bytes += o.payload.len();
-                        q.push_back(o);
-                    }
-                    None => out.push(o),
+                if held.by_subject.contains_key(&o.subject) {
+                    held.put_back(o);
+                } else {
+                    out.push(o);
                 }
             }
             if out.is_empty() {
