@@ -76,6 +76,9 @@ pub struct SqliteStore {
     checkpointer: Option<Checkpointer>,
     /// Outcome of the latest writes, for [`Store::writable`].
     health: Arc<WriteHealth>,
+    /// Moves the writer and the fold between `SCHED_IDLE` and nice 5 (file databases
+    /// where the process may; see `priority.rs`); stops when dropped.
+    _governor: Option<priority::Governor>,
 }
 
 /// Runs `PRAGMA wal_checkpoint(PASSIVE)` on a connection of its own every
@@ -316,6 +319,7 @@ impl SqliteStore {
             path: Some(path.to_owned()),
             checkpointer: Some(Checkpointer::spawn(checkpoints)),
             health,
+            _governor: priority::Governor::start(),
         })
     }
 
@@ -350,6 +354,7 @@ impl SqliteStore {
             path: None,
             checkpointer: None,
             health,
+            _governor: None,
         })
     }
 
