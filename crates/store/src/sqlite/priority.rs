@@ -567,7 +567,7 @@ mod tests {
     /// starved at `SCHED_IDLE` and raised; once it sleeps it goes back to `SCHED_IDLE`.
     #[test]
     fn the_governor_raises_a_starved_thread_and_lowers_it_when_it_sleeps() {
-        use std::sync::atomic::{AtomicU8, Ordering};
+        use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Arc;
         const NAMES: [&str; 1] = ["natter-test-gov"];
         if !can_leave_idle() {
@@ -580,10 +580,12 @@ mod tests {
             cpus.set(0);
             rustix::thread::sched_setaffinity(None, &cpus).unwrap();
         };
-        // 0: sleep, 1: spin, 2: end.
-        let mode = Arc::new(AtomicU8::new(0));
+        // While `spin` is set the governed thread spins; otherwise it blocks on `orders`
+        // (no wake-ups, so a busy CI host cannot make it look as if it waited for a core).
+        let spin = Arc::new(AtomicBool::new(false));
+        let (order, orders) = std::sync::mpsc::channel::<()>();
         let (tx, rx) = std::sync::mpsc::channel();
-        let m = mode.clone();
+        let spinning = spin.clone();
         let governed = std::thread::Builder::new()
             .name(NAMES[0].into())
             .spawn(move || {
@@ -591,37 +593,36 @@ mod tests {
                 lower_this_thread();
                 tx.send(rustix::thread::gettid().as_raw_nonzero().get())
                     .unwrap();
-                loop {
-                    match m.load(Ordering::Relaxed) {
-                        0 => std::thread::sleep(Duration::from_millis(1)),
-                        1 => std::hint::spin_loop(),
-                        _ => return,
+                while orders.recv().is_ok() {
+                    while spinning.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
                     }
                 }
             })
             .unwrap();
         let tid = rx.recv().unwrap();
         let governor = Governor::start_for(&NAMES, Duration::from_millis(300)).unwrap();
-        wait_for("the sleeping thread is idle", || {
+        wait_for("the blocked thread is idle", || {
             policy_and_nice(tid).0 == SCHED_IDLE_POLICY
         });
-        mode.store(1, Ordering::Relaxed);
-        let m = mode.clone();
+        spin.store(true, Ordering::Relaxed);
+        let hogging = spin.clone();
         let hog = std::thread::spawn(move || {
             one_cpu();
-            while m.load(Ordering::Relaxed) == 1 {
+            while hogging.load(Ordering::Relaxed) {
                 std::hint::spin_loop();
             }
         });
+        order.send(()).unwrap();
         wait_for("the starved thread is raised to nice 5", || {
             policy_and_nice(tid) == (0, BACKGROUND_NICE)
         });
-        mode.store(0, Ordering::Relaxed);
+        spin.store(false, Ordering::Relaxed);
         hog.join().unwrap();
-        wait_for("the sleeping thread is idle again", || {
+        wait_for("the blocked thread is idle again", || {
             policy_and_nice(tid).0 == SCHED_IDLE_POLICY
         });
-        mode.store(2, Ordering::Relaxed);
+        drop(order);
         governed.join().unwrap();
         drop(governor);
     }
