@@ -83,7 +83,7 @@ pub(crate) fn yield_of(name: &str) -> Yield {
 }
 
 /// The threads the [`Governor`] moves between `SCHED_IDLE` and [`BACKGROUND_NICE`].
-pub(crate) const GOVERNED: [&str; 2] = [WRITER_THREAD, FOLD_THREAD];
+const GOVERNED: [&str; 2] = [WRITER_THREAD, FOLD_THREAD];
 /// Time between the governor's looks at its threads.
 const POLL: Duration = Duration::from_millis(50);
 /// How long an idle thread must have been starved before it is raised.
@@ -263,34 +263,41 @@ fn govern(names: &[&str], hold: Duration, stopped: &std::sync::mpsc::Receiver<()
             let Some(now) = look(tid) else {
                 return false;
             };
-            let change = w.decide(now, at);
-            let r = match change {
+            let how = match w.decide(now, at) {
                 Change::Keep => return true,
-                Change::Raise => raise(tid),
-                Change::Lower => natter_sched_idle::set_idle(tid),
+                Change::Raise => Yield::Nice,
+                Change::Lower => Yield::Idle,
             };
-            tracing::debug!(
-                tid,
-                ?change,
-                hold_ms = w.hold.as_millis() as u64,
-                "SQLite background thread's CPU priority changed"
-            );
-            if let Err(e) = r {
-                tracing::debug!(error = %e, tid, "cannot change a SQLite thread's CPU priority");
+            match set_yield(tid, how) {
+                Ok(()) => tracing::debug!(
+                    tid,
+                    ?how,
+                    hold_ms = w.hold.as_millis() as u64,
+                    "SQLite background thread's CPU priority changed"
+                ),
+                Err(e) => tracing::debug!(error = %e, tid, ?how,
+                    "cannot change a SQLite thread's CPU priority"),
             }
             true
         });
     }
 }
 
-/// Back to the normal policy at [`BACKGROUND_NICE`].
-fn raise(tid: i32) -> std::io::Result<()> {
-    natter_sched_idle::set_normal(tid)?;
-    #[cfg(target_os = "linux")]
-    if let Some(pid) = rustix::process::Pid::from_raw(tid) {
-        rustix::process::setpriority_process(Some(pid), BACKGROUND_NICE)?;
+/// Moves thread `tid` to `how`: `SCHED_IDLE`, or the normal policy at
+/// [`BACKGROUND_NICE`] (which, from `SCHED_IDLE`, needs the privilege
+/// [`can_leave_idle`] probes for).
+fn set_yield(tid: i32, how: Yield) -> std::io::Result<()> {
+    match how {
+        Yield::Idle => natter_sched_idle::set_idle(tid),
+        Yield::Nice => {
+            natter_sched_idle::set_normal(tid)?;
+            #[cfg(target_os = "linux")]
+            if let Some(pid) = rustix::process::Pid::from_raw(tid) {
+                rustix::process::setpriority_process(Some(pid), BACKGROUND_NICE)?;
+            }
+            Ok(())
+        }
     }
-    Ok(())
 }
 
 /// Whether a thread of this process may leave `SCHED_IDLE` again: tried on a thread of
@@ -303,7 +310,7 @@ fn can_leave_idle() -> bool {
             .spawn(|| {
                 let me = rustix::thread::gettid().as_raw_nonzero().get();
                 lower_this_thread();
-                natter_sched_idle::set_idle(me).is_ok() && raise(me).is_ok()
+                set_yield(me, Yield::Idle).is_ok() && set_yield(me, Yield::Nice).is_ok()
             });
         probe.ok().and_then(|t| t.join().ok()).unwrap_or(false)
     }
@@ -351,35 +358,11 @@ const SCHED_IDLE_POLICY: i32 = 5;
 /// Lowers every thread of this process named `name` (a thread sqlx starts for a
 /// connection: it runs no code of ours to lower itself). Idempotent.
 pub(crate) fn lower_threads_named(name: &str, how: Yield) {
-    #[cfg(target_os = "linux")]
-    {
-        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-            return;
-        };
-        for task in tasks.flatten() {
-            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if comm.trim_end() != name {
-                continue;
-            }
-            let tid = task
-                .file_name()
-                .to_str()
-                .and_then(|t| t.parse::<i32>().ok());
-            let Some(pid) = tid.and_then(rustix::process::Pid::from_raw) else {
-                continue;
-            };
-            let r = match how {
-                Yield::Nice => rustix::process::setpriority_process(Some(pid), BACKGROUND_NICE)
-                    .map_err(std::io::Error::from),
-                Yield::Idle => natter_sched_idle::set_idle(pid.as_raw_nonzero().get()),
-            };
-            if let Err(e) = r {
-                tracing::debug!(error = %e, thread = name, "cannot lower a thread's CPU priority");
-            }
+    for tid in tids_named(&[name]) {
+        if let Err(e) = set_yield(tid, how) {
+            tracing::debug!(error = %e, thread = name, "cannot lower a thread's CPU priority");
         }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (name, how);
 }
 
 #[cfg(all(test, target_os = "linux"))]
