@@ -190,6 +190,63 @@ async fn a_killed_node_disappears_when_its_lease_ends() {
     n.stop().await;
 }
 
+/// Listing the nodes while leases run out always ends, naming those still
+/// live: an entry that expires between the listing's start and its read is
+/// skipped, not waited for (async-nats's `kv::Store::keys` waits forever
+/// there, which once hung the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_nodes_while_leases_run_out_always_ends() {
+    let name = cluster_name();
+    let mut c = Config::default();
+    clustered(&mut c, &name, "reader", "postgres://unused");
+    // Below the configurable 3 s: more expiries in a short test.
+    c.cluster.lease_secs = 1;
+    assert!(natter::cluster::live_nodes(&c).await.unwrap().is_empty());
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let kv = async_nats::jetstream::new(client)
+        .get_key_value(format!("{name}_nodes"))
+        .await
+        .unwrap();
+    // 80 entries, one every 20 ms: each expires a second after its put,
+    // so for ~1.6 s entries come and go while the lister reads.
+    let writer = tokio::spawn(async move {
+        for i in 0..80 {
+            let info = natter::cluster::NodeInfo {
+                name: format!("n{i:02}"),
+                ..Default::default()
+            };
+            kv.put(&info.name, serde_json::to_vec(&info).unwrap().into())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let (mut listings, mut most) = (0, 0);
+    let started = std::time::Instant::now();
+    loop {
+        let nodes = tokio::time::timeout(Duration::from_secs(5), natter::cluster::live_nodes(&c))
+            .await
+            .expect("listing the nodes hung while entries expired")
+            .unwrap();
+        listings += 1;
+        most = most.max(nodes.len());
+        assert!(nodes.iter().all(|n| n.name.starts_with('n')));
+        if writer.is_finished() && nodes.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "expired entries were still listed: {nodes:?}"
+        );
+    }
+    writer.await.unwrap();
+    assert!(
+        most >= 10,
+        "the listings never saw the live entries (most {most})"
+    );
+    assert!(listings >= 20, "only {listings} listings");
+}
+
 /// Mutual presence subscription, straight in the shared store.
 async fn friends(srv: &TestServer, a: &str, b: &str) {
     use natter_store::{RosterItem, Subscription};

@@ -165,12 +165,24 @@ pub async fn live_nodes(config: &Config) -> anyhow::Result<Vec<NodeInfo>> {
     list(&nodes).await
 }
 
+/// Lists the entries from the bucket stream's subjects and reads each one,
+/// not with `kv::Store::keys`: that consumer waits for as many entries as
+/// the stream held when it began, so an entry whose lease ends in between
+/// never comes and the listing never ends (async-nats 0.38). Here every
+/// step is a request with a timeout, and an entry gone meanwhile is skipped.
 async fn list(nodes: &kv::Store) -> anyhow::Result<Vec<NodeInfo>> {
-    let mut keys = nodes.keys().await?;
+    let mut subjects = nodes
+        .stream
+        .info_with_subjects(format!("{}>", nodes.prefix))
+        .await
+        .context("cannot list the cluster's nodes in NATS")?;
     let mut out = Vec::new();
-    while let Some(k) = keys.next().await {
-        let k = k?;
-        if let Some(v) = nodes.get(&k).await? {
+    while let Some(next) = subjects.next().await {
+        let (subject, _) = next.context("cannot list the cluster's nodes in NATS")?;
+        let Some(k) = subject.strip_prefix(nodes.prefix.as_str()) else {
+            continue;
+        };
+        if let Some(v) = nodes.get(k).await? {
             match serde_json::from_slice::<NodeInfo>(&v) {
                 Ok(info) => out.push(info),
                 Err(e) => tracing::warn!(node = %k, error = %e, "cluster: unreadable node entry"),
